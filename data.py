@@ -1,0 +1,642 @@
+"""Data stage: h5ad in and out, preprocessing, perturbation parsing, splits, reference statistics,
+and a Perturb-seq simulator with known ground truth.
+
+    python data.py --data X.h5ad            # summary: keys, labels, conditions, split sizes
+    python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark
+
+Everything downstream consumes a `Dataset` (log1p expression of the selected genes, one row per
+cell, rows grouped by (condition, covariate)) and its per-condition `Reference` statistics.
+The h5ad format is read and written with h5py alone (no anndata at run time).
+
+Left out: obsm/varm/obsp (never read), backed/lazy reading, MuData, zarr, multi-modal data,
+gene-name harmonisation across species, dose-response curves (a dose is a scalar per component).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
+                  "vehicle", "nt", "negative_control", "safe-targeting", "untreated"]
+PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name",
+             "product_name", "treatment", "guide_identity", "target"]
+COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
+DOSE_KEYS = ["dose", "dose_value", "dose_val"]
+SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
+
+
+class DataError(ValueError):
+    """An expected problem with user input; CLIs print the message and exit 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- h5ad I/O
+def read_h5ad(path, layer=None):  # TEMP shim until merge
+    from _h5io import read_h5ad as r
+    return r(path, layer)
+
+
+def write_h5ad(path, h):  # TEMP shim until merge
+    from _h5io import write_h5ad as w
+    return w(path, h)
+
+
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def check_values(X) -> None:
+    """Fail on negative, NaN or Inf entries, saying how many and where the first one is."""
+    data = X.data if sp.issparse(X) else X
+    for what, bad in (("NaN", np.isnan(data)), ("Inf", np.isinf(data)), ("negative", data < 0)):
+        n = int(bad.sum())
+        if n:
+            flat = int(np.flatnonzero(bad.ravel())[0])
+            if sp.issparse(X):
+                X = X.tocsr() if not sp.isspmatrix_csr(X) else X
+                row = int(np.searchsorted(X.indptr, flat, side="right") - 1)
+                col = int(X.indices[flat])
+            else:
+                row, col = divmod(flat, X.shape[1])
+            raise DataError(f"X has {n} {what} value(s), first at cell {row}, gene {col}; expression "
+                            f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
+                            f"with --layer or clean the file")
+
+
+def is_counts(X, n_max=200_000) -> bool:
+    """Raw counts: every stored value (a sample of up to n_max) is a non-negative integer, and some exceed 1
+    would fail for log1p data (values like 0.69, 1.1)."""
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if data.size == 0:
+        return False
+    sample = data[:: max(1, data.size // n_max)]
+    return bool(np.all(sample == np.round(sample)) and sample.max() > 1)
+
+
+def log_normalise(X, target=1e4):
+    """x <- log1p(target * counts / total counts of the cell), in place on the stored values."""
+    X = X.astype(np.float32, copy=False)
+    total = np.asarray(X.sum(axis=1)).ravel()                          # (n_cells,)
+    scale = (target / np.maximum(total, 1)).astype(np.float32)
+    if sp.isspmatrix_csr(X):
+        X.data *= np.repeat(scale, np.diff(X.indptr))                  # row of each stored value
+    elif sp.isspmatrix_csc(X):
+        X.data *= scale[X.indices]
+    else:
+        X *= scale[:, None]
+    data = X.data if sp.issparse(X) else X
+    np.log1p(data, out=data)
+    return X
+
+
+def gene_stats(X, rows: np.ndarray):
+    """Mean and variance per gene over the given rows, without densifying a sparse X."""
+    w = np.zeros(X.shape[0], np.float64)
+    w[rows] = 1.0 / max(len(rows), 1)
+    if sp.issparse(X):
+        sq = X.copy()
+        sq.data = sq.data.astype(np.float64) ** 2
+        mean = np.asarray(X.T @ w).ravel()
+        ex2 = np.asarray(sq.T @ w).ravel()
+    else:
+        mean = w @ X
+        ex2 = w @ (X.astype(np.float64) ** 2)
+    return mean, np.maximum(ex2 - mean ** 2, 0.0)
+
+
+def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
+    """Highly variable genes on the training rows: dispersion var/mean, z-scored within 20 bins of mean
+    expression (Seurat's 'normalised dispersion'); genes in `keep` (perturbation targets) always kept.
+    Returns sorted column indices."""
+    G = X.shape[1]
+    if n_genes <= 0 or n_genes >= G:
+        return np.arange(G)
+    mean, var = gene_stats(X, rows)
+    disp = np.log(var / np.maximum(mean, 1e-12) + 1e-12)
+    disp[mean == 0] = -np.inf
+    edges = np.quantile(mean, np.linspace(0, 1, 21)[1:-1])
+    bins = np.searchsorted(edges, mean)
+    score = np.full(G, -np.inf)
+    for b in np.unique(bins):                                          # 20 bins, not a loop over genes
+        m = (bins == b) & np.isfinite(disp)
+        if m.sum() > 1:
+            score[m] = (disp[m] - disp[m].mean()) / (disp[m].std() + 1e-12)
+        elif m.any():
+            score[m] = 0.0
+    keep = np.asarray(sorted(set(keep)), dtype=int)
+    score[keep] = np.inf
+    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+
+
+def gene_symbols(h: H5AD, column=None) -> np.ndarray:
+    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given).
+    Duplicated symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
+    names = h.var_names
+    if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
+        column = next((c for c in SYMBOL_KEYS if c in h.var), None)
+        if column is None:
+            raise DataError(f"var names look like Ensembl IDs ({names[0]}) and no symbol column was found "
+                            f"among {list(h.var)}; name one with --gene-symbols")
+    if column is not None:
+        if column not in h.var:
+            raise DataError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
+        names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
+    names = np.array([str(n) for n in names], dtype=object)
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):                                      # runs once per gene at load
+        if n in seen:
+            seen[n] += 1
+            names[i] = f"{n}-{seen[n]}"
+        else:
+            seen[n] = 0
+    return names
+
+
+# ----------------------------------------------------------------------------- perturbations
+def find_key(columns, wanted, given, what, flag):
+    if given is not None:
+        if given not in columns:
+            raise DataError(f"{what} column {given!r} not in obs; obs columns: {list(columns)}")
+        return given
+    for k in wanted:
+        for c in columns:
+            if c.lower() == k:
+                return c
+    return None
+
+
+def find_control(labels: np.ndarray, given=None) -> str:
+    uniq, counts = np.unique(labels.astype(str), return_counts=True)
+    if given is not None:
+        if given not in uniq:
+            top = uniq[np.argsort(-counts)[:8]]
+            raise DataError(f"control label {given!r} not found; most frequent labels: {list(top)}")
+        return str(given)
+    lower = {u.lower(): u for u in uniq}
+    for c in CONTROL_LABELS:
+        if c in lower:
+            return str(lower[c])
+    top = uniq[np.argsort(-counts)[:8]]
+    raise DataError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
+                    f"{list(top)}; name it with --control")
+
+
+def parse_condition(label: str, control: str, sep: str = "+", dose=None) -> tuple[str, ...]:
+    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
+    A dose (scalar) is attached to every component as 'A@10'."""
+    parts = [p.strip() for p in str(label).split(sep)]
+    ctrl = {control.lower(), "ctrl", "control"}
+    comps = sorted(p for p in parts if p and p.lower() not in ctrl)
+    if dose is not None and np.isfinite(dose) and comps:
+        comps = sorted(f"{p}@{dose:g}" for p in comps)
+    return tuple(comps)
+
+
+def detect_sep(labels, control) -> str:
+    """'+' when any label has it; '_' only when every split part is itself a label (so 'A_B' is a
+    combination of the singles 'A' and 'B', not a gene called A_B)."""
+    labels = set(map(str, labels))
+    if any("+" in l for l in labels):
+        return "+"
+    combos = [l for l in labels if "_" in l]
+    if combos and all(all(p in labels or p == control for p in l.split("_")) for l in combos):
+        return "_"
+    return "+"
+
+
+def components_of(label: str):
+    """Canonical label 'A@10+B@10' -> [('A', 10.0), ('B', 10.0)]; no dose -> None."""
+    out = []
+    for p in label.split("+"):
+        name, _, dose = p.partition("@")
+        out.append((name, float(dose) if dose else None))
+    return out
+
+
+# ----------------------------------------------------------------------------- splits
+def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
+    """Split (condition, covariate) keys by condition. additive: every single in training; combinations
+    whose components are all seen as singles (in that covariate) are test candidates. random: a fraction
+    of conditions per covariate. explicit: `test` lists conditions ('A+B' or 'A+B:COV')."""
+    keys = sorted(keys)
+    rng = np.random.default_rng(seed)
+    singles = {(l, c) for l, c in keys if "+" not in l}
+    if mode == "auto":
+        mode = "explicit" if test else ("additive" if any("+" in l for l, _ in keys) else "random")
+
+    def take(pool, frac):
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        n = int(round(frac * len(pool)))
+        n = max(n, 1) if len(pool) >= 3 and frac > 0 else n
+        return pool[:n], pool[n:]
+
+    if mode == "additive":
+        cand = [(l, c) for l, c in keys if "+" in l and all((p, c) in singles for p in l.split("+"))]
+        if not cand:
+            raise DataError("split 'additive' needs combinations (A+B) whose singles are in the data; "
+                            "this data has none: use --split random or --test")
+        test_keys, rest = take(cand, test_frac)
+        val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
+    elif mode == "random":
+        test_keys, val_keys, used = [], [], set()
+        for cov in sorted({c for _, c in keys}):     # a condition is held out in one covariate at most
+            mine = [k for k in keys if k[1] == cov]
+            fresh = [k for k in mine if k[0] not in used]
+            t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
+            rest = [k for k in mine if k not in t]
+            fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
+            v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
+            test_keys += t
+            val_keys += v
+            used |= {k[0] for k in t + v}
+    elif mode == "explicit":
+        wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
+        test_keys = []
+        for w in wanted:
+            lab, _, cov = w.partition(":")
+            lab = "+".join(sorted(lab.split("+")))
+            hit = [k for k in keys if k[0] == lab and (not cov or k[1] == cov)]
+            if not hit:
+                raise DataError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+            test_keys += hit
+        n_comp = {len(k[0].split("+")) for k in test_keys}
+        pool = [k for k in keys if k not in test_keys and len(k[0].split("+")) in n_comp]
+        val_keys, _ = take(pool, val_frac)
+    else:
+        raise DataError(f"unknown split {mode!r}; use additive, random or explicit (--test A+B,C+D)")
+    held = set(test_keys) | set(val_keys)
+    return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
+
+
+# ----------------------------------------------------------------------------- dataset
+@dataclass
+class DataConfig:
+    data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
+    layer: str | None = None        # read this layer instead of X
+    pert_key: str | None = None     # perturbation column (auto-detected)
+    control: str | None = None      # control label (auto-detected)
+    covariate_key: str | None = None  # covariate column, e.g. cell line (auto; 'none' disables)
+    dose_key: str | None = None     # dose column (auto; used when numeric and not constant)
+    gene_symbols: str | None = None  # var column with gene symbols (auto when var names are Ensembl)
+    n_genes: int = 2000             # highly variable genes to keep (0 = all)
+    min_cells: int = 10             # conditions with fewer cells are dropped (with a warning)
+    split: str = "auto"             # auto | additive | random | explicit
+    test: str | None = None         # explicit test conditions 'A+B,C+D' (or 'A+B:COV')
+    test_frac: float = 0.25         # fraction of candidate conditions held out for test
+    val_frac: float = 0.15          # fraction held out for validation
+    seed: int = 0                   # split seed
+    n_de: int = 50                  # top DE genes per condition (by |Welch t|)
+    std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
+
+
+@dataclass
+class Reference:
+    """Real statistics of one (condition, covariate), in log1p expression space."""
+    ctrl_mean: torch.Tensor  # (G,) mean of the covariate's control cells
+    ctrl_std: torch.Tensor   # (G,) their std, floored
+    mean: torch.Tensor       # (G,) mean of the real perturbed cells
+    delta: torch.Tensor      # (G,) mean - ctrl_mean
+    t: torch.Tensor          # (G,) Welch t statistic, perturbed vs control
+    de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
+    cells: torch.Tensor      # (N, G) the real perturbed cells
+
+    def to(self, device) -> "Reference":
+        return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray                     # (n_cells, G) float32 log1p expression, rows grouped by key
+    genes: list                       # (G,) gene symbols
+    cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
+    cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
+    is_ctrl: np.ndarray               # (n_cells,) bool
+    keys: list                        # non-control (condition, covariate) pairs
+    split: dict                       # 'train' / 'val' / 'test' -> keys
+    components: list                  # perturbation vocabulary (names without dose)
+    covariates: list
+    refs: dict                        # key -> Reference
+    ctrl_idx: dict                    # covariate -> row indices of its control cells
+    cell_idx: dict                    # key -> row indices of its cells
+    meta: dict = field(default_factory=dict)  # keys and labels found, for writing predictions
+
+    def additive_delta(self, key) -> np.ndarray:
+        """Sum over components of the component's training single-perturbation mean delta: same
+        covariate, else the mean over the other covariates, else zero."""
+        train = set(self.split["train"])
+        out = np.zeros(len(self.genes), np.float32)
+        for comp in key[0].split("+"):
+            if (comp, key[1]) in train:
+                out += self.refs[(comp, key[1])].delta.numpy()
+            else:
+                other = [self.refs[(comp, c)].delta.numpy() for c in self.covariates if (comp, c) in train]
+                if other:
+                    out += np.mean(other, axis=0)
+        return out
+
+    def key_table(self, keys) -> dict:
+        """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding),
+        dose (K, C) log1p(dose)/log1p(max dose) (1 without dose), cov (K,), prior (K, G) expression space."""
+        parsed = [components_of(k[0]) for k in keys]
+        C = max(len(p) for p in parsed)
+        index = {c: i + 1 for i, c in enumerate(self.components)}
+        dmax = np.log1p(self.meta.get("max_dose", 1.0) or 1.0)
+        comps = torch.zeros(len(keys), C, dtype=torch.long)
+        dose = torch.zeros(len(keys), C)
+        for i, p in enumerate(parsed):
+            for j, (name, d) in enumerate(p):
+                comps[i, j] = index.get(name, 0)
+                dose[i, j] = 1.0 if d is None else float(np.log1p(d) / dmax)
+        cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
+        prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior}
+
+
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor) -> Reference:
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + var_c/n_c); top n_de genes by |t|."""
+    mean, var = cells.mean(0), cells.var(0, ddof=1) if len(cells) > 1 else np.zeros(cells.shape[1])
+    t = (mean - ctrl_mean) / np.sqrt(var / len(cells) + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return Reference(f(ctrl_mean), f(np.maximum(ctrl_std, std_floor)), f(mean), f(mean - ctrl_mean),
+                     f(t), torch.from_numpy(de.astype(np.int64)), torch.from_numpy(cells))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+
+
+def builtin_path() -> str:
+    """The built-in synthetic benchmark, simulated once and cached."""
+    path = cache_dir() / "simulated_v1_seed0.h5ad"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_h5ad(path, simulate(seed=0))
+    return str(path)
+
+
+def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
+    """Read, check, normalise, parse, split, select genes and compute references. `genes` and `split`
+    (from a checkpoint) override the selection and the split, so every stage sees the same ones."""
+    h = read_h5ad(cfg.data or builtin_path(), layer=cfg.layer)
+    pert_key = find_key(h.obs, PERT_KEYS, cfg.pert_key, "perturbation", "--pert-key")
+    if pert_key is None:
+        raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(h.obs)}; "
+                        f"name it with --pert-key")
+    labels = np.array([str(v) for v in h.obs[pert_key]], dtype=object)
+    control = find_control(labels, cfg.control)
+    cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
+                                                                "covariate", "--covariate-key")
+    covs = np.array([str(v) for v in h.obs[cov_key]], dtype=object) if cov_key else \
+        np.full(len(labels), "all", dtype=object)
+    dose_key = find_key(h.obs, DOSE_KEYS, cfg.dose_key, "dose", "--dose-key")
+    doses = None
+    if dose_key is not None:
+        try:
+            doses = np.array([np.nan if v is None else float(v) for v in h.obs[dose_key]])
+        except (TypeError, ValueError):
+            doses = None
+        if doses is None or len(np.unique(doses[np.isfinite(doses)])) < 2:
+            if cfg.dose_key:
+                raise DataError(f"dose column {dose_key!r} is not numeric with at least two values")
+            dose_key, doses = None, None
+    # canonical labels, parsed once per distinct (label, dose)
+    sep = detect_sep(np.unique(labels), control)
+    dstr = (np.char.mod("%g", doses) if doses is not None else np.full(len(labels), "nan")).astype(object)
+    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
+    canon = []
+    for u in uniq:                                                     # once per distinct label
+        lab, d = u.split("\x1f")
+        c = parse_condition(lab, control, sep, None if d == "nan" else float(d))
+        canon.append("+".join(c) if c else "ctrl")
+    cond = np.array(canon, dtype=object)[inv.ravel()]
+    is_ctrl = cond == "ctrl"
+    for cv in np.unique(covs):
+        if not is_ctrl[covs == cv].any():
+            raise DataError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
+                            f"cells or choose another --covariate-key (or 'none')")
+    # keys with enough cells
+    uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
+    uniq = [tuple(u.split("\x1f")) for u in uniq]
+    small = [f"{l}|{c} ({n})" for (l, c), n in zip(uniq, counts) if n < cfg.min_cells and l != "ctrl"]
+    if small:
+        warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
+    keep = (counts[inv.ravel()] >= cfg.min_cells) | is_ctrl
+    keys = sorted((l, c) for (l, c), n in zip(uniq, counts) if n >= cfg.min_cells and l != "ctrl")
+    if not keys:
+        raise DataError("no perturbed condition has enough cells; lower --min-cells")
+    split = {k: [tuple(x) for x in v] for k, v in split.items()} if split is not None else \
+        make_split(keys, cfg.split, cfg.test, cfg.test_frac, cfg.val_frac, cfg.seed)
+    # expression: check, normalise, select genes (sparse until here), densify
+    X = h.X
+    check_values(X)
+    counts_in = is_counts(X)
+    if counts_in:
+        X = log_normalise(X)
+    symbols = gene_symbols(h, cfg.gene_symbols)
+    if genes is not None:
+        pos = {g: i for i, g in enumerate(symbols)}
+        missing = [g for g in genes if g not in pos]
+        if missing:
+            raise DataError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
+                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
+        cols = np.array([pos[g] for g in genes])
+    else:
+        train_set = set(split["train"])
+        in_train = np.array([u in train_set for u in uniq])[inv.ravel()]     # per distinct key, then cells
+        train_rows = np.flatnonzero(keep & (is_ctrl | in_train))
+        targets = {n for l, _ in keys for n, _ in components_of(l)}
+        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+    # group rows by key so each key's cells are one contiguous block (References share memory with X)
+    order = np.lexsort((cond, covs, ~is_ctrl))[keep[np.lexsort((cond, covs, ~is_ctrl))]]
+    Xs = X[:, cols] if sp.issparse(X) else X[:, cols]
+    Xs = Xs[order]
+    X = np.asarray(Xs.toarray() if sp.issparse(Xs) else Xs, dtype=np.float32)
+    cond, covs, is_ctrl = cond[order], covs[order], is_ctrl[order]
+    covariates = sorted(np.unique(covs).tolist())
+    ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
+    bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
+    cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
+    ctrl_stats = {c: (X[i].mean(0), X[i].std(0, ddof=1) if len(i) > 1 else np.zeros(X.shape[1]), i)
+                  for c, i in ctrl_idx.items()}
+    refs = {}
+    for k in keys:                                                     # one pass per condition
+        m, s, ci = ctrl_stats[k[1]]
+        refs[k] = reference(X[cell_idx[k]], ci, m, s, cfg.n_de, cfg.std_floor)
+    components = sorted({n for l, _ in keys for n, _ in components_of(l)})
+    finite = doses[np.isfinite(doses)] if doses is not None else np.array([1.0])
+    meta = dict(pert_key=pert_key, control=control, cov_key=cov_key, dose_key=dose_key, counts=counts_in,
+                sep=sep, max_dose=float(finite.max()) if finite.size else 1.0, n_cells_in=len(labels),
+                n_genes_in=len(symbols), path=cfg.data or "built-in simulator")
+    return Dataset(X, [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
+                   covariates, refs, ctrl_idx, cell_idx, meta)
+
+
+# ----------------------------------------------------------------------------- simulator
+def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
+             mode="a", ctrl_frac=0.15, responder_frac=0.8, interaction_frac=0.5, chunk=5000) -> H5AD:
+    """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels).
+
+    Genes: real PROGENy footprint genes (about 60%) plus background genes. A cell's log-rate is
+        log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
+    with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for
+    responders (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g).
+    A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
+    (CRISPRi, 'i'), the footprint of P moves by strength * sign * PROGENy weight / max|weight|, and about
+    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs:
+    synergy (+50% of the sum), buffering (-50%), epistasis (B's footprint masked) or neomorphic (new genes).
+    Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
+    from _h5io import H5AD  # TEMP
+    rng = np.random.default_rng(seed)
+    table = np.genfromtxt(ROOT / "pathways" / "progeny_human_top100.csv", delimiter=",", names=True,
+                          dtype=None, encoding="utf-8")
+    paths = sorted(set(table["pathway"]))
+    n_fp = int(0.6 * n_genes)
+    per = max(1, n_fp // len(paths))
+    fp_genes, fp_path = [], {}
+    for p in paths:                                                    # 14 pathways
+        rows = table[table["pathway"] == p]
+        rows = rows[np.argsort(-np.abs(rows["weight"]))]
+        for g in rows["gene"][:per]:
+            if g not in fp_path:
+                fp_path[g] = p
+                fp_genes.append(g)
+    genes = np.array(fp_genes[:n_genes] + [f"SIM{i:05d}" for i in range(max(0, n_genes - len(fp_genes)))],
+                     dtype=object)
+    G = len(genes)
+    gidx = {g: i for i, g in enumerate(genes)}
+    W = np.zeros((len(paths), G))                                      # (P, G) signed footprints
+    for g, p, w in zip(table["gene"], table["pathway"], table["weight"]):
+        if g in gidx:
+            W[paths.index(p), gidx[g]] = w
+    W /= np.abs(W).max(1, keepdims=True) + 1e-12
+    # singles: targets spread over pathways
+    pool = [g for g in fp_genes if g in gidx]
+    targets = list(rng.choice(pool, size=min(n_singles, len(pool)), replace=False))
+    effects, names, kinds, tpath = [], [], [], []
+    own = 2.0 if mode == "a" else -2.0
+    single = {}
+    for a in targets:
+        e = np.zeros(G)
+        p = paths.index(fp_path[a])
+        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[p]
+        e[rng.choice(G, 15, replace=False)] += rng.normal(0, 0.4, 15)
+        e[gidx[a]] = own
+        single[a] = e
+        names.append(f"{a}+ctrl"), effects.append(e), kinds.append("single"), tpath.append(fp_path[a])
+    # combinations with interactions
+    pairs = set()
+    while len(pairs) < min(n_combos, len(targets) * (len(targets) - 1) // 2):
+        a, b = sorted(rng.choice(targets, 2, replace=False))
+        pairs.add((a, b))
+    for a, b in sorted(pairs):
+        e = single[a] + single[b]
+        kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) \
+            if rng.random() < interaction_frac else "none"
+        if kind == "synergy":
+            e = e + 0.5 * (single[a] + single[b])
+        elif kind == "buffering":
+            e = e - 0.5 * (single[a] + single[b])
+        elif kind == "epistasis":
+            e = e - single[b]
+            e[gidx[b]] += own
+        elif kind == "neomorphic":
+            e[rng.choice(G, 20, replace=False)] += rng.normal(0, 0.6, 20)
+        names.append(f"{a}+{b}"), effects.append(e), kinds.append(kind), tpath.append("")
+    E = np.stack(effects)                                              # (K, G)
+    # baseline, programs, cell lines
+    mu = rng.normal(0.0, 1.0, G)
+    L = np.zeros((2, G))
+    L[0, rng.choice(G, 50, replace=False)] = rng.uniform(0.5, 1.0, 50)  # cell-cycle-like program
+    L[1] = rng.normal(0, 0.15, G)                                      # diffuse program
+    theta = np.exp(rng.normal(np.log(5.0), 0.5, G))
+    lines = [f"line{i}" for i in range(n_covariates)]
+    mu_line = mu + rng.normal(0, 0.3, (n_covariates, G)) * (n_covariates > 1)
+    scale_line = rng.uniform(0.7, 1.3, n_covariates) if n_covariates > 1 else np.ones(1)
+    # cell assignment: controls, then an even share per condition and line
+    n_ctrl = int(ctrl_frac * n_cells)
+    k_of = np.r_[np.full(n_ctrl, -1), rng.permutation(np.arange(n_cells - n_ctrl) % len(names))]
+    line_of = rng.integers(0, n_covariates, n_cells)
+    blocks = []
+    for s in range(0, n_cells, chunk):                                 # chunks bound memory, not a cell loop
+        k, ln = k_of[s:s + chunk], line_of[s:s + chunk]
+        n = len(k)
+        u = rng.normal(0, 1, (n, 2))
+        resp = (rng.random(n) < responder_frac) & (k >= 0)
+        eff = np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
+        logit = mu_line[ln] + u @ L + eff                              # (n, G)
+        lam = np.exp(logit - logit.max(1, keepdims=True))
+        lam /= lam.sum(1, keepdims=True)
+        lib = np.exp(rng.normal(np.log(4000), 0.35, n))[:, None]
+        rate = rng.gamma(theta, lib * lam / theta)                     # NB as a gamma-Poisson mixture
+        blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
+    X = sp.vstack(blocks, format="csr")
+    cond = np.array(["ctrl" if k < 0 else names[k] for k in k_of], dtype=object)
+    obs = {"condition": cond}
+    if n_covariates > 1:
+        obs["cell_type"] = np.array([lines[i] for i in line_of], dtype=object)
+    truth = {"conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
+             "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
+             "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
+             "line_scale": scale_line.astype(np.float32), "responder_frac": float(responder_frac)}
+    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
+                var_names=genes, uns={"truth": truth})
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
+    """One flag per dataclass field (--n-genes ...); other stages call this with their config."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=typ, default=f.default)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_args(p)
+    p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
+    p.add_argument("--cells", type=int, default=6000, help="with --simulate: number of cells")
+    p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
+    p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
+    args = p.parse_args(argv)
+    if args.simulate:
+        write_h5ad(args.simulate, simulate(n_cells=args.cells, n_genes=args.genes, seed=args.seed,
+                                           n_covariates=args.covariates))
+        print(f"wrote {args.simulate}")
+        return
+    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    ds = load_dataset(cfg)
+    m = ds.meta
+    n_single = sum("+" not in l for l, _ in ds.keys)
+    sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
+    print(f"file        {m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+          f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'})")
+    print(f"kept        {ds.X.shape[0]} cells x {len(ds.genes)} genes")
+    print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
+          f"dose={m['dose_key']!r} separator={m['sep']!r}")
+    print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
+          f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
+    print(f"covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
+    print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
+    print(f"split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
+          f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

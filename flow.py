@@ -1,0 +1,391 @@
+"""Generator stage: a conditional flow-matching model that turns Gaussian noise into perturbed cells.
+
+    python flow.py --data X.h5ad --out flow.pt [--test A+B,C+D]   # train on your data
+    python flow.py --out flow.pt                                  # built-in synthetic benchmark
+    python flow.py --out flow.pt --resume                         # continue an interrupted run
+
+The model works in per-gene standardised expression z = (x - mean) / std (the "model space",
+mean/std fitted on training cells) and learns a velocity field v(xt, t, cond) along the straight
+path between noise x0 ~ N(0, I) at t = 0 and a real perturbed cell x1 at t = 1 (conditional flow
+matching, Lipman et al. 2023; rectified flow, Liu et al. 2023). The condition is the perturbation
+(an order-invariant set of components with doses), the covariate (cell line), a control cell of
+that covariate, and the additive prior (sum of the components' training single-perturbation mean
+deltas). Sampling integrates dx/dt = v from t = 0 to 1 (Euler or midpoint). For GRPO, `sde_step`
+turns the same field into an SDE with the same marginals and an exact Gaussian transition density
+(Flow-GRPO, Liu et al. 2025); `rl.py` calls it. `flow.pt` and `rl.pt` share one checkpoint format.
+
+Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance,
+attention over genes, adaptive ODE solvers, mixed precision on CPU, multi-GPU training.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+from data import DataError
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-genes ...) passes through
+    # model
+    width: int = 256                # hidden width of the trunk and the condition embedding
+    depth: int = 3                  # residual blocks
+    d_pert: int = 64                # per-component perturbation embedding size
+    prior_dim: int = 32             # PCA dims of a gene's control-cell correlation profile (0 = off)
+    use_prior: bool = True          # feed the additive prior (False = ablation, zeros)
+    use_ctrl: bool = True           # feed the control cell (False = ablation, zeros)
+    prior_dropout: float = 0.3      # per-sample probability of zeroing the prior during training
+    # optimisation
+    steps: int = 1500               # optimiser steps
+    batch_size: int = 256           # cells per step
+    lr: float = 2e-3                # peak AdamW learning rate
+    min_lr_frac: float = 0.05       # cosine decays to lr * min_lr_frac
+    warmup: int = 100               # linear warm-up steps
+    weight_decay: float = 1e-4      # AdamW weight decay (matrices only)
+    grad_clip: float = 1.0          # max global gradient norm
+    ema_decay: float = 0.999        # EMA of the weights (used for sampling and saved)
+    t_dist: str = "uniform"         # training time distribution: uniform | logit_normal
+    ctrl_frac: float = 0.1          # fraction of each batch that is control cells with an empty perturbation
+    # evaluation, checkpoints, hardware
+    eval_every: int = 500           # validation loss + Pearson of mean deltas every this many steps
+    eval_cells: int = 64            # generated cells per validation condition
+    save_every: int = 500           # checkpoint every this many steps (and at the end)
+    out: str = "flow.pt"            # checkpoint path
+    resume: bool = False            # continue from --out exactly where it stopped
+    stop_at: int = 0                # end this invocation at this step (checkpointed); 0 = run to --steps
+    device: str = "cpu"             # cpu | cuda | mps | auto
+    compile: bool = False           # torch.compile the model for training
+    progress: bool = True           # tqdm progress bar
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The one place that picks a device: cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _randn(shape, generator, device):
+    """Standard normal draws from `generator` (on its own device), moved to `device`."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device)
+
+
+def _rand(shape, generator, device):
+    gdev = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gdev).to(device)
+
+
+# ----------------------------------------------------------------------------- model
+def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
+    """(n_components, p) prior features: for a component that is a measured gene, its correlation
+    profile over control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs,
+    genes not among ds.genes). The profile C[g] = row g of the gene-gene correlation matrix C; with
+    C = V diag(lam) V^T its coordinates on the top-p principal axes are V[g, :p] * lam[:p]."""
+    Xc = torch.from_numpy(ds.X[ds.is_ctrl]).double()  # (n_ctrl, G)
+    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
+    C = Z.T @ Z / max(len(Z) - 1, 1)  # (G, G) correlation matrix
+    lam, V = torch.linalg.eigh(C)  # ascending eigenvalues
+    p = min(p, len(lam))
+    lam, V = lam.flip(0)[:p], V.flip(1)[:, :p]  # (p,), (G, p) top-p
+    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
+    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
+    feat = feat / feat.std().clamp_min(1e-8)
+    pos = {g: i for i, g in enumerate(ds.genes)}
+    out = torch.zeros(len(ds.components), p, dtype=torch.float64)
+    for j, name in enumerate(ds.components):
+        if name in pos:
+            out[j] = feat[pos[name]]
+    return out.float()
+
+
+def timestep_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (Vaswani et al. 2017), t scaled by 1000 as in DDPM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)  # (half,)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([args.sin(), args.cos()], dim=-1)  # (B, dim)
+
+
+class Block(nn.Module):
+    """Residual MLP block with adaLN (DiT, Peebles & Xie 2023): h + g * MLP(LN(h) * (1 + a) + b),
+    where (a, b, g) = Linear(SiLU(c)) are zero-initialised, so every block starts as the identity."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mod = nn.Linear(width, 3 * width)
+        nn.init.zeros_(self.mod.weight)
+        nn.init.zeros_(self.mod.bias)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+
+    def forward(self, h, c):
+        scale, shift, gate = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, W)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class VelocityField(nn.Module):
+    """vt = v(xt, t, cond), all in model space. cond: ctrl (B, G), comps (B, C), dose (B, C),
+    cov (B,), prior (B, G). The condition vector c (B, W) is the sum of the time, perturbation,
+    covariate, control-cell and prior embeddings; the trunk sees in_proj(xt) + prior_in(prior)."""
+
+    def __init__(self, n_genes, n_components, n_covariates, width=256, depth=3, d_pert=64,
+                 prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.3):
+        super().__init__()
+        self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates,
+                            width=width, depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
+                            prior_dropout=prior_dropout,
+                            prior_dim=0 if prior_feat is None else int(prior_feat.shape[1]))
+        self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
+        G, W = n_genes, width
+        self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
+        # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a
+        # component never seen in training contributes nothing learned, plus a projection of its prior features
+        self.comp_emb = nn.Embedding(n_components + 1, d_pert, padding_idx=0)
+        nn.init.zeros_(self.comp_emb.weight)
+        if prior_feat is not None:
+            pad = torch.zeros(1, prior_feat.shape[1])
+            self.register_buffer("prior_feat", torch.cat([pad, prior_feat.float()]))  # (n_components + 1, p)
+            self.feat_proj = nn.Linear(prior_feat.shape[1], d_pert, bias=False)
+        else:
+            self.prior_feat = None
+        self.pert_mlp = nn.Sequential(nn.Linear(d_pert, W), nn.SiLU(), nn.Linear(W, W))
+        self.cov_emb = nn.Embedding(max(n_covariates, 1), W)
+        self.ctrl_enc = nn.Sequential(nn.Linear(G, W), nn.SiLU(), nn.Linear(W, W))
+        self.prior_cond = nn.Linear(G, W)
+        # trunk
+        self.in_proj = nn.Linear(G, W)
+        self.prior_in = nn.Linear(G, W, bias=False)
+        self.blocks = nn.ModuleList(Block(W) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(W, elementwise_affine=False)
+        self.out = nn.Linear(W, G)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        # scaler: z = (x - mean) / std, fitted on training cells by train()
+        self.register_buffer("mean", torch.zeros(G))
+        self.register_buffer("std", torch.ones(G))
+
+    def encode(self, x):
+        return (x - self.mean) / self.std
+
+    def decode(self, z):
+        return (z * self.std + self.mean).clamp(min=0)
+
+    def embed_perturbation(self, comps, dose):
+        """Deep-sets pooling: MLP(sum_j dose_j * (E[c_j] + P f[c_j])); a sum is order-invariant (A+B == B+A)
+        and padding (index 0, dose 0) adds nothing."""
+        e = self.comp_emb(comps)  # (B, C, d_pert)
+        if self.prior_feat is not None:
+            e = e + self.feat_proj(self.prior_feat[comps])  # (B, C, p) -> (B, C, d_pert)
+        return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, d_pert) -> (B, W)
+
+    def forward(self, xt, t, cond):
+        B = xt.shape[0]
+        t = torch.as_tensor(t, dtype=xt.dtype, device=xt.device).expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
+        prior = cond["prior"] if self.use_prior else torch.zeros_like(xt)
+        ctrl = cond["ctrl"] if self.use_ctrl else torch.zeros_like(xt)
+        c = (self.time_mlp(timestep_features(t)) + self.embed_perturbation(cond["comps"], cond["dose"])
+             + self.cov_emb(cond["cov"]) + self.ctrl_enc(ctrl) + self.prior_cond(prior))  # (B, W)
+        h = self.in_proj(xt) + self.prior_in(prior)  # (B, W)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(self.norm_out(h))  # (B, G)
+
+
+def make_cond(model, table, key_ids, ctrl_x):
+    """Conditioning for a batch in model space on the model's device. table = ds.key_table(keys),
+    key_ids (B,) long into it, ctrl_x (B, G) control cells in EXPRESSION space (same covariate)."""
+    dev = model.mean.device
+    key_ids = torch.as_tensor(key_ids, dtype=torch.long)
+    return {"ctrl": model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev)),
+            "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
+            "cov": table["cov"][key_ids].to(dev),
+            "prior": table["prior"][key_ids].to(dev) / model.std}  # a delta: divide by std, no mean shift
+
+
+# ----------------------------------------------------------------------------- loss and samplers
+def path(x0, x1, t):
+    """Straight path (Liu et al. 2023, eq. 1; Lipman et al. 2023 with sigma_min = 0):
+    xt = (1 - t) x0 + t x1, and its conditional velocity ut = d xt / dt = x1 - x0."""
+    t = t.reshape(-1, *([1] * (x1.dim() - 1)))  # (B,) -> (B, 1)
+    return (1 - t) * x0 + t * x1, x1 - x0
+
+
+def cfm_loss(model, x1, cond, generator=None, t_dist="uniform"):
+    """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
+    x0 ~ N(0, I), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024). In train mode the
+    prior is zeroed per sample with probability model.prior_dropout (here, not in forward, so the RL
+    log-probabilities of rl.py never see a random prior)."""
+    B, dev = x1.shape[0], x1.device
+    x0 = _randn(x1.shape, generator, dev)  # (B, G)
+    if t_dist == "logit_normal":
+        t = torch.sigmoid(_randn((B,), generator, dev))
+    else:
+        t = _rand((B,), generator, dev)
+    keep = _rand((B, 1), generator, dev) >= getattr(model, "prior_dropout", 0.0)  # (B, 1)
+    if model.training and "prior" in cond:
+        cond = {**cond, "prior": cond["prior"] * keep}
+    xt, ut = path(x0, x1, t)
+    vt = model(xt, t, cond)
+    return (vt.float() - ut).pow(2).mean()
+
+
+@torch.no_grad()
+def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, decode=True):
+    """Integrate dx/dt = v(x, t, cond) from t = 0 (x0 ~ N(0, I)) to t = 1 on a fixed grid h = 1/steps.
+    euler:    x <- x + h v(x, t)                                  (global error O(h))
+    midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))"""
+    if method not in ("euler", "midpoint"):
+        raise DataError(f"unknown ODE method {method!r}; use euler or midpoint")
+    dev = model.mean.device if hasattr(model, "mean") else cond["ctrl"].device
+    x = x0.to(dev) if x0 is not None else _randn(cond["ctrl"].shape, generator, dev)  # (B, G)
+    h = 1.0 / steps
+    for i in range(steps):
+        t = torch.full((x.shape[0],), i * h, device=dev)  # (B,)
+        vt = model(x, t, cond).float()
+        if method == "midpoint":
+            vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).float()
+        x = x + h * vt
+    return model.decode(x) if decode else x
+
+
+def sde_mean_std(model, x, t, h, cond, noise_level):
+    """Mean and std of one Euler-Maruyama step of the SDE with the ODE's marginals (Flow-GRPO, Liu et al.
+    2025, eq. 8, written for t = 0 noise, t = 1 data). With eps_hat = x - t v (the predicted x0) the score
+    is -eps_hat / (1 - t), and dx = [v - s^2 / (2 (1 - t)) eps_hat] dt + s dW, s = a sqrt((1 - t) / t).
+    s diverges at t = 0, so t is replaced by t_eff = max(t, h) (Flow-GRPO likewise uses the next grid point
+    at the noise end): the drift coefficient s^2 h / (2 (1 - t)) = a^2 h / (2 t_eff) then stays <= a^2 / 2 < 1
+    for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
+        mean = x + v h - a^2 / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
+    vt = model(x, t, cond).float()  # (B, G)
+    tt = t[:, None]  # (B, 1)
+    eps_hat = x - tt * vt
+    t_eff = tt.clamp(min=h)
+    mean = x + vt * h - (noise_level ** 2 / (2 * t_eff)) * eps_hat * h
+    std = noise_level * torch.sqrt((1 - tt).clamp(min=0) / t_eff) * math.sqrt(h)  # (B, 1)
+    return mean, std
+
+
+def gaussian_log_prob(x, mean, std):
+    """log N(x; mean, std^2 I) summed over genes: the exact log density of the whole transition. (Averaged
+    over genes, the PPO ratio moves 1/G as much, clipping never binds and the KL/clip scales change.)"""
+    G = x.shape[-1]
+    s = std.reshape(-1)  # (B, 1) -> (B,)
+    return -(x - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
+
+
+def sde_step(model, x, t, h, cond, noise_level, generator=None):
+    """x_next = mean + std * noise; returns (x_next, log_prob (B,), mean, std). noise_level 0 is exactly
+    the Euler step (std 0, log_prob zeros)."""
+    mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
+    if noise_level == 0:
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, std
+    x_next = mean + std * _randn(x.shape, generator, x.device)
+    return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+
+
+def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
+    """log density of a recorded transition x -> x_next under the current weights (with grad), for the
+    GRPO ratio; returns (log_prob (B,), mean, std)."""
+    mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
+    if noise_level == 0:
+        return torch.zeros(x.shape[0], device=x.device), mean, std
+    return gaussian_log_prob(x_next, mean, std), mean, std
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def dataset_meta(ds) -> dict:
+    return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
+            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}}
+
+
+def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
+                    rng: dict | None = None):
+    """One dict, written atomically (torch.save to path.tmp, then os.replace): a crash never leaves a
+    half-written checkpoint. cfg["model"] holds the model's constructor arguments."""
+    ckpt = {"model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
+            "opt": opt.state_dict() if opt is not None else None, "step": int(step),
+            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
+            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu()},
+            "rng": rng or {}, "extra": extra or {}}
+    tmp = str(path) + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", genes=None):
+    """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is not a PerturbCellRL checkpoint (torch.load failed: {type(e).__name__})")
+    if not isinstance(ckpt, dict) or not {"ema", "config", "genes"} <= set(ckpt):
+        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config/genes entries)")
+    if genes is not None and list(genes) != list(ckpt["genes"]):
+        ref, got = list(ckpt["genes"]), list(genes)
+        diff = [(a, b) for a, b in zip(ref, got) if a != b]
+        raise DataError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
+                        f"{len(got)} given, {len(diff) + abs(len(ref) - len(got))} positions differ "
+                        f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
+                        f"(data.load_dataset(cfg, genes=ckpt['genes']))")
+    hp = dict(ckpt["config"]["model"])
+    p = hp.pop("prior_dim")
+    model = VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- training
+def pearson(a, b):
+    """Row-wise Pearson correlation of (K, G) tensors."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def validate(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
+    """Validation loss (CFM on up to n_cells real cells per key) and the population check: Pearson over all
+    genes of generated vs real mean deltas (gen mean - ctrl mean vs ref.delta), ODE midpoint, per key."""
+    was_training = model.training
+    model.eval()
+    dev, K = model.mean.device, len(keys)
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    table = ds.key_table(keys)
+    real, real_ids, real_ctrl, ctrl_rows = [], [], [], []
+    for i, (label, cov) in enumerate(keys):  # a loop over keys, not cells
+        m = min(n_cells, len(ds.cell_idx[(label, cov)]))
+        real.append(rng.choice(ds.cell_idx[(label, cov)], m, replace=False))
+        real_ids.append(np.full(m, i))
+        real_ctrl.append(rng.choice(ds.ctrl_idx[cov], m))
+        ctrl_rows.append(rng.choice(ds.ctrl_idx[cov], n_cells))
+    real, real_ctrl, ctrl_rows = np.concatenate(real), np.concatenate(real_ctrl), np.concatenate(ctrl_rows)
+    cond = make_cond(model, table, torch.from_numpy(np.concatenate(real_ids)), ds.X[real_ctrl])
+    loss = cfm_loss(model, model.encode(torch.from_numpy(ds.X[real]).to(dev)), cond, generator=gen)
+    key_ids = torch.arange(K).repeat_interleave(n_cells)  # (K * n,)
+    x = torch.cat([sample(model, make_cond(model, table, key_ids[i:i + chunk], ds.X[ctrl_rows[i:i + chunk]]),
+                          steps, "midpoint", gen).cpu() for i in range(0, len(key_ids), chunk)])  # (K * n, G)
+    gen_delta = x.reshape(K, n_cells, -1).mean(1) - torch.stack([ds.refs[k].ctrl_mean for k in keys])  # (K, G)
+    r = pearson(gen_delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
+    model.train(was_training)
+    return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}

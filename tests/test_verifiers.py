@@ -1,0 +1,272 @@
+"""Tests for verifiers.py: each verifier against an independent numpy / scipy computation,
+closed-form identities, invariances, gene-set loading and alignment, and discrimination on the
+simulator's ground truth."""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import verifiers as V  # noqa: E402
+from data import DataError, Reference  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HALLMARK = SHARED / "pathways" / "h.all.v7.0.symbols.gmt"
+
+
+def make_reference(ctrl, cells, n_de, std_floor=0.1):
+    """Reference from numpy control cells (M, G) and perturbed cells (N, G), computed here in numpy."""
+    mu_c, mu_p = ctrl.mean(0), cells.mean(0)
+    vc, vp = ctrl.var(0, ddof=1), cells.var(0, ddof=1)
+    t = (mu_p - mu_c) / np.sqrt(vc / len(ctrl) + vp / len(cells) + 1e-12)
+    de = np.argsort(-np.abs(t), kind="stable")[:n_de]
+    f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    return Reference(f(mu_c), f(np.maximum(ctrl.std(0, ddof=1), std_floor)), f(mu_p), f(mu_p - mu_c), f(t),
+                     torch.as_tensor(de, dtype=torch.long), f(cells))
+
+
+def int_ref(seed=0, G=40, N=30, n_de=12):
+    """A small Reference whose values are integers (ties in deltas and in t), plus generated cells x."""
+    rng = np.random.default_rng(seed)
+    ctrl_mean = rng.integers(0, 4, G).astype(np.float64)
+    cells = ctrl_mean + rng.integers(-2, 3, (N, G))
+    t = rng.integers(-3, 4, G).astype(np.float64)  # many ties
+    de = rng.permutation(G)[:n_de]
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    ref = Reference(f(ctrl_mean), f(rng.uniform(0, 1, G)), f(cells.mean(0)), f(cells.mean(0) - ctrl_mean),
+                    f(t), torch.as_tensor(de), f(cells))
+    x = ctrl_mean + rng.integers(-2, 3, (8, G))
+    return ref, f(x)
+
+
+def np_deltas(x, ref):
+    de, c = ref.de_idx.numpy(), ref.ctrl_mean.numpy().astype(np.float64)
+    return x.numpy().astype(np.float64)[:, de] - c[de], ref.cells.numpy().astype(np.float64)[:, de] - c[de]
+
+
+# ------------------------------------------------------------------ each verifier vs numpy / scipy
+
+@pytest.mark.parametrize("k", [1, 5, 1000])
+def test_pearson_topk_matches_numpy(k):
+    ref, x = int_ref()
+    xd, yd = np_deltas(x, ref)
+    r = np.array([[np.corrcoef(a, b)[0, 1] for b in yd] for a in xd])  # (B, N)
+    want = -np.sort(-r, axis=1)[:, :min(k, len(yd))].mean(1)
+    np.testing.assert_allclose(V.pearson_topk(x, ref, k).numpy(), want, atol=1e-5)
+
+
+def test_pearson_zero_variance_row_is_zero():
+    ref, x = int_ref()
+    x[0] = ref.ctrl_mean  # delta exactly 0 on every gene
+    x[1] = ref.ctrl_mean + 2.5  # constant delta
+    out = V.pearson_topk(x, ref, 3)
+    assert torch.isfinite(out).all() and out[0] == 0 and out[1] == 0
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_rmse_topk_matches_numpy(k):
+    ref, x = int_ref(1)
+    xd, yd = np_deltas(x, ref)
+    d = np.sqrt(((xd[:, None] - yd[None]) ** 2).mean(-1))  # (B, N)
+    want = -np.sort(d, axis=1)[:, :k].mean(1)
+    np.testing.assert_allclose(V.rmse_topk(x, ref, k).numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_de_spearman_matches_scipy_with_ties():
+    ref, x = int_ref(2)
+    xd, _ = np_deltas(x, ref)
+    t = ref.t.numpy()[ref.de_idx.numpy()]
+    assert len(np.unique(t)) < len(t) and all(len(np.unique(r)) < len(r) for r in xd)  # ties present
+    want = [scipy.stats.spearmanr(a, t).statistic for a in xd]
+    np.testing.assert_allclose(V.de_spearman(x, ref).numpy(), want, atol=1e-5)
+    x[0] = ref.ctrl_mean + 1.0  # constant delta -> 0
+    assert V.de_spearman(x, ref)[0] == 0
+
+
+def test_pathway_activity_matches_numpy():
+    ref, x = int_ref(3)
+    rng = np.random.default_rng(3)
+    W = rng.normal(size=(6, x.shape[1])) * (rng.random((6, x.shape[1])) < 0.4)  # sparse signed
+    sd = ref.ctrl_std.numpy().copy()
+    sd[:5] = 0.0  # below the defensive floor
+    ref.ctrl_std = torch.as_tensor(sd)
+    mu, sdf = ref.ctrl_mean.numpy(), np.maximum(sd, 1e-2)
+    Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
+    ax = ((x.numpy() - mu) / sdf) @ Wn.T
+    ay = ((ref.cells.numpy() - mu) / sdf) @ Wn.T
+    d = np.linalg.norm(ax[:, None] - ay[None], axis=-1)
+    want = -np.sort(d, axis=1)[:, :4].mean(1)
+    got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32), k=4).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_energy_witness_matches_loop_and_group_identity():
+    ref, x = int_ref(4)
+    X, Y = x.numpy().astype(np.float64), ref.cells.numpy().astype(np.float64)
+    B, N = len(X), len(Y)
+    want = np.zeros(B)
+    for i in range(B):
+        dxy = np.mean([np.linalg.norm(X[i] - Y[j]) for j in range(N)])
+        dxx = np.mean([np.linalg.norm(X[i] - X[k]) for k in range(B) if k != i])
+        want[i] = -(dxy - dxx)
+    r = V.energy_witness(x, ref).numpy()
+    np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-4)
+    # Energy distance E = 2 m_xy - m_xx - m_yy (U-statistics). mean_i r_i = -(m_xy - m_xx) and
+    # m_xy = (E + m_xx + m_yy) / 2, hence mean_i r_i = -(E + m_yy - m_xx) / 2.
+    D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    m_xy = D(X, Y).mean()
+    m_xx = D(X, X).sum() / (B * (B - 1))
+    m_yy = D(Y, Y).sum() / (N * (N - 1))
+    E = 2 * m_xy - m_xx - m_yy
+    np.testing.assert_allclose(r.mean(), -(E + m_yy - m_xx) / 2, rtol=1e-5)
+    # B = 1: no within-group term
+    np.testing.assert_allclose(V.energy_witness(x[:1], ref).numpy(), -D(X[:1], Y).mean(1), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ scale guard
+
+def test_scale_guard_exaggerated_effects_lose_on_scale_aware_rewards():
+    rng = np.random.default_rng(5)
+    G, n = 60, 80
+    base = rng.uniform(0.5, 3, G)
+    effect = np.where(rng.random(G) < 0.3, rng.normal(0, 1.5, G), 0.0)
+    ctrl = base + rng.normal(0, 0.3, (n, G))
+    pert = base + effect + rng.normal(0, 0.3, (2 * n, G))
+    ref = make_reference(ctrl, pert[:n], n_de=20)  # reference: first half
+    real = torch.as_tensor(pert[n:], dtype=torch.float32)  # held-out real cells
+    big = ref.ctrl_mean + 2 * (real - ref.ctrl_mean)  # same cells, deltas x2
+    for f in (V.rmse_topk, V.energy_witness):
+        assert f(big, ref).mean() < f(real, ref).mean() - 0.1, f.__name__
+    # Pearson over the DE genes is scale-blind: doubling every delta changes nothing.
+    np.testing.assert_allclose(V.pearson_topk(big, ref).numpy(), V.pearson_topk(real, ref).numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------ gene sets
+
+def test_progeny_bundled_tables():
+    s100, s500 = V.load_progeny(), V.load_progeny(top=500)
+    assert len(s100) == 14 and all(len(g) == 100 for g in s100.values())
+    assert len(s500) == 14 and all(len(g) == 500 for g in s500.values())
+    assert s100["Androgen"]["TMPRSS2"] == pytest.approx(11.4906307374)
+    assert all(set(s100[p]) <= set(s500[p]) for p in s100)
+    with pytest.raises(DataError, match="100 or 500"):
+        V.load_progeny(top=200)
+
+
+def test_align_case_missing_and_duplicates(tmp_path):
+    p = tmp_path / "sets.csv"
+    p.write_text("gene,pathway,weight,p_value\n"
+                 "A1,P1,1.5,0\nA2,P1,-2,0\nA1,P1,9,0\na2,P1,7,0\nA3,P1,3,0\nMISSING,P1,4,0\n"
+                 "B1,P2,1,0\nB2,P2,1,0\n")
+    sets = V.load_gene_sets(p)
+    genes = ["x0", "a3", "a1", "A2", "b1", "b2", "a1"]  # lower case, a duplicated symbol
+    with pytest.warns(UserWarning, match="P2"):
+        W, names, cov = V.align_gene_sets(sets, genes, min_genes=3)
+    assert names == ["P1"] and W.shape == (1, len(genes))
+    want = torch.tensor([[0, 3, 1.5, -2, 0, 0, 0]])  # first weights kept; duplicate column -> first
+    torch.testing.assert_close(W, want)
+    assert cov == {"P1": (3, 4), "P2": (2, 2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        V.align_gene_sets(sets, genes, min_genes=2)  # nothing dropped -> no warning
+    with pytest.raises(DataError, match="--gene-symbols"):
+        V.align_gene_sets(sets, ["ENSG00000141510", "ENSG00000012048"], min_genes=1)
+
+
+def test_auto_table_choice(capsys):
+    s100, s500 = V.load_progeny(), V.load_progeny(top=500)
+    in100 = {g for s in s100.values() for g in s}
+    genes = sorted({g for s in s500.values() for g in s} - in100)[:3000]
+    v = V.Verifier(genes)
+    assert "top-500" in capsys.readouterr().out and v.W.shape == (14, len(genes))
+    v = V.Verifier([g.lower() for g in sorted(in100)])
+    assert "top-100" in capsys.readouterr().out and v.W.shape == (14, len(in100))
+    assert V.Verifier(genes, {"rmse": 1}).W is None  # pathway weight 0 -> no table needed
+
+
+def test_gmt_loader_and_errors(tmp_path):
+    p = tmp_path / "small.gmt"
+    p.write_text("SET_A\tdesc\tG1\tG2\tG3\tg1\n\nSET_B\thttp://x\tG4\tG5\n")
+    sets = V.load_gene_sets(p)
+    assert sets == {"SET_A": {"G1": 1.0, "G2": 1.0, "G3": 1.0}, "SET_B": {"G4": 1.0, "G5": 1.0}}
+    W, names, _ = V.align_gene_sets(sets, ["g5", "G1", "G2", "G4", "G3"], min_genes=2)
+    torch.testing.assert_close(W, torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0.]]))
+    bad = tmp_path / "bad.gmt"
+    bad.write_text("ONLY_NAME\n")
+    with pytest.raises(DataError, match="GMT"):
+        V.load_gene_sets(bad)
+    with pytest.raises(DataError, match="unknown gene-set file type"):
+        V.load_gene_sets(tmp_path / "sets.xlsx")
+    with pytest.raises(DataError, match="not found"):
+        V.load_gene_sets(tmp_path / "absent.gmt")
+    nocol = tmp_path / "nocol.tsv"
+    nocol.write_text("symbol\tset\nA\tB\n")
+    with pytest.raises(DataError, match="gene,pathway,weight"):
+        V.load_gene_sets(nocol)
+    nonnum = tmp_path / "nonnum.csv"
+    nonnum.write_text("gene,pathway,weight\nA,P,high\n")
+    with pytest.raises(DataError, match="line 2"):
+        V.load_gene_sets(nonnum)
+
+
+@pytest.mark.skipif(not HALLMARK.is_file(), reason="../shared Hallmark GMT not present")
+def test_hallmark_gmt():
+    sets = V.load_gmt(HALLMARK)
+    assert len(sets) == 50 and all(n.startswith("HALLMARK_") for n in sets)
+    assert "NFKBIA" in sets["HALLMARK_TNFA_SIGNALING_VIA_NFKB"]
+
+
+# ------------------------------------------------------------------ invariances, Verifier
+
+def test_permutation_and_independence():
+    ref, x = int_ref(6)
+    x = x + torch.rand(x.shape)  # break ties so no verifier relies on order
+    v = V.Verifier([f"g{i}" for i in range(x.shape[1])], gene_sets=None, weights={n: 1 for n in V.REWARDS if n != "pathway"})
+    v.W = torch.randn(3, x.shape[1])
+    v.weights["pathway"] = 1.0
+    perm = torch.randperm(len(x))
+    _, c = v(x, ref)
+    _, cp = v(x[perm], ref)
+    for name in V.REWARDS:
+        torch.testing.assert_close(cp[name], c[name][perm], rtol=1e-5, atol=1e-5)
+    for name in ("pearson", "rmse", "spearman", "pathway"):  # per-cell rewards ignore the other cells
+        _, c1 = v(x[2:3], ref)
+        torch.testing.assert_close(c1[name], c[name][2:3], rtol=1e-5, atol=1e-5)
+
+
+def test_finite_on_constant_cells_and_zero_control_std():
+    ref, x = int_ref(7)
+    ref.ctrl_std = torch.zeros_like(ref.ctrl_std)
+    ref.cells[:, :5] = 1.0
+    x[:] = 1.0  # every generated cell identical and constant
+    v = V.Verifier([f"g{i}" for i in range(x.shape[1])], {n: 1 for n in V.REWARDS if n != "pathway"})
+    v.W, v.weights["pathway"] = torch.randn(2, x.shape[1]), 2.0
+    total, comps = v(x, ref)
+    assert torch.isfinite(total).all() and all(torch.isfinite(c).all() for c in comps.values())
+    torch.testing.assert_close(total, sum(w * comps[n] for n, w in v.weights.items()))
+    assert set(v._W) == {"cpu"}
+
+
+def test_parse_weights_and_args():
+    assert V.parse_weights("pearson=1, rmse=0.5,energy") == {"pearson": 1.0, "rmse": 0.5, "energy": 1.0}
+    with pytest.raises(DataError, match="'pearsn'.*pearson, rmse, spearman, pathway, energy"):
+        V.parse_weights("pearsn=1")
+    with pytest.raises(DataError, match="not a number"):
+        V.parse_weights("rmse=abc")
+    with pytest.raises(DataError, match="finite"):
+        V.parse_weights("rmse=nan")
+    with pytest.raises(DataError, match="nonzero"):
+        V.parse_weights("rmse=0")
+    with pytest.raises(DataError, match="unknown reward"):
+        V.Verifier(["a"], {"bogus": 1})
+    with pytest.raises(DataError, match=r"expected \(B, 2\)"):
+        V.Verifier(["a", "b"], {"rmse": 1})(torch.zeros(3, 5), None)
+    args = V.add_args(argparse.ArgumentParser()).parse_args(["--rewards", "rmse=2,energy=1", "--topk", "3"])
+    v = V.verifier_from_args(args, ["a", "b"])
+    assert v.weights == {"rmse": 2.0, "energy": 1.0} and v.k == 3 and v.W is None

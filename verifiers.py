@@ -1,0 +1,384 @@
+"""Verifiers: cell-level rewards for generated perturbed cells.
+
+What it does. Each verifier scores a batch of generated cells of ONE condition, `x` of shape
+(B, G) in log1p expression space, against that condition's `data.Reference` (real cells and
+statistics) and returns a (B,) tensor, higher is better:
+
+    pearson   pearson_topk      mean of the k highest Pearson correlations with real cells (DE genes)
+    rmse      rmse_topk         minus the mean of the k smallest RMSEs to real cells (DE genes)
+    spearman  de_spearman       Spearman of the cell's change from control with the real t statistic
+    pathway   pathway_activity  minus the mean distance of pathway activities to the k nearest real cells
+    energy    energy_witness    the cell's share of the energy distance between generated and real cells
+
+Pearson and Spearman are blind to effect size (a policy can exaggerate the perturbation and keep
+gaining reward); RMSE and the energy witness see scale and guard against that (DESIGN.md).
+
+How it is used.
+
+    v = Verifier(ds.genes, parse_weights("pearson=1,rmse=1,spearman=1,pathway=1,energy=1"))
+    total, comps = v(x, ds.refs[key])      # (B,), {name: (B,)}
+
+`total` is the raw weighted sum of the components. GRPO (rl.py) normalises each component within
+its group itself before weighting, so it reads `comps`, not `total`. Pathway weights come from the
+bundled PROGENy tables (pathways/) or any GMT / CSV given as `gene_sets`.
+
+Left out: learned verifiers, gene-set enrichment statistics (GSEA-style), per-cell DE tests, and
+weighting rewards by their own reliability. The functions are batched torch code without Python
+loops over cells or genes; they run on any device and under no_grad in `Verifier`.
+"""
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import torch
+
+from data import DataError, Reference
+
+PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
+
+# ----------------------------------------------------------------------------------------------
+# Pathway tables: name -> {gene: weight}, insertion-ordered
+
+def _add(sets: dict, seen: dict, name: str, gene: str, weight: float) -> None:
+    """Add one (set, gene, weight); a gene seen before in the same set (any case) keeps its FIRST weight."""
+    if gene.upper() not in seen.setdefault(name, set()):
+        seen[name].add(gene.upper())
+        sets.setdefault(name, {})[gene] = weight
+
+
+def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
+    """Read a long table `gene,pathway,weight[,p_value]` (CSV, or TSV by extension) -> {pathway: {gene: weight}}.
+
+    path=None reads the bundled PROGENy table pathways/progeny_human_top{top}.csv (top = 100 or 500).
+    Column aliases `target` (gene) and `source` (pathway) are accepted (decoupler's naming).
+    """
+    if path is None:
+        if top not in (100, 500):
+            raise DataError(f"no bundled PROGENy table for top={top}: use 100 or 500, or pass a path")
+        path = PATHWAY_DIR / f"progeny_human_top{top}.csv"
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"gene-set file {path} not found")
+    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter=delim))
+    if not rows:
+        raise DataError(f"gene-set file {path} is empty")
+    head = [c.strip().lower() for c in rows[0]]
+    head = [{"target": "gene", "source": "pathway"}.get(c, c) for c in head]
+    if not {"gene", "pathway", "weight"} <= set(head):
+        raise DataError(f"gene-set table {path} needs columns gene,pathway,weight; found {rows[0]} "
+                        "(for a .gmt file keep the .gmt extension)")
+    ig, ip, iw = head.index("gene"), head.index("pathway"), head.index("weight")
+    sets: dict[str, dict[str, float]] = {}
+    seen: dict[str, set] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        try:
+            _add(sets, seen, row[ip].strip(), row[ig].strip(), float(row[iw]))
+        except (IndexError, ValueError):
+            raise DataError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
+    if not sets:
+        raise DataError(f"gene-set table {path} has a header but no rows")
+    return sets
+
+
+def load_gmt(path) -> dict[str, dict[str, float]]:
+    """Read a GMT file (tab-separated: set name, description, genes...) -> {set: {gene: 1.0}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"gene-set file {path} not found")
+    sets: dict[str, dict[str, float]] = {}
+    seen: dict[str, set] = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = [c.strip() for c in line.split("\t")]
+        genes = [g for g in fields[2:] if g]
+        if len(fields) < 3 or not fields[0] or not genes:
+            raise DataError(f"{path} line {n}: a GMT line is 'name<TAB>description<TAB>gene<TAB>gene...'")
+        for g in genes:
+            _add(sets, seen, fields[0], g, 1.0)
+    if not sets:
+        raise DataError(f"GMT file {path} holds no gene sets")
+    return sets
+
+
+def load_gene_sets(path) -> dict[str, dict[str, float]]:
+    """Load gene sets by extension: .gmt -> load_gmt; .csv / .tsv / .txt -> load_progeny (long table)."""
+    ext = Path(path).suffix.lower()
+    if ext == ".gmt":
+        return load_gmt(path)
+    if ext in (".csv", ".tsv", ".txt"):
+        return load_progeny(path)
+    raise DataError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
+                    ".csv/.tsv table with columns gene,pathway,weight")
+
+
+def align_gene_sets(sets: dict, genes, min_genes: int = 5):
+    """Gene sets -> weight matrix over the data's genes.
+
+    Returns W (P, G) float32 with W[p, g] = weight of gene g in set p (0 if absent), the P kept set
+    names, and coverage {set: (n_genes_covered, n_genes_in_set)} for EVERY set (dropped ones too).
+    Symbols match case-insensitively. Duplicates keep the first occurrence: a gene listed twice in
+    a set keeps its first weight; a symbol appearing twice in `genes` maps to its first column.
+    Sets with fewer than `min_genes` covered genes are dropped with a warning naming them.
+    """
+    col: dict[str, int] = {}
+    for j, g in enumerate(genes):
+        col.setdefault(str(g).upper(), j)
+    rows, names, coverage, dropped = [], [], {}, []
+    for name, members in sets.items():
+        hit: dict[int, float] = {}
+        seen = set()
+        for g, w in members.items():
+            u = g.upper()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in col:
+                hit[col[u]] = float(w)
+        coverage[name] = (len(hit), len(seen))
+        if len(hit) < min_genes:
+            dropped.append(name)
+            continue
+        w = torch.zeros(len(genes))
+        w[list(hit)] = torch.tensor(list(hit.values()))
+        rows.append(w)
+        names.append(name)
+    if not rows:
+        raise DataError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes "
+                        f"(first genes: {list(genes)[:3]}). If the var index holds Ensembl IDs, pass "
+                        "the var column with gene symbols via --gene-symbols.")
+    if dropped:
+        warnings.warn(f"dropped {len(dropped)} gene set(s) with < {min_genes} genes in the data: "
+                      + ", ".join(dropped))
+    return torch.stack(rows), names, coverage  # (P, G)
+
+
+def progeny_auto(genes, min_genes: int = 5):
+    """Default pathway weights: PROGENy top-100, or top-500 when top-100 is too thin for these genes.
+
+    Rule: top-100 is used when at least half of its pathways keep >= min_genes of the data's genes;
+    otherwise the top-500 table (superset, more genes per pathway). Prints which table was chosen.
+    """
+    upper = {str(g).upper() for g in genes}
+    for top in (100, 500):
+        sets = load_progeny(top=top)
+        n_ok = sum(len({g.upper() for g in s} & upper) >= min_genes for s in sets.values())
+        if 2 * n_ok >= len(sets) or top == 500:
+            print(f"verifiers: pathway gene sets = PROGENy top-{top} "
+                  f"({n_ok}/{len(sets)} pathways with >= {min_genes} of the {len(genes)} genes)")
+            return align_gene_sets(sets, genes, min_genes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+def _de_deltas(x, ref: Reference):
+    """Change from the control mean over the reference's DE genes, generated and real."""
+    c = ref.ctrl_mean[ref.de_idx].to(x.dtype)
+    xd = x[:, ref.de_idx] - c  # (B, D)
+    yd = ref.cells[:, ref.de_idx].to(x.dtype) - c  # (N, D)
+    return xd, yd
+
+
+def _unit_rows(a):
+    """Centre each row and scale it to unit L2 norm, so Pearson r = dot product of unit rows.
+
+    Rows without spread (constant up to float rounding) become 0, so their correlations are 0.
+    """
+    ac = a - a.mean(-1, keepdim=True)  # (R, D)
+    n = ac.norm(dim=-1, keepdim=True)  # (R, 1)
+    tol = 8 * torch.finfo(a.dtype).eps * a.abs().amax(-1, keepdim=True) * a.shape[-1] ** 0.5 + 1e-30
+    return torch.where(n > tol, ac / n.clamp_min(1e-30), torch.zeros_like(ac))
+
+
+def _ranks(a):
+    """Ranks 1..D along the last dim, ties get their average rank: r_i = #{a_j < a_i} + (#{a_j = a_i} + 1) / 2."""
+    lt = (a.unsqueeze(-2) < a.unsqueeze(-1)).sum(-1)  # (..., D)  [i] counts j with a_j < a_i
+    eq = (a.unsqueeze(-2) == a.unsqueeze(-1)).sum(-1)  # (..., D)
+    return lt.to(a.dtype) + (eq.to(a.dtype) + 1) / 2
+
+
+def _mean_topk(d, k: int, largest: bool):
+    """Mean of the k largest (or smallest) entries of each row of d (B, N); k clipped to [1, N]."""
+    k = max(1, min(int(k), d.shape[1]))
+    return d.topk(k, dim=1, largest=largest).values.mean(1)  # (B,)
+
+
+# ----------------------------------------------------------------------------------------------
+# The verifiers: f(x (B, G), ref) -> (B,), higher is better
+
+def pearson_topk(x, ref: Reference, k: int = 5):
+    """Mean of the k highest Pearson correlations of each generated cell with the real cells.
+
+    Over the D = n_de DE genes, with deltas from the control mean, u = x - mu_ctrl, v = y - mu_ctrl:
+        r_ij = <u_i - ubar_i, v_j - vbar_j> / (||u_i - ubar_i|| ||v_j - vbar_j||),   reward_i = mean top-k_j r_ij.
+    Top-k (not the population mean) asks each cell to resemble SOME real cells, which keeps diversity.
+    Scale-blind: multiplying a cell's delta by any c > 0 leaves r unchanged. Zero-variance rows -> r = 0.
+    """
+    xd, yd = _de_deltas(x, ref)
+    r = _unit_rows(xd) @ _unit_rows(yd).T  # (B, N)
+    return _mean_topk(r, k, largest=True)
+
+
+def rmse_topk(x, ref: Reference, k: int = 5):
+    """Minus the mean of the k smallest RMSEs to real cells over the DE genes.
+
+        rmse_ij = ||x_i[de] - y_j[de]|| / sqrt(D),   reward_i = -mean of the k smallest over j.
+    (The control mean cancels in the difference of deltas.) Scale-aware: exaggerated effects lose.
+    """
+    xd, yd = _de_deltas(x, ref)
+    d = torch.cdist(xd, yd) / xd.shape[1] ** 0.5  # (B, N)
+    return -_mean_topk(d, k, largest=False)
+
+
+def de_spearman(x, ref: Reference):
+    """Spearman correlation of the cell's delta with the real Welch t statistic over the DE genes.
+
+        rho_i = Pearson(rank(x_i[de] - mu_ctrl[de]), rank(t[de])), average ranks for ties.
+    Ranks come from all pairwise comparisons among the D DE genes (B, D, D), no sorting loop.
+    A constant delta has all ranks equal -> rho = 0. Scale-blind, like pearson_topk.
+    """
+    xd, _ = _de_deltas(x, ref)
+    rx = _unit_rows(_ranks(xd))  # (B, D)
+    rt = _unit_rows(_ranks(ref.t[ref.de_idx].to(x.dtype))[None])  # (1, D)
+    return (rx * rt).sum(-1)  # (B,)
+
+
+def pathway_activity(x, ref: Reference, W, k: int = 5):
+    """Minus the mean Euclidean distance of the cell's pathway activities to its k nearest real cells.
+
+        z = (x - mu_ctrl) / max(sd_ctrl, 1e-2)   per-gene z-score against the covariate's controls
+        a = z W^T / ||W_p||                      (B, P) activities, W (P, G) gene-set weights
+        reward_i = -mean of the k smallest ||a_i - a(y_j)||.
+    Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell
+    variation of pathway activity.
+    """
+    W = W.to(x.device, x.dtype)
+    Wn = W  # (P, G)
+    mu = ref.ctrl_mean.to(x.dtype)
+    sd = ref.ctrl_std.to(x.dtype).clamp_min(1e-2)
+    ax = ((x - mu) / sd) @ Wn.T  # (B, P)
+    ay = ((ref.cells.to(x.dtype) - mu) / sd) @ Wn.T  # (N, P)
+    return -_mean_topk(torch.cdist(ax, ay), k, largest=False)
+
+
+def energy_witness(x, ref: Reference):
+    """Each cell's share of the energy distance between the generated group X and real cells Y.
+
+        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )     over all G genes.
+    This is minus the first variation (witness) of the energy distance
+        E(X, Y) = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||      (Szekely & Rizzo 2013):
+    with X ~ p_theta, grad E = 2 E_x[grad log p_theta(x) (E_y||x - y|| - E_x'||x - x'||)], so the
+    REINFORCE gradient of the summed r_i, E_x[grad log p_theta(x) r(x)], equals -1/2 grad E.
+    The first term punishes cells far from real ones (exaggeration), the second rewards spread
+    within the group (punishes collapse). Group mean: mean_i r_i = -(E + m_yy - m_xx) / 2.
+    B = 1: the second term is 0.
+    """
+    y = ref.cells.to(x.dtype)
+    m_xy = torch.cdist(x, y).mean(1)  # (B,)
+    B = x.shape[0]
+    if B == 1:
+        return -m_xy
+    dxx = torch.cdist(x, x)  # (B, B)
+    dxx = dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))  # exact zero diagonal
+    return -(m_xy - dxx.sum(1) / (B - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# REWARD LOGIC: edit here. Each entry: name -> f(x (B, G), ref, v: Verifier) -> (B,), higher is better.
+# To add a sixth verifier, write f above and add one line here; it is then valid in --rewards.
+
+REWARDS = {
+    "pearson": lambda x, ref, v: pearson_topk(x, ref, v.k),
+    "rmse": lambda x, ref, v: rmse_topk(x, ref, v.k),
+    "spearman": lambda x, ref, v: de_spearman(x, ref),
+    "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device), v.k),
+    "energy": lambda x, ref, v: energy_witness(x, ref),
+}
+DEFAULT_REWARDS = ",".join(f"{name}=1" for name in REWARDS)
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """'pearson=1,rmse=0.5' -> {'pearson': 1.0, 'rmse': 0.5}; a bare name means weight 1."""
+    weights = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, val = item.partition("=")
+        name = name.strip()
+        if name not in REWARDS:
+            raise DataError(f"unknown reward '{name}' in '{spec}'; valid rewards: {', '.join(REWARDS)}")
+        try:
+            w = float(val) if val.strip() else 1.0
+        except ValueError:
+            raise DataError(f"reward weight '{item}' is not a number; write name=number, e.g. {name}=1") from None
+        if w != w or abs(w) == float("inf"):
+            raise DataError(f"reward weight '{item}' must be finite")
+        weights[name] = w
+    if not any(weights.values()):
+        raise DataError(f"no nonzero reward weight in '{spec}'; e.g. --rewards {DEFAULT_REWARDS}")
+    return weights
+
+
+class Verifier:
+    """Weighted combination of the rewards in REWARDS.
+
+    weights: {name: w}, None -> every reward with weight 1; rewards with weight 0 are not computed.
+    gene_sets: path of a .gmt / .csv / .tsv gene-set file; None -> PROGENy (auto top-100/top-500).
+    The pathway matrix W is built only when the pathway weight is nonzero.
+    """
+
+    def __init__(self, genes, weights: dict | None = None, gene_sets=None, k: int = 5, min_genes: int = 5):
+        weights = {name: 1.0 for name in REWARDS} if weights is None else dict(weights)
+        bad = [n for n in weights if n not in REWARDS]
+        if bad:
+            raise DataError(f"unknown reward(s) {bad}; valid rewards: {', '.join(REWARDS)}")
+        self.weights = {n: float(w) for n, w in weights.items() if w != 0}
+        if not self.weights:
+            raise DataError("all reward weights are zero; give at least one nonzero weight")
+        self.genes, self.k = list(genes), int(k)
+        self.W, self.pathways, self.coverage, self._W = None, [], {}, {}
+        if "pathway" in self.weights:
+            if gene_sets is None:
+                self.W, self.pathways, self.coverage = progeny_auto(self.genes, min_genes)
+            else:
+                sets = load_gene_sets(gene_sets)
+                self.W, self.pathways, self.coverage = align_gene_sets(sets, self.genes, min_genes)
+                print(f"verifiers: pathway gene sets = {gene_sets} ({len(self.pathways)}/{len(sets)} sets kept)")
+
+    def W_on(self, device):
+        """W (P, G) on `device`, copied once per device."""
+        key = str(device)
+        if key not in self._W:
+            self._W[key] = self.W.to(device)
+        return self._W[key]
+
+    @torch.no_grad()
+    def __call__(self, x, ref: Reference):
+        """x (B, G) cells of one condition -> (total (B,), {name: (B,)}); total = sum_name w_name * comp_name."""
+        if x.ndim != 2 or x.shape[1] != len(self.genes):
+            raise DataError(f"cells have shape {tuple(x.shape)}, expected (B, {len(self.genes)}) for this Verifier's genes")
+        comps = {name: REWARDS[name](x, ref, self) for name in self.weights}
+        total = sum(w * comps[name] for name, w in self.weights.items())
+        return total, comps
+
+
+def add_args(parser):
+    """Add --rewards, --gene-sets, --topk to an argparse parser; build with verifier_from_args."""
+    parser.add_argument("--rewards", default=DEFAULT_REWARDS, help="reward weights name=w,... (valid: %s)" % ", ".join(REWARDS))
+    parser.add_argument("--gene-sets", default=None, help="gene sets .gmt/.csv/.tsv for the pathway reward (default: bundled PROGENy)")
+    parser.add_argument("--topk", type=int, default=5, help="k of the top-k rewards (pearson, rmse, pathway)")
+    return parser
+
+
+def verifier_from_args(args, genes) -> Verifier:
+    """Verifier from the options added by add_args."""
+    return Verifier(genes, parse_weights(args.rewards), args.gene_sets, args.topk)
