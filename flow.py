@@ -255,14 +255,14 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, de
     midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))"""
     if method not in ("euler", "midpoint"):
         raise DataError(f"unknown ODE method {method!r}; use euler or midpoint")
-    dev = model.mean.device if hasattr(model, "mean") else cond["ctrl"].device
+    dev = model.mean.device if hasattr(model, "mean") else x0.device
     x = x0.to(dev) if x0 is not None else _randn(cond["ctrl"].shape, generator, dev)  # (B, G)
     h = 1.0 / steps
     for i in range(steps):
-        t = torch.full((x.shape[0],), i * h, device=dev)  # (B,)
-        vt = model(x, t, cond).float()
+        t = torch.full((x.shape[0],), i * h, device=dev, dtype=x.dtype)  # (B,)
+        vt = model(x, t, cond).to(x.dtype)
         if method == "midpoint":
-            vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).float()
+            vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
         x = x + h * vt
     return model.decode(x) if decode else x
 
@@ -275,8 +275,8 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     at the noise end): the drift coefficient s^2 h / (2 (1 - t)) = a^2 h / (2 t_eff) then stays <= a^2 / 2 < 1
     for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
         mean = x + v h - a^2 / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
-    vt = model(x, t, cond).float()  # (B, G)
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+    vt = model(x, t, cond).to(x.dtype)  # (B, G)
     tt = t[:, None]  # (B, 1)
     eps_hat = x - tt * vt
     t_eff = tt.clamp(min=h)
@@ -349,9 +349,7 @@ def load_checkpoint(path, device="cpu", genes=None):
                         f"{len(got)} given, {len(diff) + abs(len(ref) - len(got))} positions differ "
                         f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
                         f"(data.load_dataset(cfg, genes=ckpt['genes']))")
-    hp = dict(ckpt["config"]["model"])
-    p = hp.pop("prior_dim")
-    model = VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
+    model = build_model(ckpt["config"]["model"])
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval(), ckpt
 
@@ -389,3 +387,158 @@ def validate(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
     r = pearson(gen_delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
     model.train(was_training)
     return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}
+
+
+def lr_at(cfg, step: int) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then cosine decay to cfg.lr * cfg.min_lr_frac."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay: float):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def fit_scaler(X, rows, chunk=16384):
+    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
+    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for i in range(0, len(rows), chunk):
+        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
+        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
+    mean = s1 / len(rows)
+    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
+
+
+def build_model(hp: dict) -> VelocityField:
+    """Rebuild a VelocityField from its stored hyper-parameters (prior features come with the state dict)."""
+    hp = dict(hp)
+    p = hp.pop("prior_dim")
+    return VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
+
+
+def train(cfg: FlowConfig) -> str:
+    """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out).
+    Each batch: random training cells (targets x1) with their key ids, and for each a random control cell of
+    the same covariate. A fraction cfg.ctrl_frac of the batch are control cells as targets with an empty
+    perturbation (and zero prior): this anchors "no perturbation -> the control distribution", which the
+    additive prior and unseen combinations build on."""
+    torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
+    device = pick_device(cfg.device)
+    old = load_checkpoint(cfg.out)[1] if cfg.resume and os.path.exists(cfg.out) else None
+    dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)})
+    ds = data.load_dataset(dcfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
+    keys, val_keys = ds.split["train"], ds.split["val"]
+    if not keys:
+        raise DataError("the split left no training conditions; use --split random or fewer --test conditions")
+    # key table: the training keys, then one empty-perturbation row per covariate (control cells as targets)
+    K, n_cov, G = len(keys), len(ds.covariates), len(ds.genes)
+    tab = ds.key_table(keys)
+    C = tab["comps"].shape[1]
+    table = {"comps": torch.cat([tab["comps"], torch.zeros(n_cov, C, dtype=torch.long)]),  # (K + n_cov, C)
+             "dose": torch.cat([tab["dose"], torch.zeros(n_cov, C)]),
+             "cov": torch.cat([tab["cov"], torch.arange(n_cov)]),  # (K + n_cov,)
+             "prior": torch.cat([tab["prior"], torch.zeros(n_cov, G)])}  # (K + n_cov, G)
+    key_cov = table["cov"].numpy()
+    pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
+    pert_kid = np.concatenate([np.full(len(ds.cell_idx[k]), i) for i, k in enumerate(keys)])
+    ctrl_rows = np.concatenate([ds.ctrl_idx[c] for c in ds.covariates])  # grouped by covariate
+    n_ctrl = np.array([len(ds.ctrl_idx[c]) for c in ds.covariates])
+    ctrl_start = np.r_[0, np.cumsum(n_ctrl)[:-1]]
+    ctrl_kid = K + np.repeat(np.arange(n_cov), n_ctrl)
+    # model, EMA, optimiser; fresh or restored
+    if old:
+        model, ema = build_model(old["config"]["model"]), build_model(old["config"]["model"])
+        model.load_state_dict(old["model"])
+        ema.load_state_dict(old["ema"])
+    else:
+        feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
+        model = VelocityField(G, len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
+                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout)
+        model.mean, model.std = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
+        ema = copy.deepcopy(model)
+    model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                             {"params": others, "weight_decay": 0.0}], lr=cfg.lr)
+    gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
+    step, history, saved = 0, [], None
+    if old:
+        opt.load_state_dict(old["opt"])
+        gen.set_state(old["rng"]["torch"])
+        rng.bit_generator.state = old["rng"]["numpy"]
+        step, history, saved = old["step"], old["extra"].get("history", []), old["step"]
+    fwd = torch.compile(model) if cfg.compile else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    meta, B = dataset_meta(ds), cfg.batch_size
+
+    def save(step):
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise DataError(f"weights became NaN/Inf by step {step}: training diverged (lr={cfg.lr}); lower --lr "
+                            f"or raise --warmup; {keep_msg()}")
+        save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta, {"history": history},
+                        {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+        return step
+
+    def keep_msg():
+        return f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
+            "no checkpoint was written"
+
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    pbar = tqdm(total=end, initial=step, disable=not cfg.progress, desc="flow", dynamic_ncols=True)
+    t0, loss_avg = time.time(), None
+    while step < end:
+        i, j = rng.integers(len(pert_rows), size=B), rng.integers(len(ctrl_rows), size=B)
+        is_c = rng.random(B) < cfg.ctrl_frac
+        rows, kid = np.where(is_c, ctrl_rows[j], pert_rows[i]), np.where(is_c, ctrl_kid[j], pert_kid[i])  # (B,)
+        cv = key_cov[kid]
+        src = ctrl_rows[ctrl_start[cv] + (rng.random(B) * n_ctrl[cv]).astype(np.int64)]  # control, same covariate
+        x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G)
+        cond = make_cond(model, table, torch.from_numpy(kid), ds.X[src])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        with amp:
+            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist)
+        if not torch.isfinite(loss):
+            raise DataError(f"loss is {loss.item()} at step {step}: training diverged (lr={cfg.lr}); lower --lr "
+                            f"or raise --warmup; {keep_msg()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up for short runs
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{loss_avg:.4f}")
+        if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
+            ev = validate(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
+            history.append({"step": step, "train_loss": loss_avg, "time": time.time() - t0, **ev})
+            pbar.write(f"step {step}: train loss {loss_avg:.4f}  val loss {ev['val_loss']:.4f}  "
+                       f"val Pearson(mean deltas) {ev['pearson_delta']:.3f}")
+        if step % cfg.save_every == 0 or step == end:
+            saved = save(step)
+    pbar.close()
+    return cfg.out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data.add_args(p, FlowConfig)
+    args = p.parse_args(argv)
+    cfg = FlowConfig(**{f.name: getattr(args, f.name) for f in fields(FlowConfig)})
+    try:
+        path = train(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -260,7 +260,7 @@ def pathway_activity(x, ref: Reference, W, k: int = 5):
     variation of pathway activity.
     """
     W = W.to(x.device, x.dtype)
-    Wn = W  # (P, G)
+    Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (P, G)
     mu = ref.ctrl_mean.to(x.dtype)
     sd = ref.ctrl_std.to(x.dtype).clamp_min(1e-2)
     ax = ((x - mu) / sd) @ Wn.T  # (B, P)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from _h5io import H5AD, read_h5ad, write_h5ad
-from data import DataError
+from data import H5AD, DataError, read_h5ad, write_h5ad
 
 ad = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")

@@ -172,6 +172,10 @@ def test_align_case_missing_and_duplicates(tmp_path):
     want = torch.tensor([[0, 3, 1.5, -2, 0, 0, 0]])  # first weights kept; duplicate column -> first
     torch.testing.assert_close(W, want)
     assert cov == {"P1": (3, 4), "P2": (2, 2)}
+    # a dict built elsewhere may still hold case variants of one gene: first one wins
+    W2, _, cov2 = V.align_gene_sets({"P": {"A1": 1.5, "a1": 9.0, "A2": 2.0}}, ["a2", "a1"], min_genes=1)
+    torch.testing.assert_close(W2, torch.tensor([[2.0, 1.5]]))
+    assert cov2 == {"P": (2, 2)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         V.align_gene_sets(sets, genes, min_genes=2)  # nothing dropped -> no warning
