@@ -318,14 +318,14 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
 def check_values(X) -> None:
     """Fail on negative, NaN or Inf entries, saying how many and where the first one is."""
     data = X.data if sp.issparse(X) else X
-    for what, bad in (("NaN", np.isnan(data)), ("Inf", np.isinf(data)), ("negative", data < 0)):
+    for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
+        bad = test(data)                                               # one (nnz,) mask at a time
         n = int(bad.sum())
         if n:
             flat = int(np.flatnonzero(bad.ravel())[0])
-            if sp.issparse(X):
-                X = X.tocsr() if not sp.isspmatrix_csr(X) else X
-                row = int(np.searchsorted(X.indptr, flat, side="right") - 1)
-                col = int(X.indices[flat])
+            if sp.issparse(X):                                         # flat indexes X.data
+                major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
+                row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
             else:
                 row, col = divmod(flat, X.shape[1])
             raise DataError(f"X has {n} {what} value(s), first at cell {row}, gene {col}; expression "
@@ -359,18 +359,16 @@ def log_normalise(X, target=1e4):
     return X
 
 
-def gene_stats(X, rows: np.ndarray):
-    """Mean and variance per gene over the given rows, without densifying a sparse X."""
+def gene_stats(X, rows: np.ndarray, chunk=4096):
+    """Mean and variance per gene over the given rows. Blocks of rows keep the float64 temporaries small:
+    a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB)."""
     w = np.zeros(X.shape[0], np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
-    if sp.issparse(X):
-        sq = X.copy()
-        sq.data = sq.data.astype(np.float64) ** 2
-        mean = np.asarray(X.T @ w).ravel()
-        ex2 = np.asarray(sq.T @ w).ravel()
-    else:
-        mean = w @ X
-        ex2 = w @ (X.astype(np.float64) ** 2)
+    mean, ex2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for s in range(0, X.shape[0], chunk):                              # blocks of cells, not a cell loop
+        B, wb = X[s:s + chunk].astype(np.float64), w[s:s + chunk]     # (b, G), (b,)
+        mean += np.asarray(B.T @ wb).ravel()
+        ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
     return mean, np.maximum(ex2 - mean ** 2, 0.0)
 
 
@@ -439,14 +437,14 @@ def find_control(labels: np.ndarray, given=None) -> str:
     uniq, counts = np.unique(labels.astype(str), return_counts=True)
     if given is not None:
         if given not in uniq:
-            top = uniq[np.argsort(-counts)[:8]]
+            top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
             raise DataError(f"control label {given!r} not found; most frequent labels: {list(top)}")
         return str(given)
     lower = {u.lower(): u for u in uniq}
     for c in CONTROL_LABELS:
         if c in lower:
             return str(lower[c])
-    top = uniq[np.argsort(-counts)[:8]]
+    top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
     raise DataError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
                     f"{list(top)}; name it with --control")
 
@@ -454,8 +452,10 @@ def find_control(labels: np.ndarray, given=None) -> str:
 def parse_condition(label: str, control: str, sep: str = "+", dose=None) -> tuple[str, ...]:
     """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
     A dose (scalar) is attached to every component as 'A@10'."""
-    parts = [p.strip() for p in str(label).split(sep)]
     ctrl = {control.lower(), "ctrl", "control"}
+    if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
+        return ()
+    parts = [p.strip() for p in str(label).split(sep)]
     comps = sorted(p for p in parts if p and p.lower() not in ctrl)
     if dose is not None and np.isfinite(dose) and comps:
         comps = sorted(f"{p}@{dose:g}" for p in comps)
@@ -468,7 +468,7 @@ def detect_sep(labels, control) -> str:
     labels = set(map(str, labels))
     if any("+" in l for l in labels):
         return "+"
-    combos = [l for l in labels if "_" in l]
+    combos = [l for l in labels if "_" in l and l != control]
     if combos and all(all(p in labels or p == control for p in l.split("_")) for l in combos):
         return "_"
     return "+"
@@ -491,8 +491,10 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
     keys = sorted(keys)
     rng = np.random.default_rng(seed)
     singles = {(l, c) for l, c in keys if "+" not in l}
+    if test:                                         # an explicit list wins over any mode
+        mode = "explicit"
     if mode == "auto":
-        mode = "explicit" if test else ("additive" if any("+" in l for l, _ in keys) else "random")
+        mode = "additive" if any("+" in l for l, _ in keys) else "random"
 
     def take(pool, frac):
         pool = [pool[i] for i in rng.permutation(len(pool))]
@@ -520,6 +522,8 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             val_keys += v
             used |= {k[0] for k in t + v}
     elif mode == "explicit":
+        if not test:
+            raise DataError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
         wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
         test_keys = []
         for w in wanted:
@@ -679,6 +683,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         lab, d = u.split("\x1f")
         c = parse_condition(lab, control, sep, None if d == "nan" else float(d))
         canon.append("+".join(c) if c else "ctrl")
+    original = dict(zip(canon, (u.split("\x1f")[0] for u in uniq)))   # canonical -> a label as in the file
     cond = np.array(canon, dtype=object)[inv.ravel()]
     is_ctrl = cond == "ctrl"
     for cv in np.unique(covs):
@@ -719,9 +724,11 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
     # group rows by key so each key's cells are one contiguous block (References share memory with X)
     order = np.lexsort((cond, covs, ~is_ctrl))[keep[np.lexsort((cond, covs, ~is_ctrl))]]
-    Xs = X[:, cols] if sp.issparse(X) else X[:, cols]
+    Xs = X[:, cols]                                                    # columns first: the smaller copy
+    h.X = X = None                                                     # free the full matrix
     Xs = Xs[order]
     X = np.asarray(Xs.toarray() if sp.issparse(Xs) else Xs, dtype=np.float32)
+    del Xs
     cond, covs, is_ctrl = cond[order], covs[order], is_ctrl[order]
     covariates = sorted(np.unique(covs).tolist())
     ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
@@ -732,12 +739,13 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     refs = {}
     for k in keys:                                                     # one pass per condition
         m, s, ci = ctrl_stats[k[1]]
-        refs[k] = reference(X[cell_idx[k]], ci, m, s, cfg.n_de, cfg.std_floor)
+        a, b = cell_idx[k][0], cell_idx[k][-1] + 1                    # contiguous block: a view
+        refs[k] = reference(X[a:b], ci, m, s, cfg.n_de, cfg.std_floor)
     components = sorted({n for l, _ in keys for n, _ in components_of(l)})
     finite = doses[np.isfinite(doses)] if doses is not None else np.array([1.0])
     meta = dict(pert_key=pert_key, control=control, cov_key=cov_key, dose_key=dose_key, counts=counts_in,
                 sep=sep, max_dose=float(finite.max()) if finite.size else 1.0, n_cells_in=len(labels),
-                n_genes_in=len(symbols), path=cfg.data or "built-in simulator")
+                n_genes_in=len(symbols), path=cfg.data or "built-in simulator", labels=original)
     return Dataset(X, [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
                    covariates, refs, ctrl_idx, cell_idx, meta)
 
@@ -899,4 +907,5 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

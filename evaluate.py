@@ -1,0 +1,281 @@
+"""Evaluation stage: generate cells for held-out conditions and score them beside simple baselines.
+
+    python evaluate.py --data X.h5ad --ckpt flow.pt rl.pt [--split test|val] [--sampler midpoint --steps 20]
+                       [--n-cells N] [--out results.json] [--write-pred pred.h5ad]
+
+For every held-out (condition, covariate) it generates as many cells as the real condition has, each from
+a control cell of the same covariate, and prints one markdown table (methods x metrics, averaged over
+conditions); the JSON keeps per-condition rows. Three kinds of metric:
+  reward-aligned  the verifiers of verifiers.py, averaged over generated cells
+  held-out        never a reward: discrimination score, DE direction agreement, DE overlap
+  population      Pearson of mean deltas (all genes, top-20 DE), MSE/MAE/R^2 of means, energy, MMD
+plus two diagnostics of reward hacking: effect-size ratio and spread ratio (1 is perfect).
+Baselines in the same table: control, training mean, additive (sum of the seen singles' deltas).
+Checkpoints are sampled with the ODE and, since RL trains the SDE, also with the SDE (`--sde-noise`).
+
+Left out: DE tests other than Welch t (cell-eval's Wilcoxon-based DE metrics), per-cell-type breakdowns,
+confidence intervals over conditions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+import data
+import flow
+import verifiers
+from data import DataError
+
+POPULATION = ["pearson_delta", "pearson_delta_de20", "mse", "mae", "r2", "energy", "mmd"]
+HELD_OUT = ["discrimination", "de_direction", "de_overlap"]
+DIAGNOSTIC = ["effect_ratio", "spread_ratio"]
+
+
+# ----------------------------------------------------------------------------- generation
+def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
+    """The dataset a checkpoint was trained on: its data options, genes and split."""
+    cfg = data.DataConfig(**{f.name: ckpt["config"][f.name] for f in fields(data.DataConfig) if f.name in ckpt["config"]})
+    if data_path is not None:
+        cfg.data = data_path
+    return data.load_dataset(cfg, genes=ckpt["genes"], split=ckpt["split"])
+
+
+def control_rows(ds, keys, n, generator) -> list:
+    """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
+    out = []
+    for k, m in zip(keys, n):
+        pool = ds.ctrl_idx[k[1]]
+        out.append(pool[torch.randint(len(pool), (m,), generator=generator).numpy()])
+    return out
+
+
+@torch.no_grad()
+def predict(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096):
+    """{key: (n, G) generated cells in expression space}. noise_level > 0 samples with the RL SDE
+    (flow.sde_step, `steps` steps) instead of the ODE. All keys are batched together."""
+    g = torch.Generator().manual_seed(seed)
+    dev = model.mean.device
+    n = [n_cells or len(ds.cell_idx[k]) for k in keys]
+    table = ds.key_table(keys)
+    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n))   # (sum n,)
+    rows = np.concatenate(control_rows(ds, keys, n, g))
+    gdev = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    for s in range(0, len(rows), chunk):
+        cond = flow.make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
+        if noise_level > 0:
+            z = torch.randn(cond["ctrl"].shape, generator=gdev, device=dev)       # x0 ~ N(0, I)
+            for i in range(steps):
+                z, *_ = flow.sde_step(model, z, i / steps, 1.0 / steps, cond, noise_level, gdev)
+            out.append(model.decode(z).cpu())
+        else:
+            out.append(flow.sample(model, cond, steps, method, gdev).cpu())
+    return dict(zip(keys, torch.cat(out).split(n)))
+
+
+def baselines(ds, keys, n_cells=None, seed=0) -> dict:
+    """{name: {key: cells or None}}: control cells of the covariate; control + mean delta of the training
+    perturbations (same covariate); control + additive prior (None where a component has no training single)."""
+    g = torch.Generator().manual_seed(seed)
+    n = [n_cells or len(ds.cell_idx[k]) for k in keys]
+    ctrl = [torch.from_numpy(ds.X[r]) for r in control_rows(ds, keys, n, g)]
+    train = ds.split["train"]
+    mean_delta = {c: torch.stack([ds.refs[k].delta for k in train if k[1] == c] or
+                                 [ds.refs[k].delta for k in train]).mean(0) for c in ds.covariates}
+    seen = {p for l, _ in train if "+" not in l for p in [l]}
+    out = {"control": {}, "train_mean": {}, "additive": {}}
+    for k, x in zip(keys, ctrl):
+        out["control"][k] = x
+        out["train_mean"][k] = (x + mean_delta[k[1]]).clamp(min=0)
+        ok = all(p in seen for p in k[0].split("+"))
+        out["additive"][k] = (x + torch.from_numpy(ds.additive_delta(k))).clamp(min=0) if ok else None
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+def energy_distance(x, y):
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes; the
+    within-sample means exclude i = j (U-statistics). >= 0 up to sampling error; 0 for equal distributions."""
+    dxy, dxx, dyy = torch.cdist(x, y).mean(), torch.cdist(x, x), torch.cdist(y, y)
+    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
+    return float(2 * dxy - u(dxx) - u(dyy))
+
+
+def mmd_rbf(x, y, scales=(0.5, 1.0, 2.0)):
+    """Unbiased MMD^2 (Gretton et al. 2012) with k(a, b) = sum_s exp(-||a - b||^2 / (2 (s m)^2)), where m is
+    the median pairwise distance between the real cells and s in `scales` (bandwidths m/2, m, 2m)."""
+    dyy = torch.cdist(y, y)
+    m = dyy[~torch.eye(len(y), dtype=torch.bool)].median().clamp(min=1e-6) if len(y) > 1 else torch.tensor(1.0)
+    k = lambda d: sum(torch.exp(-d ** 2 / (2 * (s * m) ** 2)) for s in scales)  # noqa: E731
+    kxx, kyy, kxy = k(torch.cdist(x, x)), k(dyy), k(torch.cdist(x, y))
+    n, p = len(x), len(y)
+    off = lambda a, q: (a.sum() - a.diagonal().sum()) / max(q * (q - 1), 1)  # noqa: E731
+    return float(off(kxx, n) + off(kyy, p) - 2 * kxy.mean())
+
+
+def pearson(a, b) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
+
+
+def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
+    """Per-condition metrics of generated cells x (n, G) against the real condition (Reference).
+    pearson_delta: Pearson over genes of (mean x - control mean) vs (real mean - control mean), both against
+      the REAL control mean of the covariate (cell-eval's pearson_delta); _de20 on the 20 top real DE genes.
+    mse, mae: of the pseudobulk means over all genes (cell-eval's mse/mae); r2: 1 - SS_res / SS_tot of means.
+    de_direction: fraction of the real top DE genes whose predicted change has the real sign.
+    de_overlap: |top-N predicted DE ∩ top-N real DE| / N, N = n_de, both ranked by |Welch t| vs control.
+    effect_ratio: ||mean x - control mean|| / ||real delta||; spread_ratio: mean per-gene std of x over the
+      real cells' (caricatures push the first above 1, collapse pushes the second below 1)."""
+    x = x.float()
+    y = ref.cells
+    pm, pd = x.mean(0), x.mean(0) - ref.ctrl_mean
+    de, de20 = ref.de_idx, ref.de_idx[:20]
+    pv = x.var(0) if len(x) > 1 else torch.zeros_like(pm)
+    t_pred = pd / torch.sqrt(pv / len(x) + ref.ctrl_std ** 2 / n_ctrl + 1e-8)
+    top_pred = torch.topk(t_pred.abs(), len(de)).indices
+    m = {
+        "pearson_delta": pearson(pd, ref.delta),
+        "pearson_delta_de20": pearson(pd[de20], ref.delta[de20]),
+        "mse": float((pm - ref.mean).pow(2).mean()),
+        "mae": float((pm - ref.mean).abs().mean()),
+        "r2": float(1 - (pm - ref.mean).pow(2).sum() / (ref.mean - ref.mean.mean()).pow(2).sum().clamp(min=1e-12)),
+        "energy": energy_distance(x, y),
+        "mmd": mmd_rbf(x, y),
+        "de_direction": float((torch.sign(pd[de]) == torch.sign(ref.delta[de])).float().mean()),
+        "de_overlap": len(set(top_pred.tolist()) & set(de.tolist())) / len(de),
+        "effect_ratio": float(pd.norm() / ref.delta.norm().clamp(min=1e-12)),
+        "spread_ratio": float(x.std(0).mean() / y.std(0).mean().clamp(min=1e-12)) if len(x) > 1 else float("nan"),
+    }
+    if verifier is not None:
+        _, comps = verifier(x, ref)
+        m.update({f"reward/{name}": float(r.mean()) for name, r in comps.items()})
+    return m
+
+
+def discrimination(pred_delta, real_delta, exclude) -> torch.Tensor:
+    """For each predicted condition i: rank_i = #{j : d(P_i, R_j) < d(P_i, R_i)}, d = L1 distance between
+    pseudobulk deltas over all genes except condition i's own perturbed genes (`exclude[i]`, a list of gene
+    indices: their change is trivially predictable); score_i = 1 - rank_i / K (1 = its own condition is nearest).
+    pred_delta, real_delta (K, G)."""
+    K = len(pred_delta)
+    mask = torch.ones(K, pred_delta.shape[1])                                  # (K, G) genes kept for row i
+    for i, ex in enumerate(exclude):
+        mask[i, ex] = 0
+    d = ((pred_delta[:, None, :] - real_delta[None, :, :]).abs() * mask[:, None, :]).sum(-1)  # (K, K)
+    rank = (d < d.diagonal()[:, None]).sum(1)
+    return 1 - rank.float() / K
+
+
+def evaluate_methods(ds, preds: dict, keys, verifier=None) -> list:
+    """Rows {method, condition, covariate, metric: value} for every method in preds {method: {key: cells}}."""
+    gene_pos = {g: i for i, g in enumerate(ds.genes)}
+    exclude = [[gene_pos[n] for n, _ in data.components_of(k[0]) if n in gene_pos] for k in keys]
+    real_delta = torch.stack([ds.refs[k].delta for k in keys])
+    rows = []
+    for method, cells in preds.items():
+        ok = [k for k in keys if cells.get(k) is not None]
+        if not ok:
+            continue
+        ms = {k: metrics(cells[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier) for k in ok}
+        if len(ok) == len(keys):
+            pred_delta = torch.stack([cells[k].float().mean(0) - ds.refs[k].ctrl_mean for k in keys])
+            for k, s in zip(keys, discrimination(pred_delta, real_delta, exclude)):
+                ms[k]["discrimination"] = float(s)
+        rows += [{"method": method, "condition": k[0], "covariate": k[1], **ms[k]} for k in ok]
+    return rows
+
+
+def summarize(rows) -> dict:
+    """{method: {metric: mean over conditions}} (a metric missing for some conditions: mean over the rest)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r["method"], {}).setdefault("n", 0)
+        out[r["method"]]["n"] += 1
+        for k, v in r.items():
+            if isinstance(v, float):
+                out[r["method"]].setdefault(k, []).append(v)
+    return {m: {k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in d.items()} for m, d in out.items()}
+
+
+def report(summary: dict, columns=None) -> str:
+    """A markdown table: methods as rows, metrics as columns; n/a where a method has no value."""
+    first = next(iter(summary.values()))
+    columns = columns or [c for c in first if c.startswith("reward/")] + HELD_OUT + POPULATION + DIAGNOSTIC
+    head = "| method | n | " + " | ".join(c.replace("reward/", "") for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for m, d in summary.items():
+        cells = [f"{d[c]:.3f}" if c in d else "n/a" for c in columns]
+        lines.append(f"| {m} | {d['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_pred(path, ds, cells: dict) -> None:
+    """An h5ad that standard evaluators read as predictions: the data's control cells plus `cells`
+    {key: (n, G)}, the data's perturbation column name and control label, the same gene order, log1p values."""
+    keys = list(cells)
+    ctrl = np.concatenate([ds.ctrl_idx[c] for c in ds.covariates])
+    X = np.concatenate([ds.X[ctrl]] + [np.asarray(cells[k], np.float32) for k in keys])
+    labels = ds.meta.get("labels", {})
+    pert = [ds.meta["control"]] * len(ctrl) + [labels.get(k[0], k[0]) for k in keys for _ in range(len(cells[k]))]
+    obs = {ds.meta["pert_key"]: np.array(pert, dtype=object)}
+    if ds.meta.get("cov_key"):
+        obs[ds.meta["cov_key"]] = np.array(list(ds.cov[ctrl]) + [k[1] for k in keys for _ in range(len(cells[k]))],
+                                           dtype=object)
+    data.write_h5ad(path, data.H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"c{i}" for i in range(len(X))], dtype=object),
+                                    var_names=np.array(ds.genes, dtype=object)))
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="h5ad (default: the data the checkpoint was trained on)")
+    p.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints (flow.pt, rl.pt)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--sampler", default="midpoint", choices=["midpoint", "euler"])
+    p.add_argument("--steps", type=int, default=20, help="ODE steps (and SDE steps)")
+    p.add_argument("--sde-noise", type=float, default=0.7, help="also sample checkpoints with the RL SDE at this noise (0 = off)")
+    p.add_argument("--n-cells", type=int, default=None, help="cells per condition (default: as many as the real one)")
+    p.add_argument("--out", default=None, help="write per-condition rows and the summary as JSON")
+    p.add_argument("--write-pred", default=None, help="write the first checkpoint's ODE predictions as h5ad")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    verifiers.add_args(p)
+    a = p.parse_args(argv)
+    dev = flow.pick_device(a.device)
+    models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
+    ds = dataset_for(models[0][1], a.data)
+    for c, (_, ck) in zip(a.ckpt, models):
+        if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:
+            raise DataError(f"{c} was trained on other genes or another split than {a.ckpt[0]}; evaluate them separately")
+    keys = ds.split[a.split]
+    if not keys:
+        raise DataError(f"the {a.split} split is empty; choose another --split")
+    ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), a.gene_sets, a.topk)
+    preds = baselines(ds, keys, a.n_cells, a.seed)
+    for c, (model, _) in zip(a.ckpt, models):
+        preds[c] = predict(model, ds, keys, a.n_cells, a.steps, a.sampler, 0.0, a.seed)
+        if a.sde_noise > 0:
+            preds[f"{c} (SDE a={a.sde_noise:g})"] = predict(model, ds, keys, a.n_cells, a.steps, a.sampler, a.sde_noise, a.seed)
+    rows = evaluate_methods(ds, preds, keys, ver)
+    summary = summarize(rows)
+    print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.steps} steps\n")
+    print(report(summary))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"summary": summary, "rows": rows, "args": vars(a)}, f, indent=1)
+    if a.write_pred:
+        write_pred(a.write_pred, ds, preds[a.ckpt[0]])
+        print(f"wrote predictions to {a.write_pred}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

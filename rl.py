@@ -1,0 +1,294 @@
+"""RL stage: GRPO post-training of the flow generator, rewarded by the cell-level verifiers.
+
+    python rl.py --data norman.h5ad --ckpt flow.pt --out rl.pt   # post-train a pretrained generator
+    python rl.py                                                 # everything on the built-in simulator
+    python rl.py --out rl.pt --resume                            # continue an interrupted run
+
+One step (Flow-GRPO, Liu et al. 2025, adapted to cells):
+  1. rollout: for a batch of training (condition, covariate) pairs, a group of G cells each (G control
+     contexts of that covariate, independent noise), T steps of flow.sde_step, recording states x_t and
+     log-probabilities log p_old(x_{t+1} | x_t), no gradients;
+  2. reward: score the decoded cells with verifiers.Verifier; each component is normalised within its
+     group, A = sum_k w_k (r_k - mean_group r_k) / (std_group r_k + eps), clipped to +/- adv_clip;
+  3. update: ratio = p_theta / p_old of each recorded transition (the exact Gaussian density, summed over
+     genes), PPO-clipped surrogate  -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)  plus
+     beta * KL(p_theta || p_ref) = beta ||mean_theta - mean_ref||^2 / (2 std^2), the closed form for two
+     Gaussians with one std, against the frozen pretrained model; AdamW with gradient clipping.
+Every eval_every steps the ODE sampler generates cells for validation conditions (never rolled out); the
+checkpoint with the best validation score, which contains a metric that is not a reward, is the result.
+
+Scales: the log-density is summed over G genes, so a small change of the mean moves log-ratios by O(G)
+more than a per-gene average would; clip = 0.2 (standard PPO) then binds, and beta multiplies a KL that is
+also a sum over genes. Averaging over genes (Flow-GRPO's image convention) makes ratios move ~1e-4: no
+clip range binds and the update is plain REINFORCE.
+
+Left out: classifier-free guidance, reward models learned from data, multi-node rollouts, LoRA.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+import flow
+import verifiers
+from data import DataError
+
+
+@dataclass
+class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass through when no --ckpt is given
+    ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
+    out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
+    resume: bool = False           # continue from <out>_last.pt exactly where it stopped
+    steps: int = 120               # GRPO steps
+    conds: int = 8                 # training (condition, covariate) pairs per step
+    group: int = 16                # rollouts per condition (G)
+    T: int = 10                    # SDE steps per rollout
+    noise: float = 0.7             # SDE noise level a
+    clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
+    beta: float = 0.01             # KL weight (KL summed over genes)
+    lr: float = 1e-4               # AdamW learning rate
+    epochs: int = 1                # optimiser passes over each batch of rollouts
+    t_frac: float = 1.0            # fraction of the T timesteps trained per pass (random subset)
+    adv_clip: float = 5.0          # advantages clipped to +/- this
+    grad_clip: float = 1.0         # max global gradient norm
+    rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
+    gene_sets: str | None = None   # gene sets for the pathway reward (.gmt/.csv); None -> bundled PROGENy
+    topk: int = 5                  # k of the top-k rewards
+    eval_every: int = 20           # validate every this many steps (and at 0 and the end)
+    eval_cells: int = 64           # generated cells per validation condition
+    eval_steps: int = 20           # ODE midpoint steps for validation and the final table
+    pretrain_steps: int = 1500     # with no --ckpt: steps of the generator pretrained first
+    device: str = "cpu"            # cpu | cuda | mps | auto
+    progress: bool = True          # tqdm progress bar
+
+
+# ----------------------------------------------------------------------------- the pieces
+@torch.no_grad()
+def rollout(model, cond, T, noise_level, generator):
+    """T SDE steps from x0 ~ N(0, I): states (T+1, B, G) and log p(x_{t+1} | x_t) (T, B)."""
+    x = torch.randn(cond["ctrl"].shape, generator=generator, device=cond["ctrl"].device)  # (B, G)
+    xs, lps = [x], []
+    for i in range(T):
+        x, lp, _, _ = flow.sde_step(model, x, i / T, 1.0 / T, cond, noise_level, generator)
+        xs.append(x)
+        lps.append(lp)
+    return torch.stack(xs), torch.stack(lps)
+
+
+def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0):
+    """comps {name: (n_groups, G)} -> advantages (n_groups, G): A = sum_k w_k (r_k - mean) / (std + eps),
+    mean and (population) std within each group; a group with no spread in r_k gets 0 from it."""
+    A = 0
+    for name, w in weights.items():
+        r = comps[name]
+        A = A + w * (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
+    return A.clamp(-clip, clip)
+
+
+def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
+    """PPO-clipped surrogate + beta KL for one timestep. logp, logp_old, adv (B,); mean, mean_ref (B, G);
+    std (B, 1). Returns (loss, stats)."""
+    ratio = torch.exp(logp - logp_old)
+    surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+    kl = ((mean - mean_ref) ** 2).sum(-1) / (2 * std.reshape(-1) ** 2)  # (B,)
+    loss = surrogate + beta * kl.mean()
+    return loss, {"kl": kl.mean().item(), "clipfrac": ((ratio - 1).abs() > clip).float().mean().item(),
+                  "ratio_dev": (ratio - 1).abs().mean().item()}
+
+
+def validate(model, ds, keys, verifier, cfg, ctrl_mean_energy=None) -> dict:
+    """ODE cells for validation conditions (fixed seed: the same noise and contexts at every call) and their
+    metrics averaged over conditions. score = Pearson of mean deltas (not a reward) - |log effect ratio|
+    (punishes caricatures and shrinkage alike)."""
+    preds = evaluate.predict(model, ds, keys, cfg.eval_cells, cfg.eval_steps, "midpoint", seed=cfg.seed + 7)
+    ms = [evaluate.metrics(preds[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier) for k in keys]
+    m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+    m["score"] = float(m["pearson_delta"] - abs(np.log(max(m["effect_ratio"], 1e-6))))
+    return m
+
+
+# ----------------------------------------------------------------------------- the loop
+def pretrained(cfg: RLConfig) -> str:
+    """cfg.ckpt, or a generator pretrained on cfg's data (cached in runs/, reused when present)."""
+    if cfg.ckpt:
+        return cfg.ckpt
+    path = Path("runs") / f"flow_{Path(cfg.data).stem if cfg.data else 'simulated'}.pt"
+    if path.exists():
+        print(f"using the pretrained generator {path} (delete it to pretrain again)")
+        return str(path)
+    path.parent.mkdir(exist_ok=True)
+    fcfg = flow.FlowConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)},
+                           steps=cfg.pretrain_steps, out=str(path), device=cfg.device, progress=cfg.progress)
+    print(f"no --ckpt: pretraining a generator for {cfg.pretrain_steps} steps -> {path}")
+    return flow.train(fcfg)
+
+
+def train(cfg: RLConfig) -> str:
+    """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
+    device = flow.pick_device(cfg.device)
+    last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
+    state = flow.load_checkpoint(last)[1] if cfg.resume else None
+    base = state["extra"]["base"] if state else pretrained(cfg)
+    ref, ck = flow.load_checkpoint(base, device)
+    ds = evaluate.dataset_for(ck, cfg.data)
+    weights = verifiers.parse_weights(cfg.rewards)
+    verifier = verifiers.Verifier(ds.genes, weights, cfg.gene_sets, cfg.topk)
+    val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
+    keys, val_keys = ds.split["train"], ds.split["val"]
+    for c in sorted({k[1] for k in keys}):
+        if len(ds.ctrl_idx[c]) < cfg.group:
+            raise DataError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
+                            f"{cfg.group} rollouts needs; lower --group")
+    policy = copy.deepcopy(ref).train().requires_grad_(True)
+    ref.requires_grad_(False)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
+    table = ds.key_table(keys)
+    step, history, best = 0, [], None
+    if state:
+        policy.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["rng"]["torch"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
+    meta = flow.dataset_meta(ds)
+
+    def save(path, step):
+        flow.save_checkpoint(path, policy, None, opt, step, ck["config"], meta,
+                             {"base": base, "rl_config": asdict(cfg), "history": history, "best": best},
+                             {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+
+    def check_val(step):
+        nonlocal best
+        m = validate(policy.eval(), ds, val_keys, val_verifier, cfg)
+        policy.train()
+        history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
+        line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
+                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
+                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in weights))
+        if best is None or m["score"] > best["score"]:
+            best = {"step": step, "score": m["score"]}
+            save(cfg.out, step)
+            line += "  * best, saved"
+        tqdm.write(line)
+
+    pbar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="grpo", dynamic_ncols=True)
+    try:
+        if step == 0 and val_keys:
+            check_val(0)
+        while step < cfg.steps:
+            t0 = time.time()
+            # 1. rollouts: conds x group cells, each group one condition with G control contexts
+            pick = rng.choice(len(keys), size=min(cfg.conds, len(keys)), replace=False)
+            kid = torch.from_numpy(np.repeat(pick, cfg.group))                          # (B,)
+            rows = np.concatenate([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])
+            cond = flow.make_cond(policy, table, kid, ds.X[rows])
+            xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen)          # (T+1, B, G), (T, B)
+            t1 = time.time()
+            # 2. rewards, normalised per component within each group
+            cells = policy.decode(xs[-1]).reshape(len(pick), cfg.group, -1)             # (n_groups, G, genes)
+            comps = {n: [] for n in weights}
+            for i, x in zip(pick, cells):
+                _, c = verifier(x, ds.refs[keys[i]].to(device))
+                for n, r in c.items():
+                    if not torch.isfinite(r).all():
+                        raise DataError(f"verifier {n!r} returned NaN/Inf for condition {keys[i]}; check its "
+                                        f"reference cells (constant genes?) or drop it from --rewards")
+                    comps[n].append(r)
+            comps = {n: torch.stack(v) for n, v in comps.items()}                        # (n_groups, G)
+            adv = group_advantages(comps, weights, clip=cfg.adv_clip).reshape(-1)       # (B,)
+            t2 = time.time()
+            # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL
+            policy.train()
+            stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
+            n_t = max(1, int(round(cfg.t_frac * cfg.T)))
+            for _ in range(cfg.epochs):
+                ts = rng.permutation(cfg.T)[:n_t]
+                opt.zero_grad(set_to_none=True)
+                for i in ts:
+                    t, h = i / cfg.T, 1.0 / cfg.T
+                    logp, mean, std = flow.sde_log_prob(policy, xs[i], t, h, cond, cfg.noise, xs[i + 1])
+                    with torch.no_grad():
+                        mean_ref, _ = flow.sde_mean_std(ref, xs[i], t, h, cond, cfg.noise)
+                    loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
+                    (loss / n_t).backward()
+                    s["loss"] = loss.item()
+                    for k in stats:
+                        stats[k] += s[k] / (n_t * cfg.epochs)
+                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+                opt.step()
+            step += 1
+            t3 = time.time()
+            # 4. log: one line per step
+            zero = float((torch.stack([v.std(1) for v in comps.values()]).amax(0) < 1e-8).float().mean())
+            rec = {"step": step, **{f"reward/{n}/mean": float(v.mean()) for n, v in comps.items()},
+                   "reward/total": float(sum(weights[n] * v.mean() for n, v in comps.items())),
+                   **{f"train/{k}": v for k, v in stats.items()}, "train/zero_spread": zero, "train/grad_norm": gnorm,
+                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
+            history.append(rec)
+            pbar.update(1)
+            tqdm.write(f"step {step:4d} | loss {stats['loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
+                       f"{stats['kl']:.4f} | clip {stats['clipfrac']:.2f} | zero {zero:.2f} | gnorm {gnorm:.2f} | dt "
+                       f"{t3 - t0:.2f}s (" + " ".join(f"{n} {float(v.mean()):+.3f}" for n, v in comps.items()) + ")") \
+                if cfg.progress or step % 10 == 0 else None
+            if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
+                check_val(step)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                save(last, step)
+    except KeyboardInterrupt:
+        save(last, step)
+        pbar.close()
+        sys.exit(f"\ninterrupted at step {step}; saved {last}; continue with --resume")
+    pbar.close()
+    if best is None:                     # no validation conditions: the last state is the result
+        save(cfg.out, step)
+    return cfg.out
+
+
+def before_after(cfg: RLConfig, out: str) -> str:
+    """Markdown table on the held-out test conditions: baselines, the pretrained generator, the RL one (ODE)."""
+    model, ck = flow.load_checkpoint(out)
+    base, _ = flow.load_checkpoint(ck["extra"]["base"])
+    ds = evaluate.dataset_for(ck, cfg.data)
+    keys = ds.split["test"]
+    preds = evaluate.baselines(ds, keys, seed=cfg.seed)
+    preds["pretrained"] = evaluate.predict(base, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
+    preds["rl"] = evaluate.predict(model, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
+    ver = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)
+    summary = evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver))
+    cols = [f"reward/{n}" for n in verifiers.REWARDS] + evaluate.HELD_OUT + \
+        ["pearson_delta", "energy", "effect_ratio", "spread_ratio"]
+    return (f"{len(keys)} held-out test conditions; RL checkpoint from step {ck['step']} (best validation score)\n\n"
+            + evaluate.report(summary, cols))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data.add_args(p, RLConfig)
+    a = p.parse_args(argv)
+    cfg = RLConfig(**{f.name: getattr(a, f.name) for f in fields(RLConfig)})
+    if cfg.ckpt and not os.path.isfile(cfg.ckpt):
+        raise DataError(f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` "
+                        f"or omit --ckpt to pretrain automatically")
+    t0 = time.time()
+    out = train(cfg)
+    print(f"\nsaved {out} ({time.time() - t0:.0f} s)\n")
+    print(before_after(cfg, out))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

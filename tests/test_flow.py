@@ -1,0 +1,311 @@
+"""Tests for flow.py: closed forms (path, loss, ODE orders, the SDE conversion) and properties
+(order invariance, zero init, checkpoint round trip, exact resume, divergence handling)."""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import flow  # noqa: E402
+
+
+class GaussianPathField(torch.nn.Module):
+    """Exact marginal velocity for x0 ~ N(0, 1), x1 ~ N(mu, sigma^2), independent coupling:
+    x_t ~ N(t mu, V_t), V_t = (1 - t)^2 + t^2 sigma^2, v(x, t) = mu + V_t' / (2 V_t) (x - t mu),
+    V_t' = -2 (1 - t) + 2 t sigma^2. Its ODE flow map is x_t = t mu + sqrt(V_t) x_0."""
+
+    def __init__(self, mu, sigma):
+        super().__init__()
+        self.mu, self.s2 = mu, sigma ** 2
+
+    def forward(self, x, t, cond):
+        t = t.reshape(-1, 1).to(x.dtype)  # (B, 1)
+        V = (1 - t) ** 2 + t ** 2 * self.s2
+        dV = -2 * (1 - t) + 2 * t * self.s2
+        return self.mu + dV / (2 * V) * (x - t * self.mu)
+
+
+class ConditionalField(torch.nn.Module):
+    """Knows x1 (through cond): u_t(x | x1) = (x1 - x) / (1 - t), the exact conditional velocity."""
+
+    def forward(self, x, t, cond):
+        return (cond["x1"] - x) / (1 - t.reshape(-1, 1).to(x.dtype))
+
+
+def small_model(G=6, n_comp=4, n_cov=2, randomise=True, seed=0):
+    torch.manual_seed(seed)
+    m = flow.VelocityField(G, n_comp, n_cov, width=16, depth=2, d_pert=8, prior_feat=torch.randn(n_comp, 3))
+    if randomise:  # move every weight off its (partly zero) initialisation so properties are not trivial
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    return m
+
+
+def rand_cond(B, G, comps, dose, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"ctrl": torch.randn(B, G, generator=g), "comps": torch.tensor(comps), "dose": torch.tensor(dose),
+            "cov": torch.zeros(B, dtype=torch.long), "prior": torch.randn(B, G, generator=g)}
+
+
+# ----------------------------------------------------------------------------- path and loss
+def test_path_matches_formula():
+    x0, x1, t = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5)
+    xt, ut = flow.path(x0, x1, t)
+    for i in range(5):
+        assert torch.allclose(xt[i], (1 - t[i]) * x0[i] + t[i] * x1[i])
+        assert torch.allclose(ut[i], x1[i] - x0[i])
+    assert torch.equal(flow.path(x0, x1, torch.zeros(5))[0], x0) and torch.equal(flow.path(x0, x1, torch.ones(5))[0], x1)
+
+
+def test_loss_zero_for_exact_conditional_velocity():
+    # a wrong path (e.g. t and 1 - t swapped) or a wrong target (x0 - x1) gives a loss of order 1 here
+    x1 = torch.randn(64, 10, dtype=torch.float64)
+    loss = flow.cfm_loss(ConditionalField(), x1, {"x1": x1}, generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-12
+
+
+def test_loss_is_mean_over_cells_and_genes():
+    # v = 0 and x1 = 0: loss = mean(x0^2) = 1 (sum over genes would give G)
+    zero = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
+    zero.training = False
+    loss = flow.cfm_loss(zero, torch.zeros(400, 250), {}, generator=torch.Generator().manual_seed(0))
+    assert abs(loss.item() - 1.0) < 0.02
+
+
+def test_logit_normal_time():
+    seen = []
+
+    def rec(x, t, cond):
+        seen.append(t)
+        return torch.zeros_like(x)
+    rec.training = False
+    flow.cfm_loss(rec, torch.zeros(20000, 1), {}, torch.Generator().manual_seed(0), t_dist="logit_normal")
+    z = torch.logit(seen[0].double())
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------- ODE samplers
+class LinearField(torch.nn.Module):
+    """v(x, t) = a x (1 + t): x(1) = x0 exp(1.5 a)."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, t, cond):
+        return self.a * x * (1 + t.reshape(-1, 1).to(x.dtype))
+
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("midpoint", 2)])
+def test_ode_convergence_order(method, order):
+    x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]  # (9, 1)
+    exact = x0 * math.exp(1.5 * -0.8)
+    err = [(flow.sample(LinearField(-0.8), {}, n, method, x0=x0, decode=False) - exact).abs().max().item()
+           for n in (16, 32, 64)]
+    ratios = [err[0] / err[1], err[1] / err[2]]  # error ~ C h^order: halving h divides it by 2^order
+    assert all(abs(r - 2 ** order) < 0.15 * 2 ** order for r in ratios), (err, ratios)
+
+
+def test_ode_gaussian_path_endpoint():
+    # the ODE flow map of the Gaussian path sends x0 to mu + sigma x0 exactly
+    x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    x1 = flow.sample(GaussianPathField(1.5, 0.5), {}, 32, "midpoint", x0=x0, decode=False)
+    assert torch.allclose(x1, 1.5 + 0.5 * x0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- SDE step
+def test_sde_noise_zero_is_euler_step():
+    m, G = small_model(), 6
+    cond = rand_cond(3, G, [[1, 2]] * 3, [[1.0, 1.0]] * 3)
+    x, t, h = torch.randn(3, G), torch.tensor([0.0, 0.3, 0.95]), 0.05
+    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, 0.0)
+    with torch.no_grad():
+        assert torch.allclose(x_next, x + h * m(x, t, cond), atol=1e-6)
+    assert torch.equal(lp, torch.zeros(3)) and torch.equal(std, torch.zeros(3, 1))
+
+
+def test_sde_log_prob_matches_torch_normal():
+    m, G, a, h = small_model(), 6, 0.7, 0.05
+    cond = rand_cond(4, G, [[1, 2]] * 4, [[1.0, 1.0]] * 4)
+    x, t = torch.randn(4, G), torch.tensor([0.0, 0.2, 0.5, 0.9])
+    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, a, generator=torch.Generator().manual_seed(0))
+    t_eff = t.clamp(min=h)[:, None]
+    assert torch.allclose(std, a * torch.sqrt((1 - t[:, None]) / t_eff) * math.sqrt(h))  # (B, 1)
+    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x_next).sum(-1)
+    assert torch.allclose(lp, ref, rtol=1e-5, atol=1e-4)
+    lp2, mean2, std2 = flow.sde_log_prob(m, x, t, h, cond, a, x_next.detach())  # a recorded transition
+    assert torch.allclose(lp2, lp, atol=1e-5) and lp2.requires_grad
+    lp2.sum().backward()  # the GRPO ratio needs gradients through the mean
+    assert m.out.weight.grad is not None and m.out.weight.grad.abs().sum() > 0
+
+
+def sde_sample(field, n, steps, a, mean_std=flow.sde_mean_std, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, h = torch.randn(n, 1, generator=g, dtype=torch.float64), 1.0 / steps
+    for i in range(steps):
+        mean, std = mean_std(field, x, i * h, h, {}, a)
+        x = mean + std * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x
+
+
+def wrong_sign_mean_std(model, x, t, h, cond, a):
+    """Deliberately broken: the score correction with a + sign."""
+    t = torch.full((x.shape[0], 1), float(t), dtype=x.dtype)
+    v = model(x, t, cond)
+    t_eff = t.clamp(min=h)
+    return x + v * h + a ** 2 / (2 * t_eff) * (x - t * v) * h, a * torch.sqrt((1 - t) / t_eff) * math.sqrt(h)
+
+
+def test_sde_and_ode_preserve_the_marginal():
+    """x1 ~ N(mu, sigma^2). n = 20000: the standard errors are sigma/sqrt(n) = 0.0035 for the mean and
+    sigma^2 sqrt(2/n) = 0.0035 for the variance; allow 4 SE plus 0.01 for the discretisation (the t_eff
+    substitution at the noise end decays like h^(a^2))."""
+    mu, sigma, n = 1.5, 0.5, 20000
+    field = GaussianPathField(mu, sigma)
+    tol_m, tol_v = 4 * sigma / math.sqrt(n) + 0.01, 4 * sigma ** 2 * math.sqrt(2 / n) + 0.01
+    x0 = torch.randn(n, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ode = flow.sample(field, {}, 400, "euler", x0=x0, decode=False)
+    sde = sde_sample(field, n, 400, 0.7)
+    for x in (ode, sde):
+        assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
+    bad = sde_sample(field, n, 400, 0.7, mean_std=wrong_sign_mean_std)  # the same check catches a sign error
+    assert abs(bad.var().item() - sigma ** 2) > 10 * tol_v
+
+
+# ----------------------------------------------------------------------------- model properties
+def test_fresh_model_outputs_zero():
+    m = small_model(randomise=False)
+    out = m(torch.randn(3, 6), torch.rand(3), rand_cond(3, 6, [[1, 2]] * 3, [[1.0, 0.5]] * 3))
+    assert torch.equal(out, torch.zeros(3, 6))
+
+
+def test_perturbation_embedding_is_order_invariant():
+    m, x, t = small_model(), torch.randn(1, 6), torch.tensor([0.4])
+    out = lambda comps, dose: m(x, t, rand_cond(1, 6, comps, dose))  # noqa: E731
+    assert torch.allclose(out([[1, 2]], [[1.0, 0.5]]), out([[2, 1]], [[0.5, 1.0]]), atol=1e-6)
+    assert torch.allclose(out([[3, 0]], [[1.0, 0.0]]), out([[3]], [[1.0]]), atol=1e-6)  # padding adds nothing
+    assert not torch.allclose(out([[1, 2]], [[1.0, 0.5]]), out([[1, 3]], [[1.0, 0.5]]), atol=1e-3)
+
+
+def test_unseen_component_embedding_stays_zero():
+    m = small_model(randomise=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    cond = rand_cond(8, 6, [[1, 2]] * 8, [[1.0, 1.0]] * 8)
+    for _ in range(5):
+        opt.zero_grad()
+        flow.cfm_loss(m, torch.randn(8, 6), cond).backward()
+        opt.step()
+    assert m.comp_emb.weight[1:3].abs().sum() > 0 and torch.equal(m.comp_emb.weight[3:], torch.zeros(2, 8))
+
+
+def test_encode_decode_and_make_cond():
+    m = small_model(randomise=False)
+    m.mean, m.std = torch.rand(6), torch.rand(6) + 0.5
+    x = torch.rand(4, 6) * 3
+    assert torch.allclose(m.decode(m.encode(x)), x, atol=1e-6)
+    assert torch.equal(m.decode(torch.full((1, 6), -100.0)), torch.zeros(1, 6))
+    table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+             "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6)}
+    cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
+    assert torch.equal(cond["comps"][0], table["comps"][1]) and torch.equal(cond["cov"], torch.tensor([1, 0, 1, 1]))
+    assert torch.allclose(cond["prior"][1], table["prior"][0] / m.std)  # a delta: no mean shift
+    assert torch.allclose(cond["ctrl"], (x - m.mean) / m.std)
+
+
+# ----------------------------------------------------------------------------- training and checkpoints
+@pytest.fixture(scope="module")
+def sim_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("sim") / "sim.h5ad")
+    data.write_h5ad(path, data.simulate(n_cells=1500, n_genes=200, n_singles=12, n_combos=10, seed=0))
+    return path
+
+
+def tiny_cfg(sim_path, out, **kw):
+    base = dict(data=sim_path, n_genes=200, width=64, depth=2, steps=40, batch_size=64, warmup=5, eval_every=20,
+                eval_cells=16, save_every=20, out=str(out), progress=False, prior_dim=8)
+    return flow.FlowConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(sim_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "flow.pt"
+    flow.train(tiny_cfg(sim_path, out, steps=300, batch_size=128, lr=3e-3, eval_every=50, save_every=300))
+    return str(out)
+
+
+def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
+    model, ckpt = flow.load_checkpoint(trained)
+    hist = ckpt["extra"]["history"]
+    assert ckpt["step"] == 300 and hist[-1]["train_loss"] < 0.8 * hist[0]["train_loss"]
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
+    keys = ds.split["train"]
+    r = flow.validate(model, ds, keys, n_cells=64, seed=3)["pearson_delta"]
+    # baseline: every condition predicted by the mean training cell (what an unconditional model learns)
+    rows = np.concatenate([ds.cell_idx[k] for k in keys])
+    base = flow.pearson(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
+                        torch.stack([ds.refs[k].delta for k in keys])).mean().item()
+    assert r > 0.8 and r > base + 0.2, (r, base)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = small_model()
+    m.mean, m.std = torch.rand(6), torch.rand(6) + 0.5
+    meta = {"genes": [f"g{i}" for i in range(6)], "components": ["A", "B", "C", "D"], "covariates": ["x", "y"],
+            "split": {"train": [["A", "x"]], "val": [], "test": []}}
+    path = str(tmp_path / "m.pt")
+    flow.save_checkpoint(path, m, m, None, 7, {"lr": 1.0}, meta)
+    m2, ckpt = flow.load_checkpoint(path, genes=meta["genes"])
+    cond, x, t = rand_cond(2, 6, [[1, 2]] * 2, [[1.0, 1.0]] * 2), torch.randn(2, 6), torch.rand(2)
+    assert torch.equal(m.eval()(x, t, cond), m2(x, t, cond)) and ckpt["step"] == 7 and ckpt["config"]["lr"] == 1.0
+    assert torch.equal(ckpt["scaler"]["std"], m.std) and not os.path.exists(path + ".tmp")
+    with pytest.raises(data.DataError, match="2 positions differ"):
+        flow.load_checkpoint(path, genes=["g1", "g0"] + meta["genes"][2:])
+    with pytest.raises(data.DataError, match="checkpoint not found"):
+        flow.load_checkpoint(str(tmp_path / "nope.pt"))
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(data.DataError, match="not a PerturbCellRL checkpoint"):
+        flow.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_resume_is_exact(sim_path, tmp_path):
+    flow.train(tiny_cfg(sim_path, tmp_path / "a.pt"))
+    flow.train(tiny_cfg(sim_path, tmp_path / "b.pt", stop_at=20))
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 20
+    flow.train(tiny_cfg(sim_path, tmp_path / "b.pt", resume=True))
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    assert b["step"] == 40
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert all(torch.equal(a["opt"]["state"][k]["exp_avg_sq"], b["opt"]["state"][k]["exp_avg_sq"]) for k in a["opt"]["state"])
+    strip = lambda c: [{k: v for k, v in h.items() if k != "time"} for h in c["extra"]["history"]]  # noqa: E731
+    assert strip(a) == strip(b) and len(strip(a)) == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(sim_path, tmp_path, monkeypatch):
+    out = tmp_path / "n.pt"
+    real, calls = flow.cfm_loss, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw) * (float("nan") if len(calls) == 28 else 1.0)
+    monkeypatch.setattr(flow, "cfm_loss", flaky)
+    with pytest.raises(data.DataError, match=r"loss is nan at step 27.*last good checkpoint .*step 20"):
+        flow.train(tiny_cfg(sim_path, out, eval_every=1000))
+    model, ckpt = flow.load_checkpoint(str(out))
+    assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.setattr(flow, "cfm_loss", real)
+    with pytest.raises(data.DataError, match="training diverged"):  # a huge learning rate ends the same way
+        flow.train(tiny_cfg(sim_path, tmp_path / "lr.pt", lr=1e30, save_every=1, eval_every=1000))
+    if os.path.exists(tmp_path / "lr.pt"):
+        m, _ = flow.load_checkpoint(str(tmp_path / "lr.pt"))
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_cli_reports_data_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        flow.main(["--data", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "x.pt")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
