@@ -627,12 +627,14 @@ class Dataset:
 
 
 def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + var_c/n_c); top n_de genes by |t|."""
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
+    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|."""
     mean, var = cells.mean(0), cells.var(0, ddof=1) if len(cells) > 1 else np.zeros(cells.shape[1])
+    ctrl_std = np.maximum(ctrl_std, std_floor)
     t = (mean - ctrl_mean) / np.sqrt(var / len(cells) + ctrl_std ** 2 / len(ctrl) + 1e-8)
     de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return Reference(f(ctrl_mean), f(np.maximum(ctrl_std, std_floor)), f(mean), f(mean - ctrl_mean),
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean),
                      f(t), torch.from_numpy(de.astype(np.int64)), torch.from_numpy(cells))
 
 

@@ -84,15 +84,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _randn(shape, generator, device, dtype=torch.float32):
-    """Standard normal draws from `generator` (on its own device), moved to `device`."""
+def _noise(shape, generator, device, dtype=torch.float32, uniform=False):
+    """N(0, 1) (or U(0, 1)) draws from `generator`, on the generator's device, moved to `device`."""
     gdev = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
-
-
-def _rand(shape, generator, device):
-    gdev = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gdev).to(device)
+    return (torch.rand if uniform else torch.randn)(shape, generator=generator, device=gdev, dtype=dtype).to(device)
 
 
 # ----------------------------------------------------------------------------- model
@@ -200,8 +195,7 @@ class VelocityField(nn.Module):
         return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, d_pert) -> (B, W)
 
     def forward(self, xt, t, cond):
-        B = xt.shape[0]
-        t = torch.as_tensor(t, dtype=xt.dtype, device=xt.device).expand(B) if not torch.is_tensor(t) or t.dim() == 0 else t
+        t = torch.as_tensor(t, dtype=xt.dtype, device=xt.device).reshape(-1).expand(xt.shape[0])  # (B,)
         prior = cond["prior"] if self.use_prior else torch.zeros_like(xt)
         ctrl = cond["ctrl"] if self.use_ctrl else torch.zeros_like(xt)
         c = (self.time_mlp(timestep_features(t)) + self.embed_perturbation(cond["comps"], cond["dose"])
@@ -237,12 +231,10 @@ def cfm_loss(model, x1, cond, generator=None, t_dist="uniform"):
     prior is zeroed per sample with probability model.prior_dropout (here, not in forward, so the RL
     log-probabilities of rl.py never see a random prior)."""
     B, dev = x1.shape[0], x1.device
-    x0 = _randn(x1.shape, generator, dev, x1.dtype)  # (B, G)
-    if t_dist == "logit_normal":
-        t = torch.sigmoid(_randn((B,), generator, dev))
-    else:
-        t = _rand((B,), generator, dev)
-    keep = _rand((B, 1), generator, dev) >= getattr(model, "prior_dropout", 0.0)  # (B, 1)
+    x0 = _noise(x1.shape, generator, dev, x1.dtype)  # (B, G)
+    t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal")
+    t = torch.sigmoid(t) if t_dist == "logit_normal" else t
+    keep = _noise((B, 1), generator, dev, uniform=True) >= getattr(model, "prior_dropout", 0.0)  # (B, 1)
     if model.training and "prior" in cond:
         cond = {**cond, "prior": cond["prior"] * keep}
     xt, ut = path(x0, x1, t)
@@ -258,7 +250,7 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, de
     if method not in ("euler", "midpoint"):
         raise DataError(f"unknown ODE method {method!r}; use euler or midpoint")
     dev = model.mean.device if hasattr(model, "mean") else x0.device
-    x = x0.to(dev) if x0 is not None else _randn(cond["ctrl"].shape, generator, dev)  # (B, G)
+    x = x0.to(dev) if x0 is not None else _noise(cond["ctrl"].shape, generator, dev)  # (B, G)
     h = 1.0 / steps
     for i in range(steps):
         t = torch.full((x.shape[0],), i * h, device=dev, dtype=x.dtype)  # (B,)
@@ -277,7 +269,7 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     at the noise end): the drift coefficient s^2 h / (2 (1 - t)) = a^2 h / (2 t_eff) then stays <= a^2 / 2 < 1
     for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
         mean = x + v h - a^2 / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])  # (B,)
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
     vt = model(x, t, cond).to(x.dtype)  # (B, G)
     tt = t[:, None]  # (B, 1)
     eps_hat = x - tt * vt
@@ -301,7 +293,7 @@ def sde_step(model, x, t, h, cond, noise_level, generator=None):
     mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
-    x_next = mean + std * _randn(x.shape, generator, x.device, x.dtype)
+    x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype)
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 

@@ -189,6 +189,7 @@ def train(cfg: RLConfig) -> str:
             check_val(0)
         while step < cfg.steps:
             t0 = time.time()
+            snapshot = gen.get_state(), rng.bit_generator.state     # Ctrl-C mid-step resumes from here
             # 1. rollouts: conds x group cells, each group one condition with G control contexts
             pick = rng.choice(len(keys), size=min(cfg.conds, len(keys)), replace=False)
             kid = torch.from_numpy(np.repeat(pick, cfg.group))                          # (B,)
@@ -247,6 +248,9 @@ def train(cfg: RLConfig) -> str:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 save(last, step)
     except KeyboardInterrupt:
+        if "snapshot" in locals():
+            gen.set_state(snapshot[0])
+            rng.bit_generator.state = snapshot[1]
         save(last, step)
         pbar.close()
         sys.exit(f"\ninterrupted at step {step}; saved {last}; continue with --resume")
@@ -291,4 +295,5 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

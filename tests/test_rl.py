@@ -103,7 +103,7 @@ def test_grpo_loss_and_gradient_by_hand():
     # by hand: min(rA, clip(r)A) = 1, 1.2 (clipped), -0.8 (clipped), -1.1, -1.5, 0.5
     surrogate = -(1 + 1.2 - 0.8 - 1.1 - 1.5 + 0.5) / B
     kl = ((mean - mean_ref) ** 2).sum(-1).detach() / (2 * std.reshape(-1) ** 2)
-    assert float(loss) == pytest.approx(surrogate + beta * float(kl.mean()), rel=1e-12)
+    assert loss.item() == pytest.approx(surrogate + beta * float(kl.mean()), rel=1e-12)
     assert stats["kl"] == pytest.approx(float(kl.mean()))
     assert stats["clipfrac"] == pytest.approx(4 / 6)
     loss.backward()
@@ -147,7 +147,7 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
         logp_leaf = logp.detach().requires_grad_(True)
         loss, stats = rl.grpo_loss(logp_leaf, logp_old[i], adv, mean, mean_ref, std, 0.2, 0.5)
         assert stats["ratio_dev"] < 1e-3 and stats["kl"] == 0.0 and stats["clipfrac"] == 0.0
-        assert float(loss) == pytest.approx(-float(adv.mean()), abs=1e-3)
+        assert loss.item() == pytest.approx(-float(adv.mean()), abs=1e-3)
         loss.backward()
         torch.testing.assert_close(logp_leaf.grad, -adv / 8, atol=1e-3, rtol=0)
 
@@ -204,8 +204,7 @@ def test_grpo_moves_a_toy_generator_towards_the_rewarded_target():
             kls.append(stats["kl"])
         opt.step()
     m1 = sample_mean()
-    assert float(m1.min()) > 1.0, m1                       # from ~0 to more than halfway to 2
-    assert float((m1 - 2).abs().max()) < float((m0 - 2).abs().max()) - 1.0
+    assert float((m1 - 2).abs().max()) < 0.5, m1            # from ~0 to near 2 (2.00, 2.06 with these seeds)
     assert all(math.isfinite(k) for k in kls) and max(kls) < 1e3
 
 
@@ -221,11 +220,16 @@ def test_train_end_to_end_checkpoint_history_and_evaluate(sim, tmp_path, capsys)
     base = dict(sim["model"].named_parameters())
     last, _ = flow.load_checkpoint(str(tmp_path / "rl_last.pt"))
     assert any(not torch.equal(p, base[n]) for n, p in last.named_parameters())
-    hist = ck["extra"]["history"]
-    train_recs = [h for h in hist if "reward/total" in h]
-    val_recs = [h for h in hist if "val/score" in h]
-    assert [h["step"] for h in train_recs][:ck["step"]] == list(range(1, ck["step"] + 1))
-    rec = train_recs[0]
+    # the full history is in the last state: validations at 0, 2 and 3, training steps 1..3
+    full = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
+    assert [h["step"] for h in full if "val/score" in h] == [0, 2, 3]
+    assert [h["step"] for h in full if "reward/total" in h] == [1, 2, 3]
+    # the result is the state with the best validation score (its history ends there)
+    best = max((h for h in full if "val/score" in h), key=lambda h: h["val/score"])
+    assert ck["step"] == best["step"] and ck["extra"]["best"]["score"] == best["val/score"]
+    assert ck["extra"]["history"] == [h for h in full if h["step"] <= best["step"]]
+    rec = next(h for h in full if "reward/total" in h)
+    val_recs = [h for h in full if "val/score" in h]
     for n in verifiers.parse_weights(verifiers.DEFAULT_REWARDS):
         assert f"reward/{n}/mean" in rec and math.isfinite(rec[f"reward/{n}/mean"])
     for k in ("train/kl", "train/clipfrac", "train/loss", "train/grad_norm", "train/zero_spread", "time/rollout",
@@ -235,18 +239,15 @@ def test_train_end_to_end_checkpoint_history_and_evaluate(sim, tmp_path, capsys)
     for k in ("val/pearson_delta", "val/energy", "val/effect_ratio", "val/spread_ratio", "val/score",
               "val/reward/pearson"):
         assert k in val_recs[0], k
-    # the full history is in the last state: validations at 0, 2 and 3, training steps 1..3
-    full = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
-    assert [h["step"] for h in full if "val/score" in h] == [0, 2, 3]
-    assert [h["step"] for h in full if "reward/total" in h] == [1, 2, 3]
-    # the best checkpoint is the best validation score
-    best = max((h for h in full if "val/score" in h), key=lambda h: h["val/score"])
-    assert ck["step"] == best["step"]
     # evaluate.py loads and evaluates it
     capsys.readouterr()
     evaluate.main(["--ckpt", out, "--steps", "4", "--sde-noise", "0", "--out", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert f"| {out} |" in text and "| control |" in text
+    # the before/after table of `python rl.py`
+    table = rl.before_after(tiny(sim, out), out)
+    names = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("|")][2:]
+    assert names == ["control", "train_mean", "additive", "pretrained", "rl"]
 
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(sim, tmp_path):
@@ -266,26 +267,65 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(sim, tmp_path)
     assert ra == rb
 
 
+def interrupt_rollout_at(monkeypatch, call):
+    """Make the `call`-th rl.rollout raise KeyboardInterrupt (Ctrl-C during step `call`)."""
+    real, n = rl.rollout, [0]
+
+    def rollout(*a, **kw):
+        n[0] += 1
+        if n[0] == call:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(rl, "rollout", rollout)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(sim, tmp_path, monkeypatch):
+    interrupt_rollout_at(monkeypatch, 2)
+    with pytest.raises(SystemExit, match="resume"):
+        rl.train(tiny(sim, tmp_path / "c.pt", steps=4, eval_every=10))
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "c_last.pt", weights_only=True)
+    assert state["step"] == 1 and [h["step"] for h in state["extra"]["history"] if "reward/total" in h] == [1]
+    rl.train(tiny(sim, tmp_path / "c.pt", steps=4, eval_every=10, resume=True))
+    assert torch.load(tmp_path / "c_last.pt", weights_only=True)["step"] == 4
+
+
+def test_resume_after_ctrl_c_is_exact(sim, tmp_path, monkeypatch):
+    interrupt_rollout_at(monkeypatch, 3)                  # after two complete steps, during the third
+    with pytest.raises(SystemExit):
+        rl.train(tiny(sim, tmp_path / "c.pt", steps=4))
+    monkeypatch.undo()
+    rl.train(tiny(sim, tmp_path / "c.pt", steps=4, resume=True))
+    rl.train(tiny(sim, tmp_path / "b.pt", steps=4))
+    c = torch.load(tmp_path / "c_last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b_last.pt", weights_only=True)
+    assert c["step"] == b["step"] == 4
+    for n in b["model"]:
+        assert torch.equal(c["model"][n], b["model"][n]), n
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(DataError, match="nope.pt"):
         rl.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "rl.pt")])
 
 
-def test_cli_missing_checkpoint_prints_one_error_line(tmp_path):
-    res = subprocess.run([sys.executable, "rl.py", "--ckpt", str(tmp_path / "nope.pt"), "--out",
-                          str(tmp_path / "rl.pt")], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+@pytest.fixture(scope="module")
+def missing_ckpt_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    return subprocess.run([sys.executable, "rl.py", "--ckpt", str(tmp / "nope.pt"), "--out", str(tmp / "rl.pt")],
+                          cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def test_cli_missing_checkpoint_prints_one_error_line(missing_ckpt_run):
+    res = missing_ckpt_run
     assert res.returncode != 0 and "Traceback" not in res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "nope.pt" in err[0], res.stderr
 
 
-@pytest.mark.xfail(reason="BUG: rl.py __main__ does sys.exit(f'error: {e}'), which exits with status 1; "
-                          "SPEC: print to stderr and exit 2", strict=True)
-def test_cli_missing_checkpoint_exit_code_2(tmp_path):
-    res = subprocess.run([sys.executable, "rl.py", "--ckpt", str(tmp_path / "nope.pt"), "--out",
-                          str(tmp_path / "rl.pt")], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
-    assert res.returncode == 2
+def test_cli_missing_checkpoint_exit_code_2(missing_ckpt_run):
+    assert missing_ckpt_run.returncode == 2
 
 
 def test_checkpoint_genes_not_in_the_data(sim, tmp_path):
@@ -300,7 +340,9 @@ def test_checkpoint_genes_not_in_the_data(sim, tmp_path):
 
 def test_unknown_reward_name(sim, tmp_path):
     with pytest.raises(DataError, match="bogus"):
-        rl.train(tiny(sim, tmp_path / "rl.pt", rewards="pearson=1,bogus=1"))
+        rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--rewards", "pearson=1,bogus=1",
+                 "--no-progress"])
+    assert not os.path.exists(tmp_path / "rl.pt")
 
 
 def test_reward_returning_nan_names_the_verifier_and_condition(sim, tmp_path, monkeypatch):
