@@ -496,10 +496,11 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
     if mode == "auto":
         mode = "additive" if any("+" in l for l, _ in keys) else "random"
 
-    def take(pool, frac):
+    def take(pool, frac, least=3):
+        """A random fraction of pool (at least one when pool has >= least entries)."""
         pool = [pool[i] for i in rng.permutation(len(pool))]
         n = int(round(frac * len(pool)))
-        n = max(n, 1) if len(pool) >= 3 and frac > 0 else n
+        n = max(n, 1) if len(pool) >= least and frac > 0 else n
         return pool[:n], pool[n:]
 
     if mode == "additive":
@@ -507,7 +508,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         if not cand:
             raise DataError("split 'additive' needs combinations (A+B) whose singles are in the data; "
                             "this data has none: use --split random or --test")
-        test_keys, rest = take(cand, test_frac)
+        test_keys, rest = take(cand, test_frac, least=1)
         val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
     elif mode == "random":
         test_keys, val_keys, used = [], [], set()
@@ -660,6 +661,9 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(h.obs)}; "
                         f"name it with --pert-key")
     labels = np.array([str(v) for v in h.obs[pert_key]], dtype=object)
+    missing = np.array([v is None for v in h.obs[pert_key]])
+    if missing.any():
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
     control = find_control(labels, cfg.control)
     cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
                                                                 "covariate", "--covariate-key")
@@ -687,6 +691,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         canon.append("+".join(c) if c else "ctrl")
     original = dict(zip(canon, (u.split("\x1f")[0] for u in uniq)))   # canonical -> a label as in the file
     cond = np.array(canon, dtype=object)[inv.ravel()]
+    cond[missing] = "<missing>"                      # dropped below, never a key
     is_ctrl = cond == "ctrl"
     for cv in np.unique(covs):
         if not is_ctrl[covs == cv].any():
@@ -695,15 +700,25 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     # keys with enough cells
     uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
     uniq = [tuple(u.split("\x1f")) for u in uniq]
-    small = [f"{l}|{c} ({n})" for (l, c), n in zip(uniq, counts) if n < cfg.min_cells and l != "ctrl"]
+    small = [f"{l}|{c} ({n})" for (l, c), n in zip(uniq, counts) if n < cfg.min_cells and l not in ("ctrl", "<missing>")]
     if small:
         warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
-    keep = (counts[inv.ravel()] >= cfg.min_cells) | is_ctrl
-    keys = sorted((l, c) for (l, c), n in zip(uniq, counts) if n >= cfg.min_cells and l != "ctrl")
+    keep = ((counts[inv.ravel()] >= cfg.min_cells) | is_ctrl) & ~missing
+    keys = sorted((l, c) for (l, c), n in zip(uniq, counts) if n >= cfg.min_cells and l not in ("ctrl", "<missing>"))
     if not keys:
         raise DataError("no perturbed condition has enough cells; lower --min-cells")
-    split = {k: [tuple(x) for x in v] for k, v in split.items()} if split is not None else \
-        make_split(keys, cfg.split, cfg.test, cfg.test_frac, cfg.val_frac, cfg.seed)
+    if split is not None:
+        split = {k: [tuple(x) for x in v] for k, v in split.items()}
+        unknown = [k for v in split.values() for k in v if k not in set(keys)]
+        if unknown:
+            raise DataError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
+                            f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
+    else:
+        test = cfg.test
+        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'
+            test = ",".join("+".join(parse_condition(lab, control, sep)) + (":" + cv if cv else "")
+                            for lab, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
+        split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.seed)
     # expression: check, normalise, select genes (sparse until here), densify
     X = h.X
     check_values(X)

@@ -196,7 +196,8 @@ def test_n_genes_keeps_targets(tmp_path):
     labels, X = _three_groups(rng, n_genes=60)
     X[:, 1:4] = 5.0                                   # the targets G1..G3: constant, lowest dispersion
     X[:, 10:15] = rng.poisson(rng.choice([1, 40], (len(labels), 5)))         # very overdispersed
-    ds = load(write_ad(tmp_path / "hv.h5ad", sp.csr_matrix(X), {"condition": labels}), n_genes=10)
+    ds = load(write_ad(tmp_path / "hv.h5ad", sp.csr_matrix(X), {"condition": labels}), n_genes=10,
+              test_frac=0.0, val_frac=0.0)
     assert len(ds.genes) == 10 and ds.X.shape[1] == 10
     assert {"G1", "G2", "G3"} <= set(ds.genes)
     # independent Seurat normalised dispersion on the dense log data (all rows are training rows here)
