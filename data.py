@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
+
 import h5py
 import numpy as np
 import scipy.sparse as sp

@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -50,25 +52,25 @@ class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass t
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
     out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
     resume: bool = False           # continue from <out>_last.pt exactly where it stopped
-    steps: int = 120               # GRPO steps
+    steps: int = 60                # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (G)
     T: int = 10                    # SDE steps per rollout
     noise: float = 0.7             # SDE noise level a
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
-    beta: float = 0.01             # KL weight (KL summed over genes)
-    lr: float = 1e-4               # AdamW learning rate
-    epochs: int = 1                # optimiser passes over each batch of rollouts
-    t_frac: float = 1.0            # fraction of the T timesteps trained per pass (random subset)
+    beta: float = 2.0              # KL weight (KL summed over genes); holds the effect-size ratio near 1
+    lr: float = 6e-4               # AdamW learning rate
+    epochs: int = 2                # optimiser passes over each batch of rollouts (ratio = 1 on the first)
+    t_frac: float = 0.5            # fraction of the T timesteps trained per pass (random subset)
     adv_clip: float = 5.0          # advantages clipped to +/- this
     grad_clip: float = 1.0         # max global gradient norm
     rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
     gene_sets: str | None = None   # gene sets for the pathway reward (.gmt/.csv); None -> bundled PROGENy
     topk: int = 5                  # k of the top-k rewards
-    eval_every: int = 20           # validate every this many steps (and at 0 and the end)
+    eval_every: int = 10           # validate every this many steps (and at 0 and the end)
     eval_cells: int = 64           # generated cells per validation condition
     eval_steps: int = 20           # ODE midpoint steps for validation and the final table
-    pretrain_steps: int = 1500     # with no --ckpt: steps of the generator pretrained first
+    pretrain_steps: int = 1000     # with no --ckpt: steps of the generator pretrained first
     device: str = "cpu"            # cpu | cuda | mps | auto
     progress: bool = True          # tqdm progress bar
 

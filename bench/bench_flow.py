@@ -1,6 +1,6 @@
 """Benchmarks for flow.py (CPU).
 
-    python bench/bench_flow.py [--repeats 30] [--genes 2000] [--cells 10000]
+    python bench/bench_flow.py [--repeats 30] [--genes 2000] [--cells 10000] [--width 128]
 
 (1) One training step (forward + backward + AdamW step, batch 256, G genes, the default width/depth) with
     our cfm_loss vs the same VelocityField trained through torchcfm's ConditionalFlowMatcher(sigma=0),
@@ -46,9 +46,10 @@ def main():
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--cells", type=int, default=10000)
-    p.add_argument("--chunk", type=int, default=2500)
+    p.add_argument("--chunk", type=int, default=5000)
+    p.add_argument("--width", type=int, default=flow.FlowConfig.width, help="default: FlowConfig's")
     args = p.parse_args()
-    cfg, G, B, n_comp = flow.FlowConfig(), args.genes, args.batch, 100
+    cfg, G, B, n_comp = flow.FlowConfig(width=args.width), args.genes, args.batch, 100
     CFM, version = import_torchcfm()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {version}; G={G}, batch {B}, "
           f"width {cfg.width}, depth {cfg.depth}")

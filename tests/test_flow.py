@@ -59,7 +59,8 @@ def test_path_matches_formula():
     for i in range(5):
         assert torch.allclose(xt[i], (1 - t[i]) * x0[i] + t[i] * x1[i])
         assert torch.allclose(ut[i], x1[i] - x0[i])
-    assert torch.equal(flow.path(x0, x1, torch.zeros(5))[0], x0) and torch.equal(flow.path(x0, x1, torch.ones(5))[0], x1)
+    assert torch.equal(flow.path(x0, x1, torch.zeros(5))[0], x0)
+    assert torch.equal(flow.path(x0, x1, torch.ones(5))[0], x1)
 
 
 def test_loss_zero_for_exact_conditional_velocity():
@@ -285,7 +286,8 @@ def test_resume_is_exact(sim_path, tmp_path):
     assert b["step"] == 40
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert all(torch.equal(a["opt"]["state"][k]["exp_avg_sq"], b["opt"]["state"][k]["exp_avg_sq"]) for k in a["opt"]["state"])
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
     strip = lambda c: [{k: v for k, v in h.items() if k != "time"} for h in c["extra"]["history"]]  # noqa: E731
     assert strip(a) == strip(b) and len(strip(a)) == 2
 
