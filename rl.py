@@ -52,7 +52,7 @@ class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass t
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
     out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
     resume: bool = False           # continue from <out>_last.pt exactly where it stopped
-    steps: int = 60                # GRPO steps
+    steps: int = 100               # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (G)
     T: int = 10                    # SDE steps per rollout
