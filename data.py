@@ -922,9 +922,14 @@ def main(argv=None):
           f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
 
 
-if __name__ == "__main__":
+def cli(main) -> None:
+    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli(main)

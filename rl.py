@@ -67,6 +67,7 @@ class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass t
     rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
     gene_sets: str | None = None   # gene sets for the pathway reward (.gmt/.csv); None -> bundled PROGENy
     topk: int = 5                  # k of the top-k rewards
+    log_every: int = 5             # one log line every this many steps
     eval_every: int = 10           # validate every this many steps (and at 0 and the end)
     eval_cells: int = 64           # generated cells per validation condition
     eval_steps: int = 20           # ODE midpoint steps for validation and the final table
@@ -241,10 +242,10 @@ def train(cfg: RLConfig) -> str:
                    "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
             history.append(rec)
             pbar.update(1)
-            tqdm.write(f"step {step:4d} | loss {stats['loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
-                       f"{stats['kl']:.4f} | clip {stats['clipfrac']:.2f} | zero {zero:.2f} | gnorm {gnorm:.2f} | dt "
-                       f"{t3 - t0:.2f}s (" + " ".join(f"{n} {float(v.mean()):+.3f}" for n, v in comps.items()) + ")") \
-                if cfg.progress or step % 10 == 0 else None
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                tqdm.write(f"step {step:4d} | loss {stats['loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
+                           f"{stats['kl']:.4f} | clip {stats['clipfrac']:.2f} | zero {zero:.2f} | gnorm {gnorm:.2f} | "
+                           f"dt {t3 - t0:.2f}s | " + " ".join(f"{n} {float(v.mean()):+.3f}" for n, v in comps.items()))
             if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
                 check_val(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -294,8 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    data.cli(main)

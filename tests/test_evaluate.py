@@ -27,17 +27,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def sim(tiny_screen):
     """A small simulated screen (additive split: 15 train, 1 val, 2 test keys) and a tiny generator."""
-    tmp = tmp_path_factory.mktemp("eval")
-    path = tmp / "sim.h5ad"
-    data.write_h5ad(path, data.simulate(n_cells=1500, n_genes=200, n_singles=10, n_combos=8, seed=0))
-    ds = data.load_dataset(data.DataConfig(data=str(path), n_genes=0))
-    ckpt = flow.train(flow.FlowConfig(data=str(path), n_genes=0, steps=60, width=64, depth=1, batch_size=64,
-                                      out=str(tmp / "flow.pt"), progress=False, eval_every=1000,
-                                      save_every=1000))
-    model, _ = flow.load_checkpoint(ckpt)
-    return {"tmp": tmp, "path": path, "ds": ds, "ckpt": ckpt, "model": model}
+    return dict(tiny_screen)
 
 
 def random_reference(seed=0, G=40, N=30, M=50, n_de=25, shift=0.8):

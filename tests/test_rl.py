@@ -28,17 +28,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def sim(tiny_screen):
     """A small simulated screen (15 train, 1 val, 2 test keys; 225 controls) and a tiny pretrained generator."""
-    tmp = tmp_path_factory.mktemp("rl")
-    path = tmp / "sim.h5ad"
-    data.write_h5ad(path, data.simulate(n_cells=1500, n_genes=200, n_singles=10, n_combos=8, seed=0))
-    ckpt = flow.train(flow.FlowConfig(data=str(path), n_genes=0, steps=60, width=64, depth=1, batch_size=64,
-                                      out=str(tmp / "flow.pt"), progress=False, eval_every=1000,
-                                      save_every=1000))
-    model, ck = flow.load_checkpoint(ckpt)
-    ds = evaluate.dataset_for(ck)
-    return {"tmp": tmp, "path": path, "ckpt": ckpt, "model": model, "ds": ds}
+    return dict(tiny_screen)
 
 
 def tiny(sim, out, **kw):
