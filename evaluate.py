@@ -214,7 +214,7 @@ def report(summary: dict, columns=None) -> str:
     """A markdown table: methods as rows, metrics as columns; n/a where a method has no value."""
     first = next(iter(summary.values()))
     columns = columns or [c for c in first if c.startswith("reward/")] + HELD_OUT + POPULATION + DIAGNOSTIC
-    head = "| method | n | " + " | ".join(c.replace("reward/", "") for c in columns) + " |"
+    head = "| method | n | " + " | ".join(c.replace("reward/", "r:") for c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for m, d in summary.items():
         cells = [f"{d[c]:.3f}" if c in d else "n/a" for c in columns]

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from _h5io import read_h5ad  # noqa: E402
+from data import read_h5ad  # noqa: E402
 
 import anndata  # noqa: E402  (benchmark only)
 import pandas as pd  # noqa: E402

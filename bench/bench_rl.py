@@ -7,12 +7,14 @@ a generator pretrained for a few steps (timing does not depend on the weights), 
 each phase over the steps after the first two. The verifiers' share is the 'reward' phase.
 """
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see flow.py)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flow  # noqa: E402

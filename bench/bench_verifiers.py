@@ -6,12 +6,14 @@ Prints the median wall time (ms) over 20 repeats after one warm-up call, per ver
 full Verifier (all five rewards, PROGENy pathway weights), on CPU.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see flow.py)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import verifiers as V  # noqa: E402

@@ -210,6 +210,9 @@ def test_encode_decode_and_make_cond():
     x = torch.rand(4, 6) * 3
     assert torch.allclose(m.decode(m.encode(x)), x, atol=1e-6)
     assert torch.equal(m.decode(torch.full((1, 6), -100.0)), torch.zeros(1, 6))
+    m.zero_below = torch.full((6,), 0.4)                              # detection floor: 0 below, kept above
+    z = m.encode(torch.tensor([[0.0, 0.1, 0.39, 0.41, 1.0, 2.0]]))
+    assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.0, 0.41, 1.0, 2.0]]), atol=1e-5)
     table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
              "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6)}
     cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
@@ -316,3 +319,18 @@ def test_cli_reports_data_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         flow.main(["--data", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "x.pt")])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_fit_scaler_against_numpy():
+    """mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of the given rows."""
+    rng = np.random.default_rng(3)
+    X = (rng.random((40, 5)) < 0.6) * rng.uniform(0.7, 3.0, (40, 5))
+    X[:, 4] = 0.0                                                     # never detected: floor 0, std floored
+    X = X.astype(np.float32)
+    rows = rng.choice(40, 25, replace=False)
+    mean, std, floor = flow.fit_scaler(X, rows, chunk=7)
+    Xr = X[rows].astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), Xr.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(std.numpy(), np.maximum(Xr.std(0), 1e-2), rtol=1e-5)
+    lo = np.array([Xr[:, g][Xr[:, g] > 0].min() / 2 if (Xr[:, g] > 0).any() else 0.0 for g in range(5)])
+    np.testing.assert_allclose(floor.numpy(), lo, rtol=1e-6)
