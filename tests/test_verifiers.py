@@ -192,6 +192,9 @@ def test_auto_table_choice(capsys):
     assert "top-500" in capsys.readouterr().out and v.W.shape == (14, len(genes))
     v = V.Verifier([g.lower() for g in sorted(in100)])
     assert "top-100" in capsys.readouterr().out and v.W.shape == (14, len(in100))
+    half = sorted({g for p in sorted(s100)[:7] for g in s100[p]})          # top-100 covers 7 of 14 pathways
+    V.Verifier(half)
+    assert "top-500" in capsys.readouterr().out
     assert V.Verifier(genes, {"rmse": 1}).W is None  # pathway weight 0 -> no table needed
 
 
