@@ -89,7 +89,7 @@ def baselines(ds, keys, n_cells=None, seed=0) -> dict:
     train = ds.split["train"]
     mean_delta = {c: torch.stack([ds.refs[k].delta for k in train if k[1] == c] or
                                  [ds.refs[k].delta for k in train]).mean(0) for c in ds.covariates}
-    seen = {p for l, _ in train if "+" not in l for p in [l]}
+    seen = {l for l, _ in train if "+" not in l}                 # singles with a training delta somewhere
     out = {"control": {}, "train_mean": {}, "additive": {}}
     for k, x in zip(keys, ctrl):
         out["control"][k] = x
