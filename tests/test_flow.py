@@ -336,19 +336,19 @@ def test_fit_scaler_against_numpy():
     np.testing.assert_allclose(floor.numpy(), lo, rtol=1e-6)
 
 
-def test_calibrated_zeros_match_real_zero_fraction(trained, sim_path):
-    """After training, each gene's threshold makes generated cells of the training conditions as often zero
-    as real ones (a plain max(x, 0) decode under-produces zeros)."""
+def test_zero_quantiles_match_real_zero_fraction(trained, sim_path):
+    """With the quantile thresholds, generated cells of the training conditions are as often zero as real ones
+    (a plain max(x, 0) decode under-produces zeros); without validation conditions the floor is kept."""
     model, ckpt = flow.load_checkpoint(trained)
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
     keys = ds.split["train"]
-    table, n = ds.key_table(keys), 48
-    rows = np.concatenate([ds.ctrl_idx[c][:n] for _, c in keys])
-    cond = flow.make_cond(model, table, torch.arange(len(keys)).repeat_interleave(n), ds.X[rows])
-    z = flow.sample(model, cond, 20, "midpoint", torch.Generator().manual_seed(11), decode=False)
+    floor = model.zero_below.clone()
+    assert flow.calibrate_zeros(model, ds, keys, []) == "floor" and torch.equal(model.zero_below, floor)
+    model.zero_below = flow.zero_quantiles(model, ds, keys, n_cells=48, seed=5)
+    assert (model.zero_below >= floor).all()
+    raw = flow.generate_raw(model, ds, keys, 48, seed=11)                    # other noise, other contexts
     real = (ds.X[np.concatenate([ds.cell_idx[k] for k in keys])] == 0).mean(0)
-    gen_zero = (model.decode(z) == 0).float().mean(0).numpy()
-    clamp_zero = (model.decode(z, floor=False) <= 0).float().mean(0).numpy()
+    gen_zero = (raw < model.zero_below).float().mean(0).numpy()
+    clamp_zero = (raw <= 0).float().mean(0).numpy()
     assert np.abs(gen_zero - real).mean() < 0.01 < np.abs(clamp_zero - real).mean(), \
         (np.abs(gen_zero - real).mean(), np.abs(clamp_zero - real).mean())
-    assert (model.zero_below >= 0).all()
