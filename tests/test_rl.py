@@ -15,7 +15,6 @@ import torch
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import flow  # noqa: E402
