@@ -33,7 +33,7 @@ import flow
 import verifiers
 from data import DataError
 
-POPULATION = ["pearson_delta", "pearson_delta_de20", "mse", "mae", "r2", "energy", "mmd"]
+POPULATION = ["pearson_delta", "pearson_delta_de20", "interaction", "mse", "mae", "r2", "energy", "mmd"]
 HELD_OUT = ["discrimination", "de_direction", "de_overlap"]
 DIAGNOSTIC = ["effect_ratio", "spread_ratio"]
 
@@ -71,7 +71,7 @@ def predict(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_le
     for s in range(0, len(rows), chunk):
         cond = flow.make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
         if noise_level > 0:
-            z = torch.randn(cond["ctrl"].shape, generator=gdev, device=dev)       # x0 ~ N(0, I)
+            z = flow.draw_x0(cond, cond["ctrl"].shape, gdev, dev)                # x0 ~ N(mu0, sigma^2 I)
             for i in range(steps):
                 z, *_ = flow.sde_step(model, z, i / steps, 1.0 / steps, cond, noise_level, gdev)
             out.append(model.decode(z).cpu())
@@ -134,7 +134,8 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
     """Per-condition metrics of generated cells x (n, G) against the real condition (Reference).
     pearson_delta: Pearson over genes of (mean x - control mean) vs (real mean - control mean), both against
       the REAL control mean of the covariate (cell-eval's pearson_delta); _de20 on the 20 top real DE genes.
-    mse, mae: of the pseudobulk means over all genes (cell-eval's mse/mae); r2: 1 - SS_res / SS_tot of means.
+    mse, mae: of the pseudobulk means over all genes (cell-eval's mse/mae); r2: 1 - SS_res / SS_tot of the
+      mean deltas (on raw means the control cells alone score about 0.96).
     de_direction: fraction of the real top DE genes whose predicted change has the real sign.
     de_overlap: |top-N predicted DE ∩ top-N real DE| / N, N = n_de, both ranked by |Welch t| vs control.
     effect_ratio: ||mean x - control mean|| / ||real delta||; spread_ratio: mean per-gene std of x over the
@@ -151,7 +152,7 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
         "pearson_delta_de20": pearson(pd[de20], ref.delta[de20]),
         "mse": float((pm - ref.mean).pow(2).mean()),
         "mae": float((pm - ref.mean).abs().mean()),
-        "r2": float(1 - (pm - ref.mean).pow(2).sum() / (ref.mean - ref.mean.mean()).pow(2).sum().clamp(min=1e-12)),
+        "r2": float(1 - (pd - ref.delta).pow(2).sum() / (ref.delta - ref.delta.mean()).pow(2).sum().clamp(min=1e-12)),
         "energy": energy_distance(x, y),
         "mmd": mmd_rbf(x, y),
         "de_direction": float((torch.sign(pd[de]) == torch.sign(ref.delta[de])).float().mean()),
@@ -163,6 +164,47 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
         _, comps = verifier(x, ref)
         m.update({f"reward/{name}": float(r.mean()) for name, r in comps.items()})
     return m
+
+
+def interaction(pred_delta, real_delta, singles) -> float:
+    """Interaction score of a combination: regress each mean delta of A+B on the training deltas of its
+    singles over genes, d = c_A d_A + c_B d_B + e (Norman et al. 2019's genetic-interaction model, no
+    intercept, least squares), and correlate the residuals e of the prediction and of the real cells.
+    Any scaled or shrunk additive prediction has e = 0 and scores 0; only predicted gene-specific
+    interactions score above 0. singles (m, G)."""
+    D = singles.double().T                                                      # (G, m)
+    e = lambda d: d.double() - D @ torch.linalg.lstsq(D, d.double()[:, None]).solution[:, 0]  # noqa: E731
+    e_pred = e(pred_delta)
+    if e_pred.norm() <= 1e-9 * pred_delta.double().norm():                     # additive up to rounding
+        return 0.0
+    return pearson(e_pred, e(real_delta))
+
+
+def selection_score(x, ref: data.Reference) -> dict:
+    """The score that selects checkpoints (rl.py), higher is better; not a reward, and debiased for the number
+    of generated cells. With n cells the squared norm of a sample-mean delta is inflated by tr(S) / n (S the
+    cells' covariance), which made a perfect generator's effect ratio 1.5 on the simulator and let a collapsed
+    generator (all cells equal, no inflation) win. So, with d = mean delta and |d|^2_u = |d|^2 - tr(S) / n:
+        r      = <d_x, d_y>_c / sqrt(|d_x|^2_u |d_y|^2_u)      (Pearson of the deltas, centred over genes)
+        ratio  = sqrt(|d_x|^2_u / |d_y|^2_u)                  (effect-size ratio)
+        e_rel  = energy(x, y) / E|y - y'|                     (distribution: collapse and caricature pay)
+        score  = r - |log ratio| - e_rel"""
+    x = x.float()
+    y = ref.cells
+
+    def centred_sq(cells):                                   # (|d|_c^2 raw, its debiased value), d centred over genes
+        d = cells.mean(0) - ref.ctrl_mean
+        d = d - d.mean()
+        noise = cells.var(0).sum() / len(cells) if len(cells) > 1 else torch.tensor(0.0)
+        return d, float((d @ d - noise).clamp(min=1e-8))
+
+    dx, nx = centred_sq(x)
+    dy, ny = centred_sq(y)
+    r = float(np.clip(float(dx @ dy) / np.sqrt(nx * ny), -1, 1))
+    ratio = float(np.sqrt(nx / ny))
+    dyy = cdist(y, y)
+    e_rel = energy_distance(x, y) / float(dyy.sum() / max(len(y) * (len(y) - 1), 1)) if len(y) > 1 else 0.0
+    return {"score": r - abs(np.log(ratio)) - e_rel, "pearson_delta_u": r, "effect_ratio_u": ratio, "energy_rel": e_rel}
 
 
 def discrimination(pred_delta, real_delta, exclude) -> torch.Tensor:
@@ -190,6 +232,11 @@ def evaluate_methods(ds, preds: dict, keys, verifier=None) -> list:
         if not ok:
             continue
         ms = {k: metrics(cells[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier) for k in ok}
+        for k in ok:                                          # combinations whose singles were all trained on
+            singles = ds.component_deltas(k)
+            if len(singles) > 1 and all(d is not None for d in singles):
+                ms[k]["interaction"] = interaction(cells[k].float().mean(0) - ds.refs[k].ctrl_mean, ds.refs[k].delta,
+                                                   torch.from_numpy(np.stack(singles)))
         if len(ok) == len(keys):
             pred_delta = torch.stack([cells[k].float().mean(0) - ds.refs[k].ctrl_mean for k in keys])
             for k, s in zip(keys, discrimination(pred_delta, real_delta, exclude)):
@@ -207,7 +254,11 @@ def summarize(rows) -> dict:
         for k, v in r.items():
             if isinstance(v, float):
                 out[r["method"]].setdefault(k, []).append(v)
-    return {m: {k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in d.items()} for m, d in out.items()}
+    summ = {m: {k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in d.items()} for m, d in out.items()}
+    for m, d in out.items():                                   # the interaction score varies a lot: its spread too
+        if "interaction" in d:
+            summ[m]["interaction_sd"] = float(np.std(d["interaction"]))
+    return summ
 
 
 def report(summary: dict, columns=None) -> str:
@@ -217,7 +268,7 @@ def report(summary: dict, columns=None) -> str:
     head = "| method | n | " + " | ".join(c.replace("reward/", "r:") for c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for m, d in summary.items():
-        cells = [f"{d[c]:.3f}" if c in d else "n/a" for c in columns]
+        cells = [f"{d[c]:.3f}" + (f" ± {d[c + '_sd']:.2f}" if c + "_sd" in d else "") if c in d else "n/a" for c in columns]
         lines.append(f"| {m} | {d['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -247,6 +298,8 @@ def main(argv=None):
     p.add_argument("--sampler", default="midpoint", choices=["midpoint", "euler"])
     p.add_argument("--steps", type=int, default=20, help="ODE steps (and SDE steps)")
     p.add_argument("--sde-noise", type=float, default=0.7, help="also sample checkpoints with the RL SDE at this noise (0 = off)")
+    p.add_argument("--sde-steps", type=int, default=None,
+                   help="SDE steps (default: the T the checkpoint's RL rollouts used; 10, rl.py's default, for a flow.pt)")
     p.add_argument("--n-cells", type=int, default=None, help="cells per condition (default: as many as the real one)")
     p.add_argument("--out", default=None, help="write per-condition rows and the summary as JSON")
     p.add_argument("--write-pred", default=None, help="write the first checkpoint's ODE predictions as h5ad")
@@ -265,10 +318,12 @@ def main(argv=None):
         raise DataError(f"the {a.split} split is empty; choose another --split")
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), a.gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
-    for c, (model, _) in zip(a.ckpt, models):
+    for c, (model, ck) in zip(a.ckpt, models):
         preds[c] = predict(model, ds, keys, a.n_cells, a.steps, a.sampler, 0.0, a.seed)
         if a.sde_noise > 0:
-            preds[f"{c} (SDE a={a.sde_noise:g})"] = predict(model, ds, keys, a.n_cells, a.steps, a.sampler, a.sde_noise, a.seed)
+            T = a.sde_steps or ck["extra"].get("rl_config", {}).get("T", 10)
+            preds[f"{c} (SDE a={a.sde_noise:g}, T={T})"] = predict(model, ds, keys, a.n_cells, T, a.sampler,
+                                                                   a.sde_noise, a.seed)
     rows = evaluate_methods(ds, preds, keys, ver)
     summary = summarize(rows)
     print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.steps} steps\n")

@@ -52,7 +52,10 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     prior_dim: int = 32             # PCA dims of a gene's control-cell correlation profile (0 = off)
     use_prior: bool = True          # feed the additive prior (False = ablation, zeros)
     use_ctrl: bool = True           # feed the control cell (False = ablation, zeros)
-    prior_dropout: float = 0.3      # per-sample probability of zeroing the prior during training
+    prior_dropout: float = 0.0      # per-sample probability of dropping the prior (input and shift) in training
+    source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = shift + N(0, 1) (a, target shift); ctrl = control cell + shift (b)
+    sigma: float = 0.5              # source std sigma with --source ctrl (model space); noise uses 1
+    shift: bool = True              # start from the trusted additive prior (False = prior only as an input)
     # optimisation
     steps: int = 1000               # optimiser steps
     batch_size: int = 256           # cells per step
@@ -146,17 +149,25 @@ class Block(nn.Module):
 
 class VelocityField(nn.Module):
     """vt = v(xt, t, cond), all in model space. cond: ctrl (B, G), comps (B, C), dose (B, C),
-    cov (B,), prior (B, G). The condition vector c (B, W) is the sum of the time, perturbation,
-    covariate, control-cell and prior embeddings; the trunk sees in_proj(xt) + prior_in(prior)."""
+    cov (B,), prior (B, G), mu0 (B, G) the source mean (make_cond). The condition vector c (B, W) is the sum
+    of the time, perturbation, covariate, control-cell and prior embeddings; the trunk sees the displacement
+    from the source mean, in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh
+    model leaves every source draw where it is: with source 'ctrl' it generates control cell + shift."""
 
-    def __init__(self, n_genes, n_components, n_covariates, width=256, depth=3, d_pert=64,
-                 prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.3):
+    def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64,
+                 prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0,
+                 shift=False):
         super().__init__()
+        if source not in ("noise", "ctrl"):
+            raise DataError(f"--source {source!r}: use ctrl or noise")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise DataError(f"--sigma {sigma}: the source std must be a positive number")
         self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates,
                             width=width, depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
-                            prior_dropout=prior_dropout,
+                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift,
                             prior_dim=0 if prior_feat is None else int(prior_feat.shape[1]))
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
+        self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
         G, W = n_genes, width
         self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
         # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a
@@ -217,7 +228,7 @@ class VelocityField(nn.Module):
         c0, p0 = cond["emb"] if "emb" in cond else self.condition(cond)
         t = torch.as_tensor(t, dtype=xt.dtype, device=xt.device).reshape(-1).expand(xt.shape[0])  # (B,)
         c = c0 + self.time_mlp(timestep_features(t))  # (B, W)
-        h = self.in_proj(xt) + p0  # (B, W)
+        h = self.in_proj(xt - cond.get("mu0", 0.0)) + p0  # (B, W)
         for block in self.blocks:
             h = block(h, c)
         return self.out(self.norm_out(h))  # (B, G)
@@ -225,13 +236,35 @@ class VelocityField(nn.Module):
 
 def make_cond(model, table, key_ids, ctrl_x):
     """Conditioning for a batch in model space on the model's device. table = ds.key_table(keys),
-    key_ids (B,) long into it, ctrl_x (B, G) control cells in EXPRESSION space (same covariate)."""
+    key_ids (B,) long into it, ctrl_x (B, G) control cells in EXPRESSION space (same covariate).
+
+    It owns the parametrisation: the source x0 ~ N(mu0, sigma^2 I) every sampler, the loss and the RL SDE
+    start from (read with `source`). shift = c_kind * prior (data.Dataset.prior_trust), the part of the
+    additive prior the data says to trust, in model space (a delta: divided by std, no mean shift):
+      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: a zero network generates the control cell
+                          plus the shift, the additive baseline in distribution (as sigma -> 0);
+      source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target
+                          shift, since the network sees xt - mu0;
+      shift off:          mu0 = 0 (ctrl) or 0 (noise): the prior is only an input."""
     dev = model.mean.device
     key_ids = torch.as_tensor(key_ids, dtype=torch.long)
-    return {"ctrl": model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev)),
-            "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
-            "cov": table["cov"][key_ids].to(dev),
-            "prior": table["prior"][key_ids].to(dev) / model.std}  # a delta: divide by std, no mean shift
+    ctrl = model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev))  # (B, G)
+    shift = table["shift"][key_ids].to(dev) / model.std if getattr(model, "shift", False) else torch.zeros_like(ctrl)
+    mu0 = ctrl + shift if getattr(model, "source", "noise") == "ctrl" else shift  # (B, G)
+    return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
+            "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
+            "shift": shift, "mu0": mu0, "sigma": getattr(model, "sigma", 1.0)}
+
+
+def source(cond):
+    """(mu0, sigma) of the source distribution x0 ~ N(mu0, sigma^2 I); N(0, I) when cond has none (toy fields)."""
+    return cond.get("mu0", 0.0), cond.get("sigma", 1.0)
+
+
+def draw_x0(cond, shape, generator, device):
+    """x0 = mu0 + sigma * eps, eps ~ N(0, I) from `generator`: the start of every generated cell."""
+    mu0, sigma = source(cond)
+    return mu0 + sigma * _noise(shape, generator, device)
 
 
 # ----------------------------------------------------------------------------- loss and samplers
@@ -244,16 +277,19 @@ def path(x0, x1, t):
 
 def cfm_loss(model, x1, cond, generator=None, t_dist="uniform"):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
-    x0 ~ N(0, I), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024). In train mode the
-    prior is zeroed per sample with probability model.prior_dropout (here, not in forward, so the RL
-    log-probabilities of rl.py never see a random prior)."""
+    x0 ~ N(mu0, sigma^2 I) (make_cond), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024).
+    In train mode the prior (input and shift) is dropped per sample with probability model.prior_dropout
+    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior)."""
     B, dev = x1.shape[0], x1.device
-    x0 = _noise(x1.shape, generator, dev, x1.dtype)  # (B, G)
     t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal")
     t = torch.sigmoid(t) if t_dist == "logit_normal" else t
     keep = _noise((B, 1), generator, dev, uniform=True) >= getattr(model, "prior_dropout", 0.0)  # (B, 1)
     if model.training and "prior" in cond:
         cond = {**cond, "prior": cond["prior"] * keep}
+        if "shift" in cond:
+            drop = cond["shift"] * ~keep  # (B, G) the shift taken out of the source mean
+            cond.update(shift=cond["shift"] - drop, mu0=cond["mu0"] - drop)
+    x0 = draw_x0(cond, x1.shape, generator, dev).to(x1.dtype)  # (B, G)
     xt, ut = path(x0, x1, t)
     vt = model(xt, t, cond)
     return (vt.to(ut.dtype) - ut).pow(2).mean()
@@ -261,13 +297,18 @@ def cfm_loss(model, x1, cond, generator=None, t_dist="uniform"):
 
 @torch.no_grad()
 def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, decode=True):
-    """Integrate dx/dt = v(x, t, cond) from t = 0 (x0 ~ N(0, I)) to t = 1 on a fixed grid h = 1/steps.
+    """Integrate dx/dt = v(x, t, cond) from t = 0 (x0 ~ N(mu0, sigma^2 I), see make_cond; a given `x0` is the
+    standard normal eps, x0 = mu0 + sigma eps) to t = 1 on a fixed grid h = 1/steps.
     euler:    x <- x + h v(x, t)                                  (global error O(h))
     midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))"""
     if method not in ("euler", "midpoint"):
         raise DataError(f"unknown ODE method {method!r}; use euler or midpoint")
     dev = model.mean.device if hasattr(model, "mean") else x0.device
-    x = x0.to(dev) if x0 is not None else _noise(cond["ctrl"].shape, generator, dev)  # (B, G)
+    if x0 is None:
+        x = draw_x0(cond, cond["ctrl"].shape, generator, dev)  # (B, G)
+    else:
+        mu0, sigma = source(cond)
+        x = mu0 + sigma * x0.to(dev)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         cond = {**cond, "emb": model.condition(cond)}
     h = 1.0 / steps
@@ -282,19 +323,23 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, de
 
 def sde_mean_std(model, x, t, h, cond, noise_level):
     """Mean and std of one Euler-Maruyama step of the SDE with the ODE's marginals (Flow-GRPO, Liu et al.
-    2025, eq. 8, written for t = 0 noise, t = 1 data). With eps_hat = x - t v (the predicted x0) the score
-    is -eps_hat / (1 - t), and dx = [v - s^2 / (2 (1 - t)) eps_hat] dt + s dW, s = a sqrt((1 - t) / t).
+    2025, eq. 8, written for t = 0 source, t = 1 data), for the general source x0 ~ N(mu0, sigma^2 I).
+    On the path xt = (1 - t) x0 + t x1, x - mu0 - t v = sigma eps, so eps_hat = (x - mu0 - t v) / sigma is the
+    predicted source noise and the score is -eps_hat / ((1 - t) sigma). With s = a sigma sqrt((1 - t) / t),
+        dx = [v + s^2 / 2 score] dt + s dW = [v - a^2 sigma / (2 t) eps_hat] dt + s dW
+    (mu0 = 0, sigma = 1 is Flow-GRPO's form; the noise scales with sigma, so a is relative to the source).
     s diverges at t = 0, so t is replaced by t_eff = max(t, h) (Flow-GRPO likewise uses the next grid point
-    at the noise end): the drift coefficient s^2 h / (2 (1 - t)) = a^2 h / (2 t_eff) then stays <= a^2 / 2 < 1
+    at the noise end): the drift coefficient a^2 h / (2 t_eff) on sigma eps_hat then stays <= a^2 / 2 < 1
     for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
-        mean = x + v h - a^2 / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
+        mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
     vt = model(x, t, cond).to(x.dtype)  # (B, G)
+    mu0, sigma = source(cond)
     tt = t[:, None]  # (B, 1)
-    eps_hat = x - tt * vt
+    sigma_eps = x - mu0 - tt * vt  # sigma * eps_hat
     t_eff = tt.clamp(min=h)
-    mean = x + vt * h - (noise_level ** 2 / (2 * t_eff)) * eps_hat * h
-    std = noise_level * torch.sqrt((1 - tt).clamp(min=0) / t_eff) * math.sqrt(h)  # (B, 1)
+    mean = x + vt * h - (noise_level ** 2 / (2 * t_eff)) * sigma_eps * h
+    std = noise_level * sigma * torch.sqrt((1 - tt).clamp(min=0) / t_eff) * math.sqrt(h)  # (B, 1)
     return mean, std
 
 
@@ -477,7 +522,7 @@ def fit_scaler(X, rows, chunk=16384):
 
 def build_model(hp: dict) -> VelocityField:
     """Rebuild a VelocityField from its stored hyper-parameters (prior features come with the state dict)."""
-    hp = dict(hp)
+    hp = {"source": "noise", "sigma": 1.0, "shift": False, **hp}  # older checkpoints: prior only as an input
     p = hp.pop("prior_dim")
     return VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
 
@@ -507,7 +552,8 @@ def train(cfg: FlowConfig) -> str:
     table = {"comps": torch.cat([tab["comps"], torch.zeros(n_cov, C, dtype=torch.long)]),  # (K + n_cov, C)
              "dose": torch.cat([tab["dose"], torch.zeros(n_cov, C)]),
              "cov": torch.cat([tab["cov"], torch.arange(n_cov)]),  # (K + n_cov,)
-             "prior": torch.cat([tab["prior"], torch.zeros(n_cov, G)])}  # (K + n_cov, G)
+             "prior": torch.cat([tab["prior"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
+             "shift": torch.cat([tab["shift"], torch.zeros(n_cov, G)])}  # (K + n_cov, G)
     key_cov = table["cov"].numpy()
     pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
     pert_kid = np.concatenate([np.full(len(ds.cell_idx[k]), i) for i, k in enumerate(keys)])
@@ -523,7 +569,7 @@ def train(cfg: FlowConfig) -> str:
     else:
         feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(G, len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
-                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout)
+                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift)
         model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
@@ -554,10 +600,12 @@ def train(cfg: FlowConfig) -> str:
         return f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
             "no checkpoint was written"
 
-    if val_keys and not old:  # reference point: the additive prior itself as the prediction
-        r = pearson(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean()
-        print(f"{len(keys)} train / {len(val_keys)} val conditions; val Pearson(mean deltas) of the additive "
-              f"prior alone: {r:.3f}", file=sys.stderr)
+    if not old:  # how far the prior is trusted, and the additive prior itself as a reference prediction
+        trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
+        r = pearson(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
+            if val_keys else float("nan")
+        print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}; "
+              f"val Pearson(mean deltas) of the additive prior alone: {r:.3f}", file=sys.stderr)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     pbar = tqdm(total=end, initial=step, disable=not cfg.progress, desc="flow", dynamic_ncols=True)
     t0, loss_avg = time.time(), old["extra"]["loss_avg"] if old else None
@@ -585,14 +633,14 @@ def train(cfg: FlowConfig) -> str:
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_avg:.4f}")
+        if step == cfg.steps:  # before the last validation, so the logged metrics are the saved model's
+            which = calibrate_zeros(ema, ds, keys, val_keys, seed=cfg.seed + 2)
+            pbar.write(f"zero threshold per gene: {which} (lower validation energy distance)")
         if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
             ev = validate(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
             history.append({"step": step, "train_loss": loss_avg, "time": time.time() - t0, **ev})
             pbar.write(f"step {step} ({time.time() - t0:.0f} s): train loss {loss_avg:.4f}  val loss "
                        f"{ev['val_loss']:.4f}  val Pearson(mean deltas) {ev['pearson_delta']:.3f}")
-        if step == cfg.steps:
-            which = calibrate_zeros(ema, ds, keys, val_keys, seed=cfg.seed + 2)
-            pbar.write(f"zero threshold per gene: {which} (lower validation energy distance)")
         if step % cfg.save_every == 0 or step == end:
             saved = save(step)
     pbar.close()

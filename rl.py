@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import os
 import sys
 import time
@@ -79,8 +81,8 @@ class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass t
 # ----------------------------------------------------------------------------- the pieces
 @torch.no_grad()
 def rollout(model, cond, T, noise_level, generator):
-    """T SDE steps from x0 ~ N(0, I): states (T+1, B, G) and log p(x_{t+1} | x_t) (T, B)."""
-    x = torch.randn(cond["ctrl"].shape, generator=generator, device=cond["ctrl"].device)  # (B, G)
+    """T SDE steps from x0 ~ N(mu0, sigma^2 I) (flow.make_cond): states (T+1, B, G), log p(x_{t+1} | x_t) (T, B)."""
+    x = flow.draw_x0(cond, cond["ctrl"].shape, generator, cond["ctrl"].device)  # (B, G) from the source
     xs, lps = [x], []
     for i in range(T):
         x, lp, _, _ = flow.sde_step(model, x, i / T, 1.0 / T, cond, noise_level, generator)
@@ -110,30 +112,34 @@ def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
                   "ratio_dev": (ratio - 1).abs().mean().item()}
 
 
-def validate(model, ds, keys, verifier, cfg, ctrl_mean_energy=None) -> dict:
+def validate(model, ds, keys, verifier, cfg) -> dict:
     """ODE cells for validation conditions (fixed seed: the same noise and contexts at every call) and their
-    metrics averaged over conditions. score = Pearson of mean deltas (not a reward) - |log effect ratio|
-    (punishes caricatures and shrinkage alike)."""
+    metrics averaged over conditions, with the checkpoint score of evaluate.selection_score (not a reward:
+    debiased Pearson of mean deltas - |log effect ratio| - relative energy distance)."""
     preds = evaluate.predict(model, ds, keys, cfg.eval_cells, cfg.eval_steps, "midpoint", seed=cfg.seed + 7)
-    ms = [evaluate.metrics(preds[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier) for k in keys]
-    m = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-    m["score"] = float(m["pearson_delta"] - abs(np.log(max(m["effect_ratio"], 1e-6))))
-    return m
+    ms = [{**evaluate.metrics(preds[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier),
+           **evaluate.selection_score(preds[k], ds.refs[k])} for k in keys]
+    return {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
 
 
 # ----------------------------------------------------------------------------- the loop
 def pretrained(cfg: RLConfig) -> str:
-    """cfg.ckpt, or a generator pretrained on cfg's data (cached in runs/, reused when present)."""
+    """cfg.ckpt, or a generator pretrained on cfg's data, cached in runs/ under a name that hashes every data
+    option, both seeds and the step count: it is reused only when all of them match."""
     if cfg.ckpt:
         return cfg.ckpt
-    path = Path("runs") / f"flow_{Path(cfg.data).stem if cfg.data else 'simulated'}.pt"
-    if path.exists():
-        print(f"using the pretrained generator {path} (delete it to pretrain again)")
-        return str(path)
-    path.parent.mkdir(exist_ok=True)
     fcfg = flow.FlowConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)},
-                           steps=cfg.pretrain_steps, out=str(path), device=cfg.device, progress=cfg.progress)
-    print(f"no --ckpt: pretraining a generator for {cfg.pretrain_steps} steps -> {path}")
+                           steps=cfg.pretrain_steps, device=cfg.device, progress=cfg.progress)
+    opts = {f.name: getattr(fcfg, f.name) for f in fields(data.DataConfig)} | {"steps": fcfg.steps}
+    opts["data"] = str(Path(cfg.data).resolve()) if cfg.data else None
+    tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+    fcfg.out = str(Path("runs") / f"flow_{Path(cfg.data).stem if cfg.data else 'simulated'}_{tag}.pt")
+    if Path(fcfg.out).exists():
+        print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
+        return fcfg.out
+    Path(fcfg.out).parent.mkdir(exist_ok=True)
+    print(f"no --ckpt and no cached generator with these data options and seeds: pretraining "
+          f"{cfg.pretrain_steps} steps -> {fcfg.out}")
     return flow.train(fcfg)
 
 
@@ -145,8 +151,8 @@ def train(cfg: RLConfig) -> str:
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     ds = evaluate.dataset_for(ck, cfg.data)
-    weights = verifiers.parse_weights(cfg.rewards)
-    verifier = verifiers.Verifier(ds.genes, weights, cfg.gene_sets, cfg.topk)
+    verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
+    weights = verifier.weights                                      # the nonzero ones
     val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
     keys, val_keys = ds.split["train"], ds.split["val"]
     for c in sorted({k[1] for k in keys}):

@@ -1,8 +1,8 @@
 """The GRPO settings behind rl.py's defaults: validation metrics after a short run for each setting.
 
-    python bench/rl_sweep.py [--ckpt runs/flow_simulated.pt] [--steps 60]
+    python bench/rl_sweep.py --ckpt runs/flow_simulated_<hash>.pt [--steps 60]
 
-Each row starts from the same pretrained generator (default: the one `python rl.py` pretrains and caches)
+Each row starts from the same pretrained generator (e.g. the one `python rl.py` pretrains and caches)
 and changes one setting from the defaults. The numbers are on validation conditions (never rolled out),
 ODE sampler, at the last step (not the best one), so the drift of each setting shows.
 """
@@ -20,15 +20,17 @@ SETTINGS = {
     "weak KL (beta=0.01)": {"beta": 0.01},
     "weak KL, energy weight 3": {"beta": 0.01, "rewards": "pearson=1,rmse=1,spearman=1,pathway=1,energy=3"},
     "beta=0.5": {"beta": 0.5},
+    "lr 2e-3": {"lr": 2e-3},
+    "beta=0.5, lr 2e-3": {"beta": 0.5, "lr": 2e-3},
     "one pass (epochs=1)": {"epochs": 1},
     "SDE noise 0.4": {"noise": 0.4},
 }
-COLS = ["pearson_delta", "energy", "effect_ratio", "reward/pearson", "reward/spearman", "reward/pathway", "reward/rmse"]
+COLS = ["score", "pearson_delta", "energy", "effect_ratio", "reward/pearson", "reward/spearman", "reward/pathway", "reward/rmse"]
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ckpt", default="runs/flow_simulated.pt")
+    p.add_argument("--ckpt", required=True, help="a pretrained generator, e.g. the runs/flow_simulated_*.pt of `python rl.py`")
     p.add_argument("--steps", type=int, default=60)
     a = p.parse_args()
     rows = []

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -581,3 +582,61 @@ def test_real_file():
     assert ds.split["test"] and held
     for l, c in held:                                                        # seen in another cell line
         assert any((l, c2) in train for c2 in ds.covariates if c2 != c), (l, c)
+
+
+# ----------------------------------------------------------------------------- the prior and its trust
+def test_prior_never_contains_the_key_itself_and_its_kind(sim_ds):
+    ds = sim_ds
+    single = next(k for k in ds.split["train"] if "+" not in k[0])
+    combo = next(k for k in ds.split["train"] if "+" in k[0])
+    np.testing.assert_array_equal(ds.additive_delta(single), 0.0)            # one covariate: no other source
+    a, b = combo[0].split("+")
+    want = ds.refs[(a, combo[1])].delta + ds.refs[(b, combo[1])].delta
+    np.testing.assert_allclose(ds.additive_delta(combo), want.numpy(), atol=1e-6)
+    assert ds.prior_kind(combo) == "additive" and ds.prior_kind(single) == "none"
+    assert data.prior_kind(("A", "x"), [("A", "y")]) == "transfer"
+    assert data.prior_kind(("A+B", "x"), [("A", "x"), ("B", "y")]) == "transfer"
+    assert data.prior_kind(("A+B", "x"), [("A", "x"), ("B", "x")]) == "additive"
+    assert data.prior_kind(("A+B", "x"), [("A", "x")]) == "none"
+
+
+def test_prior_trust_matches_the_size_of_informative_priors(sim_ds):
+    """rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2) over the training keys of a kind, c = min(1, sqrt(sum |d|^2 /
+    sum |p|^2)) when rho >= min_corr, else 0; computed here from the references by hand. The table's shift is
+    c * prior."""
+    ds = sim_ds
+    train = ds.split["train"]
+    combos = [k for k in train if "+" in k[0] and all((p, k[1]) in train for p in k[0].split("+"))]
+    P = np.stack([sum(ds.refs[(p, k[1])].delta.numpy().astype(np.float64) for p in k[0].split("+")) for k in combos])
+    D = np.stack([ds.refs[k].delta.numpy() for k in combos])
+    rho, c = (P * D).sum() / np.sqrt((P * P).sum() * (D * D).sum()), min(1.0, np.sqrt((D * D).sum() / (P * P).sum()))
+    trust = ds.prior_trust()
+    assert rho > 0.2 and 0 < c < 1 and abs(trust["additive"] - c) < 1e-6
+    assert trust["none"] == 0.0 and trust["transfer"] == 0.0                   # one covariate: no transfer keys
+    assert ds.prior_trust(min_corr=rho + 0.01)["additive"] == 0.0             # an uninformative prior is not used
+    tab = ds.key_table(ds.split["test"])
+    torch.testing.assert_close(tab["shift"], c * tab["prior"])
+
+
+def test_validation_conditions_look_like_the_test():
+    """--test doubles whose singles are seen: validation doubles must have their singles in training too (not the
+    doubles without singles, whose prior is zero); when there are none, a warning and the old pool."""
+    keys = [(l, "x") for l in ["A", "B", "C", "D", "E", "A+B", "C+D", "A+E", "F+G", "H+I", "J+K", "L+M"]]
+    for seed in range(5):
+        s = make_split(keys, test="A+B", val_frac=0.5, seed=seed)
+        assert s["val"] and all(v[0] in ("C+D", "A+E") for v in s["val"]), s
+    with pytest.warns(UserWarning, match="no validation condition has a prior like the test's"):
+        s = make_split([k for k in keys if k[0] not in ("C+D", "A+E")], test="A+B", val_frac=0.5)
+    assert s["val"]
+
+
+def test_split_seed_not_seed_chooses_the_split(sim_path):
+    a, b, c = load(sim_path, seed=0), load(sim_path, seed=5), load(sim_path, split_seed=5)
+    assert a.split == b.split and a.split != c.split
+
+
+def test_auto_split_falls_back_to_random_without_additive_candidates():
+    keys = [(l, "x") for l in ["A", "B", "C", "D", "E", "F", "A+Z", "B+Y"]]
+    with pytest.warns(UserWarning, match="random split"):
+        s = make_split(keys, "auto")
+    assert s["test"] and set(s["train"]) | set(s["val"]) | set(s["test"]) == set(keys)

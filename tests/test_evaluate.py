@@ -177,7 +177,7 @@ def test_metrics_against_numpy_and_scipy():
     assert m["pearson_delta_de20"] == pytest.approx(scipy.stats.pearsonr(pd[de[:20]], rd[de[:20]])[0], abs=1e-5)
     assert m["mse"] == pytest.approx(np.mean((pm - rm) ** 2), rel=1e-5)
     assert m["mae"] == pytest.approx(np.mean(np.abs(pm - rm)), rel=1e-5)
-    assert m["r2"] == pytest.approx(1 - ((pm - rm) ** 2).sum() / ((rm - rm.mean()) ** 2).sum(), abs=1e-5)
+    assert m["r2"] == pytest.approx(1 - ((pd - rd) ** 2).sum() / ((rd - rd.mean()) ** 2).sum(), abs=1e-4)  # on deltas
     assert m["de_direction"] == pytest.approx(np.mean(np.sign(pd[de]) == np.sign(rd[de])))
     t_pred = scipy.stats.ttest_ind(x, ctrl, equal_var=False).statistic       # Welch t, predicted vs control
     top = np.argsort(-np.abs(t_pred))[:len(de)]
@@ -497,3 +497,58 @@ def test_pearson_delta_and_mae_agree_with_cell_eval(sim):
         assert ours["pearson_delta"] == pytest.approx(t["pearson_delta"], abs=1e-4), k
         assert ours["mae"] == pytest.approx(t["mae"], abs=1e-4), k
         assert ours["mse"] == pytest.approx(t["mse"], abs=1e-4), k
+
+
+# ----------------------------------------------------------------------------- r2, interaction, selection
+def test_r2_is_on_deltas_so_control_cells_score_about_zero():
+    ref, ctrl, cells = random_reference(seed=3)
+    m = evaluate.metrics(torch.from_numpy(ctrl), ref, len(ctrl))
+    pd = ctrl.mean(0) - ref.ctrl_mean.numpy()
+    d = ref.delta.numpy()
+    assert m["r2"] == pytest.approx(1 - ((pd - d) ** 2).sum() / ((d - d.mean()) ** 2).sum(), rel=1e-4)
+    assert m["r2"] < 0.05                                      # on raw means the control baseline scored ~0.96
+
+
+def test_interaction_score_against_lstsq_and_its_zero_for_additive_predictions():
+    rng = np.random.default_rng(0)
+    dA, dB = rng.normal(0, 1, 300), rng.normal(0, 1, 300)
+    e_real = np.where(rng.random(300) < 0.1, rng.normal(0, 2, 300), 0.0)
+    real = 0.8 * dA + 1.1 * dB + e_real
+    S = torch.tensor(np.stack([dA, dB]))
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    # an independent implementation: numpy least squares, then Pearson of the two residuals
+    D = np.stack([dA, dB], 1)
+    res = lambda d: d - D @ np.linalg.lstsq(D, d, rcond=None)[0]  # noqa: E731
+    pred = 0.5 * dA + 0.5 * dB + 0.7 * e_real + rng.normal(0, 0.3, 300)
+    assert evaluate.interaction(t(pred), t(real), S) == pytest.approx(np.corrcoef(res(pred), res(real))[0, 1], abs=1e-6)
+    assert evaluate.interaction(t(real), t(real), S) == pytest.approx(1, abs=1e-6)
+    for shrunk in (dA + dB, 0.6 * (dA + dB), 2 * dA - 0.3 * dB):   # any scaled/shrunk additive prediction: 0
+        assert abs(evaluate.interaction(t(shrunk), t(real), S)) < 1e-6
+
+
+def test_selection_score_prefers_real_cells_to_collapsed_and_exaggerated(sim):
+    """Half of each condition's real cells is the reference, the other half an ideal generator. A collapsed
+    generator (every cell = control mean + 0.8 x effect) and an exaggerated one (the ideal cells with twice the
+    effect) must score lower in every condition; the old score (Pearson of deltas - |log effect ratio|, not
+    debiased, no distribution term) preferred the collapsed one in some of them."""
+    ds = sim["ds"]
+    old_prefers_collapsed = 0
+    keys = [k for k in ds.keys if len(ds.cell_idx[k]) >= 40]
+    assert len(keys) >= 10
+    for k in keys:
+        cells = torch.from_numpy(ds.X[ds.cell_idx[k]])
+        a, b = cells[0::2], cells[1::2]
+        ci = ds.ctrl_idx[k[1]]
+        c_mean, c_std = ds.X[ci].mean(0), ds.X[ci].std(0, ddof=1)
+        ref = data.reference(a.numpy(), ci, c_mean, c_std, 20, 0.1)
+        c = torch.from_numpy(c_mean)
+        ideal = b
+        collapsed = (c + 0.8 * (b.mean(0) - c)).expand(len(b), -1).clone()
+        exaggerated = c + 2 * (b - c)
+        s = {n: evaluate.selection_score(x, ref)["score"] for n, x in
+             [("ideal", ideal), ("collapsed", collapsed), ("exaggerated", exaggerated)]}
+        assert s["ideal"] > s["collapsed"] and s["ideal"] > s["exaggerated"], (k, s)
+        old = {n: (lambda m: m["pearson_delta"] - abs(np.log(m["effect_ratio"])))(evaluate.metrics(x, ref, len(ci)))
+               for n, x in [("ideal", ideal), ("collapsed", collapsed)]}
+        old_prefers_collapsed += old["collapsed"] > old["ideal"]
+    assert old_prefers_collapsed >= 1                          # the bias the debiasing removes

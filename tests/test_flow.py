@@ -178,11 +178,78 @@ def test_sde_and_ode_preserve_the_marginal():
     assert abs(bad.var().item() - sigma ** 2) > 10 * tol_v
 
 
+class GaussianSourceField(torch.nn.Module):
+    """Exact marginal velocity from the source x0 ~ N(m0, s0^2) to x1 ~ N(mu, sigma^2), independent coupling:
+    x_t ~ N(m_t, V_t), m_t = (1 - t) m0 + t mu, V_t = (1 - t)^2 s0^2 + t^2 sigma^2,
+    v(x, t) = mu - m0 + V_t' / (2 V_t) (x - m_t), V_t' = -2 (1 - t) s0^2 + 2 t sigma^2."""
+
+    def __init__(self, m0, s0, mu, sigma):
+        super().__init__()
+        self.m0, self.s0, self.mu, self.sigma = m0, s0, mu, sigma
+
+    def forward(self, x, t, cond):
+        t = t.reshape(-1, 1).to(x.dtype)  # (B, 1)
+        V = (1 - t) ** 2 * self.s0 ** 2 + t ** 2 * self.sigma ** 2
+        dV = -2 * (1 - t) * self.s0 ** 2 + 2 * t * self.sigma ** 2
+        return self.mu - self.m0 + dV / (2 * V) * (x - (1 - t) * self.m0 - t * self.mu)
+
+
+def test_sde_with_a_shifted_narrow_source_preserves_the_marginal():
+    """Source N(m0, s0^2) = N(-1, 0.3^2) (a control cell + shift, sigma 0.3), data N(1.5, 0.5^2): with the source
+    in cond, the SDE's eps_hat = (x - mu0 - t v) / sigma and score -eps_hat / ((1 - t) sigma) keep the marginal;
+    the same field with the N(0, 1) formulas (the source left out of cond) does not."""
+    m0, s0, mu, sigma, n, a = -1.0, 0.3, 1.5, 0.5, 20000, 0.7
+    field = GaussianSourceField(m0, s0, mu, sigma)
+    cond = {"mu0": m0, "sigma": s0}
+    tol_m, tol_v = 4 * sigma / math.sqrt(n) + 0.01, 4 * sigma ** 2 * math.sqrt(2 / n) + 0.01
+
+    def run(cond, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x, h = m0 + s0 * torch.randn(n, 1, generator=g, dtype=torch.float64), 1.0 / 400
+        for i in range(400):
+            x, *_ = flow.sde_step(field, x, i * h, h, cond, a, g)
+        return x
+
+    x = run(cond)
+    assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
+    ode = flow.sample(field, cond, 200, "midpoint", x0=torch.randn(n, 1, dtype=torch.float64), decode=False)
+    assert abs(ode.mean().item() - mu) < tol_m and abs(ode.var().item() - sigma ** 2) < tol_v
+    bad = run({})
+    assert abs(bad.mean().item() - mu) > 10 * tol_m or abs(bad.var().item() - sigma ** 2) > 10 * tol_v
+    # the noise scales with the source: std = a sigma sqrt((1 - t) / t_eff) sqrt(h)
+    _, std = flow.sde_mean_std(field, torch.zeros(2, 1, dtype=torch.float64), 0.5, 0.05, cond, a)
+    assert torch.allclose(std, torch.full((2, 1), a * s0 * math.sqrt(0.05), dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------- model properties
 def test_fresh_model_outputs_zero():
     m = small_model(randomise=False)
     out = m(torch.randn(3, 6), torch.rand(3), rand_cond(3, 6, [[1, 2]] * 3, [[1.0, 0.5]] * 3))
     assert torch.equal(out, torch.zeros(3, 6))
+
+
+def test_fresh_model_reproduces_the_shifted_control_cell():
+    """source 'ctrl': a zero network leaves x0 = ctrl + shift + sigma eps in place, so with a tiny sigma the
+    decoded cell is the control cell plus c * prior (the additive baseline, in expression space); source
+    'noise' (the target shift): x0 = shift + eps; shift off: the prior moves nothing."""
+    torch.manual_seed(0)
+    G = 6
+    table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
+             "prior": torch.randn(1, G), "shift": None}
+    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6
+    ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
+    for source, sigma, shift in [("ctrl", 1e-4, True), ("noise", 1.0, True), ("ctrl", 1e-4, False)]:
+        m = flow.VelocityField(G, 4, 1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, shift=shift)
+        m.mean, m.std = torch.rand(G), torch.rand(G) + 0.5
+        cond = flow.make_cond(m, table, torch.zeros(4, dtype=torch.long), ctrl_x)
+        eps = torch.randn(4, G)
+        z = flow.sample(m, cond, 5, "midpoint", x0=eps, decode=False)
+        s = table["shift"] / m.std if shift else torch.zeros(1, G)
+        want = (m.encode(ctrl_x) + s + sigma * eps) if source == "ctrl" else s + eps
+        torch.testing.assert_close(z, want.expand(4, G), atol=1e-5, rtol=0)
+        if source == "ctrl":
+            x = m.decode(z, floor=False)
+            torch.testing.assert_close(x, ctrl_x + (table["shift"] if shift else 0), atol=1e-3, rtol=0)
 
 
 def test_perturbation_embedding_is_order_invariant():
@@ -252,12 +319,13 @@ def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
     keys = ds.split["train"]
     r = flow.validate(model, ds, keys, n_cells=64, seed=3)["pearson_delta"]
     # baseline: every condition predicted by the mean training cell (what a model that ignores the condition
-    # learns) scores 0.45 here; 64 resampled real cells (the noise ceiling of a 64-cell mean) score 0.93;
-    # this run reaches 0.80
+    # learns) scores 0.45 here; 64 resampled real cells (the noise ceiling of a 64-cell mean) score 0.93. A
+    # training single is never its own prior, so the singles are learned from their embeddings alone: this
+    # 300-step run reaches 0.54 (0.80 when a single's own delta was its prior)
     rows = np.concatenate([ds.cell_idx[k] for k in keys])
     base = flow.pearson(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
                         torch.stack([ds.refs[k].delta for k in keys])).mean().item()
-    assert r > 0.7 and r > base + 0.2, (r, base)
+    assert r > base + 0.05, (r, base)
 
 
 def test_checkpoint_round_trip(tmp_path):

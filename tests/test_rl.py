@@ -349,3 +349,27 @@ def test_group_larger_than_the_control_cells(sim, tmp_path):
     n = len(sim["ds"].ctrl_idx["all"])
     with pytest.raises(DataError, match=str(n)):
         rl.train(tiny(sim, tmp_path / "rl.pt", group=n + 1))
+
+
+def test_a_zero_reward_weight_is_left_out(sim, tmp_path):
+    """--rewards pearson=1,rmse=0 crashed (torch.stack of an empty list): rmse is neither computed nor logged."""
+    rl.train(tiny(sim, tmp_path / "rl.pt", rewards="pearson=1,rmse=0", steps=1))
+    hist = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
+    rec = next(h for h in hist if "reward/total" in h)
+    assert "reward/pearson/mean" in rec and "reward/rmse/mean" not in rec
+    assert rec["reward/total"] == pytest.approx(rec["reward/pearson/mean"])
+
+
+def test_pretrained_generator_is_reused_only_with_the_same_options(sim, tmp_path, monkeypatch):
+    """No --ckpt: runs/flow_<stem>_<hash>.pt is reused when the data options, seeds and steps match, and a new
+    one is pretrained when --test, --split-seed or --seed differ."""
+    monkeypatch.chdir(tmp_path)
+    made = []
+    monkeypatch.setattr(flow, "train", lambda fcfg: (made.append(fcfg), Path(fcfg.out).touch(), fcfg.out)[2])
+    cfg = lambda **kw: rl.RLConfig(data=str(sim["path"]), pretrain_steps=5, progress=False, **kw)  # noqa: E731
+    a = rl.pretrained(cfg())
+    assert len(made) == 1 and made[0].steps == 5 and made[0].data == str(sim["path"])
+    assert rl.pretrained(cfg()) == a and len(made) == 1                     # same options: reused
+    others = {rl.pretrained(cfg(test="X+Y")), rl.pretrained(cfg(split_seed=1)), rl.pretrained(cfg(seed=1))}
+    assert len(made) == 4 and a not in others and len(others) == 3
+    assert rl.pretrained(cfg(ckpt="given.pt")) == "given.pt"
