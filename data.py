@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -916,6 +917,60 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
             p.add_argument(flag, type=typ, default=f.default)
 
 
+# parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
+LIMITS = {name: (test, what) for names, test, what in [
+    ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
+     "n_de pretrain_steps n_cells cells genes covariates", lambda v: v >= 1, "an integer >= 1"),
+    ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
+    ("lr noise clip adv_clip grad_clip std_floor", lambda v: v > 0, "a finite number > 0"),
+    ("beta weight_decay sde_noise", lambda v: v >= 0, "a finite number >= 0"),
+    ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
+
+
+def check_args(args) -> None:
+    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
+    for name, v in vars(args).items():
+        rule = LIMITS.get(name)
+        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
+            raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
+
+
+def _same_file(a, b) -> bool:
+    """a and b name one file: equal once links are resolved, or the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict, inputs: dict) -> None:
+    """Before any work: refuse an output that is the same file as an input or another output, create its
+    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
+    ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
+    for what, path in outputs.items():
+        if not path:
+            continue
+        path = os.fspath(path)
+        clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
+        if clash:
+            raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
+                            "choose another output path")
+        if os.path.isdir(path):
+            raise DataError(f"{what} {path} is a folder; give a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
+        except OSError as e:
+            raise DataError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
+                            "location") from None
+        ins.append((what, path))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(p)
@@ -924,6 +979,8 @@ def main(argv=None):
     p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
     p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
     args = p.parse_args(argv)
+    check_args(args)
+    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
         write_h5ad(args.simulate, simulate(n_cells=args.cells, n_genes=args.genes, seed=args.seed,
                                            n_covariates=args.covariates))
@@ -948,12 +1005,16 @@ def main(argv=None):
 
 
 def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2."""
+    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
+    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
