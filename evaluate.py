@@ -268,9 +268,9 @@ def main(argv=None):
     dev = flow.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
     data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},
-                       {"--data": a.data or models[0][1]["config"].get("data"), "--ckpt": a.ckpt,
-                        "--gene-sets": a.gene_sets, "the base of --ckpt": [ck.get("extra", {}).get("base")
-                                                                          for _, ck in models]})
+                       {"--data": a.data, "the checkpoint's data": models[0][1]["config"].get("data"),
+                        "--ckpt": a.ckpt, "--gene-sets": a.gene_sets,
+                        "the base of --ckpt": [ck.get("extra", {}).get("base") for _, ck in models]})
     ds = dataset_for(models[0][1], a.data)
     for c, (_, ck) in zip(a.ckpt, models):
         if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:

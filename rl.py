@@ -150,12 +150,12 @@ def resume_state(cfg: RLConfig, last: str) -> dict | None:
 
 
 def check_base(base: str, ck: dict, outputs: dict) -> None:
-    """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it."""
+    """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
     if "base" in ck.get("extra", {}):
         raise DataError(f"{base} is an RL checkpoint (post-trained from {ck['extra']['base']}); RL runs do not chain: "
                         f"post-train the pretrained generator (--ckpt {ck['extra']['base']}) or continue this run "
                         f"with --resume")
-    data.check_outputs(outputs, {"the base checkpoint": base})
+    data.check_outputs(outputs, {"the base checkpoint": base, "the checkpoint's data": ck["config"].get("data")})
 
 
 def train(cfg: RLConfig) -> str:
