@@ -1013,7 +1013,7 @@ def cli(main) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
 
 

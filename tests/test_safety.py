@@ -263,6 +263,9 @@ def test_ctrl_c_exits_130_with_the_resume_hint(capsys):
     with pytest.raises(SystemExit) as e:
         data.cli(main)
     assert e.value.code == 130 and "continue with --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                                 # before any state: a bare Ctrl-C
+        data.cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_flow_ctrl_c_keeps_the_last_checkpoint_and_resumes_exactly(sim, tmp_path, monkeypatch):
