@@ -401,7 +401,7 @@ def read_checkpoint(path, resume=None) -> dict:
     if resume == "rl" and "base" not in extra:
         raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
                         f"`python rl.py --ckpt {path}` (no --resume)")
-    missing = [k for k in NEEDS[None] + NEEDS.get(resume, []) if not _has(ckpt, k)]
+    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not _has(ckpt, k)]
     if missing:
         raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
                         f"an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else

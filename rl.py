@@ -153,8 +153,8 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
     """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
     if "base" in ck.get("extra", {}):
         raise DataError(f"{base} is an RL checkpoint (post-trained from {ck['extra']['base']}); RL runs do not chain: "
-                        f"post-train the pretrained generator (--ckpt {ck['extra']['base']}) or continue this run "
-                        f"with --resume")
+                        f"post-train the pretrained generator (--ckpt {ck['extra']['base']}) or continue that run "
+                        f"with `python rl.py --resume --out {ck['extra'].get('rl_config', {}).get('out', base)}`")
     data.check_outputs(outputs, {"the base checkpoint": base, "the checkpoint's data": ck["config"].get("data")})
 
 

@@ -319,9 +319,9 @@ def test_checkpoint_before_zero_below_decodes_as_then(sim, tmp_path):
         flow.train(tiny_flow(sim["path"], path, steps=61, resume=True))
 
 
-@pytest.mark.parametrize("key, use, want", [("split", None, "has no split"), ("rng", "flow", "has no rng.torch"),
-                                            ("opt", "flow", "has no opt"), ("extra", "flow", "extra.history"),
-                                            ("genes", None, "has no genes")])
+@pytest.mark.parametrize("key, use, want", [
+    ("split", None, "has no split:"), ("genes", None, "has no genes:"), ("rng", "flow", "has no rng.torch, rng.numpy:"),
+    ("opt", "flow", "has no opt:"), ("extra", "flow", "has no extra.history, extra.loss_avg:")])
 def test_older_checkpoint_names_what_is_missing(sim, tmp_path, key, use, want):
     path = edited(sim, tmp_path, "old.pt", lambda ck: ck.pop(key))
     with pytest.raises(DataError, match=want) as e:
