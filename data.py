@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -123,7 +124,7 @@ def _read_array(obj):
 def _read_X(x):
     """Dense dataset -> ndarray; csr/csc group (current or legacy h5sparse) -> scipy sparse, never dense."""
     if isinstance(x, h5py.Dataset):
-        return x[...]
+        return _f32(x[...])
     enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
     fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix,
            "csc_matrix": sp.csc_matrix, "csc": sp.csc_matrix}.get(enc)
@@ -131,7 +132,12 @@ def _read_X(x):
         raise DataError(f"{x.name}: unsupported matrix encoding-type {enc!r}; this reader takes dense "
                         "arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
     shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
-    return fmt((x["data"][...], x["indices"][...], x["indptr"][...]), shape=shape)
+    return fmt((_f32(x["data"][...]), x["indices"][...], x["indptr"][...]), shape=shape)
+
+
+def _f32(a):
+    """float16 values -> float32 (scipy's sparse products and gene statistics do not take float16)."""
+    return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
 def _read_frame(g, uns=None):
@@ -451,29 +457,44 @@ def find_control(labels: np.ndarray, given=None) -> str:
                     f"{list(top)}; name it with --control")
 
 
-def parse_condition(label: str, control: str, sep: str = "+", dose=None) -> tuple[str, ...]:
+def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
     """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
-    A dose (scalar) is attached to every component as 'A@10'."""
+    A dose (scalar) is attached to every component as 'A@10'. rename: {component: name} (see match_case)."""
     ctrl = {control.lower(), "ctrl", "control"}
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
     parts = [p.strip() for p in str(label).split(sep)]
-    comps = sorted(p for p in parts if p and p.lower() not in ctrl)
+    comps = sorted((rename or {}).get(p, p) for p in parts if p and p.lower() not in ctrl)
     if dose is not None and np.isfinite(dose) and comps:
         comps = sorted(f"{p}@{dose:g}" for p in comps)
     return tuple(comps)
 
 
-def detect_sep(labels, control) -> str:
-    """'+' when any label has it; '_' only when every split part is itself a label (so 'A_B' is a
-    combination of the singles 'A' and 'B', not a gene called A_B)."""
+def detect_sep(labels, control, genes=()) -> str:
+    """'+' when any label has it; else '|', ';' or '_' when every part of every label holding it is itself a
+    label or a gene name, in any case (so 'A_B' is a combination of A and B, not a gene called A_B); else '+'."""
     labels = set(map(str, labels))
     if any("+" in l for l in labels):
         return "+"
-    combos = [l for l in labels if "_" in l and l != control]
-    if combos and all(all(p in labels or p == control for p in l.split("_")) for l in combos):
-        return "_"
+    known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
+    for sep in ("|", ";", "_"):
+        combos = [l for l in labels if sep in l and l != control]
+        if combos and all(all(p.strip().upper() in known for p in l.split(sep)) for l in combos):
+            return sep
     return "+"
+
+
+def match_case(components, genes) -> dict:
+    """{component: gene} for perturbation components that name a gene only in another case ('tmsb4x' ->
+    'TMSB4X'), with a warning: the target is then kept in gene selection and gets its gene's prior features."""
+    exact, upper = set(genes), {}
+    for g in genes:
+        upper.setdefault(g.upper(), g)
+    fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
+    if fix:
+        warnings.warn(f"{len(fix)} perturbation label(s) name a gene in another case; using the gene names: "
+                      + ", ".join(f"{a} -> {b}" for a, b in list(fix.items())[:10]))
+    return fix
 
 
 def components_of(label: str):
@@ -758,13 +779,16 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
                 raise DataError(f"dose column {dose_key!r} is not numeric with at least two values")
             dose_key, doses = None, None
     # canonical labels, parsed once per distinct (label, dose)
-    sep = detect_sep(np.unique(labels), control)
+    symbols = gene_symbols(h, cfg.gene_symbols)
+    distinct = np.unique(labels)
+    sep = detect_sep(distinct, control, symbols)
+    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
     dstr = (np.char.mod("%g", doses) if doses is not None else np.full(len(labels), "nan")).astype(object)
     uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
     canon = []
     for u in uniq:                                                     # once per distinct label
         lab, d = u.split("\x1f")
-        c = parse_condition(lab, control, sep, None if d == "nan" else float(d))
+        c = parse_condition(lab, control, sep, None if d == "nan" else float(d), case)
         canon.append("+".join(c) if c else "ctrl")
     original = dict(zip(canon, (u.split("\x1f")[0] for u in uniq)))   # canonical -> a label as in the file
     cond = np.array(canon, dtype=object)[inv.ravel()]
@@ -783,7 +807,10 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     keep = ((counts[inv.ravel()] >= cfg.min_cells) | is_ctrl) & ~missing
     keys = sorted((l, c) for (l, c), n in zip(uniq, counts) if n >= cfg.min_cells and l not in ("ctrl", "<missing>"))
     if not keys:
-        raise DataError("no perturbed condition has enough cells; lower --min-cells")
+        n = [c for (l, _), c in zip(uniq, counts) if l not in ("ctrl", "<missing>")]
+        raise DataError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has {max(n)}); lower "
+                        "--min-cells" if n else f"there are no perturbed cells: every cell's {pert_key!r} is the "
+                        f"control {control!r} or missing; check --pert-key and --control")
     if split is not None:
         split = {k: [tuple(x) for x in v] for k, v in split.items()}
         unknown = [k for v in split.values() for k in v if k not in set(keys)]
@@ -793,7 +820,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     else:
         test = cfg.test
         if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'
-            test = ",".join("+".join(parse_condition(lab, control, sep)) + (":" + cv if cv else "")
+            test = ",".join("+".join(parse_condition(lab, control, sep, rename=case)) + (":" + cv if cv else "")
                             for lab, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
         split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
     # expression: check, normalise, select genes (sparse until here), densify
@@ -802,7 +829,6 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     counts_in = is_counts(X)
     if counts_in:
         X = log_normalise(X)
-    symbols = gene_symbols(h, cfg.gene_symbols)
     if genes is not None:
         pos = {g: i for i, g in enumerate(symbols)}
         missing = [g for g in genes if g not in pos]
@@ -966,6 +992,60 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
             p.add_argument(flag, type=typ, default=f.default)
 
 
+# parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
+LIMITS = {name: (test, what) for names, test, what in [
+    ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
+     "n_de pretrain_steps n_cells cells genes covariates", lambda v: v >= 1, "an integer >= 1"),
+    ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
+    ("lr noise clip adv_clip grad_clip std_floor", lambda v: v > 0, "a finite number > 0"),
+    ("beta weight_decay sde_noise", lambda v: v >= 0, "a finite number >= 0"),
+    ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
+
+
+def check_args(args) -> None:
+    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
+    for name, v in vars(args).items():
+        rule = LIMITS.get(name)
+        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
+            raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
+
+
+def _same_file(a, b) -> bool:
+    """a and b name one file: equal once links are resolved, or the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict, inputs: dict) -> None:
+    """Before any work: refuse an output that is the same file as an input or another output, create its
+    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
+    ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
+    for what, path in outputs.items():
+        if not path:
+            continue
+        path = os.fspath(path)
+        clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
+        if clash:
+            raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
+                            "choose another output path")
+        if os.path.isdir(path):
+            raise DataError(f"{what} {path} is a folder; give a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
+        except OSError as e:
+            raise DataError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
+                            "location") from None
+        ins.append((what, path))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(p)
@@ -974,6 +1054,8 @@ def main(argv=None):
     p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
     p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
     args = p.parse_args(argv)
+    check_args(args)
+    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
         write_h5ad(args.simulate, simulate(n_cells=args.cells, n_genes=args.genes, seed=args.seed,
                                            n_covariates=args.covariates))
@@ -998,12 +1080,16 @@ def main(argv=None):
 
 
 def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2."""
+    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
+    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

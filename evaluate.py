@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import fields
 
@@ -289,6 +290,15 @@ def write_pred(path, ds, cells: dict) -> None:
                                     var_names=np.array(ds.genes, dtype=object)))
 
 
+def strict(x):
+    """x with every NaN/Inf float replaced by None (null in JSON), so strict JSON parsers read the file."""
+    if isinstance(x, dict):
+        return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 # ----------------------------------------------------------------------------- CLI
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -307,8 +317,13 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     verifiers.add_args(p)
     a = p.parse_args(argv)
+    data.check_args(a)
     dev = flow.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
+    data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},
+                       {"--data": a.data, "the checkpoint's data": models[0][1]["config"].get("data"),
+                        "--ckpt": a.ckpt, "--gene-sets": a.gene_sets,
+                        "the base of --ckpt": [ck.get("extra", {}).get("base") for _, ck in models]})
     ds = dataset_for(models[0][1], a.data)
     for c, (_, ck) in zip(a.ckpt, models):
         if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:
@@ -330,7 +345,7 @@ def main(argv=None):
     print(report(summary))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"summary": summary, "rows": rows, "args": vars(a)}, f, indent=1)
+            json.dump(strict({"summary": summary, "rows": rows, "args": vars(a)}), f, indent=1, allow_nan=False)
     if a.write_pred:
         write_pred(a.write_pred, ds, preds[a.ckpt[0]])
         print(f"wrote predictions to {a.write_pred}")

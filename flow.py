@@ -26,8 +26,10 @@ import argparse
 import copy
 import math
 import os
+import pickle
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -376,30 +378,91 @@ def dataset_meta(ds) -> dict:
             "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}}
 
 
-def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
-                    rng: dict | None = None):
-    """One dict, written atomically (torch.save to path.tmp, then os.replace): a crash never leaves a
-    half-written checkpoint. cfg["model"] holds the model's constructor arguments."""
-    ckpt = {"model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
+FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
+NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use of a checkpoint reads
+         "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
+         "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
+
+
+def _has(d, key: str) -> bool:
+    """d holds the dotted key 'a.b'."""
+    for k in key.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return False
+        d = d[k]
+    return True
+
+
+def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
+                    rng: dict | None = None) -> dict:
+    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot). cfg["model"] holds
+    the model's constructor arguments."""
+    return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
             "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
             "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu(), "zero_below": model.zero_below.cpu()},
             "rng": rng or {}, "extra": extra or {}}
+
+
+def write_checkpoint(path, ckpt: dict) -> None:
+    """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
     tmp = str(path) + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_checkpoint(path, device="cpu", genes=None):
-    """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match."""
+def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
+                    rng: dict | None = None):
+    """make_checkpoint, written atomically."""
+    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
+
+
+def read_checkpoint(path, resume=None) -> dict:
+    """The checkpoint dict, checked for what its use reads; one line naming what a truncated, foreign, older or
+    other-stage checkpoint lacks. resume: None (sampling), "flow" (flow.py --resume) or "rl" (rl.py --resume)."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{path} is not a PerturbCellRL checkpoint (torch.load failed: {type(e).__name__})")
-    if not isinstance(ckpt, dict) or not {"ema", "config", "genes"} <= set(ckpt):
-        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config/genes entries)")
+        with open(path, "rb") as f:
+            zipped = f.read(4) in (b"", b"PK\x03\x04")  # torch.save writes a zip archive
+        if zipped and not isinstance(e, pickle.UnpicklingError):
+            raise DataError(f"{path} is truncated or corrupt (torch.load failed: {type(e).__name__}); use another "
+                            "copy or retrain it") from None
+        raise DataError(f"{path} is not a PerturbCellRL checkpoint (torch.load failed: {type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
+        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
+    fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
+    if fmt > FORMAT:
+        raise DataError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
+    if resume == "flow" and "base" in extra:
+        raise DataError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
+                        f"{extra.get('rl_config', {}).get('out', path)}`")
+    if resume == "rl" and "base" not in extra:
+        raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
+                        f"`python rl.py --ckpt {path}` (no --resume)")
+    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not _has(ckpt, k)]
+    if missing:
+        raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
+                        f"an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
+                                                          "retrain it with flow.py (and rl.py)"))
+    for part in ("model", "ema"):  # written before per-gene zero thresholds: decode as then, max(x, 0)
+        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part] and "zero_below" not in ckpt[part]:
+            ckpt[part]["zero_below"] = torch.zeros_like(ckpt[part]["mean"])
+            warnings.warn(f"{path} predates the per-gene zero thresholds (zero_below): decoding with max(x, 0) as "
+                          f"when it was trained; retrain it for calibrated thresholds", stacklevel=2)
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu", genes=None, resume=None):
+    """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match;
+    resume: see read_checkpoint."""
+    ckpt = read_checkpoint(path, resume)
     if genes is not None and list(genes) != list(ckpt["genes"]):
         ref, got = list(ckpt["genes"]), list(genes)
         diff = [(a, b) for a, b in zip(ref, got) if a != b]
@@ -407,8 +470,12 @@ def load_checkpoint(path, device="cpu", genes=None):
                         f"{len(got)} given, {len(diff) + abs(len(ref) - len(got))} positions differ "
                         f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
                         f"(data.load_dataset(cfg, genes=ckpt['genes']))")
-    model = build_model(ckpt["config"]["model"])
-    model.load_state_dict(ckpt["ema"])
+    try:
+        model = build_model(ckpt["config"]["model"])
+        model.load_state_dict(ckpt["ema"])
+    except (TypeError, KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[0][:120]}); "
+                        "another version wrote it: retrain it") from None
     return model.to(device).eval(), ckpt
 
 
@@ -533,11 +600,13 @@ def train(cfg: FlowConfig) -> str:
     the same covariate. A fraction cfg.ctrl_frac of the batch are control cells as targets with an empty
     perturbation (and zero prior): this anchors "no perturbation -> the control distribution", which the
     additive prior and unseen combinations build on."""
+    data.check_args(cfg)
+    data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
     device = pick_device(cfg.device)
     if cfg.t_dist not in ("uniform", "logit_normal"):
         raise DataError(f"--t-dist {cfg.t_dist!r}: use uniform or logit_normal")
-    old = load_checkpoint(cfg.out)[1] if cfg.resume and os.path.exists(cfg.out) else None
+    old = load_checkpoint(cfg.out, resume="flow")[1] if cfg.resume and os.path.exists(cfg.out) else None
     if cfg.resume and old is None:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
     dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)})
@@ -657,6 +726,10 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
+        print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} (saved every {cfg.save_every} steps) "
+              "with --resume", file=sys.stderr)
+        sys.exit(130)
     print(f"saved {path}")
 
 

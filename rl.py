@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -143,13 +142,36 @@ def pretrained(cfg: RLConfig) -> str:
     return flow.train(fcfg)
 
 
+def resume_state(cfg: RLConfig, last: str) -> dict | None:
+    """Checks before any work (options; outputs that would overwrite an input or fail late), then the state
+    that --resume continues (<out>_last.pt), or None."""
+    data.check_args(cfg)
+    if cfg.resume and not os.path.isfile(last):
+        raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
+    state = flow.read_checkpoint(last, resume="rl") if cfg.resume else None
+    data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
+                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": cfg.gene_sets,
+                        "the base checkpoint": state and state["extra"]["base"]})
+    return state
+
+
+def check_base(base: str, ck: dict, outputs: dict) -> None:
+    """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
+    if "base" in ck.get("extra", {}):
+        raise DataError(f"{base} is an RL checkpoint (post-trained from {ck['extra']['base']}); RL runs do not chain: "
+                        f"post-train the pretrained generator (--ckpt {ck['extra']['base']}) or continue that run "
+                        f"with `python rl.py --resume --out {ck['extra'].get('rl_config', {}).get('out', base)}`")
+    data.check_outputs(outputs, {"the base checkpoint": base, "the checkpoint's data": ck["config"].get("data")})
+
+
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
     device = flow.pick_device(cfg.device)
     last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
-    state = flow.load_checkpoint(last)[1] if cfg.resume else None
+    state = resume_state(cfg, last)
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
+    check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
     ds = evaluate.dataset_for(ck, cfg.data)
     verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     weights = verifier.weights                                      # the nonzero ones
@@ -173,10 +195,13 @@ def train(cfg: RLConfig) -> str:
         step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
     meta = flow.dataset_meta(ds)
 
+    def state_at(step):  # the checkpoint dict of the current state (live tensors)
+        return flow.make_checkpoint(policy, None, opt, step, ck["config"], meta,
+                                    {"base": base, "rl_config": asdict(cfg), "history": history, "best": best},
+                                    {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+
     def save(path, step):
-        flow.save_checkpoint(path, policy, None, opt, step, ck["config"], meta,
-                             {"base": base, "rl_config": asdict(cfg), "history": history, "best": best},
-                             {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+        flow.write_checkpoint(path, state_at(step))
 
     def check_val(step):
         nonlocal best
@@ -193,12 +218,13 @@ def train(cfg: RLConfig) -> str:
         tqdm.write(line)
 
     pbar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="grpo", dynamic_ncols=True)
+    done = copy.deepcopy(state_at(step))  # the last completed step (update, validation, saves): Ctrl-C writes it
     try:
-        if step == 0 and val_keys:
+        if not history and val_keys:
             check_val(0)
+            done = copy.deepcopy(state_at(step))
         while step < cfg.steps:
             t0 = time.time()
-            snapshot = gen.get_state(), rng.bit_generator.state     # Ctrl-C mid-step resumes from here
             # 1. rollouts: conds x group cells, each group one condition with G control contexts
             pick = rng.choice(len(keys), size=min(cfg.conds, len(keys)), replace=False)
             kid = torch.from_numpy(np.repeat(pick, cfg.group))                          # (B,)
@@ -256,13 +282,12 @@ def train(cfg: RLConfig) -> str:
                 check_val(step)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 save(last, step)
-    except KeyboardInterrupt:
-        if "snapshot" in locals():
-            gen.set_state(snapshot[0])
-            rng.bit_generator.state = snapshot[1]
-        save(last, step)
+            done = copy.deepcopy(state_at(step))
+    except KeyboardInterrupt:  # drop the step in progress: --resume redoes it exactly as an uninterrupted run
+        flow.write_checkpoint(last, done)
         pbar.close()
-        sys.exit(f"\ninterrupted at step {step}; saved {last}; continue with --resume")
+        raise KeyboardInterrupt(f"interrupted; saved the state after step {done['step']} to {last}; continue with "
+                                "--resume") from None
     pbar.close()
     if best is None:                     # no validation conditions: the last state is the result
         save(cfg.out, step)

@@ -32,6 +32,7 @@ loops over cells or genes; they run on any device and under no_grad in `Verifier
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from pathlib import Path
 
@@ -153,9 +154,13 @@ def align_gene_sets(sets: dict, genes, min_genes: int = 5):
         rows.append(w)
         names.append(name)
     if not rows:
-        raise DataError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes "
-                        f"(first genes: {list(genes)[:3]}). If the var index holds Ensembl IDs, pass "
-                        "the var column with gene symbols via --gene-symbols.")
+        head = [str(g) for g in list(genes)[:200]]
+        ensembl = 2 * sum(bool(re.match(r"ENS[A-Z]*G\d{6,}", g)) for g in head) > len(head)
+        n_in = len(set(col) & {g.upper() for s in sets.values() for g in s})
+        raise DataError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes (first genes: "
+                        f"{head[:3]}); " + ("they look like Ensembl IDs: pass the var column with gene symbols via "
+                        "--gene-symbols" if ensembl else f"{n_in} of them are in any set, too few: keep more genes "
+                        "(raise --n-genes; 0 keeps all) or drop pathway from --rewards"))
     if dropped:
         warnings.warn(f"dropped {len(dropped)} gene set(s) with < {min_genes} genes in the data: "
                       + ", ".join(dropped))

@@ -272,7 +272,7 @@ def interrupt_rollout_at(monkeypatch, call):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(sim, tmp_path, monkeypatch):
     interrupt_rollout_at(monkeypatch, 2)
-    with pytest.raises(SystemExit, match="resume"):
+    with pytest.raises(KeyboardInterrupt, match="resume"):
         rl.train(tiny(sim, tmp_path / "c.pt", steps=4, eval_every=10))
     monkeypatch.undo()
     state = torch.load(tmp_path / "c_last.pt", weights_only=True)
@@ -283,7 +283,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sim, tmp_path, monkeypatch):
 
 def test_resume_after_ctrl_c_is_exact(sim, tmp_path, monkeypatch):
     interrupt_rollout_at(monkeypatch, 3)                  # after two complete steps, during the third
-    with pytest.raises(SystemExit):
+    with pytest.raises(KeyboardInterrupt):
         rl.train(tiny(sim, tmp_path / "c.pt", steps=4))
     monkeypatch.undo()
     rl.train(tiny(sim, tmp_path / "c.pt", steps=4, resume=True))

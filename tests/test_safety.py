@@ -1,0 +1,447 @@
+"""No run loses data or work (issue 13), one test per defect: outputs never overwrite inputs and fail before any
+work when they cannot be written; options are checked at parse time; Ctrl-C anywhere in an RL or flow step
+resumes bit-exactly; old, foreign, truncated and other-stage checkpoints give one line; RL on an RL checkpoint is
+refused; float16 sparse X loads; labels match genes in any case and with | ; _ separators; JSON is strict."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import flow  # noqa: E402
+import rl  # noqa: E402
+import verifiers  # noqa: E402
+from data import DataError  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def sim(tiny_screen):
+    """The shared tiny screen: sim.h5ad (15 train, 1 val, 2 test keys) and a tiny pretrained flow.pt."""
+    return dict(tiny_screen)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_rl(sim, out, **kw):
+    """2 conditions x 4 rollouts x 3 SDE steps per GRPO step; 4 steps, validation at 0, 2 and 4."""
+    base = dict(ckpt=sim["ckpt"], out=str(out), steps=4, conds=2, group=4, T=3, eval_every=2, eval_cells=8,
+                eval_steps=4, progress=False, seed=0)
+    return rl.RLConfig(**{**base, **kw})
+
+
+def tiny_flow(path, out, **kw):
+    base = dict(data=str(path), n_genes=0, width=32, depth=1, steps=40, batch_size=32, warmup=5, eval_every=1000,
+                save_every=20, out=str(out), progress=False, prior_dim=4)
+    return flow.FlowConfig(**{**base, **kw})
+
+
+def boom(*a, **kw):
+    raise AssertionError("work started before the outputs were checked")
+
+
+def write(path, X, labels, genes):
+    data.write_h5ad(path, data.H5AD(X=X, obs={"condition": np.array(labels, dtype=object)}, var={},
+                                    obs_names=np.array([f"c{i}" for i in range(len(labels))], dtype=object),
+                                    var_names=np.array(genes, dtype=object)))
+    return str(path)
+
+
+def same_state(a, b):
+    """Two checkpoint dicts hold bit-identical weights, optimiser state, RNG, step, history (times aside), best."""
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["numpy"] == b["rng"]["numpy"]
+    strip = lambda c: [{k: v for k, v in h.items() if not k.startswith("time")} for h in c["extra"]["history"]]  # noqa
+    assert a["step"] == b["step"] and strip(a) == strip(b)
+    assert a["extra"].get("best") == b["extra"].get("best")
+
+
+# ----------------------------------------------------------------------------- outputs never overwrite inputs
+def test_evaluate_write_pred_over_its_data_is_refused_and_the_data_kept(sim, tmp_path, monkeypatch):
+    d = tmp_path / "d.h5ad"
+    d.write_bytes(Path(sim["path"]).read_bytes())
+    before = digest(d)
+    os.symlink(d, tmp_path / "link.h5ad")
+    monkeypatch.setattr(evaluate, "predict", boom)
+    for pred in (str(d), str(tmp_path / "link.h5ad"), str(tmp_path / "sub" / ".." / "d.h5ad")):
+        with pytest.raises(DataError, match="same file as --data"):
+            evaluate.main(["--data", str(d), "--ckpt", sim["ckpt"], "--write-pred", pred])
+    with pytest.raises(DataError, match="same file as the checkpoint's data"):   # the data read without --data
+        evaluate.main(["--ckpt", sim["ckpt"], "--write-pred", str(sim["path"])])
+    with pytest.raises(DataError, match="same file as --ckpt"):          # and not over a checkpoint
+        evaluate.main(["--ckpt", sim["ckpt"], "--out", sim["ckpt"]])
+    with pytest.raises(DataError, match="same file as --out"):           # nor two outputs into one file
+        evaluate.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "x"), "--write-pred", str(tmp_path / "x")])
+    assert digest(d) == before and data.read_h5ad(d).X.shape[0] == 1500
+
+
+def test_flow_out_over_its_data_is_refused(sim, tmp_path, capsys):
+    d = tmp_path / "d.h5ad"
+    d.write_bytes(Path(sim["path"]).read_bytes())
+    before = digest(d)
+    with pytest.raises(SystemExit) as e:
+        flow.main(["--data", str(d), "--out", str(d), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "same file as --data" in err[0], err
+    assert digest(d) == before
+
+
+def test_rl_out_over_its_base_is_refused(sim, tmp_path, monkeypatch):
+    base = tmp_path / "flow.pt"
+    base.write_bytes(Path(sim["ckpt"]).read_bytes())
+    before = digest(base)
+    monkeypatch.setattr(rl, "pretrained", boom)
+    with pytest.raises(DataError, match="--out .*flow.pt is the same file as --ckpt"):
+        rl.main(["--ckpt", str(base), "--out", str(base), "--no-progress"])
+    last = tmp_path / "m_last.pt"                                        # <out>_last.pt is an output too
+    last.write_bytes(base.read_bytes())
+    with pytest.raises(DataError, match="latest state.*same file as --ckpt"):
+        rl.main(["--ckpt", str(last), "--out", str(tmp_path / "m.pt"), "--no-progress"])
+    monkeypatch.undo()
+    d = tmp_path / "d.h5ad"
+    d.write_bytes(Path(sim["path"]).read_bytes())
+    ck = edited(sim, tmp_path, "on_d.pt", lambda ck: ck["config"].update(data=str(d)))
+    with pytest.raises(DataError, match="same file as the checkpoint's data"):   # the data read without --data
+        rl.main(["--ckpt", ck, "--out", str(d), "--no-progress"])
+    assert digest(d) == digest(sim["path"])
+    assert digest(base) == before
+
+
+# ----------------------------------------------------------------------------- outputs fail before any work
+def test_output_folders_are_created(sim, tmp_path):
+    out = tmp_path / "nodir" / "sub" / "f.pt"
+    flow.train(tiny_flow(sim["path"], out, steps=2))
+    assert flow.load_checkpoint(str(out))[1]["step"] == 2
+
+
+def test_unwritable_outputs_fail_before_any_work(sim, tmp_path, monkeypatch):
+    """A path under a regular file cannot be created, even by root (where chmod does not stop writes)."""
+    (tmp_path / "afile").write_text("x")
+    bad = str(tmp_path / "afile" / "sub" / "out.pt")
+    monkeypatch.setattr(data, "load_dataset", boom)
+    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(rl, "pretrained", boom)
+    with pytest.raises(DataError, match="--out .*cannot write"):
+        flow.train(tiny_flow(sim["path"], bad))
+    with pytest.raises(DataError, match="--out .*cannot write"):
+        evaluate.main(["--ckpt", sim["ckpt"], "--out", bad])
+    with pytest.raises(DataError, match="--write-pred .*cannot write"):
+        evaluate.main(["--ckpt", sim["ckpt"], "--write-pred", bad])
+    with pytest.raises(DataError, match="--out .*cannot write"):
+        rl.train(tiny_rl(sim, bad, ckpt=None))
+    with pytest.raises(DataError, match="is a folder"):
+        flow.train(tiny_flow(sim["path"], tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_fails_before_any_work(sim, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    monkeypatch.setattr(data, "load_dataset", boom)
+    try:
+        with pytest.raises(DataError, match="cannot write"):
+            flow.train(tiny_flow(sim["path"], ro / "f.pt"))
+    finally:
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- options checked at parse time
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "-1"), ("--lr", "nan"), ("--lr", "inf"),
+                                         ("--save-every", "0"), ("--eval-every", "0"), ("--batch-size", "0")])
+def test_flow_bad_option_one_line_nothing_saved(tmp_path, capsys, flag, value):
+    out = tmp_path / "s0.pt"
+    with pytest.raises(SystemExit) as e:
+        flow.main([flag, value, "--out", str(out), "--no-progress"])
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} {value}: must be"), err
+    assert "saved" not in cap.out and not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--group", "1"), ("--conds", "0"), ("--lr", "nan"), ("--eval-every", "0"),
+                                         ("--T", "0"), ("--steps", "0"), ("--t-frac", "0.0")])
+def test_rl_bad_option(sim, tmp_path, monkeypatch, flag, value):
+    monkeypatch.setattr(rl, "pretrained", boom)
+    with pytest.raises(DataError, match=f"^{flag} {value}: must be"):
+        rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), flag, value, "--no-progress"])
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--n-cells", "0"), ("--sde-noise", "nan"),
+                                         ("--topk", "0")])
+def test_evaluate_bad_option(sim, flag, value):
+    with pytest.raises(DataError, match=f"^{flag} {value}: must be"):
+        evaluate.main(["--ckpt", sim["ckpt"], flag, value])
+
+
+def test_cli_steps_zero_exit_2_no_saved_line(tmp_path):
+    res = subprocess.run([sys.executable, "flow.py", "--steps", "0", "--out", str(tmp_path / "s0.pt")], cwd=ROOT,
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 2 and "saved" not in res.stdout and not (tmp_path / "s0.pt").exists()
+    assert res.stderr.strip().splitlines() == ["error: --steps 0: must be an integer >= 1"]
+
+
+# ----------------------------------------------------------------------------- exact resume after Ctrl-C
+@pytest.fixture(scope="module")
+def rl_ref(sim, tmp_path_factory):
+    """An uninterrupted 4-step run: its latest state and its best checkpoint."""
+    tmp = tmp_path_factory.mktemp("ref")
+    rl.train(tiny_rl(sim, tmp / "ref.pt"))
+    return {k: torch.load(tmp / f, weights_only=True) for k, f in (("last", "ref_last.pt"), ("best", "ref.pt"))}
+
+
+def fail_on_call(monkeypatch, owner, name, n, saving=None):
+    """Make the n-th call of owner.name raise KeyboardInterrupt. saving: for torch.save, count only the files
+    whose name ends so, and leave half a file first, as a Ctrl-C inside torch.save would."""
+    real, calls = getattr(owner, name), [0]
+
+    def f(*a, **kw):
+        if saving is None or str(a[1]).endswith(saving):
+            calls[0] += 1
+            if calls[0] == n:
+                if saving is not None:
+                    Path(a[1]).write_bytes(b"PK\x03\x04 half a checkpoint")
+                raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(owner, name, f)
+
+
+# phase -> (owner, function, the call that raises, which files count (torch.save), the step whose state is kept).
+# Per GRPO step here: 1 rollout, 1 group_advantages, 2 passes x 2 timesteps of sde_log_prob; validation at 0, 2, 4
+PHASES = {"rollout": (rl, "rollout", 3, None, 2), "rewards": (rl, "group_advantages", 2, None, 1),
+          "first pass": (flow, "sde_log_prob", 6, None, 1), "second pass": (flow, "sde_log_prob", 7, None, 1),
+          "validation at step 0": (rl, "validate", 1, None, 0), "validation": (rl, "validate", 2, None, 1),
+          "saving the best": (torch, "save", 1, "/c.pt.tmp", 0),
+          "saving the latest": (torch, "save", 1, "/c_last.pt.tmp", 1)}
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_rl_ctrl_c_in_any_phase_resumes_exactly(sim, rl_ref, tmp_path, monkeypatch, phase):
+    """Ctrl-C drops the step in progress and saves the last completed one; --resume then ends bit-identical to
+    the uninterrupted run (weights, Adam state, RNG, history, best checkpoint). The old handler kept a half
+    step's update (between the passes, in validation) with the RNG of its start."""
+    owner, name, n, saving, kept = PHASES[phase]
+    fail_on_call(monkeypatch, owner, name, n, saving)
+    with pytest.raises(KeyboardInterrupt, match=f"after step {kept} .*--resume"):
+        rl.train(tiny_rl(sim, tmp_path / "c.pt"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "c_last.pt", weights_only=True)["step"] == kept
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]          # no half-written file left
+    rl.train(tiny_rl(sim, tmp_path / "c.pt", resume=True))
+    same_state(torch.load(tmp_path / "c_last.pt", weights_only=True), rl_ref["last"])
+    best = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert best["step"] == rl_ref["best"]["step"]
+    assert all(torch.equal(best["model"][k], rl_ref["best"]["model"][k]) for k in best["model"])
+
+
+def test_ctrl_c_exits_130_with_the_resume_hint(capsys):
+    def main():
+        raise KeyboardInterrupt("interrupted; saved the state after step 3 to x_last.pt; continue with --resume")
+    with pytest.raises(SystemExit) as e:
+        data.cli(main)
+    assert e.value.code == 130 and "continue with --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                                 # before any state: a bare Ctrl-C
+        data.cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_flow_ctrl_c_keeps_the_last_checkpoint_and_resumes_exactly(sim, tmp_path, monkeypatch):
+    flow.train(tiny_flow(sim["path"], tmp_path / "a.pt"))
+    fail_on_call(monkeypatch, flow, "cfm_loss", 30)                     # during step 30: step 20 is on disk
+    with pytest.raises(KeyboardInterrupt):
+        flow.train(tiny_flow(sim["path"], tmp_path / "b.pt"))
+    monkeypatch.undo()
+    fail_on_call(monkeypatch, torch, "save", 1, ".tmp")               # Ctrl-C while writing the step-40 one
+    with pytest.raises(KeyboardInterrupt):
+        flow.train(tiny_flow(sim["path"], tmp_path / "b.pt", resume=True))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"]             # no half-written b.pt.tmp
+    assert flow.load_checkpoint(str(tmp_path / "b.pt"))[1]["step"] == 20
+    flow.train(tiny_flow(sim["path"], tmp_path / "b.pt", resume=True))
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    same_state(a, b)
+
+
+def test_flow_main_ctrl_c_exit_130(monkeypatch, capsys):
+    monkeypatch.setattr(flow, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        flow.main(["--out", "x.pt"])
+    assert e.value.code == 130 and "--resume" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checkpoints: format, old, foreign
+def edited(sim, tmp_path, name, edit):
+    ck = torch.load(sim["ckpt"], weights_only=True)
+    edit(ck)
+    torch.save(ck, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_checkpoints_carry_the_format_version(sim):
+    assert torch.load(sim["ckpt"], weights_only=True)["format"] == flow.FORMAT == 2
+
+
+def test_checkpoint_before_zero_below_decodes_as_then(sim, tmp_path):
+    """The state dict lacks the buffer: filled with zeros, i.e. decode = max(x, 0) as when it was trained."""
+    def drop(ck):
+        for part in ("model", "ema"):
+            del ck[part]["zero_below"]
+        del ck["format"]
+    path = edited(sim, tmp_path, "old.pt", drop)
+    with pytest.warns(UserWarning, match="zero_below"):
+        model, _ = flow.load_checkpoint(path)
+    z = torch.randn(50, model.mean.shape[0])
+    assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
+    with pytest.warns(UserWarning, match="zero_below"):                # a flow run resumes from it too
+        flow.train(tiny_flow(sim["path"], path, steps=61, resume=True))
+
+
+@pytest.mark.parametrize("key, use, want", [
+    ("split", None, "has no split:"), ("genes", None, "has no genes:"), ("rng", "flow", "has no rng.torch, rng.numpy:"),
+    ("opt", "flow", "has no opt:"), ("extra", "flow", "has no extra.history, extra.loss_avg:")])
+def test_older_checkpoint_names_what_is_missing(sim, tmp_path, key, use, want):
+    path = edited(sim, tmp_path, "old.pt", lambda ck: ck.pop(key))
+    with pytest.raises(DataError, match=want) as e:
+        flow.load_checkpoint(path, resume=use)
+    assert ("without --resume" if use else "retrain") in str(e.value)
+
+
+def test_rl_checkpoint_given_to_flow_resume(sim, tmp_path):
+    path = edited(sim, tmp_path, "rl.pt", lambda ck: ck["extra"].update(base=sim["ckpt"], rl_config={"out": "r.pt"}))
+    with pytest.raises(DataError, match=r"RL checkpoint.*rl.py --resume --out r.pt"):
+        flow.train(tiny_flow(sim["path"], path, resume=True))
+
+
+def test_truncated_newer_and_foreign_checkpoints(sim, tmp_path):
+    raw = Path(sim["ckpt"]).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for f in ("cut.pt", "empty.pt"):
+        with pytest.raises(DataError, match="truncated or corrupt"):
+            flow.load_checkpoint(str(tmp_path / f))
+    with pytest.raises(DataError, match="format 3, newer"):
+        flow.load_checkpoint(edited(sim, tmp_path, "new.pt", lambda ck: ck.update(format=3)))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(DataError, match="not a PerturbCellRL checkpoint"):
+        flow.load_checkpoint(str(tmp_path / "other.pt"))
+    bad = edited(sim, tmp_path, "bad.pt", lambda ck: ck["ema"].pop("out.weight"))
+    with pytest.raises(DataError, match="weights do not fit.*retrain"):
+        flow.load_checkpoint(bad)
+
+
+def test_rl_on_an_rl_checkpoint_is_refused(sim, tmp_path, monkeypatch):
+    path = edited(sim, tmp_path, "rl.pt", lambda ck: ck["extra"].update(base=sim["ckpt"], rl_config={"out": "rl.pt"}))
+    with pytest.raises(DataError, match=f"RL checkpoint .*do not chain.*--ckpt {sim['ckpt']}"):
+        rl.train(tiny_rl(sim, tmp_path / "again.pt", ckpt=path))
+    assert not (tmp_path / "again.pt").exists() and not (tmp_path / "again_last.pt").exists()
+
+
+def test_rl_resume_without_a_state_says_nothing_to_resume(sim, tmp_path):
+    with pytest.raises(DataError, match="nothing to resume.*without --resume") as e:
+        rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--resume"])
+    assert "flow.py" not in str(e.value)
+    torch.save(torch.load(sim["ckpt"], weights_only=True), tmp_path / "rl_last.pt")   # a flow checkpoint there
+    with pytest.raises(DataError, match="not an RL run's state"):
+        rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--resume"])
+
+
+# ----------------------------------------------------------------------------- data
+def test_sparse_float16_x_is_read_as_float32(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = ["ctrl"] * 30 + ["A"] * 15 + ["B"] * 15
+    X = sp.csr_matrix(rng.poisson(2.0, (60, 12)).astype(np.float32))
+    genes = [f"G{i}" for i in range(12)]
+    p16, p32 = write(tmp_path / "h.h5ad", X, labels, genes), write(tmp_path / "f.h5ad", X, labels, genes)
+    with h5py.File(p16, "r+") as f:                                     # CSR X/data stored as float16
+        d = f["X/data"][...]
+        del f["X/data"]
+        f["X"].create_dataset("data", data=d.astype(np.float16))
+    assert data.read_h5ad(p16).X.dtype == np.float32
+    cfg = dict(n_genes=6, split="random", min_cells=5)
+    ds16 = data.load_dataset(data.DataConfig(data=p16, **cfg))
+    ds32 = data.load_dataset(data.DataConfig(data=p32, **cfg))
+    assert ds16.X.dtype == np.float32 and ds16.genes == ds32.genes and np.array_equal(ds16.X, ds32.X)
+
+
+def test_labels_match_genes_in_any_case(tmp_path):
+    """'tmsb4x' names the gene TMSB4X: kept by gene selection (as a target) and given prior features. The gene
+    is nearly constant, so without the match it is never a highly variable gene."""
+    rng = np.random.default_rng(1)
+    genes = [f"G{i}" for i in range(30)] + ["TMSB4X"]
+    labels = ["ctrl"] * 60 + ["tmsb4x"] * 15 + ["G1"] * 15 + ["G2"] * 15
+    X = rng.negative_binomial(2, 0.4, (len(labels), len(genes))).astype(np.float32)
+    X[:, -1] = 200 + np.arange(len(labels)) % 2                         # varies a little: a correlation profile
+    p = write(tmp_path / "case.h5ad", X, labels, genes)
+    with pytest.warns(UserWarning, match="tmsb4x -> TMSB4X"):
+        ds = data.load_dataset(data.DataConfig(data=p, n_genes=3, split="random", min_cells=5))
+    assert ds.genes == ["G1", "G2", "TMSB4X"] and ds.components == ["G1", "G2", "TMSB4X"]
+    assert ("TMSB4X", "all") in ds.keys and ds.meta["labels"]["TMSB4X"] == "tmsb4x"
+    feat = flow.gene_prior_features(ds, p=2)
+    assert feat[ds.components.index("TMSB4X")].abs().sum() > 0
+
+
+@pytest.mark.parametrize("sep", ["|", ";", "_"])
+def test_other_separators_when_every_part_is_a_label_or_gene(tmp_path, sep):
+    rng = np.random.default_rng(2)
+    genes = [f"G{i}" for i in range(10)]
+    labels = ["ctrl"] * 30 + ["G1"] * 12 + ["G2"] * 12 + [f"G1{sep}G2"] * 12 + [f"G3{sep}G4"] * 12
+    p = write(tmp_path / "sep.h5ad", rng.poisson(3.0, (len(labels), 10)).astype(np.float32), labels, genes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = data.load_dataset(data.DataConfig(data=p, n_genes=0, split="random", min_cells=5))
+    assert ds.meta["sep"] == sep and sorted(k[0] for k in ds.keys) == ["G1", "G1+G2", "G2", "G3+G4"]
+    assert data.detect_sep(["ctrl", "A", f"A{sep}X"], "ctrl") == "+"       # X is neither a label nor a gene
+
+
+def test_no_perturbed_cells_says_so(tmp_path):
+    rng = np.random.default_rng(3)
+    X = rng.poisson(3.0, (40, 6)).astype(np.float32)
+    p = write(tmp_path / "ctrl.h5ad", X, ["ctrl"] * 40, [f"G{i}" for i in range(6)])
+    with pytest.raises(DataError, match="no perturbed cells") as e:
+        data.load_dataset(data.DataConfig(data=p, n_genes=0))
+    assert "min-cells" not in str(e.value)
+    p = write(tmp_path / "few.h5ad", X, ["ctrl"] * 37 + ["A"] * 3, [f"G{i}" for i in range(6)])
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="the largest has 3.*lower --min-cells"):
+        data.load_dataset(data.DataConfig(data=p, n_genes=0))
+
+
+def test_pathway_reward_with_few_genes_says_raise_n_genes(sim):
+    genes = sim["ds"].genes[:40:8]                                       # symbols, as --n-genes 5 keeps
+    with pytest.raises(DataError, match="5 genes .* 5 of them are in any set, too few.*raise --n-genes") as e:
+        verifiers.Verifier(genes, {"pathway": 1.0})
+    assert "--gene-symbols" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- strict JSON
+def test_results_json_is_strict(sim, tmp_path):
+    """One generated cell per condition: its spread ratio is NaN, written as null (the folder is created)."""
+    out = tmp_path / "nodir" / "r.json"
+    evaluate.main(["--ckpt", sim["ckpt"], "--steps", "2", "--sde-noise", "0", "--n-cells", "1", "--out", str(out)])
+    bad = lambda c: (_ for _ in ()).throw(ValueError(f"non-standard JSON constant {c}"))  # noqa: E731
+    res = json.loads(out.read_text(), parse_constant=bad)
+    assert all(r["spread_ratio"] is None for r in res["rows"] if r["method"] == sim["ckpt"])
+    nan, inf = float("nan"), float("inf")
+    assert evaluate.strict({"a": [1.0, inf, {"b": nan}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}
