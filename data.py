@@ -997,7 +997,7 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
      "n_de pretrain_steps n_cells cells genes covariates", lambda v: v >= 1, "an integer >= 1"),
     ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
-    ("lr noise clip adv_clip grad_clip std_floor", lambda v: v > 0, "a finite number > 0"),
+    ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),

@@ -305,7 +305,7 @@ def tiny_cfg(sim_path, out, **kw):
 @pytest.fixture(scope="module")
 def trained(sim_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "flow.pt"
-    flow.train(tiny_cfg(sim_path, out, steps=300, batch_size=128, lr=3e-3, eval_every=50, save_every=300))
+    flow.train(tiny_cfg(sim_path, out, steps=600, batch_size=128, lr=3e-3, eval_every=100, save_every=600))
     return str(out)
 
 
@@ -314,18 +314,19 @@ def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
     hist = ckpt["extra"]["history"]
     # the fresh model outputs 0, so its loss is E|x1|^2 + E|x0|^2 = 2 per gene on z-scored cells; the logged
     # loss is smoothed over ~50 steps (its noise is < 0.01 here)
-    assert ckpt["step"] == 300 and hist[-1]["train_loss"] < min(1.9, hist[0]["train_loss"] - 0.05), hist
+    assert ckpt["step"] == 600 and hist[-1]["train_loss"] < min(1.9, hist[0]["train_loss"] - 0.05), hist
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
     keys = ds.split["train"]
     r = flow.validate(model, ds, keys, n_cells=64, seed=3)["pearson_delta"]
     # baseline: every condition predicted by the mean training cell (what a model that ignores the condition
     # learns) scores 0.45 here; 64 resampled real cells (the noise ceiling of a 64-cell mean) score 0.93. A
-    # training single is never its own prior, so the singles are learned from their embeddings alone: this
-    # 300-step run reaches 0.54 (0.80 when a single's own delta was its prior)
+    # training single is never its own prior, so the singles are learned from their embeddings alone: the
+    # untrained model (the shift alone) scores 0.44, this 600-step run 0.55 (0.80 when a single's own delta was
+    # its prior)
     rows = np.concatenate([ds.cell_idx[k] for k in keys])
     base = flow.pearson(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
                         torch.stack([ds.refs[k].delta for k in keys])).mean().item()
-    assert r > base + 0.05, (r, base)
+    assert r > base + 0.08, (r, base)
 
 
 def test_checkpoint_round_trip(tmp_path):
