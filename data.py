@@ -697,17 +697,20 @@ class Dataset:
             out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
         return out
 
-    def shift(self, key, trust=None) -> np.ndarray:
-        """Where the generator starts for `key` (a delta): c * its additive prior when that kind is trusted,
-        else c_mean * the training-mean delta when that is trusted, else zero."""
+    def shift(self, key, trust=None) -> tuple:
+        """Where the generator may start for `key`, two deltas: c * its additive prior when that kind is trusted
+        (else zero), and c_mean * the training-mean delta for a key without a trusted prior (else zero); the
+        second is used with --shift-mean (flow.make_cond)."""
         trust = trust or self.prior_trust()
         c = trust[self.prior_kind(key)]
-        return c * self.additive_delta(key) if c > 0 else trust["mean"] * self.mean_delta(key)
+        if c > 0:
+            return c * self.additive_delta(key), np.zeros(len(self.genes), np.float32)
+        return np.zeros(len(self.genes), np.float32), trust["mean"] * self.mean_delta(key)
 
     def key_table(self, keys) -> dict:
         """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding),
         dose (K, C) log1p(dose)/log1p(max dose) (1 without dose), cov (K,), prior (K, G) expression space, and
-        shift (K, G), where the generator starts (Dataset.shift)."""
+        shift and shift_mean (K, G), where the generator starts (Dataset.shift)."""
         parsed = [components_of(k[0]) for k in keys]
         C = max(len(p) for p in parsed)
         index = {c: i + 1 for i, c in enumerate(self.components)}
@@ -721,8 +724,8 @@ class Dataset:
         cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
         prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
         trust = self.prior_trust()
-        shift = torch.from_numpy(np.stack([self.shift(k, trust) for k in keys]))     # (K, G)
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift}
+        shift, shift_mean = (torch.from_numpy(np.stack(s)) for s in zip(*[self.shift(k, trust) for k in keys]))
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "shift_mean": shift_mean}
 
 
 def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor) -> Reference:

@@ -58,6 +58,7 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = shift + N(0, 1) (a, target shift); ctrl = control cell + shift (b)
     sigma: float = 0.5              # source std sigma with --source ctrl (model space); noise uses 1
     shift: bool = True              # start from the trusted additive prior (False = prior only as an input)
+    shift_mean: bool = False        # without a trusted prior, start from the trusted training-mean delta
     # optimisation
     steps: int = 1000               # optimiser steps
     batch_size: int = 256           # cells per step
@@ -158,7 +159,7 @@ class VelocityField(nn.Module):
 
     def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64,
                  prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0,
-                 shift=False):
+                 shift=False, shift_mean=False):
         super().__init__()
         if source not in ("noise", "ctrl"):
             raise DataError(f"--source {source!r}: use ctrl or noise")
@@ -166,10 +167,11 @@ class VelocityField(nn.Module):
             raise DataError(f"--sigma {sigma}: the source std must be a positive number")
         self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates,
                             width=width, depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
-                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift,
+                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
                             prior_dim=0 if prior_feat is None else int(prior_feat.shape[1]))
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
+        self.shift_mean = shift_mean and self.shift
         G, W = n_genes, width
         self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
         # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a
@@ -247,11 +249,14 @@ def make_cond(model, table, key_ids, ctrl_x):
                           plus the shift, the additive baseline in distribution (as sigma -> 0);
       source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target
                           shift, since the network sees xt - mu0;
-      shift off:          mu0 = 0 (ctrl) or 0 (noise): the prior is only an input."""
+      shift off:          mu0 = ctrl (ctrl) or 0 (noise): the prior is only an input.
+    With --shift-mean a key without a trusted prior starts from the trusted training-mean delta instead of 0."""
     dev = model.mean.device
     key_ids = torch.as_tensor(key_ids, dtype=torch.long)
     ctrl = model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev))  # (B, G)
-    shift = table["shift"][key_ids].to(dev) / model.std if getattr(model, "shift", False) else torch.zeros_like(ctrl)
+    shift = torch.zeros_like(ctrl)
+    if getattr(model, "shift", False):
+        shift = (table["shift"] + table["shift_mean"] * getattr(model, "shift_mean", False))[key_ids].to(dev) / model.std
     mu0 = ctrl + shift if getattr(model, "source", "noise") == "ctrl" else shift  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
@@ -589,7 +594,7 @@ def fit_scaler(X, rows, chunk=16384):
 
 def build_model(hp: dict) -> VelocityField:
     """Rebuild a VelocityField from its stored hyper-parameters (prior features come with the state dict)."""
-    hp = {"source": "noise", "sigma": 1.0, "shift": False, **hp}  # older checkpoints: prior only as an input
+    hp = {"source": "noise", "sigma": 1.0, "shift": False, "shift_mean": False, **hp}  # older: prior only as an input
     p = hp.pop("prior_dim")
     return VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
 
@@ -622,7 +627,8 @@ def train(cfg: FlowConfig) -> str:
              "dose": torch.cat([tab["dose"], torch.zeros(n_cov, C)]),
              "cov": torch.cat([tab["cov"], torch.arange(n_cov)]),  # (K + n_cov,)
              "prior": torch.cat([tab["prior"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
-             "shift": torch.cat([tab["shift"], torch.zeros(n_cov, G)])}  # (K + n_cov, G)
+             "shift": torch.cat([tab["shift"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
+             "shift_mean": torch.cat([tab["shift_mean"], torch.zeros(n_cov, G)])}
     key_cov = table["cov"].numpy()
     pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
     pert_kid = np.concatenate([np.full(len(ds.cell_idx[k]), i) for i, k in enumerate(keys)])
@@ -638,7 +644,8 @@ def train(cfg: FlowConfig) -> str:
     else:
         feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(G, len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
-                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift)
+                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
+                              cfg.shift_mean)
         model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)

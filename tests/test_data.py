@@ -616,6 +616,13 @@ def test_prior_trust_matches_the_size_of_informative_priors(sim_ds):
     assert ds.prior_trust(min_corr=rho + 0.01)["additive"] == 0.0             # an uninformative prior is not used
     tab = ds.key_table(ds.split["test"])
     torch.testing.assert_close(tab["shift"], c * tab["prior"])
+    assert torch.equal(tab["shift_mean"], torch.zeros_like(tab["shift_mean"]))  # a trusted prior: no mean shift
+    # a single (no prior of its own in one covariate): the training-mean delta without itself, if trusted
+    single = next(k for k in train if "+" not in k[0])
+    mean = np.mean([ds.refs[k].delta.numpy() for k in train if k != single], axis=0)
+    tab = ds.key_table([single])
+    np.testing.assert_allclose(tab["shift_mean"][0].numpy(), trust["mean"] * mean, atol=1e-6)
+    assert torch.equal(tab["shift"][0], torch.zeros(len(ds.genes)))
 
 
 def test_validation_conditions_look_like_the_test():

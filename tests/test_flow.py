@@ -235,8 +235,8 @@ def test_fresh_model_reproduces_the_shifted_control_cell():
     torch.manual_seed(0)
     G = 6
     table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
-             "prior": torch.randn(1, G), "shift": None}
-    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6
+             "prior": torch.randn(1, G), "shift": None, "shift_mean": torch.randn(1, G)}
+    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6; shift_mean unused by default
     ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
     for source, sigma, shift in [("ctrl", 1e-4, True), ("noise", 1.0, True), ("ctrl", 1e-4, False)]:
         m = flow.VelocityField(G, 4, 1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, shift=shift)
