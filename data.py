@@ -612,6 +612,7 @@ class DataConfig:
     val_frac: float = 0.15          # fraction held out for validation
     seed: int = 0                   # seed of weights and sampling (the split has its own)
     split_seed: int = 0             # seed of the split: which conditions are held out
+    trust: float | None = None      # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
     n_de: int = 50                  # top DE genes per condition (by |Welch t|)
     std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
 
@@ -692,6 +693,8 @@ class Dataset:
                     p = p.astype(np.float64)
                     sums[kd] += [p @ d, d @ d, p @ p]
         out = {"none": 0.0}
+        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
+            return {**{k: float(self.meta["trust"]) for k in sums}, "none": 0.0}
         for kind, (pd, dd, pp) in sums.items():
             ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
             out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
@@ -868,7 +871,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     finite = doses[np.isfinite(doses)] if doses is not None else np.array([1.0])
     meta = dict(pert_key=pert_key, control=control, cov_key=cov_key, dose_key=dose_key, counts=counts_in,
                 sep=sep, max_dose=float(finite.max()) if finite.size else 1.0, n_cells_in=len(labels),
-                n_genes_in=len(symbols), path=cfg.data or "built-in simulator", labels=original)
+                n_genes_in=len(symbols), path=cfg.data or "built-in simulator", labels=original, trust=cfg.trust)
     return Dataset(X, [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
                    covariates, refs, ctrl_idx, cell_idx, meta)
 
@@ -1001,7 +1004,7 @@ LIMITS = {name: (test, what) for names, test, what in [
      "n_de pretrain_steps n_cells cells genes covariates", lambda v: v >= 1, "an integer >= 1"),
     ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
     ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
-    ("beta weight_decay sde_noise", lambda v: v >= 0, "a finite number >= 0"),
+    ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
