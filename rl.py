@@ -134,8 +134,12 @@ def pretrained(cfg: RLConfig) -> str:
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
     fcfg.out = str(Path("runs") / f"flow_{Path(cfg.data).stem if cfg.data else 'simulated'}_{tag}.pt")
     if Path(fcfg.out).exists():
-        print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
-        return fcfg.out
+        if flow.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
+            print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
+            return fcfg.out
+        fcfg.resume = True                                     # an interrupted pretraining: finish it
+        print(f"resuming the interrupted pretraining {fcfg.out}")
+        return flow.train(fcfg)
     Path(fcfg.out).parent.mkdir(exist_ok=True)
     print(f"no --ckpt and no cached generator with these data options and seeds: pretraining "
           f"{cfg.pretrain_steps} steps -> {fcfg.out}")

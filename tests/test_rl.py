@@ -366,6 +366,7 @@ def test_pretrained_generator_is_reused_only_with_the_same_options(sim, tmp_path
     monkeypatch.chdir(tmp_path)
     made = []
     monkeypatch.setattr(flow, "train", lambda fcfg: (made.append(fcfg), Path(fcfg.out).touch(), fcfg.out)[2])
+    monkeypatch.setattr(flow, "read_checkpoint", lambda path: {"step": 5})   # a finished 5-step pretraining
     cfg = lambda **kw: rl.RLConfig(data=str(sim["path"]), pretrain_steps=5, progress=False, **kw)  # noqa: E731
     a = rl.pretrained(cfg())
     assert len(made) == 1 and made[0].steps == 5 and made[0].data == str(sim["path"])
@@ -373,3 +374,16 @@ def test_pretrained_generator_is_reused_only_with_the_same_options(sim, tmp_path
     others = {rl.pretrained(cfg(test="X+Y")), rl.pretrained(cfg(split_seed=1)), rl.pretrained(cfg(seed=1))}
     assert len(made) == 4 and a not in others and len(others) == 3
     assert rl.pretrained(cfg(ckpt="given.pt")) == "given.pt"
+
+
+def test_an_interrupted_cached_pretraining_is_resumed_not_reused(sim, tmp_path, monkeypatch):
+    """A cached generator that stopped at step 3 of 6 (Ctrl-C during pretraining) is finished with --resume."""
+    monkeypatch.chdir(tmp_path)
+    cfg = rl.RLConfig(data=str(sim["path"]), pretrain_steps=6, progress=False, n_genes=0)
+    real_train, calls = flow.train, []
+    monkeypatch.setattr(flow, "train", lambda c: (calls.append(c), c.out)[1])
+    path = rl.pretrained(cfg)                                            # learn the cache name
+    real_train(flow.FlowConfig(data=str(sim["path"]), n_genes=0, steps=6, stop_at=3, width=16, depth=1,
+                               batch_size=16, eval_every=100, save_every=100, progress=False, out=path))
+    assert torch.load(path, weights_only=True)["step"] == 3
+    assert rl.pretrained(cfg) == path and len(calls) == 2 and calls[-1].resume and calls[-1].steps == 6
