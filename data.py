@@ -14,6 +14,7 @@ gene-name harmonisation across species, dose-response curves (a dose is a scalar
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import sys
@@ -124,6 +125,9 @@ def _read_array(obj):
 def _read_X(x):
     """Dense dataset -> ndarray; csr/csc group (current or legacy h5sparse) -> scipy sparse, never dense."""
     if isinstance(x, h5py.Dataset):
+        if _attr(x, "encoding-type") not in (None, "array"):
+            raise DataError(f"{x.name}: unsupported encoding-type {_attr(x, 'encoding-type')!r}; this reader takes "
+                            "dense arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
         return _f32(x[...])
     enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
     fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix,
@@ -381,8 +385,9 @@ def gene_stats(X, rows: np.ndarray, chunk=4096):
 
 
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
-    """Highly variable genes on the training rows: dispersion var/mean, z-scored within 20 bins of mean
-    expression (Seurat's 'normalised dispersion'); genes in `keep` (perturbation targets) always kept.
+    """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
+    expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
+    expm1 of them as scanpy's flavor='seurat' does); genes in `keep` (perturbation targets) always kept.
     Returns sorted column indices."""
     G = X.shape[1]
     if n_genes <= 0 or n_genes >= G:
@@ -430,9 +435,10 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- perturbations
 def find_key(columns, wanted, given, what, flag):
+    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else None."""
     if given is not None:
         if given not in columns:
-            raise DataError(f"{what} column {given!r} not in obs; obs columns: {list(columns)}")
+            raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
         return given
     for k in wanted:
         for c in columns:
@@ -987,15 +993,50 @@ def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates
 
 
 # ----------------------------------------------------------------------------- CLI
+def field_help(cls) -> dict:
+    """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
+    and a comment line alone above fields names their group (fields before any such line: group 'data')."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        group = "data"
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            if m := re.match(r"^    #\s*(.+)$", line):
+                group = m.group(1).strip()
+            elif m := re.match(r"^    (\w+)\s*:[^#]*#\s*(.+)$", line):
+                out[m.group(1)] = (group, m.group(2).strip())
+    return out
+
+
 def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
-    """One flag per dataclass field (--n-genes ...); other stages call this with their config."""
+    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown,
+    grouped as the dataclass groups them; other stages call this with their config."""
+    docs, groups = field_help(cls), {}
     for f in fields(cls):
+        group, text = docs.get(f.name, ("other", ""))
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
         flag = "--" + f.name.replace("_", "-")
         typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
         if f.type in ("bool",) or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            p.add_argument(flag, type=typ, default=f.default)
+            act = g.add_argument(flag, type=typ, default=f.default, help=text)
+        if "%(default)" not in act.help:                    # BooleanOptionalAction adds it on some Pythons
+            act.help += " (default: %(default)s)"
+
+
+def check_fixed(cfg, stored: dict, source: str) -> None:
+    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
+    given on the command line (not its default) that differs from the stored value; --data, --seed and
+    --device are free."""
+    bad = [f for f in fields(DataConfig) if f.name not in ("data", "seed") and f.name in stored
+           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
+    if bad:
+        f = bad[0]
+        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
+                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
+                        f"again with it")
 
 
 # parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
@@ -1068,7 +1109,16 @@ def main(argv=None):
         print(f"wrote {args.simulate}")
         return
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    ds = load_dataset(cfg)
+    problem = None
+    try:
+        ds = load_dataset(cfg)
+    except DataError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
+        relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
+        try:
+            ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
+        except DataError:
+            raise e from None
+        problem = f"{e} (the summary above is with --min-cells 1 --split random)"
     m = ds.meta
     n_single = sum("+" not in l for l, _ in ds.keys)
     sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
@@ -1083,6 +1133,8 @@ def main(argv=None):
     print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
     print(f"split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
           f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
+    if problem:
+        print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
 
 
 def cli(main) -> None:

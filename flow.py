@@ -33,8 +33,9 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads on a shared
-import numpy as np  # noqa: E402                         CPU made training steps 15x slower (measured)
+# before torch loads OpenMP: spinning threads on a shared CPU made training steps 15x slower (measured)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,13 +71,14 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     ema_decay: float = 0.999        # EMA of the weights (used for sampling and saved)
     t_dist: str = "uniform"         # training time distribution: uniform | logit_normal
     ctrl_frac: float = 0.1          # fraction of each batch that is control cells with an empty perturbation
-    # evaluation, checkpoints, hardware
+    # evaluation and checkpoints
     eval_every: int = 500           # validation loss + Pearson of mean deltas every this many steps
     eval_cells: int = 256           # generated cells per validation condition
     save_every: int = 500           # checkpoint every this many steps (and at the end)
     out: str = "flow.pt"            # checkpoint path
     resume: bool = False            # continue from --out exactly where it stopped
     stop_at: int = 0                # end this invocation at this step (checkpointed); 0 = run to --steps
+    # hardware
     device: str = "cpu"             # cpu | cuda | mps | auto
     compile: bool = False           # torch.compile the model for training
     progress: bool = True           # tqdm progress bar
@@ -491,7 +493,6 @@ def pearson(a, b):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def generate_raw(model, ds, keys, n_cells, seed, steps=20, chunk=4096):
     """n_cells generated cells per key, before the zero threshold: (K * n, G), key-major."""

@@ -49,10 +49,12 @@ from data import DataError
 
 
 @dataclass
-class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass through when no --ckpt is given
+class RLConfig(data.DataConfig):  # data options pass through to pretraining; with --ckpt the checkpoint fixes them
+    # checkpoints
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
     out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
     resume: bool = False           # continue from <out>_last.pt exactly where it stopped
+    # RL
     steps: int = 100               # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (G)
@@ -60,19 +62,23 @@ class RLConfig(data.DataConfig):  # data options (--data, --n-genes, ...) pass t
     noise: float = 0.7             # SDE noise level a
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
     beta: float = 2.0              # KL weight (KL summed over genes); holds the effect-size ratio near 1
+    # optimisation
     lr: float = 6e-4               # AdamW learning rate
     epochs: int = 2                # optimiser passes over each batch of rollouts (ratio = 1 on the first)
     t_frac: float = 0.5            # fraction of the T timesteps trained per pass (random subset)
     adv_clip: float = 5.0          # advantages clipped to +/- this
     grad_clip: float = 1.0         # max global gradient norm
+    # rewards
     rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
     gene_sets: str | None = None   # gene sets for the pathway reward (.gmt/.csv); None -> bundled PROGENy
     topk: int = 5                  # k of the top-k rewards
+    # evaluation
     log_every: int = 5             # one log line every this many steps
     eval_every: int = 10           # validate every this many steps (and at 0 and the end)
     eval_cells: int = 64           # generated cells per validation condition
     eval_steps: int = 20           # ODE midpoint steps for validation and the final table
     pretrain_steps: int = 1000     # with no --ckpt: steps of the generator pretrained first
+    # hardware
     device: str = "cpu"            # cpu | cuda | mps | auto
     progress: bool = True          # tqdm progress bar
 
@@ -176,6 +182,7 @@ def train(cfg: RLConfig) -> str:
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
+    data.check_fixed(cfg, ck["config"], f"the checkpoint {base}")
     ds = evaluate.dataset_for(ck, cfg.data)
     verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     weights = verifier.weights                                      # the nonzero ones

@@ -11,7 +11,8 @@ statistics) and returns a (B,) tensor, higher is better:
     energy    energy_witness    the cell's share of the energy distance between generated and real cells
 
 Pearson and Spearman are blind to effect size (a policy can exaggerate the perturbation and keep
-gaining reward); RMSE and the energy witness see scale and guard against that (DESIGN.md).
+gaining reward); RMSE and the energy witness see scale and guard against that (README, "What we
+learned tuning GRPO").
 
 How it is used.
 
@@ -267,7 +268,8 @@ def de_spearman(x, ref: Reference):
 def pathway_activity(x, ref: Reference, W, k: int = 5):
     """Minus the mean Euclidean distance of the cell's pathway activities to its k nearest real cells.
 
-        z = (x - mu_ctrl) / max(sd_ctrl, 1e-2)   per-gene z-score against the covariate's controls
+        z = (x - mu_ctrl) / sd_ctrl               per-gene z-score against the covariate's controls (sd_ctrl is
+                                                 ref.ctrl_std, already floored at --std-floor, 0.1)
         a = z W^T / ||W_p||                      (B, P) activities, W (P, G) gene-set weights
         reward_i = -mean of the k smallest ||a_i - a(y_j)||.
     Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell

@@ -7,7 +7,8 @@
 The split is fixed by --split-seed; --seeds change only the weights and the sampling, so the spread printed
 is the method's, not the split's. Every seed's checkpoints go to runs/seeds/. The table is on the held-out
 test conditions, ODE sampler, baselines included (they vary with the seed only through the control cells
-they draw). Prints a markdown table: mean ± standard deviation over seeds.
+they draw). Prints a markdown table: mean ± standard deviation over seeds (and, for the interaction score,
+its spread over conditions averaged over seeds).
 """
 import argparse
 import sys
@@ -52,6 +53,7 @@ def main():
     p.add_argument("--flow", default="", help="FlowConfig overrides, e.g. steps=1000,source=ctrl")
     p.add_argument("--rl", default="", help="RLConfig overrides, e.g. steps=100,beta=2")
     p.add_argument("--tag", default="", help="name part of runs/seeds/ files")
+    p.add_argument("--reuse", action="store_true", help="evaluate the runs/seeds/ checkpoints of an earlier run again")
     a = p.parse_args()
     out = Path("runs/seeds")
     out.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,10 @@ def main():
     dopts = dict(data=a.data, split=a.split, test=a.test, split_seed=a.split_seed)
     per_seed = []
     for seed in [int(s) for s in a.seeds.split(",")]:
-        fck = flow.train(flow.FlowConfig(**dopts, seed=seed, out=str(out / f"{stem}_flow_s{seed}.pt"), progress=False,
-                                         **parse_kv(a.flow)))
-        rck = rl.train(rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=str(out / f"{stem}_rl_s{seed}.pt"), progress=False,
-                                   **parse_kv(a.rl)))
+        fck, rck = str(out / f"{stem}_flow_s{seed}.pt"), str(out / f"{stem}_rl_s{seed}.pt")
+        if not a.reuse:
+            flow.train(flow.FlowConfig(**dopts, seed=seed, out=fck, progress=False, **parse_kv(a.flow)))
+            rl.train(rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=rck, progress=False, **parse_kv(a.rl)))
         base, ck = flow.load_checkpoint(fck)
         model, rk = flow.load_checkpoint(rck)
         ds = evaluate.dataset_for(ck, a.data)
@@ -78,11 +80,13 @@ def main():
     methods = list(per_seed[0])
     print(f"\n{len(keys)} test conditions of {ds.meta['path']}, split seed {a.split_seed}, seeds {a.seeds}: "
           f"mean ± sd over seeds\n")
-    print("| method | " + " | ".join(c.replace("reward/", "r:") for c in COLS) + " |")
-    print("|" + "---|" * (len(COLS) + 1))
+    cols = COLS + ["interaction_sd"] if any("interaction_sd" in s.get(m, {}) for s in per_seed for m in methods) else COLS
+    print("| method | " + " | ".join(c.replace("reward/", "r:").replace("interaction_sd", "interaction sd over conditions")
+                                    for c in cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
     for m in methods:
         cells = []
-        for c in COLS:
+        for c in cols:
             v = [s[m][c] for s in per_seed if c in s.get(m, {})]
             cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a")
         print(f"| {m} | " + " | ".join(cells) + " |")

@@ -647,3 +647,29 @@ def test_auto_split_falls_back_to_random_without_additive_candidates():
     with pytest.warns(UserWarning, match="random split"):
         s = make_split(keys, "auto")
     assert s["test"] and set(s["train"]) | set(s["val"]) | set(s["test"]) == set(keys)
+
+
+# ----------------------------------------------------------------------------- the summary CLI on awkward data
+def test_summary_of_data_that_cannot_be_trained_on(tmp_path, capsys):
+    """A GEARS-style file with a few cells per condition and doubles whose singles are missing: the summary
+    is printed (exit 0) and the problem follows as a warning."""
+    rng = np.random.default_rng(0)
+    labels = ["ctrl"] * 30 + ["A+ctrl"] * 3 + ["B+ctrl"] * 4 + ["C+D"] * 3 + ["E+ctrl"] * 5
+    X = rng.poisson(2, (len(labels), 20)).astype(np.float32)
+    p = write_ad(tmp_path / "few.h5ad", X, {"condition": np.array(labels, dtype=object)})
+    data.main(["--data", p, "--n-genes", "0"])
+    out, err = capsys.readouterr()
+    assert "conditions  4 (condition, covariate) pairs: 3 singles, 1 combinations" in out
+    assert "warning: this data cannot be used as it is:" in err and "--min-cells" in err
+
+
+def test_unknown_x_encoding_is_refused(tmp_path):
+    p = tmp_path / "awk.h5ad"
+    data.write_h5ad(p, data.simulate(n_cells=300, n_genes=50, n_singles=3, n_combos=1))
+    with h5py.File(p, "r+") as f:
+        X = f["X"]
+        dense = np.zeros((300, 50), np.float32)
+        del f["X"]
+        f.create_dataset("X", data=dense).attrs["encoding-type"] = "awkward-array"
+    with pytest.raises(DataError, match="unsupported encoding-type 'awkward-array'"):
+        data.read_h5ad(p)

@@ -387,3 +387,26 @@ def test_an_interrupted_cached_pretraining_is_resumed_not_reused(sim, tmp_path, 
                                batch_size=16, eval_every=100, save_every=100, progress=False, out=path))
     assert torch.load(path, weights_only=True)["step"] == 3
     assert rl.pretrained(cfg) == path and len(calls) == 2 and calls[-1].resume and calls[-1].steps == 6
+
+
+def test_data_options_fixed_by_the_checkpoint_are_refused(sim, tmp_path):
+    """With --ckpt the checkpoint's data options (split, genes, ...) hold: a different one is refused, one line."""
+    with pytest.raises(DataError, match=r"--n-genes 7: the checkpoint .* fixes the data options.*n_genes = 0"):
+        rl.train(tiny(sim, tmp_path / "rl.pt", n_genes=7))
+    with pytest.raises(DataError, match="--split-seed 3"):
+        rl.train(tiny(sim, tmp_path / "rl.pt", split_seed=3))
+    assert not os.path.exists(tmp_path / "rl.pt")
+    rl.train(tiny(sim, tmp_path / "rl.pt", steps=1, n_genes=0, seed=4))     # the stored value and --seed are fine
+
+
+def test_every_option_of_every_stage_has_a_help_line():
+    import re
+    for stage in ("data", "flow", "rl", "evaluate"):
+        out = subprocess.run([sys.executable, str(ROOT / f"{stage}.py"), "--help"], capture_output=True, text=True,
+                             env=ENV, cwd=ROOT).stdout
+        lines = out.splitlines()
+        bare = [l.split()[0] for i, l in enumerate(lines) if re.match(r"^  --[\w-]+( [A-Z_]+)?$", l)
+                and not (i + 1 < len(lines) and re.match(r"^\s{6,}[^\s-]", lines[i + 1]))]
+        assert not bare, (stage, bare)
+        if stage in ("flow", "rl"):                                      # grouped, defaults shown
+            assert "(default: " in out and "\ndata:" in out and "\nhardware:" in out and "\noptimisation:" in out
