@@ -1,8 +1,8 @@
 """Data stage: h5ad in and out, preprocessing, perturbation parsing, splits, reference statistics,
 and a Perturb-seq simulator with known ground truth.
 
-    python data.py --data X.h5ad            # summary: keys, labels, conditions, split sizes
-    python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark
+    python data.py --data X.h5ad            # summary: keys, labels, doses, conditions, split sizes
+    python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark (--kind chemical: a drug screen)
 
 Everything downstream consumes a `Dataset` (log1p expression of the selected genes, one row per
 cell, rows grouped by (condition, covariate)) and its per-condition `Reference` statistics.

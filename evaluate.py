@@ -1,7 +1,7 @@
 """Evaluation stage: generate cells for held-out conditions and score them beside simple baselines.
 
     python evaluate.py --data X.h5ad --ckpt flow.pt rl.pt [--split test|val] [--sampler midpoint --steps 20]
-                       [--n-cells N] [--out results.json] [--write-pred pred.h5ad]
+                       [--n-cells N] [--best-of 1,4,16] [--out results.json] [--write-pred pred.h5ad]
 
 For every held-out (condition, covariate) it generates as many cells as the real condition has, each from
 a control cell of the same covariate, and prints one markdown table (methods x metrics, averaged over
@@ -11,7 +11,9 @@ conditions); the JSON keeps per-condition rows. Three kinds of metric:
   population      Pearson of mean deltas (all genes, top-20 DE), MSE/MAE/R^2 of means, energy, MMD
 plus two diagnostics of reward hacking: effect-size ratio and spread ratio (1 is perfect).
 Baselines in the same table: control, training mean, additive (sum of the seen singles' deltas).
-Checkpoints are sampled with the ODE and, since RL trains the SDE, also with the SDE (`--sde-noise`).
+Checkpoints are sampled with the ODE and, since RL trains the SDE, also with the SDE (`--sde-noise`);
+`--best-of N` adds rows `<ckpt> best-of-N`: N ODE candidates per cell, the one the verifiers score highest
+against a pseudo-reference built from training data only (best_of_n, pseudo_reference).
 
 Left out: DE tests other than Welch t (cell-eval's Wilcoxon-based DE metrics), per-cell-type breakdowns,
 confidence intervals over conditions.
