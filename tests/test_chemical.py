@@ -280,6 +280,17 @@ def test_chemical_simulator_sciplex_layout_and_hill_truth(chem):
     assert np.median(r) > 0.5
 
 
+def test_data_cli_reports_doses_and_kind(chem, capsys, tmp_path):
+    data.main(["--data", str(chem["path"]), "--n-genes", "0"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("doses"))
+    ds = chem["ds"]
+    d0 = sorted(d for l, _ in ds.keys if "+" not in l for n, d in data.components_of(l) if n == "drug00")
+    assert "column 'dose' in uM" in line and f"drug00 {','.join(data.fmt_dose(d) for d in d0)};" in line
+    with pytest.raises(DataError, match="--kind 'protein': use genetic or chemical"):
+        data.main(["--simulate", str(tmp_path / "x.h5ad"), "--kind", "protein"])
+    assert not (tmp_path / "x.h5ad").exists()
+
+
 def test_chemical_end_to_end_with_best_of(chem, capsys):
     tmp = chem["tmp"]
     ckpt = flow.train(flow.FlowConfig(data=str(chem["path"]), n_genes=0, split="dose", steps=40, width=32, depth=1,
