@@ -1,15 +1,17 @@
 """Data stage: h5ad in and out, preprocessing, perturbation parsing, splits, reference statistics,
 and a Perturb-seq simulator with known ground truth.
 
-    python data.py --data X.h5ad            # summary: keys, labels, conditions, split sizes
-    python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark
+    python data.py --data X.h5ad            # summary: keys, labels, doses, conditions, split sizes
+    python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark (--kind chemical: a drug screen)
 
 Everything downstream consumes a `Dataset` (log1p expression of the selected genes, one row per
 cell, rows grouped by (condition, covariate)) and its per-condition `Reference` statistics.
 The h5ad format is read and written with h5py alone (no anndata at run time).
 
+Drug screens: a condition is a set of (component, dose) pairs, 'A@0.1+B@1' (doses in uM); see read_conditions.
+
 Left out: obsm/varm/obsp (never read), backed/lazy reading, MuData, zarr, multi-modal data,
-gene-name harmonisation across species, dose-response curves (a dose is a scalar per component).
+gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
 """
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ ROOT = Path(__file__).resolve().parent
 CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
                   "vehicle", "nt", "negative_control", "safe-targeting", "untreated"]
 PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name",
-             "product_name", "treatment", "guide_identity", "target"]
+             "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
 COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
-DOSE_KEYS = ["dose", "dose_value", "dose_val"]
+DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
+DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
+DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
+DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
 SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
 
 
@@ -463,17 +468,27 @@ def find_control(labels: np.ndarray, given=None) -> str:
                     f"{list(top)}; name it with --control")
 
 
+def fmt_dose(d) -> str:
+    """A dose as written in labels ('A@0.1'): 6 significant digits, never in exponent notation ('1e+06' has a '+')."""
+    return np.format_float_positional(float(f"{d:.6g}"), trim="-")
+
+
 def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
     """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
-    A dose (scalar) is attached to every component as 'A@10'. rename: {component: name} (see match_case)."""
+    dose: None, one number for every component, or one per part of the label (in order); a dose is attached as
+    'A@10' (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: {component: name}
+    (see match_case)."""
     ctrl = {control.lower(), "ctrl", "control"}
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
     parts = [p.strip() for p in str(label).split(sep)]
-    comps = sorted((rename or {}).get(p, p) for p in parts if p and p.lower() not in ctrl)
-    if dose is not None and np.isfinite(dose) and comps:
-        comps = sorted(f"{p}@{dose:g}" for p in comps)
-    return tuple(comps)
+    doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
+    comps = []
+    for p, d in zip(parts, doses):
+        if p and p.lower() not in ctrl and not (d is not None and d == 0):
+            p = (rename or {}).get(p, p)
+            comps.append(p if d is None or not np.isfinite(d) else f"{p}@{fmt_dose(d)}")
+    return tuple(sorted(comps))
 
 
 def detect_sep(labels, control, genes=()) -> str:
@@ -504,7 +519,7 @@ def match_case(components, genes) -> dict:
 
 
 def components_of(label: str):
-    """Canonical label 'A@10+B@10' -> [('A', 10.0), ('B', 10.0)]; no dose -> None."""
+    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
     out = []
     for p in label.split("+"):
         name, _, dose = p.partition("@")
@@ -512,32 +527,197 @@ def components_of(label: str):
     return out
 
 
+def names_of(label: str) -> str:
+    """'A@10+B@1' -> 'A+B': the drugs of a condition, without doses."""
+    return "+".join(sorted(n for n, _ in components_of(label)))
+
+
+def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
+    """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
+    reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
+    a dose on dosed data it names a drug (or drug pair) at every dose (make_split)."""
+    if "@" not in lab:
+        return "+".join(parse_condition(lab, control, sep, rename=rename))
+    if all("@" in p for p in lab.split("+")):
+        names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
+        names = sep.join(names)
+    else:
+        names, _, doses = lab.partition("@")
+        doses = doses.split("+")
+    try:
+        d = [float(x) for x in doses]
+    except ValueError:
+        raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
+    if len(d) not in (1, len(names.split(sep))):
+        raise DataError(f"--test {lab!r}: {len(names.split(sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
+    return "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+
+
+def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
+    """The dose string of one cell -> None (none), a float (every component) or a list (one per part, combo=True:
+    the column writes combinations as 'dA+dB', so every value has as many parts as its label). One clear line
+    for text, negative values or a part count that differs from the label's."""
+    if text.strip().lower() in ("nan", "none", ""):
+        return None
+    try:
+        vals = [float(v) for v in text.split("+")]
+    except ValueError:
+        raise DataError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
+                        "combination): fix the column, name the dose column with --dose-key, or --dose-key none") from None
+    if any(v < 0 for v in vals):
+        raise DataError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
+    if combo and len(vals) != n_parts:
+        raise DataError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
+                        "dose per drug, 'dA+dB' for 'A+B', in the same order")
+    return vals if combo else vals[0]
+
+
+def read_conditions(h: H5AD, cfg, symbols) -> dict:
+    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
+
+    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
+    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
+    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
+    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
+    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
+    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
+    (label, dose)."""
+    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
+    n = len(h.obs_names)
+    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
+    if pk is None:                                   # numbered drug columns with numbered dose columns
+        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
+        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
+        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
+            slots = [drugs[i] for i in sorted(drugs)]
+            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
+    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
+    if slots:
+        absent = [c for c in slots if c not in obs]
+        if absent:
+            raise DataError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+        cols = [strs(obs[c]) for c in slots]
+        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
+        labels = cols[0].copy()
+        labels[empty[0]] = control
+        for c, e in zip(cols[1:], empty[1:]):
+            labels = labels + "+" + np.where(e, control, c)
+        missing, pert_key = np.logical_and.reduce(empty), "condition"
+    else:
+        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+        if pert_key is None:
+            raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                            f"name it with --pert-key")
+        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
+        control = find_control(labels, cfg.control)
+    if missing.any():
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
+    # doses: one string per cell ('nan' = none), in the input unit
+    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key")] if c]
+    absent = [c for c in dose_cols if c not in obs]
+    if absent:
+        raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+    dstr = np.full(n, "nan", dtype=object)
+    for i, c in enumerate(dose_cols):
+        col = obs[c]
+        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
+        dstr = s if i == 0 else dstr + "+" + s
+    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+        if dk:
+            raise DataError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+    dose_key = ",".join(dose_cols) or None
+    distinct = np.unique(labels[~missing].astype(str))
+    sep = detect_sep(distinct, control, symbols)
+    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
+    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
+    pairs = [u.split("\x1f") for u in uniq]
+    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
+    where = f"columns {pert_key!r}/{dose_key!r}"
+    doses = [None if not dose_key or not parse_condition(l, control, sep) else
+             dose_values(d, l, len(l.split(sep)), combo, where) for l, d in pairs]
+    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
+    if unit == "auto":
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
+        unit = m[1].lower() if m else "nm" if top > 1000 else "um"
+    if unit not in DOSE_UNITS:
+        raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
+    f = DOSE_UNITS[unit]
+    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
+    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
+                                              for (l, _), d in zip(pairs, doses))]
+    cond = np.array(canon, dtype=object)[inv.ravel()]
+    cond[missing] = "<missing>"                      # dropped later, never a key
+    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
+                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
+                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
+
+
 # ----------------------------------------------------------------------------- splits
 PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
 
 
-def prior_kind(key, train) -> str:
-    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component
-    has a training single in the key's covariate, 'transfer' when every component has one in some covariate,
-    else 'none'. The key itself never counts (a training single is not its own prior)."""
-    train = set(map(tuple, train)) - {tuple(key)}
-    comps = key[0].split("+")
-    if all((c, key[1]) in train for c in comps):
+def single_index(train) -> dict:
+    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
+    out = {}
+    for k in train:
+        comps = components_of(k[0])
+        if len(comps) == 1:
+            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
+    return out
+
+
+def _available(index, key, name, cov) -> list:
+    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
+    own = components_of(key[0])
+    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
+    return [d for d in index.get((name, cov), ()) if d != skip]
+
+
+def prior_kind(key, train, index=None) -> str:
+    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
+    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from),
+    'transfer' when every one has one in some covariate, else 'none'. The key itself never counts (a training
+    single is not its own prior). index: single_index(train), when the caller has it."""
+    index = single_index(train) if index is None else index
+    comps = components_of(key[0])
+    if all(_available(index, key, n, key[1]) for n, _ in comps):
         return "additive"
-    seen = {l for l, _ in train}
-    return "transfer" if all(c in seen for c in comps) else "none"
+    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
+
+
+def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
+    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
+    log-dose between the two neighbouring seen doses,
+        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
+    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
+    order = np.argsort(doses)
+    x = np.asarray(doses, dtype=np.float64)[order]
+    j = int(np.searchsorted(x, d))
+    if j < len(x) and x[j] == d or j == 0:
+        return deltas[order[j]]
+    if j == len(x):
+        return deltas[order[-1]]
+    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
+    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
 
 
 def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
     """Split (condition, covariate) keys by condition. additive: every single in training; combinations
-    whose components are all seen as singles (in that covariate) are test candidates. random: a fraction
-    of conditions per covariate. explicit: `test` lists conditions ('A+B' or 'A+B:COV')."""
+    whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
+    random: a fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its
+    lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
+    held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
+    'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
     keys = sorted(keys)
     rng = np.random.default_rng(seed)
-    singles = {(l, c) for l, c in keys if "+" not in l}
+    index = single_index(keys)
     if test:                                         # an explicit list wins over any mode
         mode = "explicit"
-    additive_cand = [(l, c) for l, c in keys if "+" in l and all((p, c) in singles for p in l.split("+"))]
+    additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
     if mode == "auto":
         mode = "additive" if additive_cand else "random"
         if not additive_cand and any("+" in l for l, _ in keys):
@@ -572,6 +752,21 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             test_keys += t
             val_keys += v
             used |= {k[0] for k in t + v}
+    elif mode == "dose":
+        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
+        test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
+        if not test_keys:
+            raise DataError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
+                            "this data has none: use --split random, drug or --test D@dose")
+        rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
+        val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
+    elif mode == "drug":
+        drugs = sorted({n for l, _ in keys for n, _ in components_of(l)})
+        test_d, rest = take(drugs, test_frac)
+        val_d, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
+        has = lambda k, ds: any(n in ds for n, _ in components_of(k[0]))  # noqa: E731
+        test_keys = [k for k in keys if has(k, test_d)]
+        val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
     elif mode == "explicit":
         if not test:
             raise DataError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
@@ -580,22 +775,23 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         for w in wanted:
             lab, _, cov = w.partition(":")
             lab = "+".join(sorted(lab.split("+")))
-            hit = [k for k in keys if k[0] == lab and (not cov or k[1] == cov)]
+            hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
             if not hit:
                 raise DataError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
             test_keys += hit
         # validation like the test: keys whose prior is of the same kind once the test keys are out
         rest = [k for k in keys if k not in test_keys]
-        kinds = {prior_kind(k, rest) for k in test_keys}
+        idx = single_index(rest)
+        kinds = {prior_kind(k, rest, idx) for k in test_keys}
         n_comp = {len(k[0].split("+")) for k in test_keys}
-        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest) in kinds]
+        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
         if not pool:
             pool = [k for k in rest if len(k[0].split("+")) in n_comp]
             warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
                           f"on {len(pool)} other conditions with as many components instead")
         val_keys, _ = take(pool, val_frac)
     else:
-        raise DataError(f"unknown split {mode!r}; use additive, random or explicit (--test A+B,C+D)")
+        raise DataError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
     held = set(test_keys) | set(val_keys)
     return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
 
@@ -605,15 +801,17 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
 class DataConfig:
     data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
     layer: str | None = None        # read this layer instead of X
-    pert_key: str | None = None     # perturbation column (auto-detected)
+    kind: str = "genetic"           # with no --data, the built-in simulator: genetic (Perturb-seq) | chemical (drug screen)
+    pert_key: str | None = None     # perturbation column (auto-detected); 'Drug1,Drug2': one column per combination slot
     control: str | None = None      # control label (auto-detected)
     covariate_key: str | None = None  # covariate column, e.g. cell line (auto; 'none' disables)
-    dose_key: str | None = None     # dose column (auto; used when numeric and not constant)
+    dose_key: str | None = None     # dose column (auto; ignored when constant; 'none' disables; 'Dose1,Dose2' per slot)
+    dose_unit: str = "auto"         # unit of the doses: uM | nM | mM | auto (column name, else nM above 1000); labels in uM
     gene_symbols: str | None = None  # var column with gene symbols (auto when var names are Ensembl)
     n_genes: int = 2000             # highly variable genes to keep (0 = all)
     min_cells: int = 10             # conditions with fewer cells are dropped (with a warning)
-    split: str = "auto"             # auto | additive | random | explicit
-    test: str | None = None         # explicit test conditions 'A+B,C+D' (or 'A+B:COV')
+    split: str = "auto"             # auto | additive | random | dose | drug | explicit
+    test: str | None = None         # explicit test conditions 'A+B,C+D' (or 'A+B:COV', 'D@0.1', 'A+B@0.1+1')
     test_frac: float = 0.25         # fraction of candidate conditions held out for test
     val_frac: float = 0.15          # fraction held out for validation
     seed: int = 0                   # seed of weights and sampling (the split has its own)
@@ -655,17 +853,31 @@ class Dataset:
     meta: dict = field(default_factory=dict)  # keys and labels found, for writing predictions
 
     def component_deltas(self, key) -> list:
-        """Per component of `key`, its training single-perturbation mean delta (G,): from the same covariate,
-        else the mean over the other covariates, else None. A key is never its own prior: a training single
-        gets its delta from the other covariates (or none), exactly what a held-out single would get, so
-        training conditions look like test conditions."""
-        train = set(self.split["train"]) - {tuple(key)}
+        """Per component of `key`, its training single-perturbation mean delta (G,): the single of the same drug
+        at the same dose in the same covariate, or interpolated in log-dose between that drug's neighbouring seen
+        doses there (interpolate_log_dose), else the mean over the other covariates of the same, else None. A key
+        is never its own prior: a training single gets its delta from the drug's other doses or the other
+        covariates (or none), exactly what a held-out one would get, so training conditions look like test ones."""
+        index = self.single_index()
+
+        def at(name, dose, c):                       # the drug's delta at `dose` from its singles in covariate c
+            seen = [d for d in _available(index, key, name, c) if (d is None) == (dose is None)]
+            deltas = [self.refs[index[(name, c)][d]].delta.numpy() for d in seen]
+            return None if not seen else deltas[0] if dose is None else interpolate_log_dose(seen, deltas, dose)
+
         out = []
-        for comp in key[0].split("+"):
-            other = [self.refs[(comp, c)].delta.numpy() for c in self.covariates if (comp, c) in train]
-            out.append(self.refs[(comp, key[1])].delta.numpy() if (comp, key[1]) in train else
-                       np.mean(other, axis=0) if other else None)
+        for name, dose in components_of(key[0]):
+            own = at(name, dose, key[1])
+            other = [d for d in (at(name, dose, c) for c in self.covariates if c != key[1]) if d is not None]
+            out.append(own if own is not None else np.mean(other, axis=0) if other else None)
         return out
+
+    def single_index(self) -> dict:
+        """single_index of the training keys, cached while the split stays the same."""
+        train = tuple(map(tuple, self.split["train"]))
+        if getattr(self, "_index", (None,))[0] != train:
+            self._index = (train, single_index(train))
+        return self._index[1]
 
     def additive_delta(self, key) -> np.ndarray:
         """The additive prior of `key`: the sum of its component_deltas (a missing one counts zero)."""
@@ -673,7 +885,7 @@ class Dataset:
                    np.zeros(len(self.genes), np.float32)).astype(np.float32)
 
     def prior_kind(self, key) -> str:
-        return prior_kind(key, self.split["train"])
+        return prior_kind(key, self.split["train"], self.single_index())
 
     def mean_delta(self, key) -> np.ndarray:
         """The mean delta of the training perturbations of key's covariate, key itself left out (the
@@ -717,19 +929,22 @@ class Dataset:
         return np.zeros(len(self.genes), np.float32), trust["mean"] * self.mean_delta(key)
 
     def key_table(self, keys) -> dict:
-        """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding),
-        dose (K, C) log1p(dose)/log1p(max dose) (1 without dose), cov (K,), prior (K, G) expression space, and
-        shift and shift_mean (K, G), where the generator starts (Dataset.shift)."""
+        """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
+        the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
+        (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
+        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, and shift, shift_mean
+        (K, G), where the generator starts (Dataset.shift)."""
         parsed = [components_of(k[0]) for k in keys]
         C = max(len(p) for p in parsed)
         index = {c: i + 1 for i, c in enumerate(self.components)}
-        dmax = np.log1p(self.meta.get("max_dose", 1.0) or 1.0)
+        lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
+        span = max(np.log10(hi / lo), 1.0)
         comps = torch.zeros(len(keys), C, dtype=torch.long)
         dose = torch.zeros(len(keys), C)
         for i, p in enumerate(parsed):
             for j, (name, d) in enumerate(p):
                 comps[i, j] = index.get(name, 0)
-                dose[i, j] = 1.0 if d is None else float(np.log1p(d) / dmax)
+                dose[i, j] = 1.0 if d is None else float(1 + np.log10(d / hi) / span)
         cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
         prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
         trust = self.prior_trust()
@@ -753,58 +968,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
 
 
-def builtin_path() -> str:
-    """The built-in synthetic benchmark, simulated once and cached."""
-    path = cache_dir() / "simulated_v1_seed0.h5ad"
+def builtin_path(kind: str = "genetic") -> str:
+    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
+    once and cached."""
+    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
+    if kind not in sims:
+        raise DataError(f"--kind {kind!r}: use genetic or chemical")
+    path = cache_dir() / sims[kind][0]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_h5ad(path, simulate(seed=0))
+        write_h5ad(path, sims[kind][1](seed=0))
     return str(path)
 
 
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, check, normalise, parse, split, select genes and compute references. `genes` and `split`
     (from a checkpoint) override the selection and the split, so every stage sees the same ones."""
-    h = read_h5ad(cfg.data or builtin_path(), layer=cfg.layer)
-    pert_key = find_key(h.obs, PERT_KEYS, cfg.pert_key, "perturbation", "--pert-key")
-    if pert_key is None:
-        raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(h.obs)}; "
-                        f"name it with --pert-key")
-    labels = np.array([str(v) for v in h.obs[pert_key]], dtype=object)
-    missing = np.array([v is None for v in h.obs[pert_key]])
-    if missing.any():
-        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
-    control = find_control(labels, cfg.control)
+    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer)
+    symbols = gene_symbols(h, cfg.gene_symbols)
+    rc = read_conditions(h, cfg, symbols)
+    cond, missing, control, sep, case = rc["cond"], rc["missing"], rc["control"], rc["sep"], rc["case"]
     cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
                                                                 "covariate", "--covariate-key")
     covs = np.array([str(v) for v in h.obs[cov_key]], dtype=object) if cov_key else \
-        np.full(len(labels), "all", dtype=object)
-    dose_key = find_key(h.obs, DOSE_KEYS, cfg.dose_key, "dose", "--dose-key")
-    doses = None
-    if dose_key is not None:
-        try:
-            doses = np.array([np.nan if v is None else float(v) for v in h.obs[dose_key]])
-        except (TypeError, ValueError):
-            doses = None
-        if doses is None or len(np.unique(doses[np.isfinite(doses)])) < 2:
-            if cfg.dose_key:
-                raise DataError(f"dose column {dose_key!r} is not numeric with at least two values")
-            dose_key, doses = None, None
-    # canonical labels, parsed once per distinct (label, dose)
-    symbols = gene_symbols(h, cfg.gene_symbols)
-    distinct = np.unique(labels)
-    sep = detect_sep(distinct, control, symbols)
-    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
-    dstr = (np.char.mod("%g", doses) if doses is not None else np.full(len(labels), "nan")).astype(object)
-    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
-    canon = []
-    for u in uniq:                                                     # once per distinct label
-        lab, d = u.split("\x1f")
-        c = parse_condition(lab, control, sep, None if d == "nan" else float(d), case)
-        canon.append("+".join(c) if c else "ctrl")
-    original = dict(zip(canon, (u.split("\x1f")[0] for u in uniq)))   # canonical -> a label as in the file
-    cond = np.array(canon, dtype=object)[inv.ravel()]
-    cond[missing] = "<missing>"                      # dropped below, never a key
+        np.full(len(cond), "all", dtype=object)
     is_ctrl = cond == "ctrl"
     for cv in np.unique(covs):
         if not is_ctrl[covs == cv].any():
@@ -821,7 +1008,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     if not keys:
         n = [c for (l, _), c in zip(uniq, counts) if l not in ("ctrl", "<missing>")]
         raise DataError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has {max(n)}); lower "
-                        "--min-cells" if n else f"there are no perturbed cells: every cell's {pert_key!r} is the "
+                        "--min-cells" if n else f"there are no perturbed cells: every cell's {rc['pert_key']!r} is the "
                         f"control {control!r} or missing; check --pert-key and --control")
     if split is not None:
         split = {k: [tuple(x) for x in v] for k, v in split.items()}
@@ -831,8 +1018,8 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
                             f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
     else:
         test = cfg.test
-        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'
-            test = ",".join("+".join(parse_condition(lab, control, sep, rename=case)) + (":" + cv if cv else "")
+        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
+            test = ",".join(test_label(lab, control, sep, case) + (":" + cv if cv else "")
                             for lab, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
         split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
     # expression: check, normalise, select genes (sparse until here), densify
@@ -874,54 +1061,109 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         a, b = cell_idx[k][0], cell_idx[k][-1] + 1                    # contiguous block: a view
         refs[k] = reference(X[a:b], ci, m, s, cfg.n_de, cfg.std_floor)
     components = sorted({n for l, _ in keys for n, _ in components_of(l)})
-    finite = doses[np.isfinite(doses)] if doses is not None else np.array([1.0])
-    meta = dict(pert_key=pert_key, control=control, cov_key=cov_key, dose_key=dose_key, counts=counts_in,
-                sep=sep, max_dose=float(finite.max()) if finite.size else 1.0, n_cells_in=len(labels),
-                n_genes_in=len(symbols), path=cfg.data or "built-in simulator", labels=original, trust=cfg.trust)
+    dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
+    meta = dict(pert_key=rc["pert_key"], control=control, cov_key=cov_key, dose_key=rc["dose_key"], counts=counts_in,
+                dose_unit=rc["dose_unit"], dose_factor=rc["dose_factor"], sep=sep, n_cells_in=len(cond),
+                dose_range=(min(dosed), max(dosed)) if dosed else None, n_genes_in=len(symbols),
+                path=cfg.data or f"built-in {cfg.kind} simulator", labels=rc["labels"], trust=cfg.trust)
     return Dataset(X, [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
                    covariates, refs, ctrl_idx, cell_idx, meta)
 
 
 # ----------------------------------------------------------------------------- simulator
+def _footprints(n_genes):
+    """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus
+    background genes SIM00000... Returns genes (G,), pathways (P,), W (P, G) signed footprints scaled to max
+    |w| = 1, and {footprint gene: its pathway}."""
+    table = np.genfromtxt(ROOT / "pathways" / "progeny_human_top100.csv", delimiter=",", names=True,
+                          dtype=None, encoding="utf-8")
+    paths = sorted(set(table["pathway"]))
+    per = max(1, int(0.6 * n_genes) // len(paths))
+    fp_path = {}
+    for p in paths:                                                    # 14 pathways
+        rows = table[table["pathway"] == p]
+        for g in rows["gene"][np.argsort(-np.abs(rows["weight"]))][:per]:
+            fp_path.setdefault(g, p)
+    fp_genes = list(fp_path)
+    genes = np.array(fp_genes[:n_genes] + [f"SIM{i:05d}" for i in range(max(0, n_genes - len(fp_genes)))],
+                     dtype=object)
+    gidx = {g: i for i, g in enumerate(genes)}
+    W = np.zeros((len(paths), len(genes)))                             # (P, G) signed footprints
+    for g, p, w in zip(table["gene"], table["pathway"], table["weight"]):
+        if g in gidx:
+            W[paths.index(p), gidx[g]] = w
+    W /= np.abs(W).max(1, keepdims=True) + 1e-12
+    return genes, paths, W, {g: p for g, p in fp_path.items() if g in gidx}
+
+
+def _interact(rng, e, ea, eb, interaction_frac, G, on_b=None):
+    """A combination's effect e = ea + eb plus, for a fraction of pairs, an interaction: synergy (+50% of the sum),
+    buffering (-50%), epistasis (B's effect masked; on_b(e) adds back B's own-gene change) or neomorphic (new genes)."""
+    kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) if rng.random() < interaction_frac else "none"
+    if kind == "synergy":
+        e = e + 0.5 * (ea + eb)
+    elif kind == "buffering":
+        e = e - 0.5 * (ea + eb)
+    elif kind == "epistasis":
+        e = e - eb
+        if on_b is not None:
+            on_b(e)
+    elif kind == "neomorphic":
+        e[rng.choice(G, 20, replace=False)] += rng.normal(0, 0.6, 20)
+    return e, kind
+
+
+def _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk):
+    """Counts for conditions with effects E (K, G). A cell's log-rate is
+        log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
+    with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for responders
+    (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g). Cell lines
+    shift baselines and scale effects. Returns X (CSR), condition index per cell (-1 = control), line per cell,
+    line scales."""
+    G = E.shape[1]
+    mu = rng.normal(0.0, 1.0, G)
+    L = np.zeros((2, G))
+    L[0, rng.choice(G, 50, replace=False)] = rng.uniform(0.5, 1.0, 50)  # cell-cycle-like program
+    L[1] = rng.normal(0, 0.15, G)                                      # diffuse program
+    theta = np.exp(rng.normal(np.log(5.0), 0.5, G))
+    mu_line = mu + rng.normal(0, 0.3, (n_covariates, G)) * (n_covariates > 1)
+    scale_line = rng.uniform(0.7, 1.3, n_covariates) if n_covariates > 1 else np.ones(1)
+    # cell assignment: controls, then an even share per condition and line
+    n_ctrl = int(ctrl_frac * n_cells)
+    k_of = np.r_[np.full(n_ctrl, -1), rng.permutation(np.arange(n_cells - n_ctrl) % len(E))]
+    line_of = rng.integers(0, n_covariates, n_cells)
+    blocks = []
+    for s in range(0, n_cells, chunk):                                 # chunks bound memory, not a cell loop
+        k, ln = k_of[s:s + chunk], line_of[s:s + chunk]
+        n = len(k)
+        u = rng.normal(0, 1, (n, 2))
+        resp = (rng.random(n) < responder_frac) & (k >= 0)
+        eff = np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
+        logit = mu_line[ln] + u @ L + eff                              # (n, G)
+        lam = np.exp(logit - logit.max(1, keepdims=True))
+        lam /= lam.sum(1, keepdims=True)
+        lib = np.exp(rng.normal(np.log(4000), 0.35, n))[:, None]
+        rate = rng.gamma(theta, lib * lam / theta)                     # NB as a gamma-Poisson mixture
+        blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
+    return sp.vstack(blocks, format="csr"), k_of, line_of, scale_line
+
+
 def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
              mode="a", ctrl_frac=0.15, responder_frac=0.8, interaction_frac=0.5, chunk=5000) -> H5AD:
     """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels).
 
-    Genes: real PROGENy footprint genes (about 60%) plus background genes. A cell's log-rate is
-        log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
-    with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for
-    responders (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g).
-    A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
+    Genes: real PROGENy footprint genes (about 60%) plus background genes (_footprints); cells and counts as in
+    _cells. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
     (CRISPRi, 'i'), the footprint of P moves by strength * sign * PROGENy weight / max|weight|, and about
     15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs:
     synergy (+50% of the sum), buffering (-50%), epistasis (B's footprint masked) or neomorphic (new genes).
     Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
-    table = np.genfromtxt(ROOT / "pathways" / "progeny_human_top100.csv", delimiter=",", names=True,
-                          dtype=None, encoding="utf-8")
-    paths = sorted(set(table["pathway"]))
-    n_fp = int(0.6 * n_genes)
-    per = max(1, n_fp // len(paths))
-    fp_genes, fp_path = [], {}
-    for p in paths:                                                    # 14 pathways
-        rows = table[table["pathway"] == p]
-        rows = rows[np.argsort(-np.abs(rows["weight"]))]
-        for g in rows["gene"][:per]:
-            if g not in fp_path:
-                fp_path[g] = p
-                fp_genes.append(g)
-    genes = np.array(fp_genes[:n_genes] + [f"SIM{i:05d}" for i in range(max(0, n_genes - len(fp_genes)))],
-                     dtype=object)
+    genes, paths, W, fp_path = _footprints(n_genes)
     G = len(genes)
     gidx = {g: i for i, g in enumerate(genes)}
-    W = np.zeros((len(paths), G))                                      # (P, G) signed footprints
-    for g, p, w in zip(table["gene"], table["pathway"], table["weight"]):
-        if g in gidx:
-            W[paths.index(p), gidx[g]] = w
-    W /= np.abs(W).max(1, keepdims=True) + 1e-12
     # singles: targets spread over pathways
-    pool = [g for g in fp_genes if g in gidx]
-    targets = list(rng.choice(pool, size=min(n_singles, len(pool)), replace=False))
+    targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))
     effects, names, kinds, tpath = [], [], [], []
     own = 2.0 if mode == "a" else -2.0
     single = {}
@@ -939,55 +1181,82 @@ def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates
         a, b = sorted(rng.choice(targets, 2, replace=False))
         pairs.add((a, b))
     for a, b in sorted(pairs):
-        e = single[a] + single[b]
-        kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) \
-            if rng.random() < interaction_frac else "none"
-        if kind == "synergy":
-            e = e + 0.5 * (single[a] + single[b])
-        elif kind == "buffering":
-            e = e - 0.5 * (single[a] + single[b])
-        elif kind == "epistasis":
-            e = e - single[b]
-            e[gidx[b]] += own
-        elif kind == "neomorphic":
-            e[rng.choice(G, 20, replace=False)] += rng.normal(0, 0.6, 20)
+        e, kind = _interact(rng, single[a] + single[b], single[a], single[b], interaction_frac, G,
+                            lambda e: e.__setitem__(gidx[b], e[gidx[b]] + own))
         names.append(f"{a}+{b}"), effects.append(e), kinds.append(kind), tpath.append("")
     E = np.stack(effects)                                              # (K, G)
-    # baseline, programs, cell lines
-    mu = rng.normal(0.0, 1.0, G)
-    L = np.zeros((2, G))
-    L[0, rng.choice(G, 50, replace=False)] = rng.uniform(0.5, 1.0, 50)  # cell-cycle-like program
-    L[1] = rng.normal(0, 0.15, G)                                      # diffuse program
-    theta = np.exp(rng.normal(np.log(5.0), 0.5, G))
-    lines = [f"line{i}" for i in range(n_covariates)]
-    mu_line = mu + rng.normal(0, 0.3, (n_covariates, G)) * (n_covariates > 1)
-    scale_line = rng.uniform(0.7, 1.3, n_covariates) if n_covariates > 1 else np.ones(1)
-    # cell assignment: controls, then an even share per condition and line
-    n_ctrl = int(ctrl_frac * n_cells)
-    k_of = np.r_[np.full(n_ctrl, -1), rng.permutation(np.arange(n_cells - n_ctrl) % len(names))]
-    line_of = rng.integers(0, n_covariates, n_cells)
-    blocks = []
-    for s in range(0, n_cells, chunk):                                 # chunks bound memory, not a cell loop
-        k, ln = k_of[s:s + chunk], line_of[s:s + chunk]
-        n = len(k)
-        u = rng.normal(0, 1, (n, 2))
-        resp = (rng.random(n) < responder_frac) & (k >= 0)
-        eff = np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
-        logit = mu_line[ln] + u @ L + eff                              # (n, G)
-        lam = np.exp(logit - logit.max(1, keepdims=True))
-        lam /= lam.sum(1, keepdims=True)
-        lib = np.exp(rng.normal(np.log(4000), 0.35, n))[:, None]
-        rate = rng.gamma(theta, lib * lam / theta)                     # NB as a gamma-Poisson mixture
-        blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
-    X = sp.vstack(blocks, format="csr")
+    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
     cond = np.array(["ctrl" if k < 0 else names[k] for k in k_of], dtype=object)
     obs = {"condition": cond}
     if n_covariates > 1:
-        obs["cell_type"] = np.array([lines[i] for i in line_of], dtype=object)
+        obs["cell_type"] = np.array([f"line{i}" for i in line_of], dtype=object)
     truth = {"conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
              "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
              "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
              "line_scale": scale_line.astype(np.float32), "responder_frac": float(responder_frac)}
+    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
+                var_names=genes, uns={"truth": truth})
+
+
+DOSE_GRID = np.array([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])   # uM, half-log steps (sci-Plex: 0.01-10 uM)
+
+
+def hill(d, ec50, h):
+    """Fraction of the maximal response at dose d: d^h / (EC50^h + d^h) (Hill 1910)."""
+    return d ** h / (ec50 ** h + d ** h)
+
+
+def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_covariates=1, seed=0,
+                      ctrl_frac=0.1, responder_frac=0.9, interaction_frac=0.5, chunk=5000) -> H5AD:
+    """A sci-Plex-like drug screen with known dose-responses (raw counts; obs product_name, dose in uM as text,
+    cell_type; vehicle controls 'Vehicle' at dose 0). Genes, cells and counts as in simulate.
+
+    Drug D acts on one PROGENy pathway P (strength s in [1, 2], a sign) and on 20 off-target genes o_D at a 3x
+    weaker potency, so the shape of the response, not only its size, changes with dose:
+        e_D(d) = H(d; EC50, h) s sign W_P + H(d; 3 EC50, h) o_D,     H(d; c, h) = d^h / (c^h + d^h),
+    Hill slope h in [0.8, 3]. Each drug is measured at 4-6 consecutive doses of DOSE_GRID, its EC50 log-uniform
+    between its second-lowest and second-highest dose (a screen designed around the response). Pairs 'A+B' at
+    one seen dose of each ('dA+dB'): e_A(dA) + e_B(dB) plus, for a fraction, an interaction as in simulate
+    (epistasis: A masks B). Same seed, same data. Truth is in uns['truth']."""
+    rng = np.random.default_rng(seed)
+    genes, paths, W, _ = _footprints(n_genes)
+    G = len(genes)
+    drugs = [f"drug{i:02d}" for i in range(n_drugs)]
+    pw = rng.choice(len(paths), n_drugs, replace=n_drugs > len(paths))
+    on = rng.uniform(1.0, 2.0, n_drugs)[:, None] * rng.choice([-1, 1], n_drugs)[:, None] * W[pw]    # (D, G)
+    off = np.zeros((n_drugs, G))
+    for i in range(n_drugs):                                            # a loop over drugs
+        off[i, rng.choice(G, 20, replace=False)] = rng.normal(0, 0.8, 20)
+    n_dose = rng.integers(4, 7, n_drugs)
+    start = rng.integers(0, len(DOSE_GRID) - n_dose + 1)
+    doses = [DOSE_GRID[s:s + m] for s, m in zip(start, n_dose)]
+    ec50 = np.exp(rng.uniform(np.log([d[1] for d in doses]), np.log([d[-2] for d in doses])))
+    slope = rng.uniform(0.8, 3.0, n_drugs)
+    effect = lambda i, d: hill(d, ec50[i], slope[i]) * on[i] + hill(d, 3 * ec50[i], slope[i]) * off[i]  # noqa: E731
+    names, dose_txt, effects, kinds = [], [], [], []
+    for i, D in enumerate(drugs):
+        for d in doses[i]:
+            names.append(D), dose_txt.append(fmt_dose(d)), effects.append(effect(i, d)), kinds.append("single")
+    pairs = set()
+    while len(pairs) < n_pairs:
+        a, b = sorted(rng.choice(n_drugs, 2, replace=False))
+        pairs.add((a, b, rng.choice(doses[a]), rng.choice(doses[b])))
+    for a, b, da, db in sorted(pairs):
+        e, kind = _interact(rng, effect(a, da) + effect(b, db), effect(a, da), effect(b, db), interaction_frac, G)
+        names.append(f"{drugs[a]}+{drugs[b]}"), dose_txt.append(f"{fmt_dose(da)}+{fmt_dose(db)}")
+        effects.append(e), kinds.append(kind)
+    E = np.stack(effects)                                              # (K, G)
+    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
+    obs = {"product_name": np.array(["Vehicle" if k < 0 else names[k] for k in k_of], dtype=object),
+           "dose": np.array(["0" if k < 0 else dose_txt[k] for k in k_of], dtype=object),
+           "cell_type": np.array([f"line{i}" for i in line_of], dtype=object)}
+    canon = ["+".join(f"{n}@{d}" for n, d in zip(l.split("+"), t.split("+"))) for l, t in zip(names, dose_txt)]
+    truth = {"conditions": np.array(canon, dtype=object),                    # canonical labels 'A@0.1+B@1'
+
+             "effects": E.astype(np.float32), "interaction": np.array(kinds, dtype=object),
+             "drugs": np.array(drugs, dtype=object), "pathway": np.array(paths, dtype=object)[pw],
+             "ec50": ec50.astype(np.float32), "hill": slope.astype(np.float32), "on_target": on.astype(np.float32),
+             "off_target": off.astype(np.float32), "line_scale": scale_line.astype(np.float32)}
     return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
                 var_names=genes, uns={"truth": truth})
 
@@ -1104,8 +1373,10 @@ def main(argv=None):
     check_args(args)
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
-        write_h5ad(args.simulate, simulate(n_cells=args.cells, n_genes=args.genes, seed=args.seed,
-                                           n_covariates=args.covariates))
+        if args.kind not in ("genetic", "chemical"):
+            raise DataError(f"--kind {args.kind!r}: use genetic or chemical")
+        write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
+            n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
         print(f"wrote {args.simulate}")
         return
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
@@ -1129,6 +1400,14 @@ def main(argv=None):
           f"dose={m['dose_key']!r} separator={m['sep']!r}")
     print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
           f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
+    if m["dose_key"]:
+        per = {}
+        for l, _ in ds.keys:
+            for n, d in components_of(l):
+                per.setdefault(n, set()).add(d)
+        print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
+            f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
+            + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
     print(f"covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
     print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
     print(f"split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +

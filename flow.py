@@ -161,7 +161,7 @@ class VelocityField(nn.Module):
 
     def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64,
                  prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0,
-                 shift=False, shift_mean=False):
+                 shift=False, shift_mean=False, doses=False):
         super().__init__()
         if source not in ("noise", "ctrl"):
             raise DataError(f"--source {source!r}: use ctrl or noise")
@@ -170,6 +170,7 @@ class VelocityField(nn.Module):
         self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates,
                             width=width, depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
                             prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
+                            doses=doses,
                             prior_dim=0 if prior_feat is None else int(prior_feat.shape[1]))
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
@@ -186,6 +187,8 @@ class VelocityField(nn.Module):
             self.feat_proj = nn.Linear(prior_feat.shape[1], d_pert, bias=False)
         else:
             self.prior_feat = None
+        # doses: the per-component response is a learned function of the component and its log-dose
+        self.dose_mlp = nn.Sequential(nn.Linear(d_pert + 1, W), nn.SiLU(), nn.Linear(W, d_pert)) if doses else None
         self.pert_mlp = nn.Sequential(nn.Linear(d_pert, W), nn.SiLU(), nn.Linear(W, W))
         self.cov_emb = nn.Embedding(max(n_covariates, 1), W)
         self.ctrl_enc = nn.Sequential(nn.Linear(G, W), nn.SiLU(), nn.Linear(W, W))
@@ -215,12 +218,20 @@ class VelocityField(nn.Module):
         return x.masked_fill(x < self.zero_below, 0.0) if floor else x
 
     def embed_perturbation(self, comps, dose):
-        """Deep-sets pooling: MLP(sum_j dose_j * (E[c_j] + P f[c_j])); a sum is order-invariant (A+B == B+A)
-        and padding (index 0, dose 0) adds nothing."""
+        """Deep-sets pooling over the components j of a condition, with e_j = E[c_j] + P f[c_j] and u_j the
+        log-dose feature of data.Dataset.key_table (1 without a dose):
+            data with doses:  MLP(sum_j m_j phi([e_j, u_j])),  m_j = 1 for a component, 0 for padding
+            without:          MLP(sum_j u_j e_j)              (u_j = 1; genetic screens, older checkpoints)
+        phi is an MLP, so the response is a learned, smooth function of log-dose per drug: an unseen dose of a seen
+        drug falls between its seen neighbours. A sum is order-invariant (A+B == B+A, their doses swapped along)
+        and padding adds nothing."""
         e = self.comp_emb(comps)  # (B, C, d_pert)
         if self.prior_feat is not None:
             e = e + self.feat_proj(self.prior_feat[comps])  # (B, C, p) -> (B, C, d_pert)
-        return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, d_pert) -> (B, W)
+        if self.dose_mlp is None:
+            return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, d_pert) -> (B, W)
+        h = self.dose_mlp(torch.cat([e, dose.unsqueeze(-1)], -1)) * (comps > 0).unsqueeze(-1)  # (B, C, d_pert)
+        return self.pert_mlp(h.sum(1))  # (B, d_pert) -> (B, W)
 
     def condition(self, cond):
         """The time-independent part, computed once per sample() call: (c0, p0), both (B, W)."""
@@ -382,7 +393,7 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
 # ----------------------------------------------------------------------------- checkpoints
 def dataset_meta(ds) -> dict:
     return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
-            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}}
+            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
 
 
 FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
@@ -646,7 +657,7 @@ def train(cfg: FlowConfig) -> str:
         feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(G, len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
                               cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
-                              cfg.shift_mean)
+                              cfg.shift_mean, doses=ds.meta.get("dose_range") is not None)
         model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)

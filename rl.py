@@ -1,7 +1,7 @@
 """RL stage: GRPO post-training of the flow generator, rewarded by the cell-level verifiers.
 
     python rl.py --data norman.h5ad --ckpt flow.pt --out rl.pt   # post-train a pretrained generator
-    python rl.py                                                 # everything on the built-in simulator
+    python rl.py [--kind chemical]                               # everything on a built-in simulator
     python rl.py --out rl.pt --resume                            # continue an interrupted run
 
 One step (Flow-GRPO, Liu et al. 2025, adapted to cells):
@@ -70,7 +70,7 @@ class RLConfig(data.DataConfig):  # data options pass through to pretraining; wi
     grad_clip: float = 1.0         # max global gradient norm
     # rewards
     rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
-    gene_sets: str | None = None   # gene sets for the pathway reward (.gmt/.csv); None -> bundled PROGENy
+    gene_sets: str | None = None   # pathway reward gene sets: progeny (None), hallmark, or a .gmt/.csv path
     topk: int = 5                  # k of the top-k rewards
     # evaluation
     log_every: int = 5             # one log line every this many steps
@@ -138,7 +138,8 @@ def pretrained(cfg: RLConfig) -> str:
     opts = {f.name: getattr(fcfg, f.name) for f in fields(data.DataConfig)} | {"steps": fcfg.steps}
     opts["data"] = str(Path(cfg.data).resolve()) if cfg.data else None
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
-    fcfg.out = str(Path("runs") / f"flow_{Path(cfg.data).stem if cfg.data else 'simulated'}_{tag}.pt")
+    name = Path(cfg.data).stem if cfg.data else {"chemical": "chemical"}.get(cfg.kind, "simulated")
+    fcfg.out = str(Path("runs") / f"flow_{name}_{tag}.pt")
     if Path(fcfg.out).exists():
         if flow.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
             print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
@@ -156,11 +157,12 @@ def resume_state(cfg: RLConfig, last: str) -> dict | None:
     """Checks before any work (options; outputs that would overwrite an input or fail late), then the state
     that --resume continues (<out>_last.pt), or None."""
     data.check_args(cfg)
+    gene_sets = verifiers.gene_set_path(cfg.gene_sets)
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = flow.read_checkpoint(last, resume="rl") if cfg.resume else None
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
-                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": cfg.gene_sets,
+                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets,
                         "the base checkpoint": state and state["extra"]["base"]})
     return state
 

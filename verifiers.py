@@ -21,7 +21,8 @@ How it is used.
 
 `total` is the raw weighted sum of the components. GRPO (rl.py) normalises each component within
 its group itself before weighting, so it reads `comps`, not `total`. Pathway weights come from the
-bundled PROGENy tables (pathways/) or any GMT / CSV given as `gene_sets`.
+bundled PROGENy tables (pathways/, default), the bundled MSigDB Hallmark sets (`gene_sets="hallmark"`)
+or any GMT / CSV given as `gene_sets`.
 
 Adding a reward: write f(x, ref) -> (B,) and add one line to REWARDS (section "REWARD LOGIC").
 REWARDS values take (x, ref, v) where v is the Verifier, which carries k and the pathway matrix.
@@ -42,6 +43,7 @@ import torch
 from data import DataError, Reference
 
 PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
+GENE_SETS = {"progeny": None, "hallmark": PATHWAY_DIR / "h.all.v7.0.symbols.gmt"}  # --gene-sets names; None: PROGENy auto
 
 # ----------------------------------------------------------------------------------------------
 # Pathway tables: name -> {gene: weight}, insertion-ordered
@@ -110,6 +112,17 @@ def load_gmt(path) -> dict[str, dict[str, float]]:
     if not sets:
         raise DataError(f"GMT file {path} holds no gene sets")
     return sets
+
+
+def gene_set_path(spec):
+    """--gene-sets -> None (bundled PROGENy, top-100 or top-500: progeny_auto), the bundled MSigDB Hallmark GMT
+    ('hallmark'), or the given file. A bare name that is neither bundled nor an existing file is one line."""
+    if spec is None or str(spec).lower() in GENE_SETS:
+        return GENE_SETS[str(spec).lower()] if spec is not None else None
+    if not Path(spec).suffix and not Path(spec).exists():
+        raise DataError(f"--gene-sets {spec!r}: unknown gene-set table; use progeny (default), hallmark, or the "
+                        "path of a .gmt / .csv / .tsv file")
+    return Path(spec)
 
 
 def load_gene_sets(path) -> dict[str, dict[str, float]]:
@@ -268,15 +281,17 @@ def de_spearman(x, ref: Reference):
 def pathway_activity(x, ref: Reference, W, k: int = 5):
     """Minus the mean Euclidean distance of the cell's pathway activities to its k nearest real cells.
 
-        z = (x - mu_ctrl) / sd_ctrl               per-gene z-score against the covariate's controls (sd_ctrl is
+        z = (x - mu_ctrl) / sd_ctrl              per-gene z-score against the covariate's controls (sd_ctrl is
                                                  ref.ctrl_std, already floored at --std-floor, 0.1)
-        a = z W^T / ||W_p||                      (B, P) activities, W (P, G) gene-set weights
-        reward_i = -mean of the k smallest ||a_i - a(y_j)||.
+        a_p = z . W_p / ||W_p||_2                weighted sets (PROGENy footprints: signed weights)
+        a_p = z . W_p / |p| = mean_{g in p} z_g  unweighted sets (every weight 1: a GMT such as Hallmark)
+        reward_i = -mean of the k smallest ||a_i - a(y_j)||,  a (B, P), W (P, G) gene-set weights.
     Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell
     variation of pathway activity.
     """
     W = W.to(x.device, x.dtype)
-    Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (P, G)
+    unweighted = ((W == 0) | (W == 1)).all(1, keepdim=True)  # (P, 1)
+    Wn = W / torch.where(unweighted, W.sum(1, keepdim=True), W.norm(dim=1, keepdim=True)).clamp_min(1e-12)  # (P, G)
     mu = ref.ctrl_mean.to(x.dtype)
     sd = ref.ctrl_std.to(x.dtype).clamp_min(1e-2)
     ax = ((x - mu) / sd) @ Wn.T  # (B, P)
@@ -349,7 +364,8 @@ class Verifier:
     """Weighted combination of the rewards in REWARDS.
 
     weights: {name: w}, None -> every reward with weight 1; rewards with weight 0 are not computed.
-    gene_sets: path of a .gmt / .csv / .tsv gene-set file; None -> PROGENy (auto top-100/top-500).
+    gene_sets: 'progeny' or None (bundled PROGENy, auto top-100/top-500), 'hallmark' (bundled MSigDB Hallmark),
+    or the path of a .gmt / .csv / .tsv gene-set file (gene_set_path).
     The pathway matrix W is built only when the pathway weight is nonzero.
     """
 
@@ -363,13 +379,15 @@ class Verifier:
             raise DataError("all reward weights are zero; give at least one nonzero weight")
         self.genes, self.k = list(genes), int(k)
         self.W, self.pathways, self.coverage, self._W = None, [], {}, {}
+        gene_sets = gene_set_path(gene_sets)
         if "pathway" in self.weights:
             if gene_sets is None:
                 self.W, self.pathways, self.coverage = progeny_auto(self.genes, min_genes)
             else:
                 sets = load_gene_sets(gene_sets)
                 self.W, self.pathways, self.coverage = align_gene_sets(sets, self.genes, min_genes)
-                print(f"verifiers: pathway gene sets = {gene_sets} ({len(self.pathways)}/{len(sets)} sets kept)")
+                name = "MSigDB Hallmark v7.0" if gene_sets == GENE_SETS["hallmark"] else gene_sets
+                print(f"verifiers: pathway gene sets = {name} ({len(self.pathways)}/{len(sets)} sets kept)")
 
     def W_on(self, device):
         """W (P, G) on `device`, copied once per device."""
@@ -391,7 +409,8 @@ class Verifier:
 def add_args(parser):
     """Add --rewards, --gene-sets, --topk to an argparse parser; build with verifier_from_args."""
     parser.add_argument("--rewards", default=DEFAULT_REWARDS, help="reward weights name=w,... (valid: %s)" % ", ".join(REWARDS))
-    parser.add_argument("--gene-sets", default=None, help="gene sets .gmt/.csv/.tsv for the pathway reward (default: bundled PROGENy)")
+    parser.add_argument("--gene-sets", default="progeny",
+                        help="pathway reward gene sets: progeny (bundled, default), hallmark (bundled MSigDB) or a .gmt/.csv/.tsv path")
     parser.add_argument("--topk", type=int, default=5, help="k of the top-k rewards (pearson, rmse, pathway)")
     return parser
 

@@ -248,16 +248,17 @@ def test_dose_numeric_used_constant_ignored(tmp_path):
     assert sorted(k[0] for k in ds.keys) == ["D@10", "D@100", "E@10"]
     assert ds.components == ["D", "E"]
     tab = ds.key_table([("D@10", "all"), ("D@100", "all")])
-    np.testing.assert_allclose(tab["dose"][:, 0].numpy(), [np.log1p(10) / np.log1p(100), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(tab["dose"][:, 0].numpy(), [0.0, 1.0], rtol=1e-6)   # 1 + log10(d / 100) / 1 decade
     assert tab["comps"][:, 0].tolist() == [1, 1]
     # a constant dose stored as strings (like the real file's '1') is not a dose
     ds = load(write_ad(tmp_path / "dose1.h5ad", X, {"treatment": labels,
                                                      "dose": np.full(56, "1", dtype=object)}))
     assert ds.meta["dose_key"] is None and sorted(k[0] for k in ds.keys) == ["D", "E"]
-    # categorical strings are not a dose either
-    ds = load(write_ad(tmp_path / "dose2.h5ad", X, {"treatment": labels,
-                                                     "dose": np.where(dose > 50, "hi", "lo").astype(object)}))
-    assert ds.meta["dose_key"] is None
+    # categorical strings in a dose column are an error (issue 10), unless it is switched off
+    path = write_ad(tmp_path / "dose2.h5ad", X, {"treatment": labels, "dose": np.where(dose > 50, "hi", "lo").astype(object)})
+    with pytest.raises(DataError, match="'treatment'/'dose'.*not a number"):
+        load(path)
+    assert load(path, dose_key="none").meta["dose_key"] is None
 
 
 def test_underscore_combinations(tmp_path):

@@ -1,0 +1,127 @@
+"""Issue 10: Best-of-N selection at test time (a training-only pseudo-reference), the bundled Hallmark gene sets
+and --gene-sets names, and the bad-input rows for --best-of and --gene-sets."""
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import rl  # noqa: E402
+import verifiers as V  # noqa: E402
+from data import DataError  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+class HeldOut(dict):
+    """A dict without the held-out keys: reading one fails the test (the real cells must never be used)."""
+
+    def __missing__(self, key):
+        raise AssertionError(f"best-of-N read the held-out condition {key}")
+
+
+def guarded(ds):
+    held = set(ds.split["test"]) | set(ds.split["val"])
+    keep = lambda d: HeldOut({k: v for k, v in d.items() if k not in held})  # noqa: E731
+    return dataclasses.replace(ds, refs=keep(ds.refs), cell_idx=keep(ds.cell_idx))
+
+
+def test_pseudo_reference_is_control_plus_trusted_shift(tiny_screen):
+    ds = tiny_screen["ds"]
+    key = ds.split["test"][0]
+    trust = ds.prior_trust()
+    ref = evaluate.pseudo_reference(guarded(ds), key, trust, n_de=20)
+    ctrl = ds.X[ds.ctrl_idx[key[1]]]
+    want = np.maximum(ctrl + sum(ds.shift(key, trust)), 0)
+    np.testing.assert_allclose(ref.cells.numpy(), want, atol=1e-6)
+    np.testing.assert_allclose(ref.ctrl_mean.numpy(), ctrl.mean(0), atol=1e-5)
+    np.testing.assert_allclose(ref.delta.numpy(), want.mean(0) - ctrl.mean(0), atol=1e-5)
+    assert len(ref.de_idx) == 20
+    # the additive prior of this combination is trusted: its shift is c * (sum of the singles' deltas)
+    c = trust[ds.prior_kind(key)]
+    assert c > 0 and np.allclose(ds.shift(key, trust)[0], c * sum(ds.component_deltas(key)), atol=1e-6)
+    # nothing trusted to build on: no pseudo-reference, so no selection
+    assert evaluate.pseudo_reference(ds, ("UNSEEN", key[1]), dict.fromkeys(trust, 0.0)) is None
+
+
+def test_best_of_n_raises_the_selected_reward_without_reading_held_out_cells(tiny_screen):
+    """The pseudo-reference is the truth here; best-of-16 must beat best-of-1 on the reward it selects on
+    (per cell, so the comparison does not depend on the group), for every held-out condition."""
+    ds, model = tiny_screen["ds"], tiny_screen["model"]
+    gds, keys = guarded(ds), ds.split["test"]
+    ver = V.Verifier(ds.genes, {"pearson": 1.0, "rmse": 1.0})
+    one = evaluate.best_of_n(model, gds, keys, 1, ver, n_cells=32, steps=8, seed=3)
+    best = evaluate.best_of_n(model, gds, keys, 16, ver, n_cells=32, steps=8, seed=3)
+    trust = ds.prior_trust()
+    for k in keys:
+        truth = evaluate.pseudo_reference(ds, k, trust)
+        r1, r16 = (ver(x, truth)[1] for x in (one[k], best[k]))
+        z = lambda r: sum((r[n] - r1[n].mean()) / r1[n].std() for n in r)  # noqa: E731  same scale for both
+        assert one[k].shape == best[k].shape == (32, len(ds.genes))
+        assert z(r16).mean() > z(r1).mean() + 0.5, k
+        assert r16["pearson"].mean() > r1["pearson"].mean() and r16["rmse"].mean() > r1["rmse"].mean()
+    # N = 1 is the plain sampler, cell for cell
+    plain = evaluate.predict(model, ds, keys, 32, 8, seed=3)
+    assert all(torch.equal(plain[k], one[k]) for k in keys)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--best-of", "0"], r"--best-of 0: N must be integers >= 1"),
+    (["--best-of", "1,four"], r"--best-of 1,four: N must be integers >= 1"),
+    (["--gene-sets", "reactome"], r"--gene-sets 'reactome': unknown gene-set table; use progeny \(default\), hallmark"),
+])
+def test_bad_best_of_and_gene_sets_one_line_exit_2_nothing_written(tiny_screen, capsys, argv, match):
+    out, pred = tiny_screen["tmp"] / "bad.json", tiny_screen["tmp"] / "bad.h5ad"
+    with pytest.raises(SystemExit) as e:
+        data.cli(lambda: evaluate.main(["--ckpt", tiny_screen["ckpt"], "--out", str(out), "--write-pred", str(pred),
+                                        *argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    import re
+    assert re.search(match, err[0]) and not out.exists() and not pred.exists()
+
+
+def test_rl_unknown_gene_sets_fails_before_any_work(tiny_screen, capsys):
+    out = tiny_screen["tmp"] / "rl_bad.pt"
+    with pytest.raises(SystemExit) as e:
+        data.cli(lambda: rl.main(["--ckpt", tiny_screen["ckpt"], "--out", str(out), "--gene-sets", "kegg", "--steps", "1"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--gene-sets 'kegg'" in err[0]
+    assert not out.exists() and not out.with_name("rl_bad_last.pt").exists()
+
+
+# ----------------------------------------------------------------------------- Hallmark
+def test_hallmark_bundled_with_attribution():
+    path = V.GENE_SETS["hallmark"]
+    sets = V.load_gmt(path)
+    assert len(sets) == 50 and all(n.startswith("HALLMARK_") for n in sets)
+    readme = (path.parent / "README.md").read_text()
+    for s in ("Liberzon", "Cell Systems 1:417", "CC BY 4.0", "https://creativecommons.org/licenses/by/4.0/", "v7.0",
+              "unmodified"):
+        assert s in readme, s
+    if (SHARED / "pathways" / path.name).is_file():                       # unmodified copy
+        assert (SHARED / "pathways" / path.name).read_bytes() == path.read_bytes()
+    assert V.gene_set_path("progeny") is None and V.gene_set_path(None) is None
+    assert V.gene_set_path("Hallmark") == path and V.gene_set_path("x/sets.gmt") == Path("x/sets.gmt")
+
+
+def test_hallmark_activity_is_the_mean_z_score():
+    """Unweighted sets: a_p = mean of the set's z-scores (weighted PROGENy rows keep z . W_p / ||W_p||)."""
+    sets = V.load_gmt(V.GENE_SETS["hallmark"])
+    genes = sorted({g for s in list(sets.values())[:6] for g in s})[:300]
+    v = V.Verifier(genes, {"pathway": 1.0}, "hallmark", k=3)
+    assert 0 < len(v.pathways) <= 50 and set(v.W.unique().tolist()) == {0.0, 1.0}
+    g = torch.Generator().manual_seed(0)
+    G = len(genes)
+    ref = data.Reference(torch.rand(G, generator=g) + 1, torch.rand(G, generator=g) + 0.5, torch.zeros(G), torch.zeros(G),
+                         torch.zeros(G), torch.arange(5), torch.rand(7, G, generator=g) * 3)
+    x = torch.rand(4, G, generator=g) * 3
+    W = v.W.numpy().astype(bool)
+    act = lambda c: np.stack([((c - ref.ctrl_mean.numpy()) / ref.ctrl_std.numpy())[:, w].mean(1) for w in W], 1)  # noqa: E731
+    d = np.linalg.norm(act(x.numpy())[:, None] - act(ref.cells.numpy())[None], axis=-1)
+    np.testing.assert_allclose(v(x, ref)[1]["pathway"].numpy(), -np.sort(d, 1)[:, :3].mean(1), rtol=1e-4)
