@@ -679,13 +679,14 @@ def _available(index, key, name, cov) -> list:
 
 def prior_kind(key, train, index=None) -> str:
     """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
-    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from),
-    'transfer' when every one has one in some covariate, else 'none'. The key itself never counts (a training
+    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
+    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
+    has one in some covariate, else 'none'. The key itself never counts (a training
     single is not its own prior). index: single_index(train), when the caller has it."""
     index = single_index(train) if index is None else index
     comps = components_of(key[0])
     if all(_available(index, key, n, key[1]) for n, _ in comps):
-        return "additive"
+        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
     return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
 
 
@@ -887,15 +888,26 @@ class Dataset:
     def prior_kind(self, key) -> str:
         return prior_kind(key, self.split["train"], self.single_index())
 
-    def mean_delta(self, key) -> np.ndarray:
+    def mean_delta(self, key, sums=None) -> np.ndarray:
         """The mean delta of the training perturbations of key's covariate, key itself left out (the
-        training-mean baseline, the best simple predictor on mcfaline23's cell-line transfer)."""
-        ds = [self.refs[k].delta.numpy() for k in self.split["train"] if k[1] == key[1] and k != tuple(key)]
-        return np.mean(ds, axis=0).astype(np.float32) if ds else np.zeros(len(self.genes), np.float32)
+        training-mean baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: the
+        {covariate: (sum of training deltas, count)} of _delta_sums, when the caller has it."""
+        total, n = (sums or self._delta_sums())[key[1]]
+        if tuple(key) in set(map(tuple, self.split["train"])):          # leave the key itself out
+            total, n = total - self.refs[tuple(key)].delta.numpy().astype(np.float64), n - 1
+        return (total / n).astype(np.float32) if n > 0 else np.zeros(len(self.genes), np.float32)
+
+    def _delta_sums(self) -> dict:
+        """{covariate: (sum of its training keys' deltas (G,) float64, count)}."""
+        out = {c: (np.zeros(len(self.genes)), 0) for c in self.covariates}
+        for k in self.split["train"]:
+            total, n = out[k[1]]
+            out[k[1]] = (total + self.refs[k].delta.numpy(), n + 1)
+        return out
 
     def prior_trust(self, min_corr: float = PRIOR_MIN_CORR) -> dict:
-        """{kind: c}: how far each kind of prior is trusted: the additive prior of an 'additive' or 'transfer'
-        key (prior_kind), and the training-mean delta ('mean', mean_delta). Fitted on the training keys, whose
+        """{kind: c}: how far each kind of prior is trusted: the additive prior of an 'additive', 'dose' or
+        'transfer' key (prior_kind), and the training-mean delta ('mean', mean_delta). Fitted on the training keys, whose
         priors never contain themselves, pooled over keys and genes: the direction must carry information,
         rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2) >= min_corr, and then c = min(1, sqrt(sum |d|^2 / sum |p|^2))
         matches the prior to the size of the real deltas d (else c = 0). Measured: the simulator's combinations
@@ -903,10 +915,11 @@ class Dataset:
         rho 0.03, so c = 0. The least-squares slope rho * sqrt(...) (0.42 on the simulator) shrinks the shift so
         far that sampling noise swamps it (Pearson of deltas 0.35 against 0.40); the plain sum (c = 1) keeps the
         exaggeration (README)."""
-        sums = {kind: np.zeros(3) for kind in ("additive", "transfer", "mean")}   # <d, p>, |d|^2, |p|^2
+        sums = {kind: np.zeros(3) for kind in ("additive", "dose", "transfer", "mean")}  # <d, p>, |d|^2, |p|^2
+        totals = self._delta_sums()
         for k in self.split["train"]:
             d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
-            for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k))]:
+            for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
                 if kd != "none":
                     p = p.astype(np.float64)
                     sums[kd] += [p @ d, d @ d, p @ p]

@@ -143,7 +143,7 @@ def test_combination_prior_interpolates_the_missing_single_dose(doses_ds):
     train = ds.split["train"]
     for l, other in [("B@1", "B@3"), ("B@3", "B@1"), ("A@0.1", "A@10")]:
         np.testing.assert_allclose(ds.component_deltas((l, "all"))[0], r(other))       # nearest other dose
-        assert (l, "all") in train and ds.prior_kind((l, "all")) == "additive"
+        assert (l, "all") in train and ds.prior_kind((l, "all")) == "dose"
     assert data.prior_kind(("A@1", "x"), [("A@1", "x")]) == "none"                     # only itself
     assert data.prior_kind(("A@1", "x"), [("A@1", "x"), ("A@3", "y")]) == "transfer"
 
@@ -163,7 +163,7 @@ def test_dose_split_holds_out_an_inner_dose_of_every_drug():
         (name, d), = data.components_of(k[0])
         seen = sorted(by[(name, k[1])])
         assert seen[0] < d < seen[-1]                                       # never the lowest or highest
-        assert data.prior_kind(k, s["train"]) == "additive"
+        assert data.prior_kind(k, s["train"]) == "dose"                     # from the drug's other doses
     assert s["val"] and not set(s["val"]) & set(s["test"])
     with pytest.raises(DataError, match="needs a drug with >= 3 doses"):
         data.make_split([("D@1", "x"), ("D@10", "x")], "dose")
@@ -176,7 +176,7 @@ def test_drug_split_holds_out_whole_drugs():
     test_drugs = {n for l, _ in s["test"] for n, _ in data.components_of(l) if all(
         n not in {m for m, _ in data.components_of(t)} for t, _ in s["train"])}
     assert test_drugs and not test_drugs & names(s["train"]) and not test_drugs & names(s["val"])
-    assert all(data.prior_kind(k, s["train"]) != "additive" for k in s["test"] if "+" not in k[0])
+    assert all(data.prior_kind(k, s["train"]) not in ("additive", "dose") for k in s["test"] if "+" not in k[0])
 
 
 def test_explicit_test_with_doses(tmp_path):
