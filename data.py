@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -414,9 +415,11 @@ def log_normalise(X, target=1e4):
     return X
 
 
-def gene_stats(X, rows: np.ndarray, chunk=BLOCK):
-    """Mean and (population) variance per gene over the given rows. Blocks of rows keep the float64 temporaries
-    small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may be a DiskX."""
+def gene_stats(X, rows: np.ndarray, chunk=None):
+    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
+    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
+    be a DiskX."""
+    chunk = chunk or BLOCK
     w = np.zeros(X.shape[0], np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
     mean, ex2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
@@ -1193,6 +1196,8 @@ def cli(main) -> None:
     except DataError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
         sys.exit(2)
     except KeyboardInterrupt as e:
         if rank0:
