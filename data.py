@@ -371,12 +371,11 @@ BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statis
 def check_values(X, offset=0) -> None:
     """Fail on negative, NaN or Inf entries, saying how many and where the first one is (X's rows start at cell
     `offset` of the file)."""
-    data = X.data if sp.issparse(X) else X
+    data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
     for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
-        bad = test(data)                                               # one (nnz,) mask at a time
-        n = int(bad.sum())
+        n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
         if n:
-            flat = int(np.flatnonzero(bad.ravel())[0])
+            flat = int(np.flatnonzero(test(data))[0])
             if sp.issparse(X):                                         # flat indexes X.data
                 major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
                 row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
@@ -419,14 +418,23 @@ def gene_stats(X, rows: np.ndarray, chunk=None):
     """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
     float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
     be a DiskX."""
-    chunk = chunk or BLOCK
-    w = np.zeros(X.shape[0], np.float64)
+    chunk, (n, G) = chunk or BLOCK, X.shape
+    w = np.zeros(n, np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for s in range(0, X.shape[0], chunk):                              # blocks of cells, not a cell loop
-        B, wb = X[s:s + chunk].astype(np.float64), w[s:s + chunk]     # (b, G), (b,)
-        mean += np.asarray(B.T @ wb).ravel()
-        ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    mean, ex2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
+        wb = w[s:s + chunk]                                            # (b,)
+        if not wb.any():
+            continue
+        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
+            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
+            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
+            mean += np.bincount(X.indices[a:b], v * wv, G)
+            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
+        else:
+            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
+            mean += np.asarray(B.T @ wb).ravel()
+            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
     return mean, np.maximum(ex2 - mean ** 2, 0.0)
 
 
@@ -665,6 +673,7 @@ class DataConfig:
     n_de: int = 50                  # top DE genes per condition (by |Welch t|)
     std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
     lazy: bool = False              # leave X on disk: read it in blocks of cells (twice), never the whole matrix
+    ref_cells: int = 0              # real cells per condition kept for rewards and metrics (a seeded sample; 0 = all)
 
 
 @dataclass
@@ -804,26 +813,45 @@ class Dataset:
 
 
 def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X (dense or CSR), accumulated in
-    float64 over blocks of rows (gene_stats): a sparse X is never densified."""
-    n = X.shape[0]
-    mean, var = gene_stats(X, np.arange(n))
-    return mean, var * n / (n - 1) if n > 1 else np.zeros_like(var)
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
+    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
+    densified (per block, bincount of the stored values by gene)."""
+    n, G = X.shape
+    if isinstance(X, torch.Tensor):
+        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
+    elif sp.issparse(X):
+        X = (X.tocsr().data, X.tocsr().indices, X.tocsr().indptr)
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
+        if isinstance(X, tuple):
+            data, idx, ptr = X
+            a, b = ptr[s], ptr[min(s + BLOCK, n)]
+            v = data[a:b].astype(np.float64)
+            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
+        else:
+            B = X[s:s + BLOCK].astype(np.float64)
+            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+    mean = s1 / n
+    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
 
 
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor) -> Reference:
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
     """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
     floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
-    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference."""
+    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
+    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
     n = cells.shape[0]
-    if isinstance(cells, torch.Tensor):                                # statistics on a temporary scipy copy
-        cells_sp = sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(), cells.crow_indices().numpy()),
-                                 shape=tuple(cells.shape))
-    mean, var = sample_stats(cells_sp if isinstance(cells, torch.Tensor) else cells)
+    mean, var = sample_stats(cells)
     ctrl_std = np.maximum(ctrl_std, std_floor)
     t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
     de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if keep is not None and isinstance(cells, torch.Tensor):            # a copy of the kept rows
+        kept = sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(), cells.crow_indices().numpy()),
+                             shape=tuple(cells.shape))[keep]
+        cells = csr_rows(kept, 0, len(keep))
+    elif keep is not None:
+        cells = cells[keep]
     return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
                      torch.from_numpy(de.astype(np.int64)), cells if isinstance(cells, torch.Tensor) else torch.from_numpy(cells))
 
@@ -962,12 +990,14 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
     bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
     cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
-    ctrl_stats = {c: (*sample_stats(X[i[0]:i[-1] + 1]), i) for c, i in ctrl_idx.items()}   # contiguous blocks
-    refs = {}
+    ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
+    refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
     for k in keys:                                                     # one pass per condition
         m, v, ci = ctrl_stats[k[1]]
+        n = len(cell_idx[k])
+        keep = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
         refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
-                            cfg.std_floor)
+                            cfg.std_floor, keep)
     components = sorted({n for l, _ in keys for n, _ in components_of(l)})
     finite = doses[np.isfinite(doses)] if doses is not None else np.array([1.0])
     meta = dict(pert_key=pert_key, control=control, cov_key=cov_key, dose_key=dose_key, counts=counts_in,
@@ -1103,7 +1133,7 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
 LIMITS = {name: (test, what) for names, test, what in [
     ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
      "n_de pretrain_steps n_cells cells genes covariates timeout", lambda v: v >= 1, "an integer >= 1"),
-    ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
+    ("n_genes min_cells prior_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
     ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),

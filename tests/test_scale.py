@@ -357,3 +357,19 @@ def test_lazy_bad_values_and_csc(tmp_path, monkeypatch):
     data.write_h5ad(tmp_path / "csc.h5ad", h)
     with pytest.raises(DataError, match="--lazy reads X by cells.*csc_matrix: drop --lazy or rewrite it as CSR"):
         data.load_dataset(data.DataConfig(data=str(tmp_path / "csc.h5ad"), lazy=True))
+
+
+def test_ref_cells_caps_the_real_cells_not_the_statistics(tiny_screen):
+    """--ref-cells 20: conditions with more cells keep a seeded sample of 20 of their own cells for rewards and
+    metrics; means, Welch t and DE genes are still computed on every cell; the same sample at every load."""
+    cfg = dict(data=str(tiny_screen["path"]), n_genes=0)
+    full = tiny_screen["ds"]
+    capped, again = (data.load_dataset(data.DataConfig(**cfg, ref_cells=20)) for _ in range(2))
+    for k in full.keys:
+        a, b = full.refs[k], capped.refs[k]
+        for f in ("ctrl_mean", "ctrl_std", "mean", "delta", "t", "de_idx"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+        n = len(full.cell_idx[k])
+        assert n > 20 and b.cells.shape[0] == 20 and torch.equal(b.cells, again.refs[k].cells)
+        real = {tuple(r) for r in a.cells.numpy().round(5)}
+        assert all(tuple(r) in real for r in b.cells.numpy().round(5))             # its own cells
