@@ -10,7 +10,12 @@ The h5ad format is read and written with h5py alone (no anndata at run time).
 
 Drug screens: a condition is a set of (component, dose) pairs, 'A@0.1+B@1' (doses in uM); see read_conditions.
 
-Left out: obsm/varm/obsp (never read), backed/lazy reading, MuData, zarr, multi-modal data,
+Memory grows with the non-zeros, not cells x genes: the selected genes' expression is held as CSR
+(`Dataset.X[rows]` densifies only those rows), reference statistics are sparse sums over blocks of
+cells, and a `Reference`'s cells are a view of `Dataset.X` densified on access. `--lazy` also leaves the
+full matrix on disk: it is read in blocks of cells, twice (gene statistics, then the selected columns).
+
+Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
 """
 from __future__ import annotations
@@ -21,8 +26,9 @@ import os
 import re
 import sys
 import tempfile
+import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
@@ -149,6 +155,41 @@ def _f32(a):
     return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
+class DiskX:
+    """X (or a layer) left on disk (--lazy). X[a:b] reads those cells (a CSR block for a CSR X, dense rows for a
+    dense one), checks them (check_values) and log-normalises raw counts, which are detected once on a strided
+    sample of the stored values. gene_stats and load_dataset's column selection read it block by block, so the
+    whole matrix is never in memory. CSC cannot be read by cells: convert it, or drop --lazy."""
+
+    def __init__(self, path, layer=None):
+        self.path, self.key = path, f"layers/{layer}" if layer is not None else "X"
+        with h5py.File(path, "r") as f:
+            x = f[self.key]
+            if isinstance(x, h5py.Group) and "csr" not in (_attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")):
+                raise DataError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is "
+                                f"{_attr(x, 'encoding-type') or _attr(x, 'h5sparse_format')}: drop --lazy or rewrite it as CSR")
+            self.sparse = isinstance(x, h5py.Group)
+            self.shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape"))) if self.sparse \
+                else x.shape
+            v, per = (x["data"], 1) if self.sparse else (x, self.shape[1])
+            sample = v[:: max(1, len(v) * per // 200_000)]                  # a strided read of <= ~200k values
+        self.counts = is_counts(sample)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, rows: slice):
+        a, b = rows.start or 0, min(rows.stop, self.shape[0])
+        with h5py.File(self.path, "r") as f:
+            x = f[self.key]
+            if self.sparse:
+                p = x["indptr"][a:b + 1]
+                B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
+                                  shape=(b - a, self.shape[1]))
+            else:
+                B = _f32(x[a:b])
+        check_values(B, a)
+        return log_normalise(B) if self.counts else B
+
+
 def _read_frame(g, uns=None):
     """obs/var -> (names (n,) object array of str, {column: (n,) array})."""
     if isinstance(g, h5py.Dataset):  # anndata < 0.7: compound dataset, categories in uns/<col>_categories
@@ -190,8 +231,9 @@ def _read_dict(g):
     return out
 
 
-def read_h5ad(path, layer=None) -> H5AD:
-    """Read an .h5ad file written by any anndata version; `layer` reads layers/<layer> as X."""
+def read_h5ad(path, layer=None, lazy=False) -> H5AD:
+    """Read an .h5ad file written by any anndata version; `layer` reads layers/<layer> as X; lazy: X stays on
+    disk (a DiskX read in blocks of cells)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found; check the path to the .h5ad file")
@@ -209,7 +251,7 @@ def read_h5ad(path, layer=None) -> H5AD:
                 raise DataError(f"no layer {layer!r}; available layers: {layers or 'none'}")
             if layer is None and "X" not in f:
                 raise DataError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
-            X = _read_X(f["layers"][layer] if layer is not None else f["X"])
+            X = DiskX(path, layer) if lazy else _read_X(f["layers"][layer] if layer is not None else f["X"])
             uns_g = f["uns"] if isinstance(f.get("uns"), h5py.Group) else None
             obs_names, obs = _read_frame(f["obs"], uns_g)
             var_names, var = _read_frame(f["var"], uns_g)
@@ -332,20 +374,23 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def check_values(X) -> None:
-    """Fail on negative, NaN or Inf entries, saying how many and where the first one is."""
-    data = X.data if sp.issparse(X) else X
+BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+
+
+def check_values(X, offset=0) -> None:
+    """Fail on negative, NaN or Inf entries, saying how many and where the first one is (X's rows start at cell
+    `offset` of the file)."""
+    data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
     for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
-        bad = test(data)                                               # one (nnz,) mask at a time
-        n = int(bad.sum())
+        n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
         if n:
-            flat = int(np.flatnonzero(bad.ravel())[0])
+            flat = int(np.flatnonzero(test(data))[0])
             if sp.issparse(X):                                         # flat indexes X.data
                 major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
                 row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
             else:
                 row, col = divmod(flat, X.shape[1])
-            raise DataError(f"X has {n} {what} value(s), first at cell {row}, gene {col}; expression "
+            raise DataError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
                             f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
                             f"with --layer or clean the file")
 
@@ -366,7 +411,9 @@ def log_normalise(X, target=1e4):
     total = np.asarray(X.sum(axis=1)).ravel()                          # (n_cells,)
     scale = (target / np.maximum(total, 1)).astype(np.float32)
     if sp.isspmatrix_csr(X):
-        X.data *= np.repeat(scale, np.diff(X.indptr))                  # row of each stored value
+        for s in range(0, X.shape[0], BLOCK):                          # blocks of rows: no (nnz,) temporary
+            a, b = X.indptr[s], X.indptr[min(s + BLOCK, X.shape[0])]
+            X.data[a:b] *= np.repeat(scale[s:s + BLOCK], np.diff(X.indptr[s:s + BLOCK + 1]))
     elif sp.isspmatrix_csc(X):
         X.data *= scale[X.indices]
     else:
@@ -376,16 +423,27 @@ def log_normalise(X, target=1e4):
     return X
 
 
-def gene_stats(X, rows: np.ndarray, chunk=4096):
-    """Mean and variance per gene over the given rows. Blocks of rows keep the float64 temporaries small:
-    a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB)."""
-    w = np.zeros(X.shape[0], np.float64)
+def gene_stats(X, rows: np.ndarray, chunk=None):
+    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
+    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
+    be a DiskX."""
+    chunk, (n, G) = chunk or BLOCK, X.shape
+    w = np.zeros(n, np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for s in range(0, X.shape[0], chunk):                              # blocks of cells, not a cell loop
-        B, wb = X[s:s + chunk].astype(np.float64), w[s:s + chunk]     # (b, G), (b,)
-        mean += np.asarray(B.T @ wb).ravel()
-        ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    mean, ex2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
+        wb = w[s:s + chunk]                                            # (b,)
+        if not wb.any():
+            continue
+        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
+            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
+            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
+            mean += np.bincount(X.indices[a:b], v * wv, G)
+            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
+        else:
+            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
+            mean += np.asarray(B.T @ wb).ravel()
+            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
     return mean, np.maximum(ex2 - mean ** 2, 0.0)
 
 
@@ -820,6 +878,8 @@ class DataConfig:
     trust: float | None = None      # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
     n_de: int = 50                  # top DE genes per condition (by |Welch t|)
     std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
+    lazy: bool = False              # leave X on disk: read it in blocks of cells (twice), never the whole matrix
+    ref_cells: int = 0              # real cells per condition kept for rewards and metrics (a seeded sample; 0 = all)
 
 
 @dataclass
@@ -831,15 +891,42 @@ class Reference:
     delta: torch.Tensor      # (G,) mean - ctrl_mean
     t: torch.Tensor          # (G,) Welch t statistic, perturbed vs control
     de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
-    cells: torch.Tensor      # (N, G) the real perturbed cells
+    X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of Dataset.X)
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """(N, G) the real cells, dense, on X's device; a sparse X is densified at every access (see dense)."""
+        return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
+
+    def dense(self) -> "Reference":
+        """This reference with its cells densified once (for code that reads them several times)."""
+        return replace(self, X=self.cells)
 
     def to(self, device) -> "Reference":
+        """On `device`; sparse cells stay sparse (moved once, densified there on access)."""
         return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+class SparseRows:
+    """The expression matrix of the selected genes, (n_cells, G) float32 log1p, stored as CSR: memory grows with the
+    non-zeros, not cells x genes. Indexing densifies only what it selects: X[rows] -> (len(rows), G) ndarray (a
+    training batch, a reference's cells, the control cells of a prediction). `csr` is the matrix itself;
+    np.asarray(X) densifies all of it (small data, tests)."""
+
+    def __init__(self, csr: sp.csr_matrix):
+        self.csr, self.shape, self.dtype = csr, csr.shape, csr.dtype
+
+    def __getitem__(self, idx) -> np.ndarray:
+        out = self.csr[idx].toarray()
+        return out[0] if isinstance(idx, (int, np.integer)) else out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.csr.toarray() if dtype is None else self.csr.toarray().astype(dtype)
 
 
 @dataclass
 class Dataset:
-    X: np.ndarray                     # (n_cells, G) float32 log1p expression, rows grouped by key
+    X: SparseRows                     # (n_cells, G) float32 log1p expression (CSR; X[rows] is dense), rows grouped by key
     genes: list                       # (G,) gene symbols
     cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
     cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
@@ -965,16 +1052,59 @@ class Dataset:
         return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "shift_mean": shift_mean}
 
 
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor) -> Reference:
+def sample_stats(X):
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
+    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
+    densified (per block, bincount of the stored values by gene)."""
+    n, G = X.shape
+    if isinstance(X, torch.Tensor):
+        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
+    elif sp.issparse(X):
+        X = (X.tocsr().data, X.tocsr().indices, X.tocsr().indptr)
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
+        if isinstance(X, tuple):
+            data, idx, ptr = X
+            a, b = ptr[s], ptr[min(s + BLOCK, n)]
+            v = data[a:b].astype(np.float64)
+            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
+        else:
+            B = X[s:s + BLOCK].astype(np.float64)
+            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+    mean = s1 / n
+    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+
+
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
     """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
-    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|."""
-    mean, var = cells.mean(0), cells.var(0, ddof=1) if len(cells) > 1 else np.zeros(cells.shape[1])
+    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
+    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
+    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
+    n = cells.shape[0]
+    mean, var = sample_stats(cells)
     ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = (mean - ctrl_mean) / np.sqrt(var / len(cells) + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
     de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean),
-                     f(t), torch.from_numpy(de.astype(np.int64)), torch.from_numpy(cells))
+    if keep is not None and isinstance(cells, torch.Tensor):            # a copy of the kept rows
+        kept = sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(), cells.crow_indices().numpy()),
+                             shape=tuple(cells.shape))[keep]
+        cells = csr_rows(kept, 0, len(keep))
+    elif keep is not None:
+        cells = cells[keep]
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
+                     torch.from_numpy(de.astype(np.int64)), cells if isinstance(cells, torch.Tensor) else torch.from_numpy(cells))
+
+
+def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
+    copies them, and so does a scipy matrix built on a slice of them)."""
+    p0, p1 = X.indptr[a], X.indptr[b]
+    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
+                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
+                                       (b - a, X.shape[1]), check_invariants=False)
 
 
 def cache_dir() -> Path:
@@ -997,7 +1127,7 @@ def builtin_path(kind: str = "genetic") -> str:
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, check, normalise, parse, split, select genes and compute references. `genes` and `split`
     (from a checkpoint) override the selection and the split, so every stage sees the same ones."""
-    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer)
+    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer, lazy=cfg.lazy)
     symbols = gene_symbols(h, cfg.gene_symbols)
     rc = read_conditions(h, cfg, symbols)
     cond, missing, control, sep, case = rc["cond"], rc["missing"], rc["control"], rc["sep"], rc["case"]
@@ -1035,12 +1165,15 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
             test = ",".join(test_label(lab, control, sep, case) + (":" + cv if cv else "")
                             for lab, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
         split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
-    # expression: check, normalise, select genes (sparse until here), densify
+    # expression: check, normalise (a DiskX does both per block as it is read), select genes, keep them as CSR
     X = h.X
-    check_values(X)
-    counts_in = is_counts(X)
-    if counts_in:
-        X = log_normalise(X)
+    if cfg.lazy:
+        counts_in = X.counts
+    else:
+        check_values(X)
+        counts_in = is_counts(X)
+        if counts_in:
+            X = log_normalise(X)
     if genes is not None:
         pos = {g: i for i, g in enumerate(symbols)}
         missing = [g for g in genes if g not in pos]
@@ -1054,32 +1187,36 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         train_rows = np.flatnonzero(keep & (is_ctrl | in_train))
         targets = {n for l, _ in keys for n, _ in components_of(l)}
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
-    # group rows by key so each key's cells are one contiguous block (References share memory with X)
+    # the selected columns as CSR (from disk block by block with --lazy), rows grouped by key so each key's cells
+    # are one contiguous block (References are views of it)
     order = np.lexsort((cond, covs, ~is_ctrl))[keep[np.lexsort((cond, covs, ~is_ctrl))]]
-    Xs = X[:, cols]                                                    # columns first: the smaller copy
+    if cfg.lazy:
+        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
+    else:
+        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
     h.X = X = None                                                     # free the full matrix
-    Xs = Xs[order]
-    X = np.asarray(Xs.toarray() if sp.issparse(Xs) else Xs, dtype=np.float32)
+    X = Xs[order].astype(np.float32, copy=False)
     del Xs
     cond, covs, is_ctrl = cond[order], covs[order], is_ctrl[order]
     covariates = sorted(np.unique(covs).tolist())
     ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
     bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
     cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
-    ctrl_stats = {c: (X[i].mean(0), X[i].std(0, ddof=1) if len(i) > 1 else np.zeros(X.shape[1]), i)
-                  for c, i in ctrl_idx.items()}
-    refs = {}
+    ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
+    refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
     for k in keys:                                                     # one pass per condition
-        m, s, ci = ctrl_stats[k[1]]
-        a, b = cell_idx[k][0], cell_idx[k][-1] + 1                    # contiguous block: a view
-        refs[k] = reference(X[a:b], ci, m, s, cfg.n_de, cfg.std_floor)
+        m, v, ci = ctrl_stats[k[1]]
+        n = len(cell_idx[k])
+        keep = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
+        refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
+                            cfg.std_floor, keep)
     components = sorted({n for l, _ in keys for n, _ in components_of(l)})
     dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
     meta = dict(pert_key=rc["pert_key"], control=control, cov_key=cov_key, dose_key=rc["dose_key"], counts=counts_in,
                 dose_unit=rc["dose_unit"], dose_factor=rc["dose_factor"], sep=sep, n_cells_in=len(cond),
                 dose_range=(min(dosed), max(dosed)) if dosed else None, n_genes_in=len(symbols),
                 path=cfg.data or f"built-in {cfg.kind} simulator", labels=rc["labels"], trust=cfg.trust)
-    return Dataset(X, [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
+    return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
                    covariates, refs, ctrl_idx, cell_idx, meta)
 
 
@@ -1324,8 +1461,8 @@ def check_fixed(cfg, stored: dict, source: str) -> None:
 # parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
 LIMITS = {name: (test, what) for names, test, what in [
     ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
-     "n_de pretrain_steps n_cells cells genes covariates", lambda v: v >= 1, "an integer >= 1"),
-    ("n_genes min_cells prior_dim warmup stop_at", lambda v: v >= 0, "an integer >= 0"),
+     "n_de pretrain_steps n_cells cells genes covariates timeout", lambda v: v >= 1, "an integer >= 1"),
+    ("n_genes min_cells prior_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
     ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -1431,15 +1568,24 @@ def main(argv=None):
 
 def cli(main) -> None:
     """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
-    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130."""
+    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130. Under torchrun only
+    rank 0 prints them, and the process group is closed on the way out."""
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         main()
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
+        if rank0:
+            print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

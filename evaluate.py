@@ -197,6 +197,7 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
     effect_ratio: ||mean x - control mean|| / ||real delta||; spread_ratio: mean per-gene std of x over the
       real cells' (caricatures push the first above 1, collapse pushes the second below 1)."""
     x = x.float()
+    ref = ref.dense()                                         # sparse reference cells densified once
     y = ref.cells
     pm, pd = x.mean(0), x.mean(0) - ref.ctrl_mean
     de, de20 = ref.de_idx, ref.de_idx[:20]

@@ -17,8 +17,15 @@ turns the same field into an SDE with the same marginals and an exact Gaussian t
 Defaults are a ~1 minute job on 2 CPU cores on the simulator (6000 cells x 1000 genes, width 128,
 1000 steps); raise --width/--steps for real data.
 
+Data-parallel: `torchrun --nproc_per_node N flow.py ...` runs N processes (one device each, NCCL on CUDA, gloo
+on CPU; see `distributed`). --batch-size is per process: every process draws the same global batch of
+N x batch-size cells and noise from the shared seeded generators and keeps its rows rank::N, DDP averages the
+gradients, so the weights and the EMA stay identical on every process and the step equals one process with
+the global batch. Rank 0 logs, validates and saves; --resume works with any N. On CUDA the velocity field
+runs under bf16 autocast (training and every sampler); losses, log-densities and the SDE in float32.
+
 Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance,
-attention over genes, adaptive ODE solvers, mixed precision on CPU, multi-GPU training.
+attention over genes, adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
 """
 from __future__ import annotations
 
@@ -32,13 +39,16 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 
 # before torch loads OpenMP: spinning threads on a shared CPU made training steps 15x slower (measured)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -82,6 +92,7 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     device: str = "cpu"             # cpu | cuda | mps | auto
     compile: bool = False           # torch.compile the model for training
     progress: bool = True           # tqdm progress bar
+    timeout: int = 1800             # torchrun: seconds a process waits for the others (a dead peer fails the run)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -97,10 +108,50 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def _noise(shape, generator, device, dtype=torch.float32, uniform=False):
-    """N(0, 1) (or U(0, 1)) draws from `generator`, on the generator's device, moved to `device`."""
+def autocast(device):
+    """bf16 autocast on CUDA (matrix products in bf16; the caller's float32 tensors and reductions stay float32);
+    nothing on other devices (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def distributed(device: str = "cpu", timeout: float = 1800):
+    """(device, rank, world size). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: one process per device (cuda:LOCAL_RANK),
+    the process group started once (NCCL on CUDA, gloo on CPU), and a collective that waits more than `timeout`
+    seconds for a dead or stuck process raises instead of hanging. Other ranks print nothing to stdout (rank 0
+    logs). Without torchrun: (pick_device(device), 0, 1), nothing started."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+    dev = pick_device(device)
+    if world == 1:
+        return dev, 0, 1
+    if not dist.is_available():
+        raise DataError("torchrun started this run, but this torch build has no torch.distributed; run one process")
+    if dev.type == "cuda":
+        if not dist.is_nccl_available():
+            raise DataError("torchrun with --device cuda needs NCCL, which this torch build lacks; install a CUDA "
+                            "build of torch with NCCL, or run the processes on CPU with --device cpu (gloo)")
+        n_local = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))  # the same test on every process
+        if n_local > torch.cuda.device_count():
+            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: start "
+                            f"at most one per GPU (torchrun --nproc_per_node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise DataError(f"--device {dev.type}: torchrun runs on cuda (NCCL) or cpu (gloo)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return dev, rank, world
+
+
+def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=None):
+    """N(0, 1) (or U(0, 1)) draws from `generator`, on the generator's device, moved to `device`. part = (rows, n)
+    (torchrun): draw what one process would for the global batch of n rows and keep `rows` (a long tensor on the
+    generator's device), so N processes together draw exactly one process's numbers."""
     gdev = generator.device if generator is not None else device
-    return (torch.rand if uniform else torch.randn)(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+    x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
+                                                 generator=generator, device=gdev, dtype=dtype)
+    return (x if part is None else x[part[0]]).to(device)
 
 
 # ----------------------------------------------------------------------------- model
@@ -281,10 +332,10 @@ def source(cond):
     return cond.get("mu0", 0.0), cond.get("sigma", 1.0)
 
 
-def draw_x0(cond, shape, generator, device):
-    """x0 = mu0 + sigma * eps, eps ~ N(0, I) from `generator`: the start of every generated cell."""
+def draw_x0(cond, shape, generator, device, part=None):
+    """x0 = mu0 + sigma * eps, eps ~ N(0, I) from `generator`: the start of every generated cell (part: see _noise)."""
     mu0, sigma = source(cond)
-    return mu0 + sigma * _noise(shape, generator, device)
+    return mu0 + sigma * _noise(shape, generator, device, part=part)
 
 
 # ----------------------------------------------------------------------------- loss and samplers
@@ -295,21 +346,23 @@ def path(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def cfm_loss(model, x1, cond, generator=None, t_dist="uniform"):
+def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
     x0 ~ N(mu0, sigma^2 I) (make_cond), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024).
     In train mode the prior (input and shift) is dropped per sample with probability model.prior_dropout
-    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior)."""
+    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior). part: see _noise;
+    model may be wrapped in DDP (its attributes are read from the wrapped module)."""
     B, dev = x1.shape[0], x1.device
-    t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal")
+    t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal", part=part)
     t = torch.sigmoid(t) if t_dist == "logit_normal" else t
-    keep = _noise((B, 1), generator, dev, uniform=True) >= getattr(model, "prior_dropout", 0.0)  # (B, 1)
+    p_drop = getattr(getattr(model, "module", model), "prior_dropout", 0.0)
+    keep = _noise((B, 1), generator, dev, uniform=True, part=part) >= p_drop  # (B, 1)
     if model.training and "prior" in cond:
         cond = {**cond, "prior": cond["prior"] * keep}
         if "shift" in cond:
             drop = cond["shift"] * ~keep  # (B, G) the shift taken out of the source mean
             cond.update(shift=cond["shift"] - drop, mu0=cond["mu0"] - drop)
-    x0 = draw_x0(cond, x1.shape, generator, dev).to(x1.dtype)  # (B, G)
+    x0 = draw_x0(cond, x1.shape, generator, dev, part).to(x1.dtype)  # (B, G)
     xt, ut = path(x0, x1, t)
     vt = model(xt, t, cond)
     return (vt.to(ut.dtype) - ut).pow(2).mean()
@@ -329,14 +382,17 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, de
     else:
         mu0, sigma = source(cond)
         x = mu0 + sigma * x0.to(dev)
+    amp = autocast(dev)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
-        cond = {**cond, "emb": model.condition(cond)}
+        with amp:
+            cond = {**cond, "emb": model.condition(cond)}
     h = 1.0 / steps
     for i in range(steps):
         t = torch.full((x.shape[0],), i * h, device=dev, dtype=x.dtype)  # (B,)
-        vt = model(x, t, cond).to(x.dtype)
-        if method == "midpoint":
-            vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
+        with amp:
+            vt = model(x, t, cond).to(x.dtype)
+            if method == "midpoint":
+                vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
         x = x + h * vt
     return model.decode(x) if decode else x
 
@@ -353,7 +409,9 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
         mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-    vt = model(x, t, cond).to(x.dtype)  # (B, G)
+    with autocast(x.device):
+        vt = model(x, t, cond)
+    vt = vt.to(x.dtype)  # (B, G) float32: the mean, std and log-density below are float32
     mu0, sigma = source(cond)
     tt = t[:, None]  # (B, 1)
     sigma_eps = x - mu0 - tt * vt  # sigma * eps_hat
@@ -371,13 +429,13 @@ def gaussian_log_prob(x, mean, std):
     return -(x - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
 
 
-def sde_step(model, x, t, h, cond, noise_level, generator=None):
+def sde_step(model, x, t, h, cond, noise_level, generator=None, part=None):
     """x_next = mean + std * noise; returns (x_next, log_prob (B,), mean, std). noise_level 0 is exactly
-    the Euler step (std 0, log_prob zeros). Rollouts call it under torch.no_grad() and store x_next."""
+    the Euler step (std 0, log_prob zeros). Rollouts call it under torch.no_grad() and store x_next. part: _noise."""
     mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
-    x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype)
+    x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype, part=part)
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 
@@ -520,7 +578,9 @@ def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
     """(G,) per gene, the q_g-quantile of generated values of `keys` (q_g = the gene's real zero fraction in
     them), at least the current threshold."""
     raw = generate_raw(model, ds, keys, n_cells, seed)  # (K * n, G)
-    q = torch.from_numpy((ds.X[np.concatenate([ds.cell_idx[k] for k in keys])] == 0).mean(0))  # (G,)
+    rows, c = np.concatenate([ds.cell_idx[k] for k in keys]), 65536
+    nonzero = sum(np.asarray((ds.X.csr[rows[i:i + c]] > 0).sum(0)).ravel() for i in range(0, len(rows), c))  # (G,)
+    q = torch.from_numpy(1 - nonzero / len(rows))  # (G,) zero fraction, counted on the sparse rows
     idx = (q * (len(raw) - 1)).round().long()  # (G,)
     return torch.maximum(raw.sort(0).values.gather(0, idx[None])[0], model.zero_below.cpu())
 
@@ -620,11 +680,11 @@ def train(cfg: FlowConfig) -> str:
     data.check_args(cfg)
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
-    device = pick_device(cfg.device)
+    device, rank, world = distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
     if cfg.t_dist not in ("uniform", "logit_normal"):
         raise DataError(f"--t-dist {cfg.t_dist!r}: use uniform or logit_normal")
     old = load_checkpoint(cfg.out, resume="flow")[1] if cfg.resume and os.path.exists(cfg.out) else None
-    if cfg.resume and old is None:
+    if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
     dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)})
     ds = data.load_dataset(dcfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
@@ -642,6 +702,7 @@ def train(cfg: FlowConfig) -> str:
              "shift": torch.cat([tab["shift"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
              "shift_mean": torch.cat([tab["shift_mean"], torch.zeros(n_cov, G)])}
     key_cov = table["cov"].numpy()
+    table = {k: v.to(device) for k, v in table.items()}  # once: make_cond then indexes it on the device
     pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
     pert_kid = np.concatenate([np.full(len(ds.cell_idx[k]), i) for i, k in enumerate(keys)])
     ctrl_rows = np.concatenate([ds.ctrl_idx[c] for c in ds.covariates])  # grouped by covariate
@@ -664,17 +725,20 @@ def train(cfg: FlowConfig) -> str:
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                             {"params": others, "weight_decay": 0.0}], lr=cfg.lr, fused=device.type != "mps")
-    gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
+                             {"params": others, "weight_decay": 0.0}], lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    # the same generators on every process (the global batch); on the device, so noise is drawn where it is used
+    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
     step, history, saved = 0, [], None
     if old:
         opt.load_state_dict(old["opt"])
-        gen.set_state(old["rng"]["torch"])
+        set_rng_state(gen, old["rng"]["torch"], cfg.seed + old["step"])
         rng.bit_generator.state = old["rng"]["numpy"]
         step, history, saved = old["step"], old["extra"]["history"], old["step"]
     fwd = torch.compile(model) if cfg.compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if world > 1:  # the loss and backward go through DDP, which averages the gradients over the processes
+        fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     meta, B = dataset_meta(ds), cfg.batch_size
+    part = (torch.arange(rank, B * world, world, device=device), B * world) if world > 1 else None  # this rank's rows
 
     def save(step):
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -688,27 +752,29 @@ def train(cfg: FlowConfig) -> str:
         return f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
             "no checkpoint was written"
 
-    if not old:  # how far the prior is trusted, and the additive prior itself as a reference prediction
+    if not old and rank == 0:  # how far the prior is trusted, and the additive prior itself as a reference prediction
         trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
         r = pearson(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
             if val_keys else float("nan")
         print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}; "
               f"val Pearson(mean deltas) of the additive prior alone: {r:.3f}", file=sys.stderr)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
-    pbar = tqdm(total=end, initial=step, disable=not cfg.progress, desc="flow", dynamic_ncols=True)
+    pbar = tqdm(total=end, initial=step, disable=not cfg.progress or rank > 0, desc="flow", dynamic_ncols=True)
     t0, loss_avg = time.time(), old["extra"]["loss_avg"] if old else None
     while step < end:
-        i, j = rng.integers(len(pert_rows), size=B), rng.integers(len(ctrl_rows), size=B)
-        is_c = rng.random(B) < cfg.ctrl_frac
-        rows, kid = np.where(is_c, ctrl_rows[j], pert_rows[i]), np.where(is_c, ctrl_kid[j], pert_kid[i])  # (B,)
+        Bg = B * world  # the global batch: every process draws all of it and keeps its rows rank::world
+        i, j = rng.integers(len(pert_rows), size=Bg), rng.integers(len(ctrl_rows), size=Bg)
+        is_c = rng.random(Bg) < cfg.ctrl_frac
+        rows, kid = np.where(is_c, ctrl_rows[j], pert_rows[i]), np.where(is_c, ctrl_kid[j], pert_kid[i])  # (Bg,)
         cv = key_cov[kid]
-        src = ctrl_rows[ctrl_start[cv] + (rng.random(B) * n_ctrl[cv]).astype(np.int64)]  # control, same covariate
-        x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G)
-        cond = make_cond(model, table, torch.from_numpy(kid), ds.X[src])
+        src = ctrl_rows[ctrl_start[cv] + (rng.random(Bg) * n_ctrl[cv]).astype(np.int64)]  # control, same covariate
+        rows, kid, src = rows[rank::world], kid[rank::world], src[rank::world]  # (B,)
+        x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G) densified from the sparse X
+        cond = make_cond(model, table, torch.from_numpy(kid).to(device), ds.X[src])
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        with amp:
-            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist)
+        with autocast(device):
+            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part)
         if not torch.isfinite(loss):
             raise DataError(f"loss is {loss.item()} at step {step}: training diverged (lr={cfg.lr}); lower --lr "
                             f"or raise --warmup; {keep_msg()}")
@@ -721,6 +787,8 @@ def train(cfg: FlowConfig) -> str:
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         pbar.update(1)
         pbar.set_postfix(loss=f"{loss_avg:.4f}")
+        if rank > 0:  # rank 0 calibrates, validates and saves; the others go on to the next step
+            continue
         if step == cfg.steps:  # before the last validation, so the logged metrics are the saved model's
             which = calibrate_zeros(ema, ds, keys, val_keys, seed=cfg.seed + 2)
             pbar.write(f"zero threshold per gene: {which} (lower validation energy distance)")
@@ -732,7 +800,20 @@ def train(cfg: FlowConfig) -> str:
         if step % cfg.save_every == 0 or step == end:
             saved = save(step)
     pbar.close()
+    if world > 1:
+        dist.barrier()  # no process returns before rank 0 has written the last checkpoint
     return cfg.out
+
+
+def set_rng_state(gen, state, seed):
+    """Restore a torch.Generator's state; a state saved on another kind of device (a CUDA run resumed on CPU or
+    the reverse) cannot be loaded: reseed with `seed`, with a warning (the run continues, not bit-identically)."""
+    try:
+        gen.set_state(state)
+    except (RuntimeError, ValueError):
+        warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
+                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
+        gen.manual_seed(seed)
 
 
 def main(argv=None):
@@ -740,15 +821,23 @@ def main(argv=None):
     data.add_args(p, FlowConfig)
     args = p.parse_args(argv)
     cfg = FlowConfig(**{f.name: getattr(args, f.name) for f in fields(FlowConfig)})
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 prints errors
     try:
         path = train(cfg)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
         sys.exit(2)
     except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
-        print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} (saved every {cfg.save_every} steps) "
-              "with --resume", file=sys.stderr)
+        if rank0:
+            print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} (saved every {cfg.save_every} "
+                  "steps) with --resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     print(f"saved {path}")
 
 

@@ -22,7 +22,15 @@ more than a per-gene average would; clip = 0.2 (standard PPO) then binds, and be
 also a sum over genes. Averaging over genes (Flow-GRPO's image convention) makes ratios move ~1e-4: no
 clip range binds and the update is plain REINFORCE.
 
-Left out: classifier-free guidance, reward models learned from data, multi-node rollouts, LoRA.
+Data-parallel: `torchrun --nproc_per_node N rl.py ...`. --conds is the number of conditions per step over all
+processes: every process draws the same step (conditions, control cells, noise) from the shared seeded generators
+and rolls out its own groups, conditions rank::N; advantages are normalised within each group, so no reduction is
+needed for them; DDP averages the gradients, the loss weighted by each process's share of the groups, so a step
+equals one process's step with the same --conds. Rank 0 validates, selects and saves the checkpoint and broadcasts
+its decision; --resume works with any N. On CUDA the velocity field runs under bf16 autocast (flow.autocast);
+log-probabilities, the ratio and the KL are float32.
+
+Left out: classifier-free guidance, reward models learned from data, LoRA.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,6 +48,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -81,16 +92,22 @@ class RLConfig(data.DataConfig):  # data options pass through to pretraining; wi
     # hardware
     device: str = "cpu"            # cpu | cuda | mps | auto
     progress: bool = True          # tqdm progress bar
+    timeout: int = 1800            # torchrun: seconds a process waits for the others (a dead peer fails the run)
 
 
 # ----------------------------------------------------------------------------- the pieces
 @torch.no_grad()
-def rollout(model, cond, T, noise_level, generator):
-    """T SDE steps from x0 ~ N(mu0, sigma^2 I) (flow.make_cond): states (T+1, B, G), log p(x_{t+1} | x_t) (T, B)."""
-    x = flow.draw_x0(cond, cond["ctrl"].shape, generator, cond["ctrl"].device)  # (B, G) from the source
+def rollout(model, cond, T, noise_level, generator, part=None):
+    """T SDE steps from x0 ~ N(mu0, sigma^2 I) (flow.make_cond): states (T+1, B, G), log p(x_{t+1} | x_t) (T, B).
+    part: this process's rows of the global batch's noise (flow._noise)."""
+    dev = cond["ctrl"].device
+    if hasattr(model, "condition"):  # the time-independent embeddings once per rollout, as flow.sample
+        with flow.autocast(dev):
+            cond = {**cond, "emb": model.condition(cond)}
+    x = flow.draw_x0(cond, cond["ctrl"].shape, generator, dev, part)  # (B, G) from the source
     xs, lps = [x], []
     for i in range(T):
-        x, lp, _, _ = flow.sde_step(model, x, i / T, 1.0 / T, cond, noise_level, generator)
+        x, lp, _, _ = flow.sde_step(model, x, i / T, 1.0 / T, cond, noise_level, generator, part)
         xs.append(x)
         lps.append(lp)
     return torch.stack(xs), torch.stack(lps)
@@ -113,8 +130,8 @@ def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
     surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
     kl = ((mean - mean_ref) ** 2).sum(-1) / (2 * std.reshape(-1) ** 2)  # (B,)
     loss = surrogate + beta * kl.mean()
-    return loss, {"kl": kl.mean().item(), "clipfrac": ((ratio - 1).abs() > clip).float().mean().item(),
-                  "ratio_dev": (ratio - 1).abs().mean().item()}
+    return loss, {"kl": kl.mean().detach(), "clipfrac": ((ratio - 1).abs() > clip).float().mean(),  # 0-d tensors:
+                  "ratio_dev": (ratio - 1).abs().mean().detach()}                              # no sync per call
 
 
 def validate(model, ds, keys, verifier, cfg) -> dict:
@@ -134,7 +151,7 @@ def pretrained(cfg: RLConfig) -> str:
     if cfg.ckpt:
         return cfg.ckpt
     fcfg = flow.FlowConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)},
-                           steps=cfg.pretrain_steps, device=cfg.device, progress=cfg.progress)
+                           steps=cfg.pretrain_steps, device=cfg.device, progress=cfg.progress, timeout=cfg.timeout)
     opts = {f.name: getattr(fcfg, f.name) for f in fields(data.DataConfig)} | {"steps": fcfg.steps}
     opts["data"] = str(Path(cfg.data).resolve()) if cfg.data else None
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
@@ -153,11 +170,12 @@ def pretrained(cfg: RLConfig) -> str:
     return flow.train(fcfg)
 
 
-def resume_state(cfg: RLConfig, last: str) -> dict | None:
+def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
     """Checks before any work (options; outputs that would overwrite an input or fail late), then the state
     that --resume continues (<out>_last.pt), or None."""
     data.check_args(cfg)
     gene_sets = verifiers.gene_set_path(cfg.gene_sets)
+    check_world(cfg.conds, world)
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = flow.read_checkpoint(last, resume="rl") if cfg.resume else None
@@ -165,6 +183,21 @@ def resume_state(cfg: RLConfig, last: str) -> dict | None:
                        {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets,
                         "the base checkpoint": state and state["extra"]["base"]})
     return state
+
+
+def check_world(n_conds: int, world: int, what: str = "") -> None:
+    """Every process rolls out at least one condition per step."""
+    if world > n_conds:
+        raise DataError(f"{world} processes but a GRPO step rolls out {n_conds} conditions (--conds {n_conds}{what}), "
+                        f"fewer than one per process: start at most {n_conds} processes (torchrun --nproc_per_node) "
+                        f"or raise --conds")
+
+
+def now(device) -> float:
+    """Wall-clock time once the device's queued work is done (CUDA kernels run asynchronously), for phase times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def check_base(base: str, ck: dict, outputs: dict) -> None:
@@ -178,9 +211,9 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
 
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
-    device = flow.pick_device(cfg.device)
+    device, rank, world = flow.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
-    state = resume_state(cfg, last)
+    state = resume_state(cfg, last, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
@@ -190,6 +223,8 @@ def train(cfg: RLConfig) -> str:
     weights = verifier.weights                                      # the nonzero ones
     val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
     keys, val_keys = ds.split["train"], ds.split["val"]
+    n_pick = min(cfg.conds, len(keys))                              # conditions per step, over all processes
+    check_world(n_pick, world, f", {len(keys)} training conditions")
     for c in sorted({k[1] for k in keys}):
         if len(ds.ctrl_idx[c]) < cfg.group:
             raise DataError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
@@ -197,13 +232,15 @@ def train(cfg: RLConfig) -> str:
     policy = copy.deepcopy(ref).train().requires_grad_(True)
     ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
-    table = ds.key_table(keys)
+    ddp = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy
+    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)  # shared
+    table = {k: v.to(device) for k, v in ds.key_table(keys).items()}  # on the device once, as the references:
+    refs = {k: ds.refs[k].to(device) for k in keys}                 # sparse cells, densified there per group
     step, history, best = 0, [], None
     if state:
         policy.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["rng"]["torch"])
+        flow.set_rng_state(gen, state["rng"]["torch"], cfg.seed + state["step"])
         rng.bit_generator.state = state["rng"]["numpy"]
         step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
     meta = flow.dataset_meta(ds)
@@ -218,68 +255,84 @@ def train(cfg: RLConfig) -> str:
 
     def check_val(step):
         nonlocal best
-        m = validate(policy.eval(), ds, val_keys, val_verifier, cfg)
-        policy.train()
-        history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
-        line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
-                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
-                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in weights))
-        if best is None or m["score"] > best["score"]:
-            best = {"step": step, "score": m["score"]}
-            save(cfg.out, step)
-            line += "  * best, saved"
-        tqdm.write(line)
+        if rank == 0:  # rank 0 validates, selects and saves; the others wait for its decision below
+            m = validate(policy.eval(), ds, val_keys, val_verifier, cfg)
+            policy.train()
+            history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
+            line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
+                    f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
+                    " ".join(f"{n}={m['reward/' + n]:.3f}" for n in weights))
+            if best is None or m["score"] > best["score"]:
+                best = {"step": step, "score": m["score"]}
+                save(cfg.out, step)
+                line += "  * best, saved"
+            tqdm.write(line)
+        if world > 1:  # the decision (and the record) broadcast: every process holds rank 0's state
+            sync = [history[-1] if rank == 0 else None, best]
+            dist.broadcast_object_list(sync, src=0)
+            if rank > 0:
+                history.append(sync[0])
+                best = sync[1]
 
-    pbar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="grpo", dynamic_ncols=True)
-    done = copy.deepcopy(state_at(step))  # the last completed step (update, validation, saves): Ctrl-C writes it
+    pbar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank > 0, desc="grpo", dynamic_ncols=True)
+    done = copy.deepcopy(state_at(step)) if rank == 0 else None  # the last completed step: Ctrl-C writes it
     try:
         if not history and val_keys:
             check_val(0)
-            done = copy.deepcopy(state_at(step))
+            done = copy.deepcopy(state_at(step)) if rank == 0 else None
         while step < cfg.steps:
-            t0 = time.time()
-            # 1. rollouts: conds x group cells, each group one condition with G control contexts
-            pick = rng.choice(len(keys), size=min(cfg.conds, len(keys)), replace=False)
-            kid = torch.from_numpy(np.repeat(pick, cfg.group))                          # (B,)
-            rows = np.concatenate([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])
-            cond = flow.make_cond(policy, table, kid, ds.X[rows])
-            xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen)          # (T+1, B, G), (T, B)
-            t1 = time.time()
-            # 2. rewards, normalised per component within each group
-            cells = policy.decode(xs[-1]).reshape(len(pick), cfg.group, -1)             # (n_groups, G, genes)
+            t0 = now(device)
+            # 1. rollouts: conds x group cells, each group one condition with G control contexts; every process
+            # draws the whole step and rolls out its groups rank::world
+            pick = rng.choice(len(keys), size=n_pick, replace=False)
+            rows = np.stack([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])  # (n, G)
+            mine = np.arange(rank, n_pick, world)                                       # this process's groups
+            kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(device)         # (B,)
+            cond = flow.make_cond(policy, table, kid, ds.X[rows[mine].ravel()])
+            part = (torch.from_numpy(mine[:, None] * cfg.group + np.arange(cfg.group)).reshape(-1).to(device),
+                    n_pick * cfg.group) if world > 1 else None                          # its rows of the noise
+            xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen, part)    # (T+1, B, G), (T, B)
+            t1 = now(device)
+            # 2. rewards on the device, normalised per component within each group
+            cells = policy.decode(xs[-1]).reshape(len(mine), cfg.group, -1)             # (n_groups, G, genes)
             comps = {n: [] for n in weights}
-            for i, x in zip(pick, cells):
-                _, c = verifier(x, ds.refs[keys[i]].to(device))
+            for i, x in zip(pick[mine], cells):
+                _, c = verifier(x, refs[keys[i]])
                 for n, r in c.items():
-                    if not torch.isfinite(r).all():
-                        raise DataError(f"verifier {n!r} returned NaN/Inf for condition {keys[i]}; check its "
-                                        f"reference cells (constant genes?) or drop it from --rewards")
                     comps[n].append(r)
             comps = {n: torch.stack(v) for n, v in comps.items()}                        # (n_groups, G)
+            finite = torch.stack([torch.isfinite(v).all(1) for v in comps.values()])    # (n_rewards, n_groups)
+            if not finite.all():                                                         # one sync per step
+                n, g = map(int, torch.nonzero(~finite)[0])
+                raise DataError(f"verifier {list(comps)[n]!r} returned NaN/Inf for condition {keys[pick[mine][g]]}; "
+                                f"check its reference cells (constant genes?) or drop it from --rewards")
             adv = group_advantages(comps, weights, clip=cfg.adv_clip).reshape(-1)       # (B,)
-            t2 = time.time()
-            # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL
+            t2 = now(device)
+            # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL; DDP
+            # averages the gradients, so each process's loss is weighted by its share of the groups
             policy.train()
             stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
-            n_t = max(1, int(round(cfg.t_frac * cfg.T)))
+            n_t, share = max(1, int(round(cfg.t_frac * cfg.T))), len(mine) * world / n_pick
             for _ in range(cfg.epochs):
                 ts = rng.permutation(cfg.T)[:n_t]
                 opt.zero_grad(set_to_none=True)
-                for i in ts:
+                for j, i in enumerate(ts):
                     t, h = i / cfg.T, 1.0 / cfg.T
-                    logp, mean, std = flow.sde_log_prob(policy, xs[i], t, h, cond, cfg.noise, xs[i + 1])
-                    with torch.no_grad():
-                        mean_ref, _ = flow.sde_mean_std(ref, xs[i], t, h, cond, cfg.noise)
-                    loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
-                    (loss / n_t).backward()
-                    s["loss"] = loss.item()
+                    with ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
+                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], t, h, cond, cfg.noise, xs[i + 1])
+                        with torch.no_grad():
+                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], t, h, cond, cfg.noise)
+                        loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
+                        (loss * share / n_t).backward()
+                    s["loss"] = loss.detach()
                     for k in stats:
                         stats[k] += s[k] / (n_t * cfg.epochs)
-                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 opt.step()
             step += 1
-            t3 = time.time()
-            # 4. log: one line per step
+            stats, gnorm = {k: float(v) for k, v in stats.items()}, float(gnorm)
+            t3 = now(device)
+            # 4. log: one line per step (the rewards and losses of rank 0's groups)
             zero = float((torch.stack([v.std(1) for v in comps.values()]).amax(0) < 1e-8).float().mean())
             rec = {"step": step, **{f"reward/{n}/mean": float(v.mean()) for n, v in comps.items()},
                    "reward/total": float(sum(weights[n] * v.mean() for n, v in comps.items())),
@@ -287,23 +340,27 @@ def train(cfg: RLConfig) -> str:
                    "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
             history.append(rec)
             pbar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
                 tqdm.write(f"step {step:4d} | loss {stats['loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
                            f"{stats['kl']:.4f} | clip {stats['clipfrac']:.2f} | zero {zero:.2f} | gnorm {gnorm:.2f} | "
                            f"dt {t3 - t0:.2f}s | " + " ".join(f"{n} {float(v.mean()):+.3f}" for n, v in comps.items()))
             if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
                 check_val(step)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
                 save(last, step)
-            done = copy.deepcopy(state_at(step))
+            done = copy.deepcopy(state_at(step)) if rank == 0 else None
     except KeyboardInterrupt:  # drop the step in progress: --resume redoes it exactly as an uninterrupted run
-        flow.write_checkpoint(last, done)
         pbar.close()
+        if rank > 0:
+            raise
+        flow.write_checkpoint(last, done)
         raise KeyboardInterrupt(f"interrupted; saved the state after step {done['step']} to {last}; continue with "
                                 "--resume") from None
     pbar.close()
-    if best is None:                     # no validation conditions: the last state is the result
+    if best is None and rank == 0:       # no validation conditions: the last state is the result
         save(cfg.out, step)
+    if world > 1:
+        dist.barrier()                   # no process returns before rank 0 has written its checkpoints
     return cfg.out
 
 
@@ -334,8 +391,9 @@ def main(argv=None):
                         f"or omit --ckpt to pretrain automatically")
     t0 = time.time()
     out = train(cfg)
-    print(f"\nsaved {out} ({time.time() - t0:.0f} s)\n")
-    print(before_after(cfg, out))
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
+        print(f"\nsaved {out} ({time.time() - t0:.0f} s)\n")
+        print(before_after(cfg, out))
 
 
 if __name__ == "__main__":

@@ -401,6 +401,7 @@ class Verifier:
         """x (B, G) cells of one condition -> (total (B,), {name: (B,)}); total = sum_name w_name * comp_name."""
         if x.ndim != 2 or x.shape[1] != len(self.genes):
             raise DataError(f"cells have shape {tuple(x.shape)}, expected (B, {len(self.genes)}) for this Verifier's genes")
+        ref = ref.dense()  # sparse reference cells (data.load_dataset) densified once, on their device
         comps = {name: REWARDS[name](x, ref, self) for name in self.weights}
         total = sum(w * comps[name] for name, w in self.weights.items())
         return total, comps

@@ -21,3 +21,18 @@ def tiny_screen(tmp_path_factory):
                                       out=str(tmp / "flow.pt"), progress=False, eval_every=1000, save_every=1000))
     model, ck = flow.load_checkpoint(ckpt)
     return {"tmp": tmp, "path": path, "ckpt": ckpt, "model": model, "ds": evaluate.dataset_for(ck)}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (multi-process, > 10 s)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer than ~10 s; skipped unless pytest --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--runslow"):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))

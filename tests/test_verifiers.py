@@ -300,7 +300,7 @@ def test_discrimination_on_simulated_data(sim):
     """Held-out real cells of a condition beat control cells and cells of a perturbation acting on
     another pathway, with the Reference's real cells restricted to the other half of the condition."""
     truth, ds = sim
-    X = torch.from_numpy(ds.X)
+    X = torch.from_numpy(np.asarray(ds.X))
     v = V.Verifier(ds.genes)  # PROGENy auto: the simulator's genes are PROGENy footprint genes
     paths = list(truth["pathways"])
     singles = [(name.split("+")[0], pw, abs(truth["footprints"][paths.index(pw)] @ e))
@@ -309,7 +309,7 @@ def test_discrimination_on_simulated_data(sim):
     for a, pw, drive in singles:
         key = (a, ds.covariates[0])
         idx = ds.cell_idx[key]
-        ref = dataclasses.replace(ds.refs[key], cells=X[idx[: len(idx) // 2]])
+        ref = dataclasses.replace(ds.refs[key], X=X[idx[: len(idx) // 2]])
         real = X[idx[len(idx) // 2:]]
         other = max((s for s in singles if s[1] != pw), key=lambda s: s[2])[0]
         groups = {"ctrl": X[ds.ctrl_idx[key[1]]][: len(real)],

@@ -1,0 +1,375 @@
+"""Issue 11, scale-out: data parallelism under torchrun (gloo, 2 processes on CPU), device placement (the meta
+device), the CUDA pipeline (skipped without a GPU), and data that does not fit dense (CSR, --lazy).
+
+Multi-process runs start the stage scripts the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR =
+127.0.0.1, a free port), one test through torchrun itself. Tests marked slow (resume with another process count,
+torchrun, a stuck process: 15-25 s each) run with `python -m pytest --runslow`."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import data
+import evaluate
+import flow
+import rl
+import verifiers
+from data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOW = ["--n-genes", "0", "--width", "32", "--depth", "1", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank, world, port):
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def start(script, args, world):
+    """`world` processes of `python script args` with torchrun's environment; [Popen] by rank."""
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**env, **(rank_env(r, world, port) if world > 1 else {})})
+            for r in range(world)]
+
+
+def finish(procs, timeout=120):
+    """[(returncode, stdout, stderr)] by rank; a process still running after `timeout` s fails the test (a hang)."""
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"still running after {timeout} s: {procs[0].args}")
+    return out
+
+
+def run(*jobs):
+    """Run jobs (script, args, world) at the same time; require exit 0 on every rank; [(code, out, err)] per job."""
+    procs = [start(*job) for job in jobs]
+    res = [finish(p) for p in procs]
+    for job, r in zip(jobs, res):
+        for rank, (code, _, err) in enumerate(r):
+            assert code == 0, f"rank {rank} of {job[0]} exited {code}:\n{err[-3000:]}"
+    return res
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b, tol):
+    """Two checkpoints hold the same weights, EMA and optimiser moments (to `tol`) and identical random states."""
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], atol=tol, rtol=tol, msg=f"{part}.{k}")
+    for i, s in a["opt"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s[k], b["opt"]["state"][i][k], atol=tol, rtol=1e-4, msg=f"opt {i} {k}")
+    assert a["step"] == b["step"] and a["rng"]["numpy"] == b["rng"]["numpy"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def moved(a, b):
+    """Largest weight change between two checkpoints (the comparison above means something only if it is large)."""
+    return max(float((a["model"][k].float() - b["model"][k].float()).abs().max()) for k in a["model"])
+
+
+def rl_state(path):
+    """An RL state with its policy as the 'ema' entry (RL checkpoints keep one set of weights)."""
+    ck = load(path)
+    return {**ck, "ema": ck["model"]}
+
+
+# ----------------------------------------------------------------------------- data parallelism (gloo, CPU)
+FLOW_STEP = [*FLOW, "--steps", 3, "--warmup", 1]
+
+
+def flow_one_and_two(tiny_screen, tmp_path):
+    """One step with 1 process x batch 32 and with 2 processes x batch 16 (the same global batch)."""
+    common = ["--data", tiny_screen["path"], *FLOW_STEP, "--stop-at", 1]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    run(("flow.py", [*common, "--batch-size", 32, "--out", one], 1),
+        ("flow.py", [*common, "--batch-size", 16, "--out", two], 2))
+    return one, two
+
+
+def test_flow_two_processes_equal_one(tiny_screen, tmp_path):
+    """The weights, EMA, optimiser moments and random states after one step with 2 processes x batch 16 equal one
+    process x batch 32 (DDP's gradient average of the two halves); the checkpoint loads for evaluation."""
+    one, two = flow_one_and_two(tiny_screen, tmp_path)
+    a, b = load(one), load(two)
+    assert a["step"] == b["step"] == 1 and a["config"]["batch_size"] == 2 * b["config"]["batch_size"]
+    assert moved(a, {"model": load(one)["ema"]}) > 1e-4                # the EMA lags the step: a real update
+    assert_same_state(a, b, 1e-6)
+    model, ck = flow.load_checkpoint(two)
+    ds = evaluate.dataset_for(ck)
+    assert model.hparams["width"] == 32 and ds.genes == ck["genes"]
+
+
+@pytest.mark.slow
+def test_flow_resume_with_another_process_count(tiny_screen, tmp_path):
+    """Each one-step run resumed for a second step with the other process count: the same second step."""
+    one, two = flow_one_and_two(tiny_screen, tmp_path)
+    first = load(one)
+    common = ["--data", tiny_screen["path"], *FLOW_STEP, "--stop-at", 2, "--resume"]
+    run(("flow.py", [*common, "--batch-size", 16, "--out", one], 2),
+        ("flow.py", [*common, "--batch-size", 32, "--out", two], 1))
+    a, b = load(one), load(two)
+    assert a["step"] == b["step"] == 2 and moved(a, first) > 1e-3        # a real step, far above the tolerance
+    assert_same_state(a, b, 1e-6)
+
+
+RL_STEP = ["--conds", 3, "--group", 4, "--T", 4, "--eval-cells", 16, "--no-progress"]
+
+
+def rl_one_and_two(tiny_screen, tmp_path):
+    """One GRPO step with --conds 3 on 1 process and on 2 (2 groups on rank 0, 1 on rank 1)."""
+    common = ["--ckpt", tiny_screen["ckpt"], *RL_STEP, "--steps", 1]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _, [(_, out, _), (_, out1, err1)] = run(("rl.py", [*common, "--out", one], 1),
+                                            ("rl.py", [*common, "--out", two], 2))
+    assert "step    1" in out and "held-out test conditions" in out                 # rank 0 logs and reports
+    assert out1 == "" and "error" not in err1                                       # rank 1 is silent
+    return one, two
+
+
+def test_rl_two_processes_equal_one(tiny_screen, tmp_path):
+    """The policy, optimiser moments, random states and checkpoint decision after one step on 2 processes equal
+    1 process: the uneven split (2 + 1 groups) needs each process's loss weighted by its share of the groups."""
+    one, two = rl_one_and_two(tiny_screen, tmp_path)
+    a, b = rl_state(tmp_path / "one_last.pt"), rl_state(tmp_path / "two_last.pt")
+    assert moved(a, {"model": load(tiny_screen["ckpt"])["ema"]}) > 1e-4
+    assert_same_state(a, b, 1e-5)
+    assert a["extra"]["best"]["step"] == b["extra"]["best"]["step"]
+    assert a["extra"]["best"]["score"] == pytest.approx(b["extra"]["best"]["score"], abs=1e-5)
+    assert [h["step"] for h in a["extra"]["history"]] == [h["step"] for h in b["extra"]["history"]]
+    assert flow.load_checkpoint(two)[1]["extra"]["base"] == str(tiny_screen["ckpt"])
+
+
+@pytest.mark.slow
+def test_rl_resume_with_another_process_count(tiny_screen, tmp_path):
+    one, two = rl_one_and_two(tiny_screen, tmp_path)
+    common = ["--ckpt", tiny_screen["ckpt"], *RL_STEP, "--steps", 2, "--resume"]
+    run(("rl.py", [*common, "--out", one], 2), ("rl.py", [*common, "--out", two], 1))
+    a, b = rl_state(tmp_path / "one_last.pt"), rl_state(tmp_path / "two_last.pt")
+    assert a["step"] == b["step"] == 2
+    assert_same_state(a, b, 1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_end_to_end_and_evaluate(tiny_screen, tmp_path):
+    """torchrun --nproc_per_node 2 flow.py and rl.py exit 0 and write checkpoints evaluate.py reads."""
+    port = free_port()
+    tr = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    fl, r = tmp_path / "flow.pt", tmp_path / "rl.pt"
+    for cmd in ([str(ROOT / "flow.py"), "--data", str(tiny_screen["path"]), *FLOW, "--steps", "4", "--batch-size", "8",
+                 "--out", str(fl)],
+                [str(ROOT / "rl.py"), "--ckpt", str(fl), "--steps", "1", "--conds", "2", "--group", "4", "--T", "3",
+                 "--eval-cells", "16", "--no-progress", "--out", str(r)]):
+        p = subprocess.run(tr + cmd, capture_output=True, text=True, env=env, timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(fl), str(r), "--sde-noise", "0"],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"| {fl} |" in p.stdout and f"| {r} |" in p.stdout
+
+
+# ----------------------------------------------------------------------------- bad input, dead peers
+def test_more_processes_than_conditions_is_one_line_on_rank_0(tiny_screen, tmp_path):
+    res = finish(start("rl.py", ["--ckpt", tiny_screen["ckpt"], "--conds", 1, "--out", tmp_path / "r.pt"], world=2))
+    assert [code for code, _, _ in res] == [2, 2]
+    err0 = res[0][2].strip().splitlines()
+    assert len(err0) == 1 and err0[0].startswith("error: 2 processes but a GRPO step rolls out 1 conditions")
+    assert "--nproc_per_node" in err0[0] and res[1][2].strip() == ""               # rank 1 says nothing
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_cuda_without_gpu_and_missing_nccl(monkeypatch):
+    """--device cuda without a GPU and, under torchrun, without NCCL: one DataError each (the CLIs print it on rank 0
+    and exit 2), before any process group is started."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DataError, match="--device cuda: no CUDA device visible"):
+        flow.distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(DataError, match="needs NCCL, which this torch build lacks; .*--device cpu"):
+        flow.distributed("cuda")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CLI on a machine without a GPU")
+def test_cuda_without_gpu_cli_under_two_processes(tmp_path):
+    res = finish(start("flow.py", ["--device", "cuda", "--out", tmp_path / "f.pt"], world=2))
+    assert [code for code, _, _ in res] == [2, 2]
+    assert res[0][2].strip() == "error: --device cuda: no CUDA device visible to torch; use --device cpu or auto"
+    assert res[1][2].strip() == ""
+
+
+@pytest.mark.slow
+def test_a_stuck_process_fails_the_others_after_the_timeout(tiny_screen, tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-training: rank 0's next collective gives up after --timeout seconds and the
+    process exits with an error instead of waiting forever."""
+    procs = start("flow.py", ["--data", tiny_screen["path"], *FLOW, "--steps", 100000, "--batch-size", 8,
+                              "--timeout", 5, "--save-every", 1, "--out", tmp_path / "f.pt"], world=2)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "f.pt").exists() and time.time() < deadline:   # training: rank 0 saved step 0..
+            if procs[0].poll() is not None:
+                break
+            time.sleep(0.5)
+        time.sleep(2)                                                       # well into the loop
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        t0 = time.time()
+        code = procs[0].wait(timeout=60)
+        assert code != 0 and time.time() - t0 < 30
+        assert "Timed out" in procs[0].stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+# ----------------------------------------------------------------------------- devices
+def meta_device(monkeypatch):
+    """Run the training loops with the model and every device tensor on the meta device (shapes only, no data):
+    an op mixing a meta and a CPU tensor raises, exactly where CUDA would fail on a tensor left on the host. The
+    few reads of a value (.item(), bool(), float()) return dummies; checkpoints and validation are skipped;
+    generators, which cannot live on meta, draw on the CPU."""
+    for name, dummy in [("item", 0.0), ("__float__", 0.0), ("__bool__", True)]:
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=orig, _d=dummy: _d if self.is_meta else _o(self))
+    real = torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device="cpu": real(
+        device="cpu" if torch.device(device).type == "meta" else device))
+    for name in ("save_checkpoint", "write_checkpoint", "make_checkpoint"):
+        monkeypatch.setattr(flow, name, lambda *a, **k: {})
+    monkeypatch.setattr(rl, "validate", lambda *a, **k: {"score": 0.0, "pearson_delta": 0.0, "energy": 0.0,
+                                                         "effect_ratio": 1.0, "spread_ratio": 1.0,
+                                                         **{f"reward/{n}": 0.0 for n in verifiers.REWARDS}})
+
+
+def test_training_loops_keep_every_tensor_on_the_device(tiny_screen, tmp_path, monkeypatch):
+    """flow.train and rl.train (rollouts, rewards on sparse references moved once, the update) on the meta device,
+    and a broken device move (the control cells left on the CPU) caught by the same check."""
+    meta_device(monkeypatch)
+    fcfg = flow.FlowConfig(data=str(tiny_screen["path"]), n_genes=0, steps=3, stop_at=2, batch_size=8, width=32,
+                           depth=1, device="meta", progress=False, out=str(tmp_path / "f.pt"))
+    flow.train(fcfg)
+    rl.train(rl.RLConfig(ckpt=str(tiny_screen["ckpt"]), out=str(tmp_path / "r.pt"), steps=2, conds=2, group=4, T=3,
+                         device="meta", progress=False))
+    make_cond = flow.make_cond
+    monkeypatch.setattr(flow, "make_cond", lambda *a: {**(c := make_cond(*a)), "ctrl": torch.zeros(c["ctrl"].shape)})
+    with pytest.raises(RuntimeError, match="device"):
+        flow.train(fcfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_whole_pipeline_on_cuda(tiny_screen, tmp_path):
+    """flow.py, rl.py and evaluate.py with --device cuda (bf16 autocast, device generators, sparse references on
+    the GPU); with 2 or more GPUs also torchrun with NCCL."""
+    fl, r = tmp_path / "flow.pt", tmp_path / "rl.pt"
+    run(("flow.py", ["--data", tiny_screen["path"], *FLOW, "--steps", 20, "--device", "cuda", "--out", fl], 1))
+    run(("rl.py", ["--ckpt", fl, "--steps", 2, "--conds", 2, "--group", 4, "--T", 3, "--device", "cuda",
+                   "--no-progress", "--out", r], 1))
+    run(("evaluate.py", ["--ckpt", fl, r, "--device", "cuda"], 1))
+    assert torch.isfinite(load(r)["ema"]["out.weight"]).all()
+    if torch.cuda.device_count() >= 2:
+        run(("flow.py", ["--data", tiny_screen["path"], *FLOW, "--steps", 4, "--device", "cuda",
+                         "--out", tmp_path / "f2.pt"], 2))
+        run(("rl.py", ["--ckpt", fl, "--steps", 1, "--conds", 2, "--group", 4, "--T", 3, "--device", "cuda",
+                       "--no-progress", "--out", tmp_path / "r2.pt"], 2))
+
+
+# ----------------------------------------------------------------------------- sparse and lazy data
+def test_dataset_is_sparse_and_references_are_views(tiny_screen):
+    """Memory grows with the non-zeros: X is CSR, no n_cells x G dense array is held anywhere, each Reference's
+    cells are a view of X (moved to another device as a sparse tensor) and densify to X's rows."""
+    ds = tiny_screen["ds"]
+    n, G = ds.X.shape
+    assert sp.isspmatrix_csr(ds.X.csr) and ds.X.csr.dtype == np.float32
+    big = [k for k, v in vars(ds).items() if isinstance(v, np.ndarray) and v.size >= n * G]
+    assert not big
+    for k in ds.keys:
+        r = ds.refs[k]
+        assert r.X.layout == torch.sparse_csr and np.shares_memory(r.X.values().numpy(), ds.X.csr.data)
+        np.testing.assert_array_equal(r.cells.numpy(), ds.X[ds.cell_idx[k]])
+        m = r.to("meta")
+        assert m.X.layout == torch.sparse_csr and m.cells.shape == (len(ds.cell_idx[k]), G)
+    rows = np.array([5, 0, 5, n - 1])
+    np.testing.assert_array_equal(ds.X[rows], ds.X.csr.toarray()[rows])
+    np.testing.assert_array_equal(ds.X[3], ds.X.csr.toarray()[3])
+
+
+@pytest.mark.parametrize("kind", ["csr", "dense", "log"])
+def test_lazy_load_equals_in_memory(tmp_path, monkeypatch, kind):
+    """--lazy (X read from disk in blocks of 7 cells, twice) gives the in-memory load's genes, matrix, split and
+    reference statistics; raw counts (CSR or dense) and log-normalised data."""
+    h = data.simulate(n_cells=400, n_genes=120, n_singles=6, n_combos=4, seed=3)
+    X = h.X.toarray()
+    h.X = {"csr": h.X, "dense": X, "log": np.log1p(X / X.sum(1, keepdims=True) * 1e4).astype(np.float32)}[kind]
+    path = tmp_path / "s.h5ad"
+    data.write_h5ad(path, h)
+    monkeypatch.setattr(data, "BLOCK", 7)
+    a = data.load_dataset(data.DataConfig(data=str(path), n_genes=50))
+    b = data.load_dataset(data.DataConfig(data=str(path), n_genes=50, lazy=True))
+    assert a.genes == b.genes and a.split == b.split and a.meta["counts"] == b.meta["counts"] == (kind != "log")
+    assert (a.X.csr != b.X.csr).nnz == 0
+    for k in a.keys:
+        for f in ("ctrl_mean", "ctrl_std", "mean", "t"):
+            torch.testing.assert_close(getattr(a.refs[k], f), getattr(b.refs[k], f), atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.refs[k].de_idx, b.refs[k].de_idx)
+
+
+def test_lazy_bad_values_and_csc(tmp_path, monkeypatch):
+    """A bad value in a later block is reported at its cell of the file; CSC cannot be read by cells."""
+    h = data.simulate(n_cells=300, n_genes=80, n_singles=4, n_combos=2, seed=4)
+    h.X = h.X.tolil()
+    h.X[250, 3] = -1.0
+    h.X = h.X.tocsr()
+    data.write_h5ad(tmp_path / "bad.h5ad", h)
+    monkeypatch.setattr(data, "BLOCK", 16)
+    with pytest.raises(DataError, match="1 negative value.*first at cell 250, gene 3"):
+        data.load_dataset(data.DataConfig(data=str(tmp_path / "bad.h5ad"), lazy=True))
+    h.X = sp.csc_matrix(h.X.maximum(0))
+    data.write_h5ad(tmp_path / "csc.h5ad", h)
+    with pytest.raises(DataError, match="--lazy reads X by cells.*csc_matrix: drop --lazy or rewrite it as CSR"):
+        data.load_dataset(data.DataConfig(data=str(tmp_path / "csc.h5ad"), lazy=True))
+
+
+def test_ref_cells_caps_the_real_cells_not_the_statistics(tiny_screen):
+    """--ref-cells 20: conditions with more cells keep a seeded sample of 20 of their own cells for rewards and
+    metrics; means, Welch t and DE genes are still computed on every cell; the same sample at every load."""
+    cfg = dict(data=str(tiny_screen["path"]), n_genes=0)
+    full = tiny_screen["ds"]
+    capped, again = (data.load_dataset(data.DataConfig(**cfg, ref_cells=20)) for _ in range(2))
+    for k in full.keys:
+        a, b = full.refs[k], capped.refs[k]
+        for f in ("ctrl_mean", "ctrl_std", "mean", "delta", "t", "de_idx"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+        n = len(full.cell_idx[k])
+        assert n > 20 and b.cells.shape[0] == 20 and torch.equal(b.cells, again.refs[k].cells)
+        real = {tuple(r) for r in a.cells.numpy().round(5)}
+        assert all(tuple(r) in real for r in b.cells.numpy().round(5))             # its own cells
