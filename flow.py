@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from einops import rearrange
 from tqdm import tqdm
 
 import data
@@ -339,7 +340,7 @@ def draw_x0(cond, shape, generator, device, part=None):
 
 
 # ----------------------------------------------------------------------------- loss and samplers
-def path(x0, x1, t):
+def interpolant(x0, x1, t):
     """Straight path (Liu et al. 2023, eq. 1; Lipman et al. 2023 with sigma_min = 0):
     xt = (1 - t) x0 + t x1, and its conditional velocity ut = d xt / dt = x1 - x0."""
     t = t.reshape(-1, *([1] * (x1.dim() - 1)))  # (B,) -> (B, 1)
@@ -363,7 +364,7 @@ def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None):
             drop = cond["shift"] * ~keep  # (B, G) the shift taken out of the source mean
             cond.update(shift=cond["shift"] - drop, mu0=cond["mu0"] - drop)
     x0 = draw_x0(cond, x1.shape, generator, dev, part).to(x1.dtype)  # (B, G)
-    xt, ut = path(x0, x1, t)
+    xt, ut = interpolant(x0, x1, t)
     vt = model(xt, t, cond)
     return (vt.to(ut.dtype) - ut).pow(2).mean()
 
@@ -556,7 +557,7 @@ def load_checkpoint(path, device="cpu", genes=None, resume=None):
 
 
 # ----------------------------------------------------------------------------- training
-def pearson(a, b):
+def pearson_rows(a, b):
     """Row-wise Pearson correlation of (K, G) tensors."""
     a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
@@ -595,7 +596,7 @@ def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
     tau = zero_quantiles(model, ds, keys, n_cells, seed)
     if not val_keys:
         return "floor"
-    val = generate_raw(model, ds, val_keys, n_cells, seed + 1).reshape(len(val_keys), n_cells, -1)  # (K, n, G)
+    val = rearrange(generate_raw(model, ds, val_keys, n_cells, seed + 1), "(k n) g -> k n g", n=n_cells)  # (K, n, G)
 
     def energy(zb):  # mean over validation keys of 2 E|x-y| - E|x-x'| - E|y-y'| (V-statistics)
         x = val.masked_fill(val < zb, 0.0)
@@ -608,7 +609,7 @@ def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
     return "floor"
 
 
-def validate(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
+def val_check(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
     """Validation loss (CFM on up to n_cells real cells per key) and the population check: Pearson over all
     genes of generated vs real mean deltas (gen mean - ctrl mean vs ref.delta), ODE midpoint, per key."""
     was_training = model.training
@@ -629,8 +630,8 @@ def validate(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
     key_ids = torch.arange(K).repeat_interleave(n_cells)  # (K * n,)
     x = torch.cat([sample(model, make_cond(model, table, key_ids[i:i + chunk], ds.X[ctrl_rows[i:i + chunk]]),
                           steps, "midpoint", gen).cpu() for i in range(0, len(key_ids), chunk)])  # (K * n, G)
-    gen_delta = x.reshape(K, n_cells, -1).mean(1) - torch.stack([ds.refs[k].ctrl_mean for k in keys])  # (K, G)
-    r = pearson(gen_delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
+    gen_delta = rearrange(x, "(k n) g -> k n g", n=n_cells).mean(1) - torch.stack([ds.refs[k].ctrl_mean for k in keys])  # (K, G)
+    r = pearson_rows(gen_delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
     model.train(was_training)
     return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}
 
@@ -754,7 +755,7 @@ def train(cfg: FlowConfig) -> str:
 
     if not old and rank == 0:  # how far the prior is trusted, and the additive prior itself as a reference prediction
         trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
-        r = pearson(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
+        r = pearson_rows(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
             if val_keys else float("nan")
         print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}; "
               f"val Pearson(mean deltas) of the additive prior alone: {r:.3f}", file=sys.stderr)
@@ -793,7 +794,7 @@ def train(cfg: FlowConfig) -> str:
             which = calibrate_zeros(ema, ds, keys, val_keys, seed=cfg.seed + 2)
             pbar.write(f"zero threshold per gene: {which} (lower validation energy distance)")
         if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
-            ev = validate(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
+            ev = val_check(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
             history.append({"step": step, "train_loss": loss_avg, "time": time.time() - t0, **ev})
             pbar.write(f"step {step} ({time.time() - t0:.0f} s): train loss {loss_avg:.4f}  val loss "
                        f"{ev['val_loss']:.4f}  val Pearson(mean deltas) {ev['pearson_delta']:.3f}")

@@ -5,7 +5,7 @@
     python rl.py --out rl.pt --resume                            # continue an interrupted run
 
 One step (Flow-GRPO, Liu et al. 2025, adapted to cells):
-  1. rollout: for a batch of training (condition, covariate) pairs, a group of G cells each (G control
+  1. rollout: for a batch of training (condition, covariate) pairs, a group of n cells each (n control
      contexts of that covariate, independent noise), T steps of flow.sde_step, recording states x_t and
      log-probabilities log p_old(x_{t+1} | x_t), no gradients;
   2. reward: score the decoded cells with verifiers.Verifier; each component is normalised within its
@@ -49,6 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import numpy as np
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -68,7 +69,7 @@ class RLConfig(data.DataConfig):  # data options pass through to pretraining; wi
     # RL
     steps: int = 100               # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
-    group: int = 16                # rollouts per condition (G)
+    group: int = 16                # rollouts per condition (the group size n)
     T: int = 10                    # SDE steps per rollout
     noise: float = 0.7             # SDE noise level a
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
@@ -114,7 +115,7 @@ def rollout(model, cond, T, noise_level, generator, part=None):
 
 
 def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0):
-    """comps {name: (n_groups, G)} -> advantages (n_groups, G): A = sum_k w_k (r_k - mean) / (std + eps),
+    """comps {name: (n_groups, n)} -> advantages (n_groups, n): A = sum_k w_k (r_k - mean) / (std + eps),
     mean and (population) std within each group; a group with no spread in r_k gets 0 from it."""
     A = 0
     for name, w in weights.items():
@@ -134,7 +135,7 @@ def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
                   "ratio_dev": (ratio - 1).abs().mean().detach()}                              # no sync per call
 
 
-def validate(model, ds, keys, verifier, cfg) -> dict:
+def val_metrics(model, ds, keys, verifier, cfg) -> dict:
     """ODE cells for validation conditions (fixed seed: the same noise and contexts at every call) and their
     metrics averaged over conditions, with the checkpoint score of evaluate.selection_score (not a reward:
     debiased Pearson of mean deltas - |log effect ratio| - relative energy distance)."""
@@ -256,7 +257,7 @@ def train(cfg: RLConfig) -> str:
     def check_val(step):
         nonlocal best
         if rank == 0:  # rank 0 validates, selects and saves; the others wait for its decision below
-            m = validate(policy.eval(), ds, val_keys, val_verifier, cfg)
+            m = val_metrics(policy.eval(), ds, val_keys, val_verifier, cfg)
             policy.train()
             history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
             line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
@@ -282,10 +283,10 @@ def train(cfg: RLConfig) -> str:
             done = copy.deepcopy(state_at(step)) if rank == 0 else None
         while step < cfg.steps:
             t0 = now(device)
-            # 1. rollouts: conds x group cells, each group one condition with G control contexts; every process
+            # 1. rollouts: conds x group cells, each group one condition with n control contexts; every process
             # draws the whole step and rolls out its groups rank::world
             pick = rng.choice(len(keys), size=n_pick, replace=False)
-            rows = np.stack([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])  # (n, G)
+            rows = np.stack([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])  # (n_pick, n)
             mine = np.arange(rank, n_pick, world)                                       # this process's groups
             kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(device)         # (B,)
             cond = flow.make_cond(policy, table, kid, ds.X[rows[mine].ravel()])
@@ -294,19 +295,19 @@ def train(cfg: RLConfig) -> str:
             xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen, part)    # (T+1, B, G), (T, B)
             t1 = now(device)
             # 2. rewards on the device, normalised per component within each group
-            cells = policy.decode(xs[-1]).reshape(len(mine), cfg.group, -1)             # (n_groups, G, genes)
+            cells = rearrange(policy.decode(xs[-1]), "(g n) d -> g n d", n=cfg.group)  # (n_groups, n, genes)
             comps = {n: [] for n in weights}
             for i, x in zip(pick[mine], cells):
                 _, c = verifier(x, refs[keys[i]])
                 for n, r in c.items():
                     comps[n].append(r)
-            comps = {n: torch.stack(v) for n, v in comps.items()}                        # (n_groups, G)
+            comps = {n: torch.stack(v) for n, v in comps.items()}                        # (n_groups, n)
             finite = torch.stack([torch.isfinite(v).all(1) for v in comps.values()])    # (n_rewards, n_groups)
             if not finite.all():                                                         # one sync per step
                 n, g = map(int, torch.nonzero(~finite)[0])
                 raise DataError(f"verifier {list(comps)[n]!r} returned NaN/Inf for condition {keys[pick[mine][g]]}; "
                                 f"check its reference cells (constant genes?) or drop it from --rewards")
-            adv = group_advantages(comps, weights, clip=cfg.adv_clip).reshape(-1)       # (B,)
+            adv = rearrange(group_advantages(comps, weights, clip=cfg.adv_clip), "g n -> (g n)")  # (B,)
             t2 = now(device)
             # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL; DDP
             # averages the gradients, so each process's loss is weighted by its share of the groups

@@ -55,12 +55,12 @@ def rand_cond(B, G, comps, dose, seed=1):
 # ----------------------------------------------------------------------------- path and loss
 def test_path_matches_formula():
     x0, x1, t = torch.randn(5, 3), torch.randn(5, 3), torch.rand(5)
-    xt, ut = flow.path(x0, x1, t)
+    xt, ut = flow.interpolant(x0, x1, t)
     for i in range(5):
         assert torch.allclose(xt[i], (1 - t[i]) * x0[i] + t[i] * x1[i])
         assert torch.allclose(ut[i], x1[i] - x0[i])
-    assert torch.equal(flow.path(x0, x1, torch.zeros(5))[0], x0)
-    assert torch.equal(flow.path(x0, x1, torch.ones(5))[0], x1)
+    assert torch.equal(flow.interpolant(x0, x1, torch.zeros(5))[0], x0)
+    assert torch.equal(flow.interpolant(x0, x1, torch.ones(5))[0], x1)
 
 
 def test_loss_zero_for_exact_conditional_velocity():
@@ -317,14 +317,14 @@ def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
     assert ckpt["step"] == 600 and hist[-1]["train_loss"] < min(1.9, hist[0]["train_loss"] - 0.05), hist
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
     keys = ds.split["train"]
-    r = flow.validate(model, ds, keys, n_cells=64, seed=3)["pearson_delta"]
+    r = flow.val_check(model, ds, keys, n_cells=64, seed=3)["pearson_delta"]
     # baseline: every condition predicted by the mean training cell (what a model that ignores the condition
     # learns) scores 0.45 here; 64 resampled real cells (the noise ceiling of a 64-cell mean) score 0.93. A
     # training single is never its own prior, so the singles are learned from their embeddings alone: the
     # untrained model (the shift alone) scores 0.44, this 600-step run 0.55 (0.80 when a single's own delta was
     # its prior)
     rows = np.concatenate([ds.cell_idx[k] for k in keys])
-    base = flow.pearson(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
+    base = flow.pearson_rows(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
                         torch.stack([ds.refs[k].delta for k in keys])).mean().item()
     assert r > base + 0.08, (r, base)
 
