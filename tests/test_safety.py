@@ -233,7 +233,7 @@ def fail_on_call(monkeypatch, owner, name, n, saving=None):
 # Per GRPO step here: 1 rollout, 1 group_advantages, 2 passes x 2 timesteps of sde_log_prob; validation at 0, 2, 4
 PHASES = {"rollout": (rl, "rollout", 3, None, 2), "rewards": (rl, "group_advantages", 2, None, 1),
           "first pass": (flow, "sde_log_prob", 6, None, 1), "second pass": (flow, "sde_log_prob", 7, None, 1),
-          "validation at step 0": (rl, "validate", 1, None, 0), "validation": (rl, "validate", 2, None, 1),
+          "validation at step 0": (rl, "val_metrics", 1, None, 0), "validation": (rl, "val_metrics", 2, None, 1),
           "saving the best": (torch, "save", 1, "/c.pt.tmp", 0),
           "saving the latest": (torch, "save", 1, "/c_last.pt.tmp", 1)}
 

@@ -266,7 +266,7 @@ def meta_device(monkeypatch):
         device="cpu" if torch.device(device).type == "meta" else device))
     for name in ("save_checkpoint", "write_checkpoint", "make_checkpoint"):
         monkeypatch.setattr(flow, name, lambda *a, **k: {})
-    monkeypatch.setattr(rl, "validate", lambda *a, **k: {"score": 0.0, "pearson_delta": 0.0, "energy": 0.0,
+    monkeypatch.setattr(rl, "val_metrics", lambda *a, **k: {"score": 0.0, "pearson_delta": 0.0, "energy": 0.0,
                                                          "effect_ratio": 1.0, "spread_ratio": 1.0,
                                                          **{f"reward/{n}": 0.0 for n in verifiers.REWARDS}})
 
