@@ -165,9 +165,10 @@ class DiskX:
         self.path, self.key = path, f"layers/{layer}" if layer is not None else "X"
         with h5py.File(path, "r") as f:
             x = f[self.key]
-            if isinstance(x, h5py.Group) and "csr" not in (_attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")):
-                raise DataError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is "
-                                f"{_attr(x, 'encoding-type') or _attr(x, 'h5sparse_format')}: drop --lazy or rewrite it as CSR")
+            enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
+            if isinstance(x, h5py.Group) and "csr" not in enc:
+                raise DataError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is {enc}: "
+                                "drop --lazy or rewrite it as CSR")
             self.sparse = isinstance(x, h5py.Group)
             self.shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape"))) if self.sparse \
                 else x.shape
@@ -891,7 +892,7 @@ class Reference:
     delta: torch.Tensor      # (G,) mean - ctrl_mean
     t: torch.Tensor          # (G,) Welch t statistic, perturbed vs control
     de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
-    X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of Dataset.X)
+    X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of ds.X)
 
     @property
     def cells(self) -> torch.Tensor:
@@ -926,7 +927,7 @@ class SparseRows:
 
 @dataclass
 class Dataset:
-    X: SparseRows                     # (n_cells, G) float32 log1p expression (CSR; X[rows] is dense), rows grouped by key
+    X: SparseRows                     # (n_cells, G) float32 log1p expression, CSR (X[rows] dense), rows grouped by key
     genes: list                       # (G,) gene symbols
     cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
     cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
@@ -1060,7 +1061,8 @@ def sample_stats(X):
     if isinstance(X, torch.Tensor):
         X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
     elif sp.issparse(X):
-        X = (X.tocsr().data, X.tocsr().indices, X.tocsr().indptr)
+        X = X.tocsr()
+        X = (X.data, X.indices, X.indptr)
     s1, s2 = np.zeros(G), np.zeros(G)
     for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
         if isinstance(X, tuple):
@@ -1086,14 +1088,13 @@ def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> R
     t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
     de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if keep is not None and isinstance(cells, torch.Tensor):            # a copy of the kept rows
-        kept = sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(), cells.crow_indices().numpy()),
-                             shape=tuple(cells.shape))[keep]
-        cells = csr_rows(kept, 0, len(keep))
-    elif keep is not None:
-        cells = cells[keep]
+    if isinstance(cells, np.ndarray):
+        cells = torch.from_numpy(cells if keep is None else cells[keep])
+    elif keep is not None:                                             # a copy of the kept rows
+        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
+                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
     return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
-                     torch.from_numpy(de.astype(np.int64)), cells if isinstance(cells, torch.Tensor) else torch.from_numpy(cells))
+                     torch.from_numpy(de.astype(np.int64)), cells)
 
 
 def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:

@@ -132,8 +132,8 @@ def distributed(device: str = "cpu", timeout: float = 1800):
                             "build of torch with NCCL, or run the processes on CPU with --device cpu (gloo)")
         n_local = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))  # the same test on every process
         if n_local > torch.cuda.device_count():
-            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: start "
-                            f"at most one per GPU (torchrun --nproc_per_node)")
+            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
+                            "start at most one per GPU (torchrun --nproc_per_node)")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":

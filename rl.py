@@ -176,7 +176,7 @@ def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
     that --resume continues (<out>_last.pt), or None."""
     data.check_args(cfg)
     gene_sets = verifiers.gene_set_path(cfg.gene_sets)
-    check_world(cfg.conds, world)
+    check_world(cfg.conds, world, f"--conds {cfg.conds}")
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = flow.read_checkpoint(last, resume="rl") if cfg.resume else None
@@ -186,12 +186,11 @@ def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
     return state
 
 
-def check_world(n_conds: int, world: int, what: str = "") -> None:
+def check_world(n_conds: int, world: int, why: str) -> None:
     """Every process rolls out at least one condition per step."""
     if world > n_conds:
-        raise DataError(f"{world} processes but a GRPO step rolls out {n_conds} conditions (--conds {n_conds}{what}), "
-                        f"fewer than one per process: start at most {n_conds} processes (torchrun --nproc_per_node) "
-                        f"or raise --conds")
+        raise DataError(f"{world} processes but a GRPO step rolls out {n_conds} conditions ({why}), fewer than one per "
+                        f"process: start at most {n_conds} processes (torchrun --nproc_per_node) or raise --conds")
 
 
 def now(device) -> float:
@@ -225,7 +224,7 @@ def train(cfg: RLConfig) -> str:
     val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
     keys, val_keys = ds.split["train"], ds.split["val"]
     n_pick = min(cfg.conds, len(keys))                              # conditions per step, over all processes
-    check_world(n_pick, world, f", {len(keys)} training conditions")
+    check_world(n_pick, world, f"--conds {cfg.conds}, {len(keys)} training conditions")
     for c in sorted({k[1] for k in keys}):
         if len(ds.ctrl_idx[c]) < cfg.group:
             raise DataError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "

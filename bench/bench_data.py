@@ -50,7 +50,8 @@ if {stages}:                                   # wrap the stages to print the pe
                 out = _f(*a, **k)
                 if _n not in _seen:                # the first call of each (gene_stats also runs per reference)
                     _seen.add(_n)
-                    print(f"  after {{_n:14s}} {{time.perf_counter() - t0:6.1f}} s  peak {{peak():.2f}} GiB", file=sys.stderr)
+                    print(f"  after {{_n:14s}} {{time.perf_counter() - t0:6.1f}} s  peak {{peak():.2f}} GiB",
+                          file=sys.stderr)
                 return out
             setattr(data, name, wrapped)
 kw = {{**(dict(lazy=True) if {lazy} else {{}}), **(dict(ref_cells={ref}) if {ref} else {{}})}}   # (older code: neither)
@@ -62,8 +63,8 @@ print(json.dumps(dict(t=time.perf_counter() - t0, peak=peak(), shape=ds.X.shape,
 FLOW = PRELUDE + """
 import flow
 t0 = time.perf_counter()
-flow.train(flow.FlowConfig(data={path!r}, n_genes=2000, lazy={lazy}, ref_cells={ref}, steps=100, out={out!r}, progress=False,
-                           eval_every=100, save_every=100))
+flow.train(flow.FlowConfig(data={path!r}, n_genes=2000, lazy={lazy}, ref_cells={ref}, steps=100, out={out!r},
+                           progress=False, eval_every=100, save_every=100))
 print(json.dumps(dict(t=time.perf_counter() - t0, peak=peak())))
 """
 
