@@ -26,6 +26,12 @@ or any GMT / CSV given as `gene_sets`.
 
 Adding a reward: write f(x, ref) -> (B,) and add one line to REWARDS (section "REWARD LOGIC").
 REWARDS values take (x, ref, v) where v is the Verifier, which carries k and the pathway matrix.
+Before training with a new reward, check that it ranks real cells first (`check`):
+
+    python verifiers.py [--data X.h5ad] [--rewards pearson=1,new=1]
+
+prints, per reward, its mean on a condition's held-out real cells, on another condition's cells and on control
+cells, and the share of conditions where the real cells win (training and validation conditions only).
 
 Left out: learned verifiers, gene-set enrichment statistics (GSEA-style), per-cell DE tests, and
 weighting rewards by their own reliability. The functions are batched torch code without Python
@@ -33,13 +39,17 @@ loops over cells or genes; they run on any device and under no_grad in `Verifier
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import data
 from data import DataError, Reference
 
 PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
@@ -407,15 +417,82 @@ class Verifier:
         return total, comps
 
 
+# ---------------------------------------------------------------------------------------------- CLI
+@dataclass
+class RewardConfig:
+    # rewards
+    rewards: str = DEFAULT_REWARDS  # reward weights name=w,... (names: the REWARDS table)
+    gene_sets: str | None = None    # pathway reward gene sets: progeny (None), hallmark, or a .gmt/.csv/.tsv path
+    topk: int = 5                   # k of the top-k rewards (pearson, rmse, pathway)
+
+
+@dataclass
+class CheckConfig(RewardConfig, data.DataConfig):
+    # check
+    cells: int = 64                 # real cells scored per condition (the rest of its cells are the reference)
+
+
 def add_args(parser):
-    """Add --rewards, --gene-sets, --topk to an argparse parser; build with verifier_from_args."""
-    parser.add_argument("--rewards", default=DEFAULT_REWARDS, help="reward weights name=w,... (valid: %s)" % ", ".join(REWARDS))
-    parser.add_argument("--gene-sets", default="progeny",
-                        help="pathway reward gene sets: progeny (bundled, default), hallmark (bundled MSigDB) or a .gmt/.csv/.tsv path")
-    parser.add_argument("--topk", type=int, default=5, help="k of the top-k rewards (pearson, rmse, pathway)")
+    """Add --rewards, --gene-sets, --topk to an argparse parser (help from RewardConfig's comments)."""
+    data.add_args(parser, RewardConfig)
     return parser
 
 
 def verifier_from_args(args, genes) -> Verifier:
     """Verifier from the options added by add_args."""
     return Verifier(genes, parse_weights(args.rewards), args.gene_sets, args.topk)
+
+
+def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dict:
+    """Does each reward tell a condition's real cells from wrong ones? Per key, a Reference is built from a random
+    half of its real cells (at most all but n_cells); the other real cells ('real'), as many control cells of its
+    covariate ('control') and as many cells of another condition in that covariate ('other') are scored.
+    Returns {reward: {'real' | 'other' | 'control': mean over keys of the mean score, 'wins': fraction of keys
+    where real scores above both}}. A reward worth optimising wins nearly everywhere."""
+    rng = np.random.default_rng(seed)
+    scores = {name: {g: [] for g in ("real", "other", "control")} for name in verifier.weights}
+    for key in keys:                                                   # a loop over conditions, batched cells
+        rows = ds.cell_idx[key]
+        others = [k for k in ds.keys if k[1] == key[1] and k != key]
+        if len(rows) < 4 or not others:
+            continue
+        perm = rng.permutation(rows)
+        n = min(n_cells, len(rows) // 2)
+        held, ref_rows = perm[:n], perm[n:]
+        r0, ctrl = ds.refs[key], ds.ctrl_idx[key[1]]
+        ref = data.reference(ds.X[ref_rows], ctrl, r0.ctrl_mean.numpy(), r0.ctrl_std.numpy(),  # std: floored
+                             len(r0.de_idx), 0.0)
+        other = ds.cell_idx[others[rng.integers(len(others))]]
+        groups = {"real": held, "other": rng.choice(other, n), "control": rng.choice(ctrl, n)}
+        for g, r in groups.items():
+            _, comps = verifier(torch.from_numpy(ds.X[r]), ref)
+            for name, v in comps.items():
+                scores[name][g].append(float(v.mean()))
+    out = {}
+    for name, s in scores.items():
+        real, other, ctrl = (np.array(s[g]) for g in ("real", "other", "control"))
+        out[name] = {"real": real.mean(), "other": other.mean(), "control": ctrl.mean(),
+                     "wins": float(np.mean((real > other) & (real > ctrl)))}
+    return out
+
+
+def main(argv=None):
+    """Print check() on the training and validation conditions (the test ones are never looked at)."""
+    p = argparse.ArgumentParser(description="check the rewards on real cells: do they rank a condition's real "
+                                            "cells above control cells and another condition's cells?")
+    data.add_args(p, CheckConfig)
+    cfg = CheckConfig(**vars(p.parse_args(argv)))
+    data.check_args(cfg)
+    ds = data.load_dataset(cfg)
+    ver = Verifier(ds.genes, parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
+    keys = ds.split["train"] + ds.split["val"]
+    res = check(ds, ver, keys, cfg.cells, cfg.seed)
+    print(f"{ds.meta['path']}: {len(keys)} training and validation conditions, {len(ds.genes)} genes")
+    print(f"{'reward':<10}{'weight':>8}{'real':>10}{'other':>10}{'control':>10}   real wins")
+    for name, r in res.items():
+        print(f"{name:<10}{ver.weights[name]:>8g}{r['real']:>10.3f}{r['other']:>10.3f}{r['control']:>10.3f}   "
+              f"{r['wins']:.0%}")
+
+
+if __name__ == "__main__":
+    data.cli(main)

@@ -401,7 +401,7 @@ def test_data_options_fixed_by_the_checkpoint_are_refused(sim, tmp_path):
 
 def test_every_option_of_every_stage_has_a_help_line():
     import re
-    for stage in ("data", "flow", "rl", "evaluate"):
+    for stage in ("data", "flow", "verifiers", "rl", "evaluate"):
         out = subprocess.run([sys.executable, str(ROOT / f"{stage}.py"), "--help"], capture_output=True, text=True,
                              env=ENV, cwd=ROOT).stdout
         lines = out.splitlines()

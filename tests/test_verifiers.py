@@ -320,3 +320,19 @@ def test_discrimination_on_simulated_data(sim):
             _, c = v(cells, ref)
             for n in names:
                 assert c_real[n].mean() > c[n].mean(), (a, g, n)
+
+
+def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypatch, capsys):
+    """verifiers.check (the `python verifiers.py` table): the real rewards rank a condition's held-out real cells
+    above control cells and another condition's cells in most conditions; the same reward with its sign flipped
+    (a bug a fork could make) wins in almost none, and the CLI prints one row per reward."""
+    _, ds = sim
+    monkeypatch.setitem(V.REWARDS, "flipped", lambda x, ref, v: -V.pearson_topk(x, ref, v.k))
+    ver = V.Verifier(ds.genes, {"pearson": 1, "spearman": 1, "flipped": 1})
+    res = V.check(ds, ver, ds.keys, n_cells=32)
+    assert res["pearson"]["wins"] >= 0.8 and res["spearman"]["wins"] >= 0.8, res
+    assert res["flipped"]["wins"] <= 0.2 and res["flipped"]["real"] == pytest.approx(-res["pearson"]["real"])
+    assert res["pearson"]["real"] > max(res["pearson"]["other"], res["pearson"]["control"])
+    V.main(["--data", ds.meta["path"], "--n-genes", "0", "--rewards", "pearson,flipped=0.5", "--cells", "16"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split()[:2] == ["pearson", "1"] and out[-1].split()[:2] == ["flipped", "0.5"]
