@@ -405,8 +405,9 @@ def test_every_option_of_every_stage_has_a_help_line():
         out = subprocess.run([sys.executable, str(ROOT / f"{stage}.py"), "--help"], capture_output=True, text=True,
                              env=ENV, cwd=ROOT).stdout
         lines = out.splitlines()
-        bare = [l.split()[0] for i, l in enumerate(lines) if re.match(r"^  --[\w-]+( [A-Z_]+)?$", l)
-                and not (i + 1 < len(lines) and re.match(r"^\s{6,}[^\s-]", lines[i + 1]))]
+        bare = [l.split()[0] for i, l in enumerate(lines) if re.match(r"^  --", l)   # an option line: its help
+                and not re.search(r"\S\s{2,}\S", l[2:])                                   # follows on it
+                and not (i + 1 < len(lines) and re.match(r"^\s{6,}[^\s-]", lines[i + 1]))]  # or on the next line
         assert not bare, (stage, bare)
         if stage in ("flow", "rl"):                                      # grouped, defaults shown
             assert "(default: " in out and "\ndata:" in out and "\nhardware:" in out and "\noptimisation:" in out
