@@ -4,20 +4,14 @@
     python flow.py --out flow.pt                                  # built-in synthetic benchmark
     python flow.py --out flow.pt --resume                         # continue an interrupted run
 
-The model learns a velocity field v(xt, t, cond) in per-gene standardised expression z = (x - mean) / std (the
-"model space") along the straight path from a source draw x0 at t = 0 to a real perturbed cell x1 at t = 1
-(conditional flow matching, Lipman et al. 2023; rectified flow, Liu et al. 2023). The condition is the perturbation
-(an order-invariant set of components with doses), the covariate (cell line), a control cell of that covariate and
-the additive prior (sum of the components' training single-perturbation mean deltas). `sample` integrates the ODE
-(Euler or midpoint) or, for GRPO in rl.py, an SDE with the same marginals and an exact Gaussian transition density
-(Flow-GRPO, Liu et al. 2025). Defaults are a ~1 minute job on 2 CPU cores on the simulator (6000 cells x 1000
-genes); raise --width/--steps for real data.
-
-Data-parallel: `torchrun --nproc_per_node N flow.py ...` (see `distributed`). --batch-size is per process: every
-process draws the same global batch of N x batch-size cells and noise from the shared seeded generators and keeps
-its rows rank::N; DDP averages the gradients, so a step equals one process with the global batch. Rank 0 logs,
-validates and saves; --resume works with any N. On CUDA the velocity field runs under bf16 autocast; losses,
-log-densities and the SDE stay float32.
+A velocity field v(xt, t, cond) is learned in per-gene standardised expression z = (x - mean) / std ("model space")
+along the straight path from a source draw x0 (t = 0) to a real perturbed cell x1 (t = 1): conditional flow matching
+(Lipman et al. 2023), rectified flow (Liu et al. 2023). cond: the perturbation (an order-invariant set of components
+with doses), the covariate (cell line), a control cell and the additive prior (the sum of the components' training
+single-perturbation deltas). `sample` integrates the ODE (Euler, midpoint) or, for GRPO in rl.py, an SDE with the
+same marginals and an exact Gaussian transition density (Flow-GRPO, Liu et al. 2025). Defaults: ~1 minute on 2 CPU
+cores on the simulator (6000 cells x 1000 genes); raise --width/--steps for real data. `torchrun --nproc_per_node N
+flow.py ...` trains data-parallel (`distributed`, `train`); on CUDA the field runs under bf16 autocast (`autocast`).
 
 Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance, attention over genes,
 adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
@@ -36,10 +30,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-# before torch loads OpenMP: spinning threads on a shared CPU made training steps 15x slower (measured)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads made steps 15x slower
+
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -107,10 +101,9 @@ def autocast(device):
 
 
 def distributed(device: str = "cpu", timeout: float = 1800):
-    """(device, rank, world size). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: one process per device (cuda:LOCAL_RANK),
-    the process group started once (NCCL on CUDA, gloo on CPU), and a collective that waits more than `timeout`
-    seconds for a dead or stuck process raises instead of hanging. Ranks > 0 print nothing to stdout. Without
-    torchrun: (pick_device(device), 0, 1), nothing started."""
+    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
+    process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
+    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1), nothing started."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     dev = pick_device(device)
     if world == 1:
@@ -193,10 +186,10 @@ class Block(nn.Module):
 
 class VelocityField(nn.Module):
     """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
-    prior (B, G), mu0 (B, G) the source mean. The condition vector c (B, W) is the sum of the time, perturbation,
-    covariate, control-cell and prior embeddings; the trunk sees the displacement from the source mean,
-    in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw
-    where it is: with source 'ctrl' it generates control cell + shift."""
+    prior (B, G), mu0 (B, G) the source mean. The condition vector c (B, W) sums the time, perturbation, covariate,
+    control-cell and prior embeddings; the trunk sees the displacement from the source mean, in_proj(xt - mu0) +
+    prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw where it is (with
+    source 'ctrl' it generates control cell + shift)."""
 
     def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64, prior_feat=None,
                  use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0, shift=False,
@@ -204,8 +197,8 @@ class VelocityField(nn.Module):
         super().__init__()
         self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates, width=width,
                             depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
-                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift,
-                            shift_mean=shift_mean, doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])
+                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
+                            doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
         self.shift_mean = shift_mean and self.shift
@@ -241,10 +234,9 @@ class VelocityField(nn.Module):
         return (x - self.mean) / self.std
 
     def decode(self, z, floor=True):
-        """x = z std + mean, set to 0 below the gene's detection threshold `zero_below` (half its smallest positive
-        training value, raised by calibrate_zeros to match its zero fraction). A plain max(x, 0) keeps the positive
-        half of the smooth blob a flow puts where real cells have an exact 0, which inflates the mean of sparse genes
-        (on real 500-HVG data it nearly doubled them)."""
+        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (half its smallest positive training
+        value, raised by calibrate_zeros to match its zero fraction). max(x, 0) would keep the positive half of the
+        blob a flow puts where real cells have an exact 0 (it nearly doubled sparse genes' means on real data)."""
         x = z * self.std + self.mean
         return x.masked_fill(x < self.zero_below, 0.0) if floor else x
 
@@ -285,8 +277,8 @@ class VelocityField(nn.Module):
 def make_cond(model, table, key_ids, ctrl_x):
     """Conditioning for a batch, in model space on the model's device: table = ds.key_table(keys), key_ids (B,) into
     it, ctrl_x (B, G) control cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I)
-    that the loss and every sampler start from (see `source`). shift = c_kind * prior (data.Dataset.prior_trust), the
-    part of the additive prior the data say to trust, in model space (a delta: divided by std, no mean shift):
+    of the loss and every sampler. shift = c_kind * prior (data.Dataset.prior_trust), the part of the additive prior
+    the data say to trust, in model space (a delta: divided by std, no mean shift):
       source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: a zero network generates the control cell plus
                           the shift, the additive baseline in distribution (as sigma -> 0);
       source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target shift,
@@ -448,7 +440,8 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     out = []
     for s in range(0, len(rows), chunk):
         cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
-        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, noise_level=noise_level, decode=False)
+        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, decode=False,
+                   noise_level=noise_level)
         out.append(model.decode(z, floor).cpu())
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
 
@@ -562,16 +555,16 @@ def load_checkpoint(path, device="cpu", genes=None, resume=None):
 
 def restore_run(ckpt, opt, gen, rng, seed) -> None:
     """Continue a run from its checkpoint: the optimiser and both random states. A torch.Generator state saved on
-    another kind of device (a CUDA run resumed on CPU or the reverse) cannot be loaded: reseed it with seed + step,
-    with a warning (the run continues, not bit-identically)."""
+    another kind of device (CUDA run resumed on CPU or the reverse) cannot be loaded: reseed, with a warning."""
     opt.load_state_dict(ckpt["opt"])
     rng.bit_generator.state = ckpt["rng"]["numpy"]
     try:
         gen.set_state(ckpt["rng"]["torch"])
     except (RuntimeError, ValueError):
+        seed += ckpt["step"]
         warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
-                      f"reseeding ({seed + ckpt['step']}): the resumed run is not bit-identical to an uninterrupted one")
-        gen.manual_seed(seed + ckpt["step"])
+                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
+        gen.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- training
@@ -657,9 +650,14 @@ def train(cfg: FlowConfig) -> str:
     """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out). Each batch: random training
     cells (targets x1) with their key ids and, for each, a random control cell of the same covariate. A fraction
     cfg.ctrl_frac of the batch are control cells as targets with an empty perturbation (and zero prior): this
-    anchors "no perturbation -> the control distribution", which the additive prior and unseen combinations build on."""
+    anchors "no perturbation -> the control distribution", which the additive prior and unseen combinations build on.
+    Under torchrun, --batch-size is per process: every process draws the same global batch of N x batch-size cells
+    and noise from the shared seeded generators and keeps its rows rank::N; DDP averages the gradients, so weights
+    and EMA stay identical and a step equals one process with the global batch. Rank 0 validates and saves;
+    --resume works with any N."""
     data.check_args(cfg)
-    for flag, v, ok in [("--t-dist", cfg.t_dist, ("uniform", "logit_normal")), ("--source", cfg.source, ("noise", "ctrl"))]:
+    for flag, v, ok in [("--t-dist", cfg.t_dist, ("uniform", "logit_normal")),
+                        ("--source", cfg.source, ("noise", "ctrl"))]:
         if v not in ok:
             raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
@@ -694,9 +692,10 @@ def train(cfg: FlowConfig) -> str:
         model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices only
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, fused=device.type in ("cpu", "cuda"))  # weight decay on matrices only
+                            lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     # the same generators on every process (the global batch); on the device, so noise is drawn where it is used
     gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
     step, history, saved, loss_avg = 0, [], None, None
@@ -763,7 +762,8 @@ def train(cfg: FlowConfig) -> str:
         if step % cfg.save_every == 0 or step == end:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise diverged(f"weights became NaN/Inf by step {step}")
-            save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta, {"history": history, "loss_avg": loss_avg},
+            save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
+                            {"history": history, "loss_avg": loss_avg},
                             {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
             saved = step
     pbar.close()
