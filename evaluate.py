@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np
 import torch
+from einops import rearrange
 
 import data
 import flow
@@ -53,7 +54,7 @@ def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
     return ds
 
 
-predict = flow.generate  # {key: generated cells}: the ODE sampler, or the RL SDE with noise_level > 0
+predict = flow.generate  # {key: generated cells}, each from a control cell: the ODE, or the RL SDE (noise_level > 0)
 
 
 def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000):
@@ -88,19 +89,18 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
     the raw rewards differ ~10x in scale). N = 1, or no pseudo-reference: the first candidate, i.e. `predict`.
     Selection pulls cells towards the pseudo-reference, so it can shrink their spread: read spread_ratio.
     n_cells: as in predict (None reads only how many real cells each key has). Returns {key: (n, G)}."""
-    n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
-    cand = predict(model, ds, keys, n, steps, method, 0.0, seed, repeat=N)
+    cand = predict(model, ds, keys, n_cells, steps, method, 0.0, seed, repeat=N)
     trust = ds.prior_trust() if N > 1 else None
     out = {}
-    for k, m in zip(keys, n):
-        x = cand[k].reshape(m, N, -1)                                            # (n, N, G)
+    for k in keys:
+        x = rearrange(cand[k], "(n N) g -> n N g", N=N)                          # (n, N, G)
         ref = pseudo_reference(ds, k, trust, n_de, std_floor) if N > 1 else None
         if ref is None:
             out[k] = x[:, 0]
             continue
         _, comps = verifier(cand[k], ref)
         score = sum(w * (comps[r] - comps[r].mean()) / (comps[r].std() + 1e-8) for r, w in verifier.weights.items())
-        out[k] = x[torch.arange(m), score.reshape(m, N).argmax(1)]
+        out[k] = x[torch.arange(len(x)), score.reshape(-1, N).argmax(1)]
     return out
 
 

@@ -234,9 +234,8 @@ class VelocityField(nn.Module):
         return (x - self.mean) / self.std
 
     def decode(self, z, floor=True):
-        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (half its smallest positive training
-        value, raised by calibrate_zeros to match its zero fraction). max(x, 0) would keep the positive half of the
-        blob a flow puts where real cells have an exact 0 (it nearly doubled sparse genes' means on real data)."""
+        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (fit_scaler, calibrate_zeros), not
+        max(x, 0), which keeps the positive half of the blob a flow puts at real zeros (README, "Zeros")."""
         x = z * self.std + self.mean
         return x.masked_fill(x < self.zero_below, 0.0) if floor else x
 
@@ -587,11 +586,9 @@ def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
 
 @torch.no_grad()
 def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
-    """Choose each gene's detection threshold. Candidate: the q_g-quantile of the generated values of the training
-    conditions, q_g the gene's real zero fraction there, so generated cells are as often 0 as real ones (a flow
-    cannot put mass exactly at 0). It replaces the floor of fit_scaler only if it lowers the mean energy distance
-    to the real cells of the validation conditions: on the real 500-HVG file (mostly zeros) it halved it, on the
-    dense simulator it raised it. Returns the chosen name."""
+    """Choose each gene's detection threshold: zero_quantiles (generated cells as often 0 as real ones; a flow cannot
+    put mass exactly at 0) replaces the floor of fit_scaler only if it lowers the mean energy distance to the real
+    cells of the validation conditions (halved on real 500-HVG data, raised on the dense simulator). Returns which."""
     tau = zero_quantiles(model, ds, keys, n_cells, seed)
     if not val_keys:
         return "floor"

@@ -304,11 +304,10 @@ def train(cfg: RLConfig) -> str:
             for _ in range(cfg.epochs):
                 opt.zero_grad(set_to_none=True)
                 for j, i in enumerate(rng.permutation(cfg.T)[:n_t]):
-                    t = times[i]
                     with ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
-                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], t, h, cond, cfg.noise, xs[i + 1])
+                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], times[i], h, cond, cfg.noise, xs[i + 1])
                         with torch.no_grad():
-                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], t, h, cond, cfg.noise)
+                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], times[i], h, cond, cfg.noise)
                         loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
                         (loss * share / n_t).backward()
                     s["loss"] = loss.detach()
