@@ -660,7 +660,7 @@ def train(cfg: FlowConfig) -> str:
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
     device, rank, world = distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
-    old = load_checkpoint(cfg.out, resume="flow")[1] if cfg.resume and os.path.exists(cfg.out) else None
+    ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
     ds = data.load_dataset(cfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
@@ -677,10 +677,9 @@ def train(cfg: FlowConfig) -> str:
     n_ctrl = np.array([len(ds.ctrl_idx[c]) for c in ds.covariates])
     ctrl_start, ctrl_kid = np.r_[0, np.cumsum(n_ctrl)[:-1]], len(keys) + np.repeat(np.arange(n_cov), n_ctrl)
     # model, EMA, optimiser; fresh or restored
-    if old:
-        model, ema = build_model(old["config"]["model"]), build_model(old["config"]["model"])
+    if old:  # load_checkpoint gave the EMA
+        model = copy.deepcopy(ema)
         model.load_state_dict(old["model"])
-        ema.load_state_dict(old["ema"])
     else:
         feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(len(ds.genes), len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
