@@ -445,7 +445,7 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checkpoints (flow.pt and rl.pt alike)
 FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
 NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
          "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
