@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np
 import torch
+from einops import rearrange
 
 import data
 import flow
@@ -53,40 +54,7 @@ def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
     return ds
 
 
-def control_rows(ds, keys, n, generator) -> list:
-    """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
-    out = []
-    for k, m in zip(keys, n):
-        pool = ds.ctrl_idx[k[1]]
-        out.append(pool[torch.randint(len(pool), (m,), generator=generator).numpy()])
-    return out
-
-
-@torch.no_grad()
-def predict(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
-            repeat=1):
-    """{key: (n * repeat, G) generated cells in expression space}. n_cells: per key (an int, or a list with one
-    per key; None: as many as the real condition has); repeat: candidates from each drawn control cell, on
-    consecutive rows (best_of_n). noise_level > 0 samples with the RL SDE (flow.sde_step, `steps` steps)
-    instead of the ODE. All keys are batched together."""
-    g = torch.Generator().manual_seed(seed)
-    dev = model.mean.device
-    n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
-    table = ds.key_table(keys)
-    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)   # (sum n * repeat,)
-    rows = np.repeat(np.concatenate(control_rows(ds, keys, n, g)), repeat)
-    gdev = torch.Generator(device=dev).manual_seed(seed)
-    out = []
-    for s in range(0, len(rows), chunk):
-        cond = flow.make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
-        if noise_level > 0:
-            z = flow.draw_x0(cond, cond["ctrl"].shape, gdev, dev)                # x0 ~ N(mu0, sigma^2 I)
-            for i in range(steps):
-                z, *_ = flow.sde_step(model, z, i / steps, 1.0 / steps, cond, noise_level, gdev)
-            out.append(model.decode(z).cpu())
-        else:
-            out.append(flow.sample(model, cond, steps, method, gdev).cpu())
-    return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
+predict = flow.generate  # {key: generated cells}, each from a control cell: the ODE, or the RL SDE (noise_level > 0)
 
 
 def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000):
@@ -121,19 +89,18 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
     the raw rewards differ ~10x in scale). N = 1, or no pseudo-reference: the first candidate, i.e. `predict`.
     Selection pulls cells towards the pseudo-reference, so it can shrink their spread: read spread_ratio.
     n_cells: as in predict (None reads only how many real cells each key has). Returns {key: (n, G)}."""
-    n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
-    cand = predict(model, ds, keys, n, steps, method, 0.0, seed, repeat=N)
+    cand = predict(model, ds, keys, n_cells, steps, method, 0.0, seed, repeat=N)
     trust = ds.prior_trust() if N > 1 else None
     out = {}
-    for k, m in zip(keys, n):
-        x = cand[k].reshape(m, N, -1)                                            # (n, N, G)
+    for k in keys:
+        x = rearrange(cand[k], "(n N) g -> n N g", N=N)                          # (n, N, G)
         ref = pseudo_reference(ds, k, trust, n_de, std_floor) if N > 1 else None
         if ref is None:
             out[k] = x[:, 0]
             continue
         _, comps = verifier(cand[k], ref)
         score = sum(w * (comps[r] - comps[r].mean()) / (comps[r].std() + 1e-8) for r, w in verifier.weights.items())
-        out[k] = x[torch.arange(m), score.reshape(m, N).argmax(1)]
+        out[k] = x[torch.arange(len(x)), score.reshape(-1, N).argmax(1)]
     return out
 
 
@@ -142,7 +109,7 @@ def baselines(ds, keys, n_cells=None, seed=0) -> dict:
     perturbations (same covariate); control + additive prior (None where a component has no training single)."""
     g = torch.Generator().manual_seed(seed)
     n = [n_cells or len(ds.cell_idx[k]) for k in keys]
-    ctrl = [torch.from_numpy(ds.X[r]) for r in control_rows(ds, keys, n, g)]
+    ctrl = [torch.from_numpy(ds.X[r]) for r in flow.control_rows(ds, keys, n, g)]  # as predict's, same seed
     train = ds.split["train"]
     mean_delta = {c: torch.stack([ds.refs[k].delta for k in train if k[1] == c] or
                                  [ds.refs[k].delta for k in train]).mean(0) for c in ds.covariates}

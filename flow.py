@@ -4,28 +4,17 @@
     python flow.py --out flow.pt                                  # built-in synthetic benchmark
     python flow.py --out flow.pt --resume                         # continue an interrupted run
 
-The model works in per-gene standardised expression z = (x - mean) / std (the "model space",
-mean/std fitted on training cells) and learns a velocity field v(xt, t, cond) along the straight
-path between noise x0 ~ N(0, I) at t = 0 and a real perturbed cell x1 at t = 1 (conditional flow
-matching, Lipman et al. 2023; rectified flow, Liu et al. 2023). The condition is the perturbation
-(an order-invariant set of components with doses), the covariate (cell line), a control cell of
-that covariate, and the additive prior (sum of the components' training single-perturbation mean
-deltas). Sampling integrates dx/dt = v from t = 0 to 1 (Euler or midpoint). For GRPO, `sde_step`
-turns the same field into an SDE with the same marginals and an exact Gaussian transition density
-(Flow-GRPO, Liu et al. 2025); `rl.py` calls it. `flow.pt` and `rl.pt` share one checkpoint format.
+A velocity field v(xt, t, cond) is learned in per-gene standardised expression z = (x - mean) / std ("model space")
+along the straight path from a source draw x0 (t = 0) to a real perturbed cell x1 (t = 1): conditional flow matching
+(Lipman et al. 2023), rectified flow (Liu et al. 2023). cond: the perturbation (an order-invariant set of components
+with doses), the covariate (cell line), a control cell and the additive prior (the sum of the components' training
+single-perturbation deltas). `sample` integrates the ODE (Euler, midpoint) or, for GRPO in rl.py, an SDE with the
+same marginals and an exact Gaussian transition density (Flow-GRPO, Liu et al. 2025). Defaults: ~1 minute on 2 CPU
+cores on the simulator (6000 cells x 1000 genes); raise --width/--steps for real data. `torchrun --nproc_per_node N
+flow.py ...` trains data-parallel (`distributed`, `train`); on CUDA the field runs under bf16 autocast (`autocast`).
 
-Defaults are a ~1 minute job on 2 CPU cores on the simulator (6000 cells x 1000 genes, width 128,
-1000 steps); raise --width/--steps for real data.
-
-Data-parallel: `torchrun --nproc_per_node N flow.py ...` runs N processes (one device each, NCCL on CUDA, gloo
-on CPU; see `distributed`). --batch-size is per process: every process draws the same global batch of
-N x batch-size cells and noise from the shared seeded generators and keeps its rows rank::N, DDP averages the
-gradients, so the weights and the EMA stay identical on every process and the step equals one process with
-the global batch. Rank 0 logs, validates and saves; --resume works with any N. On CUDA the velocity field
-runs under bf16 autocast (training and every sampler); losses, log-densities and the SDE in float32.
-
-Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance,
-attention over genes, adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
+Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance, attention over genes,
+adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
 """
 from __future__ import annotations
 
@@ -38,18 +27,17 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
-# before torch loads OpenMP: spinning threads on a shared CPU made training steps 15x slower (measured)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads made steps 15x slower
+
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from einops import rearrange
 from tqdm import tqdm
 
 import data
@@ -102,11 +90,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise DataError("--device cuda: no CUDA device visible to torch; use --device cpu or auto")
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
 
 
 def autocast(device):
@@ -116,10 +101,9 @@ def autocast(device):
 
 
 def distributed(device: str = "cpu", timeout: float = 1800):
-    """(device, rank, world size). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK: one process per device (cuda:LOCAL_RANK),
-    the process group started once (NCCL on CUDA, gloo on CPU), and a collective that waits more than `timeout`
-    seconds for a dead or stuck process raises instead of hanging. Other ranks print nothing to stdout (rank 0
-    logs). Without torchrun: (pick_device(device), 0, 1), nothing started."""
+    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
+    process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
+    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1), nothing started."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     dev = pick_device(device)
     if world == 1:
@@ -146,9 +130,9 @@ def distributed(device: str = "cpu", timeout: float = 1800):
 
 
 def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=None):
-    """N(0, 1) (or U(0, 1)) draws from `generator`, on the generator's device, moved to `device`. part = (rows, n)
-    (torchrun): draw what one process would for the global batch of n rows and keep `rows` (a long tensor on the
-    generator's device), so N processes together draw exactly one process's numbers."""
+    """N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`. part = (rows, n) (torchrun):
+    draw what one process would for the global batch of n rows and keep `rows` (a long tensor on the generator's
+    device), so N processes together draw exactly one process's numbers."""
     gdev = generator.device if generator is not None else device
     x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
                                                  generator=generator, device=gdev, dtype=dtype)
@@ -157,10 +141,10 @@ def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=No
 
 # ----------------------------------------------------------------------------- model
 def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
-    """(n_components, p) prior features: for a component that is a measured gene, its correlation
-    profile over control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs,
-    genes not among ds.genes). The profile C[g] = row g of the gene-gene correlation matrix C; with
-    C = V diag(lam) V^T its coordinates on the top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
+    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
+    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
+    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
+    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
     Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
     Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
     p = min(p, *Z.shape)
@@ -172,11 +156,7 @@ def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
     feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
     feat = feat / feat.std().clamp_min(1e-8)
     pos = {g: i for i, g in enumerate(ds.genes)}
-    out = torch.zeros(len(ds.components), p, dtype=torch.float64)
-    for j, name in enumerate(ds.components):
-        if name in pos:
-            out[j] = feat[pos[name]]
-    return out.float()
+    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
 
 
 def timestep_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
@@ -205,40 +185,32 @@ class Block(nn.Module):
 
 
 class VelocityField(nn.Module):
-    """vt = v(xt, t, cond), all in model space. cond: ctrl (B, G), comps (B, C), dose (B, C),
-    cov (B,), prior (B, G), mu0 (B, G) the source mean (make_cond). The condition vector c (B, W) is the sum
-    of the time, perturbation, covariate, control-cell and prior embeddings; the trunk sees the displacement
-    from the source mean, in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh
-    model leaves every source draw where it is: with source 'ctrl' it generates control cell + shift."""
+    """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
+    prior (B, G), mu0 (B, G) the source mean. The condition vector c (B, W) sums the time, perturbation, covariate,
+    control-cell and prior embeddings; the trunk sees the displacement from the source mean, in_proj(xt - mu0) +
+    prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw where it is (with
+    source 'ctrl' it generates control cell + shift)."""
 
-    def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64,
-                 prior_feat=None, use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0,
-                 shift=False, shift_mean=False, doses=False):
+    def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64, prior_feat=None,
+                 use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0, shift=False,
+                 shift_mean=False, doses=False):
         super().__init__()
-        if source not in ("noise", "ctrl"):
-            raise DataError(f"--source {source!r}: use ctrl or noise")
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise DataError(f"--sigma {sigma}: the source std must be a positive number")
-        self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates,
-                            width=width, depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
+        self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates, width=width,
+                            depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
                             prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
-                            doses=doses,
-                            prior_dim=0 if prior_feat is None else int(prior_feat.shape[1]))
+                            doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
         self.shift_mean = shift_mean and self.shift
         G, W = n_genes, width
         self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
-        # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a
-        # component never seen in training contributes nothing learned, plus a projection of its prior features
+        # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a component
+        # never seen in training contributes nothing learned, plus a projection of its prior features
         self.comp_emb = nn.Embedding(n_components + 1, d_pert, padding_idx=0)
         nn.init.zeros_(self.comp_emb.weight)
-        if prior_feat is not None:
-            pad = torch.zeros(1, prior_feat.shape[1])
-            self.register_buffer("prior_feat", torch.cat([pad, prior_feat.float()]))  # (n_components + 1, p)
-            self.feat_proj = nn.Linear(prior_feat.shape[1], d_pert, bias=False)
-        else:
-            self.prior_feat = None
+        pf = None if prior_feat is None else F.pad(prior_feat.float(), (0, 0, 1, 0))  # (n_components + 1, p), row 0 pad
+        self.register_buffer("prior_feat", pf)
+        self.feat_proj = None if pf is None else nn.Linear(pf.shape[1], d_pert, bias=False)
         # doses: the per-component response is a learned function of the component and its log-dose
         self.dose_mlp = nn.Sequential(nn.Linear(d_pert + 1, W), nn.SiLU(), nn.Linear(W, d_pert)) if doses else None
         self.pert_mlp = nn.Sequential(nn.Linear(d_pert, W), nn.SiLU(), nn.Linear(W, W))
@@ -262,10 +234,8 @@ class VelocityField(nn.Module):
         return (x - self.mean) / self.std
 
     def decode(self, z, floor=True):
-        """x = z std + mean, set to 0 below the gene's detection threshold `zero_below` (half its smallest
-        positive training value, raised by calibrate_zeros to match its zero fraction). A plain max(x, 0)
-        keeps the positive half of the smooth blob a flow puts where real cells have an exact 0, which
-        inflates the mean of sparse genes (on real 500-HVG data it nearly doubled them)."""
+        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (fit_scaler, calibrate_zeros), not
+        max(x, 0), which keeps the positive half of the blob a flow puts at real zeros (README, "Zeros")."""
         x = z * self.std + self.mean
         return x.masked_fill(x < self.zero_below, 0.0) if floor else x
 
@@ -304,39 +274,29 @@ class VelocityField(nn.Module):
 
 
 def make_cond(model, table, key_ids, ctrl_x):
-    """Conditioning for a batch in model space on the model's device. table = ds.key_table(keys),
-    key_ids (B,) long into it, ctrl_x (B, G) control cells in EXPRESSION space (same covariate).
-
-    It owns the parametrisation: the source x0 ~ N(mu0, sigma^2 I) every sampler, the loss and the RL SDE
-    start from (read with `source`). shift = c_kind * prior (data.Dataset.prior_trust), the part of the
-    additive prior the data says to trust, in model space (a delta: divided by std, no mean shift):
-      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: a zero network generates the control cell
-                          plus the shift, the additive baseline in distribution (as sigma -> 0);
-      source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target
-                          shift, since the network sees xt - mu0;
+    """Conditioning for a batch, in model space on the model's device: table = ds.key_table(keys), key_ids (B,) into
+    it, ctrl_x (B, G) control cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I)
+    of the loss and every sampler. shift = c_kind * prior (data.Dataset.prior_trust), the part of the additive prior
+    the data say to trust, in model space (a delta: divided by std, no mean shift):
+      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: a zero network generates the control cell plus
+                          the shift, the additive baseline in distribution (as sigma -> 0);
+      source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target shift,
+                          since the network sees xt - mu0;
       shift off:          mu0 = ctrl (ctrl) or 0 (noise): the prior is only an input.
     With --shift-mean a key without a trusted prior starts from the trusted training-mean delta instead of 0."""
-    dev = model.mean.device
-    key_ids = torch.as_tensor(key_ids, dtype=torch.long)
+    dev, key_ids = model.mean.device, torch.as_tensor(key_ids, dtype=torch.long)
     ctrl = model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev))  # (B, G)
-    shift = torch.zeros_like(ctrl)
-    if getattr(model, "shift", False):
-        shift = (table["shift"] + table["shift_mean"] * getattr(model, "shift_mean", False))[key_ids].to(dev) / model.std
-    mu0 = ctrl + shift if getattr(model, "source", "noise") == "ctrl" else shift  # (B, G)
+    shift = ((table["shift"] + table["shift_mean"] * model.shift_mean)[key_ids].to(dev) / model.std if model.shift
+             else torch.zeros_like(ctrl))  # (B, G)
+    mu0 = ctrl + shift if model.source == "ctrl" else shift  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
-            "shift": shift, "mu0": mu0, "sigma": getattr(model, "sigma", 1.0)}
+            "shift": shift, "mu0": mu0, "sigma": model.sigma}
 
 
 def source(cond):
     """(mu0, sigma) of the source distribution x0 ~ N(mu0, sigma^2 I); N(0, I) when cond has none (toy fields)."""
     return cond.get("mu0", 0.0), cond.get("sigma", 1.0)
-
-
-def draw_x0(cond, shape, generator, device, part=None):
-    """x0 = mu0 + sigma * eps, eps ~ N(0, I) from `generator`: the start of every generated cell (part: see _noise)."""
-    mu0, sigma = source(cond)
-    return mu0 + sigma * _noise(shape, generator, device, part=part)
 
 
 # ----------------------------------------------------------------------------- loss and samplers
@@ -363,38 +323,53 @@ def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None):
         if "shift" in cond:
             drop = cond["shift"] * ~keep  # (B, G) the shift taken out of the source mean
             cond.update(shift=cond["shift"] - drop, mu0=cond["mu0"] - drop)
-    x0 = draw_x0(cond, x1.shape, generator, dev, part).to(x1.dtype)  # (B, G)
+    mu0, sigma = source(cond)
+    x0 = (mu0 + sigma * _noise(x1.shape, generator, dev, part=part)).to(x1.dtype)  # (B, G)
     xt, ut = interpolant(x0, x1, t)
     vt = model(xt, t, cond)
     return (vt.to(ut.dtype) - ut).pow(2).mean()
 
 
+def time_grid(steps: int):
+    """The fixed grid of every sampler and of the GRPO update: t_i = i / steps (i = 0 .. steps - 1), h = 1 / steps."""
+    return [i / steps for i in range(steps)], 1.0 / steps
+
+
 @torch.no_grad()
-def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, decode=True):
-    """Integrate dx/dt = v(x, t, cond) from t = 0 (x0 ~ N(mu0, sigma^2 I), see make_cond; a given `x0` is the
-    standard normal eps, x0 = mu0 + sigma eps) to t = 1 on a fixed grid h = 1/steps.
-    euler:    x <- x + h v(x, t)                                  (global error O(h))
-    midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))"""
-    if method not in ("euler", "midpoint"):
-        raise DataError(f"unknown ODE method {method!r}; use euler or midpoint")
-    dev = model.mean.device if hasattr(model, "mean") else x0.device
-    if x0 is None:
-        x = draw_x0(cond, cond["ctrl"].shape, generator, dev)  # (B, G)
-    else:
-        mu0, sigma = source(cond)
-        x = mu0 + sigma * x0.to(dev)
-    amp = autocast(dev)
+def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, decode=True, noise_level=0.0,
+           part=None, record=False):
+    """Integrate from t = 0, x = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from `generator`, or the
+    given `x0` on the model's device), to t = 1 over time_grid(steps):
+        euler:    x <- x + h v(x, t)                                  (global error O(h))
+        midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))
+        sde:      x <- sde_step(x, t, h), noise level a = noise_level (Flow-GRPO; a = 0 is euler)
+    Returns the cells (B, G), decoded unless decode=False; with record=True (rl.rollout) every state (steps + 1, B, G)
+    in model space and the sde's log p(x_{i+1} | x_i) (steps, B). part: see _noise."""
+    if method not in ("euler", "midpoint", "sde"):
+        raise DataError(f"unknown sampler {method!r}; use euler, midpoint or sde")
+    mu0, sigma = source(cond)
+    x = mu0 + sigma * (_noise(cond["ctrl"].shape, generator, cond["ctrl"].device, part=part) if x0 is None else x0)
+    amp = autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
-    h = 1.0 / steps
-    for i in range(steps):
-        t = torch.full((x.shape[0],), i * h, device=dev, dtype=x.dtype)  # (B,)
-        with amp:
-            vt = model(x, t, cond).to(x.dtype)
-            if method == "midpoint":
-                vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
-        x = x + h * vt
+    ts, h = time_grid(steps)
+    xs, log_probs = [x], []
+    for t in ts:
+        if method == "sde":
+            x, lp, _, _ = sde_step(model, x, t, h, cond, noise_level, generator, part)
+            log_probs.append(lp)
+        else:
+            t = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)  # (B,)
+            with amp:
+                vt = model(x, t, cond).to(x.dtype)
+                if method == "midpoint":
+                    vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
+            x = x + h * vt
+        if record:
+            xs.append(x)
+    if record:
+        return torch.stack(xs), torch.stack(log_probs)
     return model.decode(x) if decode else x
 
 
@@ -411,8 +386,7 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
         mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
     with autocast(x.device):
-        vt = model(x, t, cond)
-    vt = vt.to(x.dtype)  # (B, G) float32: the mean, std and log-density below are float32
+        vt = model(x, t, cond).to(x.dtype)  # (B, G) float32: the mean, std and log-density below are float32
     mu0, sigma = source(cond)
     tt = t[:, None]  # (B, 1)
     sigma_eps = x - mu0 - tt * vt  # sigma * eps_hat
@@ -422,52 +396,65 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     return mean, std
 
 
-def gaussian_log_prob(x, mean, std):
-    """log N(x; mean, std^2 I) summed over genes: the exact log density of the whole transition. (Averaged
-    over genes, the PPO ratio moves 1/G as much, clipping never binds and the KL/clip scales change.)"""
-    G = x.shape[-1]
-    s = std.reshape(-1)  # (B, 1) -> (B,)
-    return -(x - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
-
-
-def sde_step(model, x, t, h, cond, noise_level, generator=None, part=None):
-    """x_next = mean + std * noise; returns (x_next, log_prob (B,), mean, std). noise_level 0 is exactly
-    the Euler step (std 0, log_prob zeros). Rollouts call it under torch.no_grad() and store x_next. part: _noise."""
+def sde_step(model, x, t, h, cond, noise_level, generator=None, part=None, x_next=None):
+    """One SDE transition x -> x_next = mean + std * noise (drawn, or the recorded `x_next` given) and its exact
+    log density log N(x_next; mean, std^2 I), summed over genes (averaged over genes, the PPO ratio would move 1/G
+    as much, clipping would never bind and the KL/clip scales change). Returns (x_next, log_prob (B,), mean, std);
+    noise_level 0 is exactly the Euler step (std 0, log_prob zeros). part: see _noise."""
     mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
-    x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype, part=part)
-    return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+    if x_next is None:
+        x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype, part=part)
+    s = std.reshape(-1)  # (B, 1) -> (B,)
+    G = x.shape[-1]
+    log_prob = -(x_next - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
+    return x_next, log_prob, mean, std
 
 
 def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
-    """log density of a recorded transition x -> x_next under the current weights (with grad), for the
-    GRPO ratio; returns (log_prob (B,), mean, std)."""
-    mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
-    if noise_level == 0:
-        return torch.zeros(x.shape[0], device=x.device), mean, std
-    return gaussian_log_prob(x_next, mean, std), mean, std
+    """(log p(x_next | x) (B,), mean, std) of a recorded transition under the current weights, with gradients:
+    the numerator of the GRPO ratio (rl.py)."""
+    return sde_step(model, x, t, h, cond, noise_level, x_next=x_next)[1:]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def dataset_meta(ds) -> dict:
-    return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
-            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
+def control_rows(ds, keys, n, generator) -> list:
+    """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
+    return [ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=generator).numpy()]
+            for k, m in zip(keys, n)]
 
 
+@torch.no_grad()
+def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
+             repeat=1, floor=True) -> dict:
+    """{key: (n * repeat, G) generated cells in expression space}, each from a control cell of the key's covariate.
+    n_cells: an int, a list with one per key, or None (as many as the real condition has); repeat: candidates from
+    each control cell, on consecutive rows (evaluate.best_of_n); noise_level > 0: the RL SDE instead of the ODE
+    `method`; floor=False: before the zero threshold (calibrate_zeros). All keys together, in chunks of cells."""
+    g, g_dev = torch.Generator().manual_seed(seed), torch.Generator(device=model.mean.device).manual_seed(seed)
+    n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
+    table = ds.key_table(keys)
+    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)  # (sum n * repeat,)
+    rows = np.repeat(np.concatenate(control_rows(ds, keys, n, g)), repeat)
+    out = []
+    for s in range(0, len(rows), chunk):
+        cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
+        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, decode=False,
+                   noise_level=noise_level)
+        out.append(model.decode(z, floor).cpu())
+    return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
+
+
+# ----------------------------------------------------------------------------- checkpoints (flow.pt and rl.pt alike)
 FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
-NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use of a checkpoint reads
+NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
          "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
          "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
 
 
-def _has(d, key: str) -> bool:
-    """d holds the dotted key 'a.b'."""
-    for k in key.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return False
-        d = d[k]
-    return True
+def dataset_meta(ds) -> dict:
+    return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
+            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
 
 
 def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
@@ -483,7 +470,7 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
 
 def write_checkpoint(path, ckpt: dict) -> None:
     """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
-    tmp = str(path) + ".tmp"
+    tmp = f"{path}.tmp"
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
@@ -492,26 +479,23 @@ def write_checkpoint(path, ckpt: dict) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
-                    rng: dict | None = None):
-    """make_checkpoint, written atomically."""
-    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
+def save_checkpoint(path, *args, **kwargs) -> None:
+    """make_checkpoint(*args, **kwargs), written atomically (write_checkpoint)."""
+    write_checkpoint(path, make_checkpoint(*args, **kwargs))
 
 
 def read_checkpoint(path, resume=None) -> dict:
-    """The checkpoint dict, checked for what its use reads; one line naming what a truncated, foreign, older or
-    other-stage checkpoint lacks. resume: None (sampling), "flow" (flow.py --resume) or "rl" (rl.py --resume)."""
+    """The checkpoint dict, checked for what its use reads (resume: None to sample, "flow" or "rl" to continue that
+    stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        with open(path, "rb") as f:
-            zipped = f.read(4) in (b"", b"PK\x03\x04")  # torch.save writes a zip archive
-        if zipped and not isinstance(e, pickle.UnpicklingError):
-            raise DataError(f"{path} is truncated or corrupt (torch.load failed: {type(e).__name__}); use another "
-                            "copy or retrain it") from None
-        raise DataError(f"{path} is not a PerturbCellRL checkpoint (torch.load failed: {type(e).__name__})") from None
+        with open(path, "rb") as f:  # torch.save writes a zip archive: one that does not load is cut short
+            cut = f.read(4) in (b"", b"PK\x03\x04") and not isinstance(e, pickle.UnpicklingError)
+        raise DataError(f"{path} is {'truncated or corrupt' if cut else 'not a PerturbCellRL checkpoint'} (torch.load "
+                        f"failed: {type(e).__name__})" + ("; use another copy or retrain it" if cut else "")) from None
     if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
         raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
     fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
@@ -523,30 +507,42 @@ def read_checkpoint(path, resume=None) -> dict:
     if resume == "rl" and "base" not in extra:
         raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
                         f"`python rl.py --ckpt {path}` (no --resume)")
-    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not _has(ckpt, k)]
+
+    def has(key):
+        a, _, b = key.partition(".")
+        return a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])
+    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(k)]
     if missing:
         raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
-                        f"an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
-                                                          "retrain it with flow.py (and rl.py)"))
+                        "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
+                                                         "retrain it with flow.py (and rl.py)"))
     for part in ("model", "ema"):  # written before per-gene zero thresholds: decode as then, max(x, 0)
         if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part] and "zero_below" not in ckpt[part]:
             ckpt[part]["zero_below"] = torch.zeros_like(ckpt[part]["mean"])
             warnings.warn(f"{path} predates the per-gene zero thresholds (zero_below): decoding with max(x, 0) as "
-                          f"when it was trained; retrain it for calibrated thresholds", stacklevel=2)
+                          "when it was trained; retrain it for calibrated thresholds", stacklevel=2)
     return ckpt
+
+
+def build_model(hp: dict) -> VelocityField:
+    """A VelocityField from its stored hyper-parameters (the prior features come with the state dict); options an
+    older checkpoint lacks take their defaults (source noise, no shift: the prior only as an input)."""
+    p = hp["prior_dim"]
+    return VelocityField(**{k: v for k, v in hp.items() if k != "prior_dim"},
+                         prior_feat=torch.zeros(hp["n_components"], p) if p else None)
 
 
 def load_checkpoint(path, device="cpu", genes=None, resume=None):
     """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match;
     resume: see read_checkpoint."""
     ckpt = read_checkpoint(path, resume)
-    if genes is not None and list(genes) != list(ckpt["genes"]):
-        ref, got = list(ckpt["genes"]), list(genes)
-        diff = [(a, b) for a, b in zip(ref, got) if a != b]
+    ref = list(ckpt["genes"])
+    if genes is not None and list(genes) != ref:
+        diff = [(a, b) for a, b in zip(ref, genes) if a != b]
         raise DataError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
-                        f"{len(got)} given, {len(diff) + abs(len(ref) - len(got))} positions differ "
+                        f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
                         f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
-                        f"(data.load_dataset(cfg, genes=ckpt['genes']))")
+                        "(data.load_dataset(cfg, genes=ckpt['genes']))")
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema"])
@@ -556,6 +552,20 @@ def load_checkpoint(path, device="cpu", genes=None, resume=None):
     return model.to(device).eval(), ckpt
 
 
+def restore_run(ckpt, opt, gen, rng, seed) -> None:
+    """Continue a run from its checkpoint: the optimiser and both random states. A torch.Generator state saved on
+    another kind of device (CUDA run resumed on CPU or the reverse) cannot be loaded: reseed, with a warning."""
+    opt.load_state_dict(ckpt["opt"])
+    rng.bit_generator.state = ckpt["rng"]["numpy"]
+    try:
+        gen.set_state(ckpt["rng"]["torch"])
+    except (RuntimeError, ValueError):
+        seed += ckpt["step"]
+        warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
+                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
+        gen.manual_seed(seed)
+
+
 # ----------------------------------------------------------------------------- training
 def pearson_rows(a, b):
     """Row-wise Pearson correlation of (K, G) tensors."""
@@ -563,22 +573,10 @@ def pearson_rows(a, b):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
-@torch.no_grad()
-def generate_raw(model, ds, keys, n_cells, seed, steps=20, chunk=4096):
-    """n_cells generated cells per key, before the zero threshold: (K * n, G), key-major."""
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    table = ds.key_table(keys)
-    rows = np.concatenate([rng.choice(ds.ctrl_idx[cov], n_cells) for _, cov in keys])  # controls, same covariate
-    key_ids = torch.arange(len(keys)).repeat_interleave(n_cells)  # (K * n,)
-    return torch.cat([model.decode(sample(model, make_cond(model, table, key_ids[i:i + chunk], ds.X[rows[i:i + chunk]]),
-                                          steps, "midpoint", gen, decode=False), floor=False).cpu()
-                      for i in range(0, len(key_ids), chunk)])
-
-
 def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
     """(G,) per gene, the q_g-quantile of generated values of `keys` (q_g = the gene's real zero fraction in
     them), at least the current threshold."""
-    raw = generate_raw(model, ds, keys, n_cells, seed)  # (K * n, G)
+    raw = torch.cat(list(generate(model, ds, keys, n_cells, seed=seed, floor=False).values()))  # (K * n, G)
     rows, c = np.concatenate([ds.cell_idx[k] for k in keys]), 65536
     nonzero = sum(np.asarray((ds.X.csr[rows[i:i + c]] > 0).sum(0)).ravel() for i in range(0, len(rows), c))  # (G,)
     q = torch.from_numpy(1 - nonzero / len(rows))  # (G,) zero fraction, counted on the sparse rows
@@ -588,15 +586,13 @@ def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
 
 @torch.no_grad()
 def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
-    """Choose each gene's detection threshold. Candidate: the q_g-quantile of the generated values of the
-    training conditions, q_g the gene's real zero fraction there, so generated cells are as often 0 as real
-    ones (a flow cannot put mass exactly at 0). It replaces the floor of fit_scaler only if it lowers the
-    mean energy distance to the real cells of the validation conditions: on the real 500-HVG file (mostly
-    zeros) it halved it, on the dense simulator it raised it. Returns the chosen name."""
+    """Choose each gene's detection threshold: zero_quantiles (generated cells as often 0 as real ones; a flow cannot
+    put mass exactly at 0) replaces the floor of fit_scaler only if it lowers the mean energy distance to the real
+    cells of the validation conditions (halved on real 500-HVG data, raised on the dense simulator). Returns which."""
     tau = zero_quantiles(model, ds, keys, n_cells, seed)
     if not val_keys:
         return "floor"
-    val = rearrange(generate_raw(model, ds, val_keys, n_cells, seed + 1), "(k n) g -> k n g", n=n_cells)  # (K, n, G)
+    val = torch.stack(list(generate(model, ds, val_keys, n_cells, seed=seed + 1, floor=False).values()))  # (K, n, G)
 
     def energy(zb):  # mean over validation keys of 2 E|x-y| - E|x-x'| - E|y-y'| (V-statistics)
         x = val.masked_fill(val < zb, 0.0)
@@ -609,30 +605,20 @@ def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
     return "floor"
 
 
-def val_check(model, ds, keys, n_cells=64, seed=0, steps=10, chunk=4096):
-    """Validation loss (CFM on up to n_cells real cells per key) and the population check: Pearson over all
-    genes of generated vs real mean deltas (gen mean - ctrl mean vs ref.delta), ODE midpoint, per key."""
-    was_training = model.training
-    model.eval()
-    dev, K = model.mean.device, len(keys)
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    table = ds.key_table(keys)
-    real, real_ids, real_ctrl, ctrl_rows = [], [], [], []
-    for i, (label, cov) in enumerate(keys):  # a loop over keys, not cells
-        m = min(n_cells, len(ds.cell_idx[(label, cov)]))
-        real.append(rng.choice(ds.cell_idx[(label, cov)], m, replace=False))
-        real_ids.append(np.full(m, i))
-        real_ctrl.append(rng.choice(ds.ctrl_idx[cov], m))
-        ctrl_rows.append(rng.choice(ds.ctrl_idx[cov], n_cells))
-    real, real_ctrl, ctrl_rows = np.concatenate(real), np.concatenate(real_ctrl), np.concatenate(ctrl_rows)
-    cond = make_cond(model, table, torch.from_numpy(np.concatenate(real_ids)), ds.X[real_ctrl])
-    loss = cfm_loss(model, model.encode(torch.from_numpy(ds.X[real]).to(dev)), cond, generator=gen)
-    key_ids = torch.arange(K).repeat_interleave(n_cells)  # (K * n,)
-    x = torch.cat([sample(model, make_cond(model, table, key_ids[i:i + chunk], ds.X[ctrl_rows[i:i + chunk]]),
-                          steps, "midpoint", gen).cpu() for i in range(0, len(key_ids), chunk)])  # (K * n, G)
-    gen_delta = rearrange(x, "(k n) g -> k n g", n=n_cells).mean(1) - torch.stack([ds.refs[k].ctrl_mean for k in keys])  # (K, G)
-    r = pearson_rows(gen_delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
-    model.train(was_training)
+@torch.no_grad()
+def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
+    """For a model in eval mode (the EMA): the validation loss (CFM on up to n_cells real cells per key, each with a
+    control cell) and Pearson over all genes of generated vs real mean deltas per key (ODE midpoint), averaged."""
+    rng = np.random.default_rng(seed)
+    real = [rng.choice(ds.cell_idx[k], min(n_cells, len(ds.cell_idx[k])), replace=False) for k in keys]
+    ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])
+    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(r) for r in real]))
+    x1 = model.encode(torch.from_numpy(ds.X[np.concatenate(real)]).to(model.mean.device))  # (sum n, G)
+    cond = make_cond(model, ds.key_table(keys), key_ids, ds.X[ctrl])
+    loss = cfm_loss(model, x1, cond, torch.Generator().manual_seed(seed))
+    cells = generate(model, ds, keys, n_cells, steps, seed=seed)
+    delta = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys])  # (K, G)
+    r = pearson_rows(delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
     return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}
 
 
@@ -644,114 +630,84 @@ def lr_at(cfg, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay: float):
-    """theta_ema <- decay * theta_ema + (1 - decay) * theta."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
 def fit_scaler(X, rows, chunk=16384):
     """Per-gene mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of X[rows],
     accumulated in float64 over row chunks."""
     s1, s2, lo = np.zeros(X.shape[1]), np.zeros(X.shape[1]), np.full(X.shape[1], np.inf)
     for i in range(0, len(rows), chunk):
         xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
-        lo = np.minimum(lo, np.where(xb > 0, xb, np.inf).min(0))
+        s1, s2, lo = s1 + xb.sum(0), s2 + (xb ** 2).sum(0), np.minimum(lo, np.where(xb > 0, xb, np.inf).min(0))
     mean = s1 / len(rows)
     std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
-    floor = np.where(np.isfinite(lo), lo / 2, 0.0)
     f = lambda a: torch.from_numpy(a).float()  # noqa: E731
-    return f(mean), f(std).clamp_min(1e-2), f(floor)
-
-
-def build_model(hp: dict) -> VelocityField:
-    """Rebuild a VelocityField from its stored hyper-parameters (prior features come with the state dict)."""
-    hp = {"source": "noise", "sigma": 1.0, "shift": False, "shift_mean": False, **hp}  # older: prior only as an input
-    p = hp.pop("prior_dim")
-    return VelocityField(**hp, prior_feat=torch.zeros(hp["n_components"], p) if p else None)
+    return f(mean), f(std).clamp_min(1e-2), f(np.where(np.isfinite(lo), lo / 2, 0.0))
 
 
 def train(cfg: FlowConfig) -> str:
-    """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out).
-    Each batch: random training cells (targets x1) with their key ids, and for each a random control cell of
-    the same covariate. A fraction cfg.ctrl_frac of the batch are control cells as targets with an empty
-    perturbation (and zero prior): this anchors "no perturbation -> the control distribution", which the
-    additive prior and unseen combinations build on."""
+    """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out). Each batch: random training
+    cells (targets x1) with their key ids and, for each, a random control cell of the same covariate. A fraction
+    cfg.ctrl_frac of the batch are control cells as targets with an empty perturbation (and zero prior): this
+    anchors "no perturbation -> the control distribution", which the additive prior and unseen combinations build on.
+    Under torchrun, --batch-size is per process: every process draws the same global batch of N x batch-size cells
+    and noise from the shared seeded generators and keeps its rows rank::N; DDP averages the gradients, so weights
+    and EMA stay identical and a step equals one process with the global batch. Rank 0 validates and saves;
+    --resume works with any N."""
     data.check_args(cfg)
+    for flag, v, ok in [("--t-dist", cfg.t_dist, ("uniform", "logit_normal")),
+                        ("--source", cfg.source, ("noise", "ctrl"))]:
+        if v not in ok:
+            raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
     device, rank, world = distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
-    if cfg.t_dist not in ("uniform", "logit_normal"):
-        raise DataError(f"--t-dist {cfg.t_dist!r}: use uniform or logit_normal")
-    old = load_checkpoint(cfg.out, resume="flow")[1] if cfg.resume and os.path.exists(cfg.out) else None
+    ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
-    dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)})
-    ds = data.load_dataset(dcfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
-    keys, val_keys = ds.split["train"], ds.split["val"]
+    ds = data.load_dataset(cfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
+    keys, val_keys, n_cov = ds.split["train"], ds.split["val"], len(ds.covariates)
     if not keys:
         raise DataError("the split left no training conditions; use --split random or fewer --test conditions")
     # key table: the training keys, then one empty-perturbation row per covariate (control cells as targets)
-    K, n_cov, G = len(keys), len(ds.covariates), len(ds.genes)
-    tab = ds.key_table(keys)
-    C = tab["comps"].shape[1]
-    table = {"comps": torch.cat([tab["comps"], torch.zeros(n_cov, C, dtype=torch.long)]),  # (K + n_cov, C)
-             "dose": torch.cat([tab["dose"], torch.zeros(n_cov, C)]),
-             "cov": torch.cat([tab["cov"], torch.arange(n_cov)]),  # (K + n_cov,)
-             "prior": torch.cat([tab["prior"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
-             "shift": torch.cat([tab["shift"], torch.zeros(n_cov, G)]),  # (K + n_cov, G)
-             "shift_mean": torch.cat([tab["shift_mean"], torch.zeros(n_cov, G)])}
-    key_cov = table["cov"].numpy()
-    table = {k: v.to(device) for k, v in table.items()}  # once: make_cond then indexes it on the device
+    table = {k: torch.cat([v, torch.arange(n_cov) if k == "cov" else v.new_zeros(n_cov, *v.shape[1:])])
+             for k, v in ds.key_table(keys).items()}  # (K + n_cov, ...)
+    key_cov, table = table["cov"].numpy(), {k: v.to(device) for k, v in table.items()}  # make_cond indexes it there
     pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
-    pert_kid = np.concatenate([np.full(len(ds.cell_idx[k]), i) for i, k in enumerate(keys)])
+    pert_kid = np.repeat(np.arange(len(keys)), [len(ds.cell_idx[k]) for k in keys])
     ctrl_rows = np.concatenate([ds.ctrl_idx[c] for c in ds.covariates])  # grouped by covariate
     n_ctrl = np.array([len(ds.ctrl_idx[c]) for c in ds.covariates])
-    ctrl_start = np.r_[0, np.cumsum(n_ctrl)[:-1]]
-    ctrl_kid = K + np.repeat(np.arange(n_cov), n_ctrl)
+    ctrl_start, ctrl_kid = np.r_[0, np.cumsum(n_ctrl)[:-1]], len(keys) + np.repeat(np.arange(n_cov), n_ctrl)
     # model, EMA, optimiser; fresh or restored
-    if old:
-        model, ema = build_model(old["config"]["model"]), build_model(old["config"]["model"])
+    if old:  # load_checkpoint gave the EMA
+        model = copy.deepcopy(ema)
         model.load_state_dict(old["model"])
-        ema.load_state_dict(old["ema"])
     else:
         feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
-        model = VelocityField(G, len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
+        model = VelocityField(len(ds.genes), len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
                               cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
                               cfg.shift_mean, doses=ds.meta.get("dose_range") is not None)
         model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
-                             {"params": others, "weight_decay": 0.0}], lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices only
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     # the same generators on every process (the global batch); on the device, so noise is drawn where it is used
     gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
-    step, history, saved = 0, [], None
+    step, history, saved, loss_avg = 0, [], None, None
     if old:
-        opt.load_state_dict(old["opt"])
-        set_rng_state(gen, old["rng"]["torch"], cfg.seed + old["step"])
-        rng.bit_generator.state = old["rng"]["numpy"]
-        step, history, saved = old["step"], old["extra"]["history"], old["step"]
+        restore_run(old, opt, gen, rng, cfg.seed)
+        step, history, saved, loss_avg = old["step"], old["extra"]["history"], old["step"], old["extra"]["loss_avg"]
     fwd = torch.compile(model) if cfg.compile else model
     if world > 1:  # the loss and backward go through DDP, which averages the gradients over the processes
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     meta, B = dataset_meta(ds), cfg.batch_size
     part = (torch.arange(rank, B * world, world, device=device), B * world) if world > 1 else None  # this rank's rows
 
-    def save(step):
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise DataError(f"weights became NaN/Inf by step {step}: training diverged (lr={cfg.lr}); lower --lr "
-                            f"or raise --warmup; {keep_msg()}")
-        save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta, {"history": history, "loss_avg": loss_avg},
-                        {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
-        return step
-
-    def keep_msg():
-        return f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
+    def diverged(what):  # the last checkpoint written is good: checkpoints are written whole
+        kept = f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
             "no checkpoint was written"
+        return DataError(f"{what}: training diverged (lr={cfg.lr}); lower --lr or raise --warmup; {kept}")
 
     if not old and rank == 0:  # how far the prior is trusted, and the additive prior itself as a reference prediction
         trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
@@ -761,7 +717,7 @@ def train(cfg: FlowConfig) -> str:
               f"val Pearson(mean deltas) of the additive prior alone: {r:.3f}", file=sys.stderr)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     pbar = tqdm(total=end, initial=step, disable=not cfg.progress or rank > 0, desc="flow", dynamic_ncols=True)
-    t0, loss_avg = time.time(), old["extra"]["loss_avg"] if old else None
+    t0 = time.time()
     while step < end:
         Bg = B * world  # the global batch: every process draws all of it and keeps its rows rank::world
         i, j = rng.integers(len(pert_rows), size=Bg), rng.integers(len(ctrl_rows), size=Bg)
@@ -777,13 +733,14 @@ def train(cfg: FlowConfig) -> str:
         with autocast(device):
             loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part)
         if not torch.isfinite(loss):
-            raise DataError(f"loss is {loss.item()} at step {step}: training diverged (lr={cfg.lr}); lower --lr "
-                            f"or raise --warmup; {keep_msg()}")
+            raise diverged(f"loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # EMA warm-up for short runs
+        with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up for short runs
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         pbar.update(1)
@@ -799,47 +756,30 @@ def train(cfg: FlowConfig) -> str:
             pbar.write(f"step {step} ({time.time() - t0:.0f} s): train loss {loss_avg:.4f}  val loss "
                        f"{ev['val_loss']:.4f}  val Pearson(mean deltas) {ev['pearson_delta']:.3f}")
         if step % cfg.save_every == 0 or step == end:
-            saved = save(step)
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise diverged(f"weights became NaN/Inf by step {step}")
+            save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
+                            {"history": history, "loss_avg": loss_avg},
+                            {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+            saved = step
     pbar.close()
     if world > 1:
         dist.barrier()  # no process returns before rank 0 has written the last checkpoint
     return cfg.out
 
 
-def set_rng_state(gen, state, seed):
-    """Restore a torch.Generator's state; a state saved on another kind of device (a CUDA run resumed on CPU or
-    the reverse) cannot be loaded: reseed with `seed`, with a warning (the run continues, not bit-identically)."""
-    try:
-        gen.set_state(state)
-    except (RuntimeError, ValueError):
-        warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
-                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
-        gen.manual_seed(seed)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_args(p, FlowConfig)
-    args = p.parse_args(argv)
-    cfg = FlowConfig(**{f.name: getattr(args, f.name) for f in fields(FlowConfig)})
-    rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 prints errors
-    try:
-        path = train(cfg)
-    except DataError as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
-        sys.exit(2)
-    except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
-        if rank0:
-            print(f"\ninterrupted; continue from the last checkpoint in {cfg.out} (saved every {cfg.save_every} "
-                  "steps) with --resume", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    print(f"saved {path}")
+    cfg = FlowConfig(**vars(p.parse_args(argv)))
+
+    def run():  # data.cli: an error in one line (exit 2), Ctrl-C with the resume hint (exit 130)
+        try:
+            print(f"saved {train(cfg)}")
+        except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
+            raise KeyboardInterrupt(f"interrupted; continue from the last checkpoint in {cfg.out} (saved every "
+                                    f"{cfg.save_every} steps) with --resume") from None
+    data.cli(run)
 
 
 if __name__ == "__main__":

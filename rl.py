@@ -97,21 +97,10 @@ class RLConfig(data.DataConfig):  # data options pass through to pretraining; wi
 
 
 # ----------------------------------------------------------------------------- the pieces
-@torch.no_grad()
 def rollout(model, cond, T, noise_level, generator, part=None):
-    """T SDE steps from x0 ~ N(mu0, sigma^2 I) (flow.make_cond): states (T+1, B, G), log p(x_{t+1} | x_t) (T, B).
-    part: this process's rows of the global batch's noise (flow._noise)."""
-    dev = cond["ctrl"].device
-    if hasattr(model, "condition"):  # the time-independent embeddings once per rollout, as flow.sample
-        with flow.autocast(dev):
-            cond = {**cond, "emb": model.condition(cond)}
-    x = flow.draw_x0(cond, cond["ctrl"].shape, generator, dev, part)  # (B, G) from the source
-    xs, lps = [x], []
-    for i in range(T):
-        x, lp, _, _ = flow.sde_step(model, x, i / T, 1.0 / T, cond, noise_level, generator, part)
-        xs.append(x)
-        lps.append(lp)
-    return torch.stack(xs), torch.stack(lps)
+    """T SDE steps (flow.sde_step) from x0 ~ N(mu0, sigma^2 I) (flow.make_cond), no gradients: the states x_t
+    (T+1, B, G) and log p(x_{t+1} | x_t) (T, B). part: this process's rows of the global batch's noise (flow._noise)."""
+    return flow.sample(model, cond, T, "sde", generator, noise_level=noise_level, part=part, record=True)
 
 
 def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0):
@@ -239,9 +228,7 @@ def train(cfg: RLConfig) -> str:
     step, history, best = 0, [], None
     if state:
         policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        flow.set_rng_state(gen, state["rng"]["torch"], cfg.seed + state["step"])
-        rng.bit_generator.state = state["rng"]["numpy"]
+        flow.restore_run(state, opt, gen, rng, cfg.seed)
         step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
     meta = flow.dataset_meta(ds)
 
@@ -313,15 +300,14 @@ def train(cfg: RLConfig) -> str:
             policy.train()
             stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
             n_t, share = max(1, int(round(cfg.t_frac * cfg.T))), len(mine) * world / n_pick
+            times, h = flow.time_grid(cfg.T)                                            # the rollout's grid
             for _ in range(cfg.epochs):
-                ts = rng.permutation(cfg.T)[:n_t]
                 opt.zero_grad(set_to_none=True)
-                for j, i in enumerate(ts):
-                    t, h = i / cfg.T, 1.0 / cfg.T
+                for j, i in enumerate(rng.permutation(cfg.T)[:n_t]):
                     with ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
-                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], t, h, cond, cfg.noise, xs[i + 1])
+                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], times[i], h, cond, cfg.noise, xs[i + 1])
                         with torch.no_grad():
-                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], t, h, cond, cfg.noise)
+                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], times[i], h, cond, cfg.noise)
                         loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
                         (loss * share / n_t).backward()
                     s["loss"] = loss.detach()
@@ -384,8 +370,7 @@ def before_after(cfg: RLConfig, out: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_args(p, RLConfig)
-    a = p.parse_args(argv)
-    cfg = RLConfig(**{f.name: getattr(a, f.name) for f in fields(RLConfig)})
+    cfg = RLConfig(**vars(p.parse_args(argv)))
     if cfg.ckpt and not os.path.isfile(cfg.ckpt):
         raise DataError(f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` "
                         f"or omit --ckpt to pretrain automatically")
