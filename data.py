@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import pickle
 import re
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
@@ -36,6 +39,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent
 CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
@@ -325,6 +329,31 @@ def builtin_path(kind: str = "genetic") -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_h5ad(path, sims[kind][1](seed=0))
     return str(path)
+
+
+def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
+    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
+    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
+    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
+    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
+    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
+    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
+    p = min(p, *Z.shape)
+    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
+        torch.manual_seed(0)
+        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
+    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
+    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
+    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
+    feat = feat / feat.std().clamp_min(1e-8)
+    pos = {g: i for i, g in enumerate(ds.genes)}
+    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
+
+
+def control_rows(ds, keys, n, generator) -> list:
+    """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
+    return [ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=generator).numpy()]
+            for k, m in zip(keys, n)]
 
 
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
@@ -867,6 +896,19 @@ def gene_stats(X, rows: np.ndarray, chunk=None):
     return mean, np.maximum(ex2 - mean ** 2, 0.0)
 
 
+def fit_scaler(X, rows, chunk=16384):
+    """Per-gene mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of X[rows],
+    accumulated in float64 over row chunks."""
+    s1, s2, lo = np.zeros(X.shape[1]), np.zeros(X.shape[1]), np.full(X.shape[1], np.inf)
+    for i in range(0, len(rows), chunk):
+        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
+        s1, s2, lo = s1 + xb.sum(0), s2 + (xb ** 2).sum(0), np.minimum(lo, np.where(xb > 0, xb, np.inf).min(0))
+    mean = s1 / len(rows)
+    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
+    f = lambda a: torch.from_numpy(a).float()  # noqa: E731
+    return f(mean), f(std).clamp_min(1e-2), f(np.where(np.isfinite(lo), lo / 2, 0.0))
+
+
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
     """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
     expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
@@ -1225,6 +1267,154 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
             os.remove(tmp)
 
 
+# ----------------------------------------------------------------------------- devices and checkpoints
+# Shared by every stage: the device (and torchrun's process group) is chosen once, checkpoints are written
+# atomically and read with one clear line for whatever makes one unusable. flow.pt and rl.pt share the format.
+def pick_device(name: str = "auto") -> torch.device:
+    """The one place that picks a device: cuda, then mps, then cpu."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device visible to torch; use --device cpu or auto")
+    if name != "auto":
+        return torch.device(name)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (matrix products in bf16; the caller's float32 tensors and reductions stay float32);
+    nothing on other devices (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def distributed(device: str = "cpu", timeout: float = 1800):
+    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
+    process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
+    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1), nothing started."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
+    dev = pick_device(device)
+    if world == 1:
+        return dev, 0, 1
+    if not dist.is_available():
+        raise DataError("torchrun started this run, but this torch build has no torch.distributed; run one process")
+    if dev.type == "cuda":
+        if not dist.is_nccl_available():
+            raise DataError("torchrun with --device cuda needs NCCL, which this torch build lacks; install a CUDA "
+                            "build of torch with NCCL, or run the processes on CPU with --device cpu (gloo)")
+        n_local = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))  # the same test on every process
+        if n_local > torch.cuda.device_count():
+            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
+                            "start at most one per GPU (torchrun --nproc_per_node)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    elif dev.type != "cpu":
+        raise DataError(f"--device {dev.type}: torchrun runs on cuda (NCCL) or cpu (gloo)")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return dev, rank, world
+
+
+FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
+NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
+         "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
+         "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
+
+
+def dataset_meta(ds) -> dict:
+    return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
+            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
+
+
+def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
+                    rng: dict | None = None) -> dict:
+    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot). cfg["model"] holds
+    the model's constructor arguments."""
+    return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
+            "opt": opt.state_dict() if opt is not None else None, "step": int(step),
+            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
+            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu(), "zero_below": model.zero_below.cpu()},
+            "rng": rng or {}, "extra": extra or {}}
+
+
+def write_checkpoint(path, ckpt: dict) -> None:
+    """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, *args, **kwargs) -> None:
+    """make_checkpoint(*args, **kwargs), written atomically (write_checkpoint)."""
+    write_checkpoint(path, make_checkpoint(*args, **kwargs))
+
+
+def read_checkpoint(path, resume=None, genes=None) -> dict:
+    """The checkpoint dict, checked for what its use reads (resume: None to sample, "flow" or "rl" to continue that
+    stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks, or
+    where its genes differ from `genes` (the genes of the data loaded for it)."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        with open(path, "rb") as f:  # torch.save writes a zip archive: one that does not load is cut short
+            cut = f.read(4) in (b"", b"PK\x03\x04") and not isinstance(e, pickle.UnpicklingError)
+        raise DataError(f"{path} is {'truncated or corrupt' if cut else 'not a PerturbCellRL checkpoint'} (torch.load "
+                        f"failed: {type(e).__name__})" + ("; use another copy or retrain it" if cut else "")) from None
+    if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
+        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
+    fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
+    if fmt > FORMAT:
+        raise DataError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
+    if resume == "flow" and "base" in extra:
+        raise DataError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
+                        f"{extra.get('rl_config', {}).get('out', path)}`")
+    if resume == "rl" and "base" not in extra:
+        raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
+                        f"`python rl.py --ckpt {path}` (no --resume)")
+
+    def has(key):
+        a, _, b = key.partition(".")
+        return a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])
+    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(k)]
+    if missing:
+        raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
+                        "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
+                                                         "retrain it with flow.py (and rl.py)"))
+    for part in ("model", "ema"):  # written before per-gene zero thresholds: decode as then, max(x, 0)
+        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part] and "zero_below" not in ckpt[part]:
+            ckpt[part]["zero_below"] = torch.zeros_like(ckpt[part]["mean"])
+            warnings.warn(f"{path} predates the per-gene zero thresholds (zero_below): decoding with max(x, 0) as "
+                          "when it was trained; retrain it for calibrated thresholds", stacklevel=2)
+    ref = list(ckpt["genes"])
+    if genes is not None and list(genes) != ref:                     # e.g. ds.genes: the data loaded for it
+        diff = [(a, b) for a, b in zip(ref, genes) if a != b]
+        raise DataError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
+                        f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
+                        f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
+                        "(data.load_dataset(cfg, genes=ckpt['genes']))")
+    return ckpt
+
+
+def restore_run(ckpt, opt, gen, rng, seed) -> None:
+    """Continue a run from its checkpoint: the optimiser and both random states. A torch.Generator state saved on
+    another kind of device (CUDA run resumed on CPU or the reverse) cannot be loaded: reseed, with a warning."""
+    opt.load_state_dict(ckpt["opt"])
+    rng.bit_generator.state = ckpt["rng"]["numpy"]
+    try:
+        gen.set_state(ckpt["rng"]["torch"])
+    except (RuntimeError, ValueError):
+        seed += ckpt["step"]
+        warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
+                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
+        gen.manual_seed(seed)
+
+
 # ----------------------------------------------------------------------------- CLI
 def field_help(cls) -> dict:
     """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
@@ -1253,6 +1443,8 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
         typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
         if f.type in ("bool",) or isinstance(f.default, bool):
             act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif f.type == "list":                              # one or more values: --ckpt a.pt b.pt
+            act = g.add_argument(flag, nargs="+", default=[], help=text)
         else:
             act = g.add_argument(flag, type=typ, default=f.default, help=text)
         if "%(default)" not in act.help:                    # BooleanOptionalAction adds it on some Pythons

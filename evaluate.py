@@ -24,7 +24,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
 
@@ -109,7 +109,7 @@ def baselines(ds, keys, n_cells=None, seed=0) -> dict:
     perturbations (same covariate); control + additive prior (None where a component has no training single)."""
     g = torch.Generator().manual_seed(seed)
     n = [n_cells or len(ds.cell_idx[k]) for k in keys]
-    ctrl = [torch.from_numpy(ds.X[r]) for r in flow.control_rows(ds, keys, n, g)]  # as predict's, same seed
+    ctrl = [torch.from_numpy(ds.X[r]) for r in data.control_rows(ds, keys, n, g)]  # as predict's, same seed
     train = ds.split["train"]
     mean_delta = {c: torch.stack([ds.refs[k].delta for k in train if k[1] == c] or
                                  [ds.refs[k].delta for k in train]).mean(0) for c in ds.covariates}
@@ -342,29 +342,39 @@ def parse_best_of(spec) -> list:
     return ns
 
 
+@dataclass
+class EvalConfig:
+    # evaluation
+    ckpt: list = field(default_factory=list)  # one or more checkpoints (flow.pt, rl.pt); required
+    data: str | None = None         # h5ad to evaluate on (None: the data the checkpoint was trained on)
+    split: str = "test"             # the conditions evaluated: test | val | train
+    sampler: str = "midpoint"       # ODE sampler: midpoint | euler
+    steps: int = 20                 # ODE steps
+    sde_noise: float = 0.7          # also sample checkpoints with the RL SDE at this noise level (0 = off)
+    sde_steps: int | None = None    # SDE steps (None: the T of the checkpoint's RL rollouts; 10, rl.py's default, for a flow.pt)
+    n_cells: int | None = None      # cells per condition (None: as many as the real one)
+    best_of: str | None = None      # also report best-of-N selection (best_of_n) for these N, e.g. 1,4,16
+    seed: int = 0                   # seed of the control cells drawn and of sampling
+    out: str | None = None          # write per-condition rows and the summary as JSON
+    write_pred: str | None = None   # write the first checkpoint's ODE predictions as h5ad
+    # hardware
+    device: str = "cpu"             # cpu | cuda | mps | auto
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="h5ad (default: the data the checkpoint was trained on)")
-    p.add_argument("--ckpt", nargs="+", required=True, help="one or more checkpoints (flow.pt, rl.pt)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"])
-    p.add_argument("--sampler", default="midpoint", choices=["midpoint", "euler"])
-    p.add_argument("--steps", type=int, default=20, help="ODE steps (and SDE steps)")
-    p.add_argument("--sde-noise", type=float, default=0.7, help="also sample checkpoints with the RL SDE at this noise (0 = off)")
-    p.add_argument("--sde-steps", type=int, default=None,
-                   help="SDE steps (default: the T the checkpoint's RL rollouts used; 10, rl.py's default, for a flow.pt)")
-    p.add_argument("--n-cells", type=int, default=None, help="cells per condition (default: as many as the real one)")
-    p.add_argument("--out", default=None, help="write per-condition rows and the summary as JSON")
-    p.add_argument("--write-pred", default=None, help="write the first checkpoint's ODE predictions as h5ad")
-    p.add_argument("--best-of", default=None, metavar="N[,N...]",
-                   help="also report each checkpoint's best-of-N selection (best_of_n) for these N, e.g. 1,4,16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the control cells drawn and of sampling")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    data.add_args(p, EvalConfig)
     verifiers.add_args(p)
     a = p.parse_args(argv)
+    for flag, v, ok in [("--split", a.split, ("test", "val", "train")), ("--sampler", a.sampler, ("midpoint", "euler"))]:
+        if v not in ok:
+            raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
+    if not a.ckpt:
+        raise DataError("--ckpt is required: the checkpoint(s) to evaluate, e.g. --ckpt flow.pt rl.pt")
     data.check_args(a)
     best_of = parse_best_of(a.best_of)
     gene_sets = verifiers.gene_set_path(a.gene_sets)
-    dev = flow.pick_device(a.device)
+    dev = data.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
     data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},
                        {"--data": a.data, "the checkpoint's data": models[0][1]["config"].get("data"),

@@ -4,14 +4,13 @@
     python flow.py --out flow.pt                                  # built-in synthetic benchmark
     python flow.py --out flow.pt --resume                         # continue an interrupted run
 
-A velocity field v(xt, t, cond) is learned in per-gene standardised expression z = (x - mean) / std ("model space")
-along the straight path from a source draw x0 (t = 0) to a real perturbed cell x1 (t = 1): conditional flow matching
-(Lipman et al. 2023), rectified flow (Liu et al. 2023). cond: the perturbation (an order-invariant set of components
-with doses), the covariate (cell line), a control cell and the additive prior (the sum of the components' training
-single-perturbation deltas). `sample` integrates the ODE (Euler, midpoint) or, for GRPO in rl.py, an SDE with the
-same marginals and an exact Gaussian transition density (Flow-GRPO, Liu et al. 2025). Defaults: ~1 minute on 2 CPU
-cores on the simulator (6000 cells x 1000 genes); raise --width/--steps for real data. `torchrun --nproc_per_node N
-flow.py ...` trains data-parallel (`distributed`, `train`); on CUDA the field runs under bf16 autocast (`autocast`).
+A velocity field v(xt, t, cond) is learned in per-gene standardised expression ("model space") along the straight
+path from a source draw x0 ~ N(mu0, sigma^2 I) (t = 0; mu0 holds the trusted additive prior, make_cond) to a real
+perturbed cell x1 (t = 1): conditional flow matching (Lipman et al. 2023), rectified flow (Liu et al. 2023). cond:
+the perturbation (a set of components with doses), the covariate, a control cell and the additive prior. `sample`
+integrates the ODE or, for GRPO (rl.py), an SDE with the same marginals and an exact Gaussian transition density
+(Flow-GRPO, Liu et al. 2025). Defaults: ~1 minute on 2 CPU cores on the simulator. `torchrun --nproc_per_node N
+flow.py ...` trains data-parallel (`train`); on CUDA the field runs under bf16 autocast (data.autocast).
 
 Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance, attention over genes,
 adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
@@ -22,13 +21,9 @@ import argparse
 import copy
 import math
 import os
-import pickle
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads made steps 15x slower
 
@@ -84,51 +79,6 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     timeout: int = 1800             # torchrun: seconds a process waits for the others (a dead peer fails the run)
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The one place that picks a device: cuda, then mps, then cpu."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device visible to torch; use --device cpu or auto")
-    if name != "auto":
-        return torch.device(name)
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (matrix products in bf16; the caller's float32 tensors and reductions stay float32);
-    nothing on other devices (bf16 matmuls are slow on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
-
-def distributed(device: str = "cpu", timeout: float = 1800):
-    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
-    process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
-    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1), nothing started."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
-    dev = pick_device(device)
-    if world == 1:
-        return dev, 0, 1
-    if not dist.is_available():
-        raise DataError("torchrun started this run, but this torch build has no torch.distributed; run one process")
-    if dev.type == "cuda":
-        if not dist.is_nccl_available():
-            raise DataError("torchrun with --device cuda needs NCCL, which this torch build lacks; install a CUDA "
-                            "build of torch with NCCL, or run the processes on CPU with --device cpu (gloo)")
-        n_local = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))  # the same test on every process
-        if n_local > torch.cuda.device_count():
-            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
-                            "start at most one per GPU (torchrun --nproc_per_node)")
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    elif dev.type != "cpu":
-        raise DataError(f"--device {dev.type}: torchrun runs on cuda (NCCL) or cpu (gloo)")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")
-    return dev, rank, world
-
-
 def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=None):
     """N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`. part = (rows, n) (torchrun):
     draw what one process would for the global batch of n rows and keep `rows` (a long tensor on the generator's
@@ -140,25 +90,6 @@ def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=No
 
 
 # ----------------------------------------------------------------------------- model
-def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
-    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
-    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
-    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
-    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
-    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
-    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
-    p = min(p, *Z.shape)
-    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
-        torch.manual_seed(0)
-        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
-    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
-    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
-    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
-    feat = feat / feat.std().clamp_min(1e-8)
-    pos = {g: i for i, g in enumerate(ds.genes)}
-    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
-
-
 def timestep_features(t: torch.Tensor, dim: int = 64) -> torch.Tensor:
     """Sinusoidal features of t in [0, 1] (Vaswani et al. 2017), t scaled by 1000 as in DDPM."""
     half = dim // 2
@@ -234,7 +165,7 @@ class VelocityField(nn.Module):
         return (x - self.mean) / self.std
 
     def decode(self, z, floor=True):
-        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (fit_scaler, calibrate_zeros), not
+        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (data.fit_scaler, calibrate_zeros), not
         max(x, 0), which keeps the positive half of the blob a flow puts at real zeros (README, "Zeros")."""
         x = z * self.std + self.mean
         return x.masked_fill(x < self.zero_below, 0.0) if floor else x
@@ -349,7 +280,7 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, de
         raise DataError(f"unknown sampler {method!r}; use euler, midpoint or sde")
     mu0, sigma = source(cond)
     x = mu0 + sigma * (_noise(cond["ctrl"].shape, generator, cond["ctrl"].device, part=part) if x0 is None else x0)
-    amp = autocast(x.device)
+    amp = data.autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
@@ -385,7 +316,7 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
         mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-    with autocast(x.device):
+    with data.autocast(x.device):
         vt = model(x, t, cond).to(x.dtype)  # (B, G) float32: the mean, std and log-density below are float32
     mu0, sigma = source(cond)
     tt = t[:, None]  # (B, 1)
@@ -418,12 +349,6 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
     return sde_step(model, x, t, h, cond, noise_level, x_next=x_next)[1:]
 
 
-def control_rows(ds, keys, n, generator) -> list:
-    """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
-    return [ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=generator).numpy()]
-            for k, m in zip(keys, n)]
-
-
 @torch.no_grad()
 def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
              repeat=1, floor=True) -> dict:
@@ -435,7 +360,7 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
     table = ds.key_table(keys)
     key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)  # (sum n * repeat,)
-    rows = np.repeat(np.concatenate(control_rows(ds, keys, n, g)), repeat)
+    rows = np.repeat(np.concatenate(data.control_rows(ds, keys, n, g)), repeat)
     out = []
     for s in range(0, len(rows), chunk):
         cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
@@ -443,85 +368,6 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
                    noise_level=noise_level)
         out.append(model.decode(z, floor).cpu())
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
-
-
-# ----------------------------------------------------------------------------- checkpoints (flow.pt and rl.pt alike)
-FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
-NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
-         "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
-         "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
-
-
-def dataset_meta(ds) -> dict:
-    return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
-            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
-
-
-def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
-                    rng: dict | None = None) -> dict:
-    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot). cfg["model"] holds
-    the model's constructor arguments."""
-    return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
-            "opt": opt.state_dict() if opt is not None else None, "step": int(step),
-            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
-            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu(), "zero_below": model.zero_below.cpu()},
-            "rng": rng or {}, "extra": extra or {}}
-
-
-def write_checkpoint(path, ckpt: dict) -> None:
-    """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path, *args, **kwargs) -> None:
-    """make_checkpoint(*args, **kwargs), written atomically (write_checkpoint)."""
-    write_checkpoint(path, make_checkpoint(*args, **kwargs))
-
-
-def read_checkpoint(path, resume=None) -> dict:
-    """The checkpoint dict, checked for what its use reads (resume: None to sample, "flow" or "rl" to continue that
-    stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        with open(path, "rb") as f:  # torch.save writes a zip archive: one that does not load is cut short
-            cut = f.read(4) in (b"", b"PK\x03\x04") and not isinstance(e, pickle.UnpicklingError)
-        raise DataError(f"{path} is {'truncated or corrupt' if cut else 'not a PerturbCellRL checkpoint'} (torch.load "
-                        f"failed: {type(e).__name__})" + ("; use another copy or retrain it" if cut else "")) from None
-    if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
-        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
-    fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
-    if fmt > FORMAT:
-        raise DataError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
-    if resume == "flow" and "base" in extra:
-        raise DataError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
-                        f"{extra.get('rl_config', {}).get('out', path)}`")
-    if resume == "rl" and "base" not in extra:
-        raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
-                        f"`python rl.py --ckpt {path}` (no --resume)")
-
-    def has(key):
-        a, _, b = key.partition(".")
-        return a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])
-    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(k)]
-    if missing:
-        raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
-                        "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
-                                                         "retrain it with flow.py (and rl.py)"))
-    for part in ("model", "ema"):  # written before per-gene zero thresholds: decode as then, max(x, 0)
-        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part] and "zero_below" not in ckpt[part]:
-            ckpt[part]["zero_below"] = torch.zeros_like(ckpt[part]["mean"])
-            warnings.warn(f"{path} predates the per-gene zero thresholds (zero_below): decoding with max(x, 0) as "
-                          "when it was trained; retrain it for calibrated thresholds", stacklevel=2)
-    return ckpt
 
 
 def build_model(hp: dict) -> VelocityField:
@@ -535,14 +381,7 @@ def build_model(hp: dict) -> VelocityField:
 def load_checkpoint(path, device="cpu", genes=None, resume=None):
     """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match;
     resume: see read_checkpoint."""
-    ckpt = read_checkpoint(path, resume)
-    ref = list(ckpt["genes"])
-    if genes is not None and list(genes) != ref:
-        diff = [(a, b) for a, b in zip(ref, genes) if a != b]
-        raise DataError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
-                        f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
-                        f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
-                        "(data.load_dataset(cfg, genes=ckpt['genes']))")
+    ckpt = data.read_checkpoint(path, resume, genes)
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema"])
@@ -550,20 +389,6 @@ def load_checkpoint(path, device="cpu", genes=None, resume=None):
         raise DataError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[0][:120]}); "
                         "another version wrote it: retrain it") from None
     return model.to(device).eval(), ckpt
-
-
-def restore_run(ckpt, opt, gen, rng, seed) -> None:
-    """Continue a run from its checkpoint: the optimiser and both random states. A torch.Generator state saved on
-    another kind of device (CUDA run resumed on CPU or the reverse) cannot be loaded: reseed, with a warning."""
-    opt.load_state_dict(ckpt["opt"])
-    rng.bit_generator.state = ckpt["rng"]["numpy"]
-    try:
-        gen.set_state(ckpt["rng"]["torch"])
-    except (RuntimeError, ValueError):
-        seed += ckpt["step"]
-        warnings.warn(f"the checkpoint's random state was saved on another kind of device than {gen.device}; "
-                      f"reseeding ({seed}): the resumed run is not bit-identical to an uninterrupted one")
-        gen.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- training
@@ -587,7 +412,7 @@ def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
 @torch.no_grad()
 def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
     """Choose each gene's detection threshold: zero_quantiles (generated cells as often 0 as real ones; a flow cannot
-    put mass exactly at 0) replaces the floor of fit_scaler only if it lowers the mean energy distance to the real
+    put mass exactly at 0) replaces the floor of data.fit_scaler only if it lowers the mean energy distance to the real
     cells of the validation conditions (halved on real 500-HVG data, raised on the dense simulator). Returns which."""
     tau = zero_quantiles(model, ds, keys, n_cells, seed)
     if not val_keys:
@@ -630,27 +455,12 @@ def lr_at(cfg, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def fit_scaler(X, rows, chunk=16384):
-    """Per-gene mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of X[rows],
-    accumulated in float64 over row chunks."""
-    s1, s2, lo = np.zeros(X.shape[1]), np.zeros(X.shape[1]), np.full(X.shape[1], np.inf)
-    for i in range(0, len(rows), chunk):
-        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2, lo = s1 + xb.sum(0), s2 + (xb ** 2).sum(0), np.minimum(lo, np.where(xb > 0, xb, np.inf).min(0))
-    mean = s1 / len(rows)
-    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
-    f = lambda a: torch.from_numpy(a).float()  # noqa: E731
-    return f(mean), f(std).clamp_min(1e-2), f(np.where(np.isfinite(lo), lo / 2, 0.0))
-
-
 def train(cfg: FlowConfig) -> str:
     """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out). Each batch: random training
-    cells (targets x1) with their key ids and, for each, a random control cell of the same covariate. A fraction
-    cfg.ctrl_frac of the batch are control cells as targets with an empty perturbation (and zero prior): this
-    anchors "no perturbation -> the control distribution", which the additive prior and unseen combinations build on.
-    Under torchrun, --batch-size is per process: every process draws the same global batch of N x batch-size cells
-    and noise from the shared seeded generators and keeps its rows rank::N; DDP averages the gradients, so weights
-    and EMA stay identical and a step equals one process with the global batch. Rank 0 validates and saves;
+    cells x1 with their key ids and a random control cell of the same covariate each; a fraction cfg.ctrl_frac
+    are control cells as targets with an empty perturbation, which anchors "no perturbation -> control".
+    torchrun: every process draws the same global batch (N x --batch-size) and keeps its rows rank::N; DDP
+    averages the gradients, so a step equals one process with the global batch. Rank 0 validates and saves;
     --resume works with any N."""
     data.check_args(cfg)
     for flag, v, ok in [("--t-dist", cfg.t_dist, ("uniform", "logit_normal")),
@@ -659,7 +469,7 @@ def train(cfg: FlowConfig) -> str:
             raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
-    device, rank, world = distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
+    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
@@ -681,11 +491,11 @@ def train(cfg: FlowConfig) -> str:
         model = copy.deepcopy(ema)
         model.load_state_dict(old["model"])
     else:
-        feat = gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
+        feat = data.gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(len(ds.genes), len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
                               cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
                               cfg.shift_mean, doses=ds.meta.get("dose_range") is not None)
-        model.mean, model.std, model.zero_below = fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
+        model.mean, model.std, model.zero_below = data.fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices only
@@ -696,12 +506,12 @@ def train(cfg: FlowConfig) -> str:
     gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
     step, history, saved, loss_avg = 0, [], None, None
     if old:
-        restore_run(old, opt, gen, rng, cfg.seed)
+        data.restore_run(old, opt, gen, rng, cfg.seed)
         step, history, saved, loss_avg = old["step"], old["extra"]["history"], old["step"], old["extra"]["loss_avg"]
     fwd = torch.compile(model) if cfg.compile else model
     if world > 1:  # the loss and backward go through DDP, which averages the gradients over the processes
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
-    meta, B = dataset_meta(ds), cfg.batch_size
+    meta, B = data.dataset_meta(ds), cfg.batch_size
     part = (torch.arange(rank, B * world, world, device=device), B * world) if world > 1 else None  # this rank's rows
 
     def diverged(what):  # the last checkpoint written is good: checkpoints are written whole
@@ -730,7 +540,7 @@ def train(cfg: FlowConfig) -> str:
         cond = make_cond(model, table, torch.from_numpy(kid).to(device), ds.X[src])
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        with autocast(device):
+        with data.autocast(device):
             loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part)
         if not torch.isfinite(loss):
             raise diverged(f"loss is {loss.item()} at step {step}")
@@ -758,7 +568,7 @@ def train(cfg: FlowConfig) -> str:
         if step % cfg.save_every == 0 or step == end:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise diverged(f"weights became NaN/Inf by step {step}")
-            save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
+            data.save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
                             {"history": history, "loss_avg": loss_avg},
                             {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
             saved = step

@@ -27,7 +27,7 @@ processes: every process draws the same step (conditions, control cells, noise) 
 and rolls out its own groups, conditions rank::N; advantages are normalised within each group, so no reduction is
 needed for them; DDP averages the gradients, the loss weighted by each process's share of the groups, so a step
 equals one process's step with the same --conds. Rank 0 validates, selects and saves the checkpoint and broadcasts
-its decision; --resume works with any N. On CUDA the velocity field runs under bf16 autocast (flow.autocast);
+its decision; --resume works with any N. On CUDA the velocity field runs under bf16 autocast (data.autocast);
 log-probabilities, the ratio and the KL are float32.
 
 Left out: classifier-free guidance, reward models learned from data, LoRA.
@@ -61,7 +61,9 @@ from data import DataError
 
 
 @dataclass
-class RLConfig(data.DataConfig):  # data options pass through to pretraining; with --ckpt the checkpoint fixes them
+class RLConfig(verifiers.RewardConfig, data.DataConfig):
+    """rl.py's options: these, the rewards (verifiers.RewardConfig) and the data options, which pass through to
+    pretraining (with --ckpt the checkpoint fixes them)."""
     # checkpoints
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
     out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
@@ -80,10 +82,6 @@ class RLConfig(data.DataConfig):  # data options pass through to pretraining; wi
     t_frac: float = 0.5            # fraction of the T timesteps trained per pass (random subset)
     adv_clip: float = 5.0          # advantages clipped to +/- this
     grad_clip: float = 1.0         # max global gradient norm
-    # rewards
-    rewards: str = verifiers.DEFAULT_REWARDS  # reward weights name=w,...
-    gene_sets: str | None = None   # pathway reward gene sets: progeny (None), hallmark, or a .gmt/.csv path
-    topk: int = 5                  # k of the top-k rewards
     # evaluation
     log_every: int = 5             # one log line every this many steps
     eval_every: int = 10           # validate every this many steps (and at 0 and the end)
@@ -148,7 +146,7 @@ def pretrained(cfg: RLConfig) -> str:
     name = Path(cfg.data).stem if cfg.data else {"chemical": "chemical"}.get(cfg.kind, "simulated")
     fcfg.out = str(Path("runs") / f"flow_{name}_{tag}.pt")
     if Path(fcfg.out).exists():
-        if flow.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
+        if data.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
             print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
             return fcfg.out
         fcfg.resume = True                                     # an interrupted pretraining: finish it
@@ -168,7 +166,7 @@ def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
     check_world(cfg.conds, world, f"--conds {cfg.conds}")
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
-    state = flow.read_checkpoint(last, resume="rl") if cfg.resume else None
+    state = data.read_checkpoint(last, resume="rl") if cfg.resume else None
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
                        {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets,
                         "the base checkpoint": state and state["extra"]["base"]})
@@ -200,7 +198,7 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
 
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
-    device, rank, world = flow.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
+    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
     state = resume_state(cfg, last, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
@@ -228,17 +226,17 @@ def train(cfg: RLConfig) -> str:
     step, history, best = 0, [], None
     if state:
         policy.load_state_dict(state["model"])
-        flow.restore_run(state, opt, gen, rng, cfg.seed)
+        data.restore_run(state, opt, gen, rng, cfg.seed)
         step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
-    meta = flow.dataset_meta(ds)
+    meta = data.dataset_meta(ds)
 
     def state_at(step):  # the checkpoint dict of the current state (live tensors)
-        return flow.make_checkpoint(policy, None, opt, step, ck["config"], meta,
+        return data.make_checkpoint(policy, None, opt, step, ck["config"], meta,
                                     {"base": base, "rl_config": asdict(cfg), "history": history, "best": best},
                                     {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
 
     def save(path, step):
-        flow.write_checkpoint(path, state_at(step))
+        data.write_checkpoint(path, state_at(step))
 
     def check_val(step):
         nonlocal best
@@ -339,7 +337,7 @@ def train(cfg: RLConfig) -> str:
         pbar.close()
         if rank > 0:
             raise
-        flow.write_checkpoint(last, done)
+        data.write_checkpoint(last, done)
         raise KeyboardInterrupt(f"interrupted; saved the state after step {done['step']} to {last}; continue with "
                                 "--resume") from None
     pbar.close()

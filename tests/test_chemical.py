@@ -237,7 +237,7 @@ def test_dose_embedding_interpolates_an_unseen_dose():
 
 def test_drugs_have_no_gene_features_and_no_excluded_genes(chem):
     ds = chem["ds"]
-    assert not flow.gene_prior_features(ds, 4).any()                      # drugs are not genes
+    assert not data.gene_prior_features(ds, 4).any()                      # drugs are not genes
     gene_pos = {g: i for i, g in enumerate(ds.genes)}
     assert all(n not in gene_pos for n in ds.components)                   # discrimination excludes nothing
 

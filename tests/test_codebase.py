@@ -13,7 +13,7 @@ def test_every_stage_is_a_script_with_its_run_command_in_the_docstring(stage):
     src = (ROOT / f"{stage}.py").read_text()
     doc = src.split('"""')[1]
     assert f"python {stage}.py" in doc, stage
-    assert re.search(r'^if __name__ == "__main__":\n    (data\.)?cli\(main\)', src, re.M), stage
+    assert re.search(r"^if __name__ == \"__main__\":\n    (data\.)?(cli\()?main", src, re.M), stage
 
 
 @pytest.mark.parametrize("stage", ["flow", "verifiers", "rl", "evaluate"])

@@ -704,6 +704,6 @@ def test_summary_of_an_anndata07_file_with_target_gene_and_non_targeting(tmp_pat
     data.main(["--data", str(p), "--n-genes", "0"])
     out, err = capsys.readouterr()
     assert "keys        perturbation='target_gene' control='non-targeting'" in out and "separator='_'" in out
-    assert "3 (condition, covariate) pairs: 2 singles, 1 combinations" in out and "warning" not in err
+    assert "3 (condition, covariate) pairs: 2 singles, 1 combinations" in out and "cannot be used" not in err
     ds = load(p)
     assert sorted(k[0] for k in ds.keys) == ["G1", "G1+G2", "G2"] and ds.is_ctrl.sum() == 40

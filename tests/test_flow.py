@@ -335,7 +335,7 @@ def test_checkpoint_round_trip(tmp_path):
     meta = {"genes": [f"g{i}" for i in range(6)], "components": ["A", "B", "C", "D"], "covariates": ["x", "y"],
             "split": {"train": [["A", "x"]], "val": [], "test": []}}
     path = str(tmp_path / "m.pt")
-    flow.save_checkpoint(path, m, m, None, 7, {"lr": 1.0}, meta)
+    data.save_checkpoint(path, m, m, None, 7, {"lr": 1.0}, meta)
     m2, ckpt = flow.load_checkpoint(path, genes=meta["genes"])
     cond, x, t = rand_cond(2, 6, [[1, 2]] * 2, [[1.0, 1.0]] * 2), torch.randn(2, 6), torch.rand(2)
     assert torch.equal(m.eval()(x, t, cond), m2(x, t, cond)) and ckpt["step"] == 7 and ckpt["config"]["lr"] == 1.0
@@ -397,7 +397,7 @@ def test_fit_scaler_against_numpy():
     X[:, 4] = 0.0                                                     # never detected: floor 0, std floored
     X = X.astype(np.float32)
     rows = rng.choice(40, 25, replace=False)
-    mean, std, floor = flow.fit_scaler(X, rows, chunk=7)
+    mean, std, floor = data.fit_scaler(X, rows, chunk=7)
     Xr = X[rows].astype(np.float64)
     np.testing.assert_allclose(mean.numpy(), Xr.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(std.numpy(), np.maximum(Xr.std(0), 1e-2), rtol=1e-5)

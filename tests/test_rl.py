@@ -366,7 +366,7 @@ def test_pretrained_generator_is_reused_only_with_the_same_options(sim, tmp_path
     monkeypatch.chdir(tmp_path)
     made = []
     monkeypatch.setattr(flow, "train", lambda fcfg: (made.append(fcfg), Path(fcfg.out).touch(), fcfg.out)[2])
-    monkeypatch.setattr(flow, "read_checkpoint", lambda path: {"step": 5})   # a finished 5-step pretraining
+    monkeypatch.setattr(data, "read_checkpoint", lambda path: {"step": 5})   # a finished 5-step pretraining
     cfg = lambda **kw: rl.RLConfig(data=str(sim["path"]), pretrain_steps=5, progress=False, **kw)  # noqa: E731
     a = rl.pretrained(cfg())
     assert len(made) == 1 and made[0].steps == 5 and made[0].data == str(sim["path"])

@@ -301,7 +301,7 @@ def edited(sim, tmp_path, name, edit):
 
 
 def test_checkpoints_carry_the_format_version(sim):
-    assert torch.load(sim["ckpt"], weights_only=True)["format"] == flow.FORMAT == 2
+    assert torch.load(sim["ckpt"], weights_only=True)["format"] == data.FORMAT == 2
 
 
 def test_checkpoint_before_zero_below_decodes_as_then(sim, tmp_path):
@@ -399,7 +399,7 @@ def test_labels_match_genes_in_any_case(tmp_path):
         ds = data.load_dataset(data.DataConfig(data=p, n_genes=3, split="random", min_cells=5))
     assert ds.genes == ["G1", "G2", "TMSB4X"] and ds.components == ["G1", "G2", "TMSB4X"]
     assert ("TMSB4X", "all") in ds.keys and ds.meta["labels"]["TMSB4X"] == "tmsb4x"
-    feat = flow.gene_prior_features(ds, p=2)
+    feat = data.gene_prior_features(ds, p=2)
     assert feat[ds.components.index("TMSB4X")].abs().sum() > 0
 
 

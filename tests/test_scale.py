@@ -211,11 +211,11 @@ def test_cuda_without_gpu_and_missing_nccl(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DataError, match="--device cuda: no CUDA device visible"):
-        flow.distributed("cuda")
+        data.distributed("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
     with pytest.raises(DataError, match="needs NCCL, which this torch build lacks; .*--device cpu"):
-        flow.distributed("cuda")
+        data.distributed("cuda")
     assert not torch.distributed.is_initialized()
 
 
@@ -265,7 +265,7 @@ def meta_device(monkeypatch):
     monkeypatch.setattr(torch, "Generator", lambda device="cpu": real(
         device="cpu" if torch.device(device).type == "meta" else device))
     for name in ("save_checkpoint", "write_checkpoint", "make_checkpoint"):
-        monkeypatch.setattr(flow, name, lambda *a, **k: {})
+        monkeypatch.setattr(data, name, lambda *a, **k: {})
     monkeypatch.setattr(rl, "val_metrics", lambda *a, **k: {"score": 0.0, "pearson_delta": 0.0, "energy": 0.0,
                                                          "effect_ratio": 1.0, "spread_ratio": 1.0,
                                                          **{f"reward/{n}": 0.0 for n in verifiers.REWARDS}})
