@@ -11,8 +11,9 @@ read_conditions). h5ad is read and written with h5py alone (no anndata at run ti
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
 Sections, in reading order: the dataset (config, Reference, Dataset with its priors, load_dataset), perturbation
-labels, splits, preprocessing, h5ad I/O, the CLI helpers every stage uses, and last a simulator with known ground
-truth (the built-in benchmark; skip it on a first reading).
+labels, splits, preprocessing, h5ad I/O, then what every stage shares (devices and torchrun, checkpoint I/O, the
+CLI helpers), and last a simulator with known ground truth (the built-in benchmark). A first reading can stop after
+the splits.
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).

@@ -29,3 +29,19 @@ def test_the_project_stands_alone():
     files = [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), ROOT / "README.md"]
     hits = [f.name for f in files if "DESIGN" + ".md" in f.read_text()]
     assert not hits, hits
+
+
+def test_the_readme_line_ranges_point_at_what_they_name():
+    """'`flow.sample` (`flow.py` a-b)' in README: line a of flow.py starts sample's definition (or its decorator) and
+    line b ends it (the last line before the next blank line or definition)."""
+    readme = (ROOT / "README.md").read_text()
+    refs = re.findall(r"`(\w+)\.([\w.]+)`\s*(?:\w+\s*)?\(`(\w+)\.py` (\d+)-(\d+)[);]", readme)
+    assert len(refs) >= 12, refs
+    refs = [r for r in refs if r[1] != "py"]                           # '`verifiers.py` (`verifiers.py` a-b)'
+    for mod, name, mod2, a, b in refs:
+        lines = (ROOT / f"{mod2}.py").read_text().splitlines()
+        a, b, last = int(a), int(b), name.split(".")[-1]
+        first = next(i for i in range(a - 1, b) if not lines[i].lstrip().startswith("@"))
+        assert re.match(rf"\s*(def |class )?{last}\b", lines[first]), (mod, name, a, lines[first])
+        indent = len(lines[first]) - len(lines[first].lstrip())
+        assert b == len(lines) or not lines[b].startswith(" " * (indent + 1)), (mod, name, b)  # the body ends at b
