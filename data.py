@@ -1452,19 +1452,6 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
             act.help += " (default: %(default)s)"
 
 
-def check_fixed(cfg, stored: dict, source: str) -> None:
-    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
-    given on the command line (not its default) that differs from the stored value; --data, --seed and
-    --device are free."""
-    bad = [f for f in fields(DataConfig) if f.name not in ("data", "seed") and f.name in stored
-           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
-    if bad:
-        f = bad[0]
-        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
-                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
-                        f"again with it")
-
-
 # parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
 LIMITS = {name: (test, what) for names, test, what in [
     ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
