@@ -380,7 +380,7 @@ def build_model(hp: dict) -> VelocityField:
 
 def load_checkpoint(path, device="cpu", genes=None, resume=None):
     """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match;
-    resume: see read_checkpoint."""
+    resume: see data.read_checkpoint."""
     ckpt = data.read_checkpoint(path, resume, genes)
     try:
         model = build_model(ckpt["config"]["model"])
