@@ -1,4 +1,4 @@
-"""Data stage: everything between an .h5ad file and the `Dataset` the other stages consume.
+"""Data stage: from an .h5ad file to the `Dataset` the other stages consume, and the plumbing they share.
 
     python data.py --data X.h5ad            # summary: keys, labels, doses, conditions, split sizes
     python data.py --simulate sim.h5ad      # write the built-in synthetic benchmark (--kind chemical: a drug screen)
@@ -10,7 +10,8 @@ Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug sc
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections, in reading order: the dataset (config, Reference, Dataset with its priors, load_dataset), perturbation
+Sections, in reading order: the dataset (config, Reference, Dataset with its priors, gene_prior_features,
+control_rows, load_dataset), perturbation
 labels, splits, preprocessing, h5ad I/O, then what every stage shares (devices and torchrun, checkpoint I/O, the
 CLI helpers), and last a simulator with known ground truth (the built-in benchmark). A first reading can stop after
 the splits.
@@ -201,9 +202,10 @@ class Dataset:
         """{kind: c}: how far each kind of prior is trusted: the additive prior of an 'additive', 'dose' or
         'transfer' key (prior_kind), and the training-mean delta ('mean'). Fitted once per split on the training
         keys (whose priors never contain themselves), pooled over keys and genes d (real delta), p (prior):
-            rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2),   c = min(1, sqrt(sum |d|^2 / sum |p|^2)) if rho >= min_corr else 0,
+            rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2),
+            c = min(1, sqrt(sum |d|^2 / sum |p|^2)) if rho >= min_corr else 0,
         i.e. a prior whose direction carries information, scaled to the size of the real deltas. Why not the
-        least-squares slope, and the measured values: README, "The generator"."""
+        least-squares slope, and the measured values: README, "The generator starts from the additive prior"."""
         cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
         if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
             return dict(self._trust[1])
@@ -1233,6 +1235,8 @@ def _write_dict(g, d, compression):
             _enc(g.create_dataset(k, data=v, dtype=h5py.string_dtype()), "string", "0.2.0")
         elif isinstance(v, (bool, int, float, complex, np.number, np.bool_)):
             _enc(g.create_dataset(k, data=v), "numeric-scalar", "0.2.0")
+        elif sp.issparse(v):
+            _write_sparse(g, k, v, compression)
         elif isinstance(v, (np.ndarray, list, tuple)):
             _write_array(g, k, v, compression)
         else:
@@ -1349,9 +1353,9 @@ def write_checkpoint(path, ckpt: dict) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(path, *args, **kwargs) -> None:
-    """make_checkpoint(*args, **kwargs), written atomically (write_checkpoint)."""
-    write_checkpoint(path, make_checkpoint(*args, **kwargs))
+def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
+    """make_checkpoint(...) written atomically (write_checkpoint)."""
+    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
 
 
 def read_checkpoint(path, resume=None, genes=None) -> dict:
@@ -1578,8 +1582,10 @@ def cli(main) -> None:
             print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- simulator
 def _footprints(n_genes):
     """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus

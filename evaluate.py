@@ -54,7 +54,7 @@ def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
     return ds
 
 
-predict = flow.generate  # {key: generated cells}, each from a control cell: the ODE, or the RL SDE (noise_level > 0)
+predict = flow.generate  # the generator's predictions: {key: cells}, ODE or RL SDE (flow.generate; tests patch this name)
 
 
 def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000):
@@ -100,7 +100,7 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
             continue
         _, comps = verifier(cand[k], ref)
         score = sum(w * (comps[r] - comps[r].mean()) / (comps[r].std() + 1e-8) for r, w in verifier.weights.items())
-        out[k] = x[torch.arange(len(x)), score.reshape(-1, N).argmax(1)]
+        out[k] = x[torch.arange(len(x)), score.reshape(-1, N).argmax(1)]                       # (n * N,) -> (n, N)
     return out
 
 
@@ -343,7 +343,7 @@ def parse_best_of(spec) -> list:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(verifiers.RewardConfig):  # + --rewards, --gene-sets, --topk
     # evaluation
     ckpt: list = field(default_factory=list)  # one or more checkpoints (flow.pt, rl.pt); required
     data: str | None = None         # h5ad to evaluate on (None: the data the checkpoint was trained on)
@@ -351,7 +351,7 @@ class EvalConfig:
     sampler: str = "midpoint"       # ODE sampler: midpoint | euler
     steps: int = 20                 # ODE steps
     sde_noise: float = 0.7          # also sample checkpoints with the RL SDE at this noise level (0 = off)
-    sde_steps: int | None = None    # SDE steps (None: the T of the checkpoint's RL rollouts; 10, rl.py's default, for a flow.pt)
+    sde_steps: int | None = None    # SDE steps (None: the T of the checkpoint's RL rollouts; 10 for a flow.pt)
     n_cells: int | None = None      # cells per condition (None: as many as the real one)
     best_of: str | None = None      # also report best-of-N selection (best_of_n) for these N, e.g. 1,4,16
     seed: int = 0                   # seed of the control cells drawn and of sampling
@@ -364,9 +364,9 @@ class EvalConfig:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_args(p, EvalConfig)
-    verifiers.add_args(p)
-    a = p.parse_args(argv)
-    for flag, v, ok in [("--split", a.split, ("test", "val", "train")), ("--sampler", a.sampler, ("midpoint", "euler"))]:
+    a = EvalConfig(**vars(p.parse_args(argv)))
+    for flag, v, ok in [("--split", a.split, ("test", "val", "train")),
+                        ("--sampler", a.sampler, ("midpoint", "euler"))]:
         if v not in ok:
             raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
     if not a.ckpt:

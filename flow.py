@@ -131,6 +131,8 @@ class VelocityField(nn.Module):
                             prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
                             doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
+        if source not in ("noise", "ctrl"):
+            raise DataError(f"source {source!r}: use noise or ctrl")
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
         self.shift_mean = shift_mean and self.shift
         G, W = n_genes, width
@@ -267,31 +269,33 @@ def time_grid(steps: int):
 
 
 @torch.no_grad()
-def sample(model, cond, steps=20, method="midpoint", generator=None, x0=None, decode=True, noise_level=0.0,
+def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, decode=True, noise_level=0.0,
            part=None, record=False):
-    """Integrate from t = 0, x = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from `generator`, or the
-    given `x0` on the model's device), to t = 1 over time_grid(steps):
+    """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from `generator`, or the
+    given `eps`), to t = 1 over time_grid(steps):
         euler:    x <- x + h v(x, t)                                  (global error O(h))
         midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))
         sde:      x <- sde_step(x, t, h), noise level a = noise_level (Flow-GRPO; a = 0 is euler)
     Returns the cells (B, G), decoded unless decode=False; with record=True (rl.rollout) every state (steps + 1, B, G)
     in model space and the sde's log p(x_{i+1} | x_i) (steps, B). part: see _noise."""
-    if method not in ("euler", "midpoint", "sde"):
-        raise DataError(f"unknown sampler {method!r}; use euler, midpoint or sde")
+    if method not in ("euler", "midpoint", "sde") or record and method != "sde":
+        raise DataError(f"sampler {method!r}" + (" with record" if record else "") + ": use euler, midpoint or sde "
+                        "(record=True: sde)")
     mu0, sigma = source(cond)
-    x = mu0 + sigma * (_noise(cond["ctrl"].shape, generator, cond["ctrl"].device, part=part) if x0 is None else x0)
+    dev = cond["ctrl"].device if "ctrl" in cond else eps.device  # toy fields (tests) have no control cell
+    x = mu0 + sigma * (_noise(cond["ctrl"].shape, generator, dev, part=part) if eps is None else eps.to(dev))
     amp = data.autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
     ts, h = time_grid(steps)
     xs, log_probs = [x], []
-    for t in ts:
+    for ti in ts:
         if method == "sde":
-            x, lp, _, _ = sde_step(model, x, t, h, cond, noise_level, generator, part)
+            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, generator, part)
             log_probs.append(lp)
         else:
-            t = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)  # (B,)
+            t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (B,)
             with amp:
                 vt = model(x, t, cond).to(x.dtype)
                 if method == "midpoint":
@@ -349,6 +353,7 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
     return sde_step(model, x, t, h, cond, noise_level, x_next=x_next)[1:]
 
 
+# ----------------------------------------------------------------------------- generation and checkpoints
 @torch.no_grad()
 def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
              repeat=1, floor=True) -> dict:
@@ -360,7 +365,7 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
     table = ds.key_table(keys)
     key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)  # (sum n * repeat,)
-    rows = np.repeat(np.concatenate(data.control_rows(ds, keys, n, g)), repeat)
+    rows = np.repeat(np.concatenate(data.control_rows(ds, keys, n, g)), repeat)  # (sum n * repeat,)
     out = []
     for s in range(0, len(rows), chunk):
         cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
@@ -436,8 +441,8 @@ def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
     control cell) and Pearson over all genes of generated vs real mean deltas per key (ODE midpoint), averaged."""
     rng = np.random.default_rng(seed)
     real = [rng.choice(ds.cell_idx[k], min(n_cells, len(ds.cell_idx[k])), replace=False) for k in keys]
-    ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])
-    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(r) for r in real]))
+    ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])  # (sum n,)
+    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(r) for r in real]))  # (sum n,)
     x1 = model.encode(torch.from_numpy(ds.X[np.concatenate(real)]).to(model.mean.device))  # (sum n, G)
     cond = make_cond(model, ds.key_table(keys), key_ids, ds.X[ctrl])
     loss = cfm_loss(model, x1, cond, torch.Generator().manual_seed(seed))
@@ -469,7 +474,7 @@ def train(cfg: FlowConfig) -> str:
             raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
-    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (device, 0, 1)
+    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device, else (dev, 0, 1)
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
@@ -569,8 +574,8 @@ def train(cfg: FlowConfig) -> str:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise diverged(f"weights became NaN/Inf by step {step}")
             data.save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
-                            {"history": history, "loss_avg": loss_avg},
-                            {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
+                                 {"history": history, "loss_avg": loss_avg},
+                                 {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
             saved = step
     pbar.close()
     if world > 1:
@@ -582,15 +587,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_args(p, FlowConfig)
     cfg = FlowConfig(**vars(p.parse_args(argv)))
-
-    def run():  # data.cli: an error in one line (exit 2), Ctrl-C with the resume hint (exit 130)
-        try:
-            print(f"saved {train(cfg)}")
-        except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
-            raise KeyboardInterrupt(f"interrupted; continue from the last checkpoint in {cfg.out} (saved every "
-                                    f"{cfg.save_every} steps) with --resume") from None
-    data.cli(run)
+    try:
+        print(f"saved {train(cfg)}")
+    except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly
+        raise KeyboardInterrupt(f"interrupted; continue from the last checkpoint in {cfg.out} (saved every "
+                                f"{cfg.save_every} steps) with --resume") from None
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main)

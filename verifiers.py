@@ -421,8 +421,8 @@ class Verifier:
 @dataclass
 class RewardConfig:
     # rewards
-    rewards: str = DEFAULT_REWARDS  # reward weights name=w,... (names: the REWARDS table)
-    gene_sets: str | None = None    # pathway reward gene sets: progeny (None), hallmark, or a .gmt/.csv/.tsv path
+    rewards: str = DEFAULT_REWARDS  # reward weights name=w,...: pearson, rmse, spearman, pathway, energy, or one you add
+    gene_sets: str = "progeny"      # pathway reward gene sets: progeny or hallmark (bundled), or a .gmt/.csv/.tsv path
     topk: int = 5                   # k of the top-k rewards (pearson, rmse, pathway)
 
 
@@ -432,47 +432,39 @@ class CheckConfig(RewardConfig, data.DataConfig):
     cells: int = 64                 # real cells scored per condition (the rest of its cells are the reference)
 
 
-def add_args(parser):
-    """Add --rewards, --gene-sets, --topk to an argparse parser (help from RewardConfig's comments)."""
-    data.add_args(parser, RewardConfig)
-    return parser
-
-
-def verifier_from_args(args, genes) -> Verifier:
-    """Verifier from the options added by add_args."""
-    return Verifier(genes, parse_weights(args.rewards), args.gene_sets, args.topk)
-
-
 def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dict:
-    """Does each reward tell a condition's real cells from wrong ones? Per key, a Reference is built from a random
-    half of its real cells (at most all but n_cells); the other real cells ('real'), as many control cells of its
-    covariate ('control') and as many cells of another condition in that covariate ('other') are scored.
-    Returns {reward: {'real' | 'other' | 'control': mean over keys of the mean score, 'wins': fraction of keys
-    where real scores above both}}. A reward worth optimising wins nearly everywhere."""
+    """Does each reward tell a condition's real cells from wrong ones? For each key with N real cells, n =
+    min(n_cells, N // 2) of them are held out and scored ('real') against a Reference built from the other N - n;
+    so are n cells drawn without replacement from the other conditions of `keys` in its covariate, pooled
+    ('other'), and n of its covariate's control cells ('control'). The Reference is smaller than the one rl.py
+    uses, so the top-k values are not those RL logs. Returns {reward: {'real' | 'other' | 'control': mean over
+    keys of the mean score, 'wins': fraction of keys where real scores above both, 'n': keys scored}}."""
     rng = np.random.default_rng(seed)
     scores = {name: {g: [] for g in ("real", "other", "control")} for name in verifier.weights}
     for key in keys:                                                   # a loop over conditions, batched cells
-        rows = ds.cell_idx[key]
-        others = [k for k in ds.keys if k[1] == key[1] and k != key]
+        rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
+        others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
         if len(rows) < 4 or not others:
             continue
         perm = rng.permutation(rows)
         n = min(n_cells, len(rows) // 2)
-        held, ref_rows = perm[:n], perm[n:]
-        r0, ctrl = ds.refs[key], ds.ctrl_idx[key[1]]
+        held, ref_rows, pool = perm[:n], perm[n:], np.concatenate(others)
+        r0 = ds.refs[key]
         ref = data.reference(ds.X[ref_rows], ctrl, r0.ctrl_mean.numpy(), r0.ctrl_std.numpy(),  # std: floored
                              len(r0.de_idx), 0.0)
-        other = ds.cell_idx[others[rng.integers(len(others))]]
-        groups = {"real": held, "other": rng.choice(other, n), "control": rng.choice(ctrl, n)}
-        for g, r in groups.items():
+        draw = lambda a: rng.choice(a, min(n, len(a)), replace=False)  # noqa: E731
+        for g, r in {"real": held, "other": draw(pool), "control": draw(ctrl)}.items():
             _, comps = verifier(torch.from_numpy(ds.X[r]), ref)
             for name, v in comps.items():
                 scores[name][g].append(float(v.mean()))
     out = {}
     for name, s in scores.items():
         real, other, ctrl = (np.array(s[g]) for g in ("real", "other", "control"))
+        if not len(real):
+            raise DataError(f"no condition could be checked: each needs >= 4 cells and another condition in its "
+                            f"covariate among the {len(keys)} given")
         out[name] = {"real": real.mean(), "other": other.mean(), "control": ctrl.mean(),
-                     "wins": float(np.mean((real > other) & (real > ctrl)))}
+                     "wins": float(np.mean((real > other) & (real > ctrl))), "n": len(real)}
     return out
 
 
@@ -487,7 +479,8 @@ def main(argv=None):
     ver = Verifier(ds.genes, parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     keys = ds.split["train"] + ds.split["val"]
     res = check(ds, ver, keys, cfg.cells, cfg.seed)
-    print(f"{ds.meta['path']}: {len(keys)} training and validation conditions, {len(ds.genes)} genes")
+    print(f"{ds.meta['path']}: {next(iter(res.values()))['n']} of {len(keys)} training and validation conditions "
+          f"scored, {len(ds.genes)} genes")
     print(f"{'reward':<10}{'weight':>8}{'real':>10}{'other':>10}{'control':>10}   real wins")
     for name, r in res.items():
         print(f"{name:<10}{ver.weights[name]:>8g}{r['real']:>10.3f}{r['other']:>10.3f}{r['control']:>10.3f}   "

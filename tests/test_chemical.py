@@ -103,7 +103,7 @@ def test_bad_doses_fail_with_one_line_and_write_nothing(tmp_path, capsys, doses,
         load(p)
     out = tmp_path / "flow.pt"
     with pytest.raises(SystemExit) as e:
-        flow.main(["--data", p, "--out", str(out), "--steps", "2", "--no-progress"])
+        data.cli(lambda: flow.main(["--data", p, "--out", str(out), "--steps", "2", "--no-progress"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and not out.exists()
 

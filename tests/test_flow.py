@@ -106,7 +106,7 @@ class LinearField(torch.nn.Module):
 def test_ode_convergence_order(method, order):
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]  # (9, 1)
     exact = x0 * math.exp(1.5 * -0.8)
-    err = [(flow.sample(LinearField(-0.8), {}, n, method, x0=x0, decode=False) - exact).abs().max().item()
+    err = [(flow.sample(LinearField(-0.8), {}, n, method, eps=x0, decode=False) - exact).abs().max().item()
            for n in (16, 32, 64)]
     ratios = [err[0] / err[1], err[1] / err[2]]  # error ~ C h^order: halving h divides it by 2^order
     assert all(abs(r - 2 ** order) < 0.15 * 2 ** order for r in ratios), (err, ratios)
@@ -115,7 +115,7 @@ def test_ode_convergence_order(method, order):
 def test_ode_gaussian_path_endpoint():
     # the ODE flow map of the Gaussian path sends x0 to mu + sigma x0 exactly
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
-    x1 = flow.sample(GaussianPathField(1.5, 0.5), {}, 32, "midpoint", x0=x0, decode=False)
+    x1 = flow.sample(GaussianPathField(1.5, 0.5), {}, 32, "midpoint", eps=x0, decode=False)
     assert torch.allclose(x1, 1.5 + 0.5 * x0, atol=1e-4)
 
 
@@ -170,7 +170,7 @@ def test_sde_and_ode_preserve_the_marginal():
     field = GaussianPathField(mu, sigma)
     tol_m, tol_v = 4 * sigma / math.sqrt(n) + 0.01, 4 * sigma ** 2 * math.sqrt(2 / n) + 0.01
     x0 = torch.randn(n, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ode = flow.sample(field, {}, 400, "euler", x0=x0, decode=False)
+    ode = flow.sample(field, {}, 400, "euler", eps=x0, decode=False)
     sde = sde_sample(field, n, 400, 0.7)
     for x in (ode, sde):
         assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
@@ -212,7 +212,7 @@ def test_sde_with_a_shifted_narrow_source_preserves_the_marginal():
 
     x = run(cond)
     assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
-    ode = flow.sample(field, cond, 200, "midpoint", x0=torch.randn(n, 1, dtype=torch.float64), decode=False)
+    ode = flow.sample(field, cond, 200, "midpoint", eps=torch.randn(n, 1, dtype=torch.float64), decode=False)
     assert abs(ode.mean().item() - mu) < tol_m and abs(ode.var().item() - sigma ** 2) < tol_v
     bad = run({})
     assert abs(bad.mean().item() - mu) > 10 * tol_m or abs(bad.var().item() - sigma ** 2) > 10 * tol_v
@@ -243,7 +243,7 @@ def test_fresh_model_reproduces_the_shifted_control_cell():
         m.mean, m.std = torch.rand(G), torch.rand(G) + 0.5
         cond = flow.make_cond(m, table, torch.zeros(4, dtype=torch.long), ctrl_x)
         eps = torch.randn(4, G)
-        z = flow.sample(m, cond, 5, "midpoint", x0=eps, decode=False)
+        z = flow.sample(m, cond, 5, "midpoint", eps=eps, decode=False)
         s = table["shift"] / m.std if shift else torch.zeros(1, G)
         want = (m.encode(ctrl_x) + s + sigma * eps) if source == "ctrl" else s + eps
         torch.testing.assert_close(z, want.expand(4, G), atol=1e-5, rtol=0)
@@ -386,7 +386,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sim_path, tmp_path, monke
 
 def test_cli_reports_data_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        flow.main(["--data", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "x.pt")])
+        data.cli(lambda: flow.main(["--data", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "x.pt")]))
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 

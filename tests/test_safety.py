@@ -102,7 +102,7 @@ def test_flow_out_over_its_data_is_refused(sim, tmp_path, capsys):
     d.write_bytes(Path(sim["path"]).read_bytes())
     before = digest(d)
     with pytest.raises(SystemExit) as e:
-        flow.main(["--data", str(d), "--out", str(d), "--no-progress"])
+        data.cli(lambda: flow.main(["--data", str(d), "--out", str(d), "--no-progress"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "same file as --data" in err[0], err
     assert digest(d) == before
@@ -174,7 +174,7 @@ def test_read_only_folder_fails_before_any_work(sim, tmp_path, monkeypatch):
 def test_flow_bad_option_one_line_nothing_saved(tmp_path, capsys, flag, value):
     out = tmp_path / "s0.pt"
     with pytest.raises(SystemExit) as e:
-        flow.main([flag, value, "--out", str(out), "--no-progress"])
+        data.cli(lambda: flow.main([flag, value, "--out", str(out), "--no-progress"]))
     cap = capsys.readouterr()
     err = cap.err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} {value}: must be"), err
@@ -288,7 +288,7 @@ def test_flow_ctrl_c_keeps_the_last_checkpoint_and_resumes_exactly(sim, tmp_path
 def test_flow_main_ctrl_c_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(flow, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as e:
-        flow.main(["--out", "x.pt"])
+        data.cli(lambda: flow.main(["--out", "x.pt"]))
     assert e.value.code == 130 and "--resume" in capsys.readouterr().err
 
 

@@ -281,8 +281,10 @@ def test_parse_weights_and_args():
         V.Verifier(["a"], {"bogus": 1})
     with pytest.raises(DataError, match=r"expected \(B, 2\)"):
         V.Verifier(["a", "b"], {"rmse": 1})(torch.zeros(3, 5), None)
-    args = V.add_args(argparse.ArgumentParser()).parse_args(["--rewards", "rmse=2,energy=1", "--topk", "3"])
-    v = V.verifier_from_args(args, ["a", "b"])
+    p = argparse.ArgumentParser()
+    data.add_args(p, V.RewardConfig)
+    args = p.parse_args(["--rewards", "rmse=2,energy=1", "--topk", "3"])
+    v = V.Verifier(["a", "b"], V.parse_weights(args.rewards), args.gene_sets, args.topk)
     assert v.weights == {"rmse": 2.0, "energy": 1.0} and v.k == 3 and v.W is None
 
 
