@@ -299,14 +299,18 @@ def pathway_activity(x, ref: Reference, W, k: int = 5):
     Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell
     variation of pathway activity.
     """
+    ax, ay = pathway_scores(x, ref, W), pathway_scores(ref.cells.to(x.dtype), ref, W)  # (B, P), (N, P)
+    return -_mean_topk(torch.cdist(ax, ay), k, largest=False)
+
+
+def pathway_scores(x, ref: Reference, W):
+    """(B, P) pathway activities a = z Wn^T of cells x (B, G), z-scored against ref's controls (pathway_activity)."""
     W = W.to(x.device, x.dtype)
     unweighted = ((W == 0) | (W == 1)).all(1, keepdim=True)  # (P, 1)
     Wn = W / torch.where(unweighted, W.sum(1, keepdim=True), W.norm(dim=1, keepdim=True)).clamp_min(1e-12)  # (P, G)
     mu = ref.ctrl_mean.to(x.dtype)
     sd = ref.ctrl_std.to(x.dtype).clamp_min(1e-2)
-    ax = ((x - mu) / sd) @ Wn.T  # (B, P)
-    ay = ((ref.cells.to(x.dtype) - mu) / sd) @ Wn.T  # (N, P)
-    return -_mean_topk(torch.cdist(ax, ay), k, largest=False)
+    return ((x - mu) / sd) @ Wn.T  # (B, P)
 
 
 def energy_witness(x, ref: Reference):
