@@ -445,6 +445,7 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dic
     keys of the mean score, 'wins': fraction of keys where real scores above both, 'n': keys scored}}."""
     rng = np.random.default_rng(seed)
     scores = {name: {g: [] for g in ("real", "other", "control")} for name in verifier.weights}
+    n_scored = 0
     for key in keys:                                                   # a loop over conditions, batched cells
         rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
         others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
@@ -457,18 +458,19 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dic
         ref = data.reference(ds.X[ref_rows], ctrl, r0.ctrl_mean.numpy(), r0.ctrl_std.numpy(),  # std: floored
                              len(r0.de_idx), 0.0)
         draw = lambda a: rng.choice(a, min(n, len(a)), replace=False)  # noqa: E731
+        n_scored += 1
         for g, r in {"real": held, "other": draw(pool), "control": draw(ctrl)}.items():
             _, comps = verifier(torch.from_numpy(ds.X[r]), ref)
             for name, v in comps.items():
                 scores[name][g].append(float(v.mean()))
+    if not n_scored:
+        raise DataError(f"no condition could be checked: each needs >= 4 cells and another condition in its "
+                        f"covariate among the {len(keys)} given")
     out = {}
     for name, s in scores.items():
         real, other, ctrl = (np.array(s[g]) for g in ("real", "other", "control"))
-        if not len(real):
-            raise DataError(f"no condition could be checked: each needs >= 4 cells and another condition in its "
-                            f"covariate among the {len(keys)} given")
         out[name] = {"real": real.mean(), "other": other.mean(), "control": ctrl.mean(),
-                     "wins": float(np.mean((real > other) & (real > ctrl))), "n": len(real)}
+                     "wins": float(np.mean((real > other) & (real > ctrl))), "n": n_scored}
     return out
 
 
