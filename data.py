@@ -22,15 +22,18 @@ gene-name harmonisation across species, dose units other than molar (uM, nM, mM)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import os
 import pickle
 import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -1245,31 +1248,24 @@ def _write_dict(g, d, compression):
 
 
 def write_h5ad(path, h: H5AD, compression=None) -> None:
-    """Write `h` in the current anndata layout, atomically (path + '.tmp', then os.replace).
+    """Write `h` in the current anndata layout, atomically (atomic_write).
 
     compression: None or "gzip" (applied to every non-empty array)."""
-    path = os.fspath(path)
     n_obs, n_vars = h.X.shape
     if (len(h.obs_names), len(h.var_names)) != (n_obs, n_vars):
         raise DataError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
                         f"{len(h.var_names)} var_names; give one name per row and per column")
-    tmp = path + ".tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            _enc(f, "anndata", "0.1.0")
-            if sp.issparse(h.X):
-                _write_sparse(f, "X", h.X, compression)
-            else:
-                _write_array(f, "X", h.X, compression)
-            _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
-            _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
-            for k in ("layers", "obsm", "obsp", "varm", "varp"):
-                _enc(f.create_group(k), "dict", "0.1.0")
-            _write_dict(f.create_group("uns"), h.uns or {}, compression)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        _enc(f, "anndata", "0.1.0")
+        if sp.issparse(h.X):
+            _write_sparse(f, "X", h.X, compression)
+        else:
+            _write_array(f, "X", h.X, compression)
+        _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
+        _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
+        for k in ("layers", "obsm", "obsp", "varm", "varp"):
+            _enc(f.create_group(k), "dict", "0.1.0")
+        _write_dict(f.create_group("uns"), h.uns or {}, compression)
 
 
 # ----------------------------------------------------------------------------- devices and checkpoints
@@ -1343,13 +1339,36 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
 
 
 def write_checkpoint(path, ckpt: dict) -> None:
-    """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    try:
+    """torch.save, atomically (atomic_write): a crash, Ctrl-C or SIGTERM never leaves a half-written checkpoint."""
+    with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
+
+
+UMASK = os.umask(0o022)                               # read once (set back at once): the mode a new file gets
+os.umask(UMASK)
+
+
+@contextmanager
+def atomic_write(path):
+    """The one way every stage writes a file (checkpoints, h5ad, JSON): yields a new temporary path in path's folder
+    (tempfile.mkstemp: it can never be an input or another run's file) for the caller to write and close; then
+    renames it to `path`, the only step that touches `path`. Any failure or signal removes it; a failed write (a
+    full disk: torch.save's "unexpected pos", OSError ENOSPC) is one line, and `path` stays as it was."""
+    path, tmp = os.fspath(path), None
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        why = (str(e).strip() or "no message").splitlines()[0][:160]
+        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free in" if os.path.isdir(folder) else "no folder"
+        raise DataError(f"writing {path} failed ({type(e).__name__}: {why}); {free} {folder}: if the disk is full, "
+                        f"free space or write elsewhere; {path} was left as it was") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 

@@ -403,7 +403,7 @@ def main(argv=None):
     print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.steps} steps\n")
     print(report(summary))
     if a.out:
-        with open(a.out, "w") as f:
+        with data.atomic_write(a.out) as tmp, open(tmp, "w") as f:
             json.dump(strict({"summary": summary, "rows": rows, "args": vars(a)}), f, indent=1, allow_nan=False)
     if a.write_pred:
         write_pred(a.write_pred, ds, preds[a.ckpt[0]])

@@ -215,11 +215,12 @@ def rl_ref(sim, tmp_path_factory):
 
 def fail_on_call(monkeypatch, owner, name, n, saving=None):
     """Make the n-th call of owner.name raise KeyboardInterrupt. saving: for torch.save, count only the files
-    whose name ends so, and leave half a file first, as a Ctrl-C inside torch.save would."""
+    whose name holds it (temporary files: '.<name>.<random>.tmp'), and leave half a file first, as a Ctrl-C inside
+    torch.save would."""
     real, calls = getattr(owner, name), [0]
 
     def f(*a, **kw):
-        if saving is None or str(a[1]).endswith(saving):
+        if saving is None or saving in str(a[1]):
             calls[0] += 1
             if calls[0] == n:
                 if saving is not None:
@@ -234,8 +235,8 @@ def fail_on_call(monkeypatch, owner, name, n, saving=None):
 PHASES = {"rollout": (rl, "rollout", 3, None, 2), "rewards": (rl, "group_advantages", 2, None, 1),
           "first pass": (flow, "sde_log_prob", 6, None, 1), "second pass": (flow, "sde_log_prob", 7, None, 1),
           "validation at step 0": (rl, "val_metrics", 1, None, 0), "validation": (rl, "val_metrics", 2, None, 1),
-          "saving the best": (torch, "save", 1, "/c.pt.tmp", 0),
-          "saving the latest": (torch, "save", 1, "/c_last.pt.tmp", 1)}
+          "saving the best": (torch, "save", 1, "/.c.pt.", 0),
+          "saving the latest": (torch, "save", 1, "/.c_last.pt.", 1)}
 
 
 @pytest.mark.parametrize("phase", list(PHASES))
@@ -445,3 +446,80 @@ def test_results_json_is_strict(sim, tmp_path):
     assert all(r["spread_ratio"] is None for r in res["rows"] if r["method"] == sim["ckpt"])
     nan, inf = float("nan"), float("inf")
     assert evaluate.strict({"a": [1.0, inf, {"b": nan}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}
+
+
+# ============================================================================= issue 18: round 2
+def one_error_line(capsys, run, code=2):
+    """Run a stage's main through data.cli: exit code 2 and one `error:` line, the last one on stderr (what a stage
+    printed before it aside), no traceback. Returns that line."""
+    with pytest.raises(SystemExit) as e:
+        data.cli(run)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and err[-1].startswith("error: ") and sum(l.startswith("error") for l in err) == 1 \
+        and not any("Traceback" in l for l in err), (e.value.code, err)
+    return err[-1]
+
+
+# ----------------------------------------------------------------------------- temporary files
+def test_an_input_named_like_the_old_temp_file_survives_a_save(sim, tmp_path):
+    """Saves wrote <out>.tmp then renamed it: `flow.py --data o/model.pt.tmp --out o/model.pt` destroyed the data,
+    and so did `evaluate.py --data p.h5ad.tmp --write-pred p.h5ad` (and --out r.json beside r.json.tmp)."""
+    d, before = tmp_path / "model.pt.tmp", digest(sim["path"])
+    d.write_bytes(Path(sim["path"]).read_bytes())
+    flow.train(tiny_flow(d, tmp_path / "model.pt", steps=2))
+    for name in ("p.h5ad.tmp", "r.json.tmp"):
+        (tmp_path / name).write_bytes(d.read_bytes())
+    evaluate.main(["--ckpt", str(tmp_path / "model.pt"), "--data", str(tmp_path / "p.h5ad.tmp"), "--steps", "2",
+                   "--sde-noise", "0", "--write-pred", str(tmp_path / "p.h5ad"), "--out", str(tmp_path / "r.json")])
+    assert all(digest(tmp_path / f) == before for f in ("model.pt.tmp", "p.h5ad.tmp", "r.json.tmp"))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["model.pt", "model.pt.tmp", "p.h5ad", "p.h5ad.tmp",
+                                                           "r.json", "r.json.tmp"]
+    assert data.read_h5ad(tmp_path / "p.h5ad").X.shape[1] == 200 and json.loads((tmp_path / "r.json").read_text())
+
+
+def test_concurrent_saves_to_one_path_all_succeed(tmp_path):
+    """A fixed temporary name made the second of two runs with the same --out fail on the rename."""
+    import threading
+    ck, errors = {"w": torch.arange(50_000.0)}, []
+
+    def save(i):
+        try:
+            for _ in range(10):
+                data.write_checkpoint(tmp_path / "same.pt", {**ck, "i": i})
+                data.write_h5ad(tmp_path / "same.h5ad", data.H5AD(np.full((3, 2), i, np.float32), {}, {},
+                                                                  np.array(["a", "b", "c"], dtype=object),
+                                                                  np.array(["g", "h"], dtype=object)))
+        except Exception as e:                                          # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and sorted(os.listdir(tmp_path)) == ["same.h5ad", "same.pt"]
+    assert torch.load(tmp_path / "same.pt", weights_only=True)["i"] in range(4)
+    assert data.read_h5ad(tmp_path / "same.h5ad").X[0, 0] in range(4)
+    assert (os.stat(tmp_path / "same.pt").st_mode & 0o777) == 0o666 & ~data.UMASK   # as open() would create it
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(sim, tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk raised RuntimeError '[enforce fail at inline_container.cc...] unexpected pos'."""
+    flow.train(tiny_flow(sim["path"], tmp_path / "f.pt", steps=20))
+    before = digest(tmp_path / "f.pt")
+
+    def full(obj, f, *a, **kw):
+        Path(f).write_bytes(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4352 vs 4240")
+    monkeypatch.setattr(torch, "save", full)
+    err = one_error_line(capsys, lambda: flow.main(["--data", str(sim["path"]), "--n-genes", "0", "--width", "32",
+                                                    "--depth", "1", "--prior-dim", "4", "--batch-size", "32",
+                                                    "--steps", "40", "--save-every", "20", "--warmup", "5",
+                                                    "--eval-every", "1000", "--out", str(tmp_path / "f.pt"),
+                                                    "--resume", "--no-progress"]))
+    assert "writing" in err and "unexpected pos" in err and "disk is full" in err and "left as it was" in err
+    assert digest(tmp_path / "f.pt") == before and os.listdir(tmp_path) == ["f.pt"]
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(DataError, match="No space left on device.*disk is full"):
+        data.write_checkpoint(tmp_path / "f.pt", {})
+    with pytest.raises(DataError, match="disk is full"):               # JSON and h5ad go through the same writer
+        with data.atomic_write(tmp_path / "r.json") as tmp, open(tmp, "w") as f:
+            raise OSError(28, "No space left on device")
+    assert digest(tmp_path / "f.pt") == before and os.listdir(tmp_path) == ["f.pt"]
