@@ -1146,7 +1146,8 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     disk (a DiskX read in blocks of cells)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found; check the path to the .h5ad file")
+        raise DataError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
+                        f"{path}: file not found; check the path to the .h5ad file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -1382,7 +1383,8 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks, or
     where its genes differ from `genes` (the genes of the data loaded for it)."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
+        raise DataError(f"{path} is a folder; give the checkpoint file in it" if os.path.isdir(path) else
+                        f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1505,20 +1507,32 @@ def _same_file(a, b) -> bool:
         return False
 
 
+def check_output(what, path) -> None:
+    """One line for an output path that cannot name a file: empty, ending in a slash, or an existing folder."""
+    path = os.fspath(path)
+    bad = "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
+        path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None
+    if bad:
+        raise DataError(f"{what} {path!r} {bad}; an output is a file: give its path (e.g. {what} out/run.pt)")
+
+
 def check_outputs(outputs: dict, inputs: dict) -> None:
-    """Before any work: refuse an output that is the same file as an input or another output, create its
-    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
+    """Before any work: refuse an output that cannot be a file (check_output), is the same file as an input or another
+    output, or exists write-protected (a rename would replace it all the same); create its folder, and fail now if
+    that folder cannot be written. {what: path, list of paths or None} each."""
     ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
     for what, path in outputs.items():
-        if not path:
+        if path is None:
             continue
+        check_output(what, path)
         path = os.fspath(path)
         clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
         if clash:
             raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
                             "choose another output path")
-        if os.path.isdir(path):
-            raise DataError(f"{what} {path} is a folder; give a file path")
+        if os.path.exists(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
+            raise DataError(f"{what} {path} exists and is write-protected (mode {os.stat(path).st_mode & 0o777:o}); "
+                            "make it writable to replace it (chmod u+w), or choose another path")
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)

@@ -374,6 +374,8 @@ def main(argv=None):
     data.check_args(a)
     best_of = parse_best_of(a.best_of)
     gene_sets = verifiers.gene_set_path(a.gene_sets)
+    if gene_sets:
+        verifiers.load_gene_sets(gene_sets)                           # a file that cannot be read: before any work
     dev = data.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
     data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},

@@ -158,19 +158,28 @@ def pretrained(cfg: RLConfig) -> str:
     return flow.train(fcfg)
 
 
-def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
-    """Checks before any work (options; outputs that would overwrite an input or fail late), then the state
-    that --resume continues (<out>_last.pt), or None."""
+def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
+    """Checks before any work (options; outputs that would overwrite an input or fail late; a gene-set file that
+    cannot be read; a run whose base checkpoint is gone), then (the state that --resume continues, or None;
+    <out>_last.pt, where the latest state goes)."""
     data.check_args(cfg)
+    data.check_output("--out", cfg.out)                              # a file, before <out>_last.pt is named after it
+    last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
     gene_sets = verifiers.gene_set_path(cfg.gene_sets)
+    if gene_sets:
+        verifiers.load_gene_sets(gene_sets)                          # not after pretraining
     check_world(cfg.conds, world, f"--conds {cfg.conds}")
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = data.read_checkpoint(last, resume="rl") if cfg.resume else None
+    base = state and state["extra"]["base"]
+    if base and not os.path.isfile(base):
+        raise DataError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor and "
+                        f"'pretrained' row), is gone; put it back at that path to continue the run, or start a new "
+                        f"one without --resume")
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
-                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets,
-                        "the base checkpoint": state and state["extra"]["base"]})
-    return state
+                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets, "the base checkpoint": base})
+    return state, last
 
 
 def check_world(n_conds: int, world: int, why: str) -> None:
@@ -212,8 +221,7 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
-    last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
-    state = resume_state(cfg, last, world)
+    state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
@@ -383,8 +391,9 @@ def main(argv=None):
     data.add_args(p, RLConfig)
     cfg = RLConfig(**vars(p.parse_args(argv)))
     if cfg.ckpt and not os.path.isfile(cfg.ckpt):
-        raise DataError(f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` "
-                        f"or omit --ckpt to pretrain automatically")
+        raise DataError(f"--ckpt {cfg.ckpt} is a folder; give the checkpoint file in it" if os.path.isdir(cfg.ckpt) else
+                        f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` or omit "
+                        "--ckpt to pretrain automatically")
     t0 = time.time()
     out = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports

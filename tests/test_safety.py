@@ -523,3 +523,94 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(sim, tmp_path,
         with data.atomic_write(tmp_path / "r.json") as tmp, open(tmp, "w") as f:
             raise OSError(28, "No space left on device")
     assert digest(tmp_path / "f.pt") == before and os.listdir(tmp_path) == ["f.pt"]
+
+
+# ----------------------------------------------------------------------------- outputs: protected files, folders
+def stage_runs(sim):
+    """For every stage, a main() that writes its output to the given path (ckpt and data from the shared screen)."""
+    ck, d = sim["ckpt"], str(sim["path"])
+    return {"flow --out": lambda p: flow.main(["--data", d, "--n-genes", "0", "--steps", "2", "--out", p,
+                                                "--no-progress"]),
+            "rl --out": lambda p: rl.main(["--ckpt", ck, "--steps", "1", "--out", p, "--no-progress"]),
+            "evaluate --out": lambda p: evaluate.main(["--ckpt", ck, "--out", p]),
+            "evaluate --write-pred": lambda p: evaluate.main(["--ckpt", ck, "--write-pred", p]),
+            "data --simulate": lambda p: data.main(["--simulate", p, "--cells", "200", "--genes", "60"])}
+
+
+@pytest.mark.parametrize("stage", ["flow --out", "rl --out", "evaluate --out", "evaluate --write-pred",
+                                   "data --simulate"])
+def test_a_write_protected_output_is_refused_before_any_work_and_kept(sim, tmp_path, monkeypatch, capsys, stage):
+    """A 444 file was silently replaced (the rename does not need write permission on the file); evaluate --out
+    failed with PermissionError after the whole evaluation."""
+    out = tmp_path / "kept.out"
+    out.write_bytes(b"the user's file")
+    out.chmod(0o444)
+    for name in ("load_dataset", "simulate"):
+        monkeypatch.setattr(data, name, boom)
+    monkeypatch.setattr(rl, "pretrained", boom)
+    err = one_error_line(capsys, lambda: stage_runs(sim)[stage](str(out)))
+    assert "write-protected (mode 444)" in err and "chmod u+w" in err, err
+    assert out.read_bytes() == b"the user's file" and (out.stat().st_mode & 0o777) == 0o444
+    if stage == "rl --out":                                              # and its latest state, <out>_last.pt
+        (tmp_path / "kept_last.pt").write_bytes(b"x")
+        (tmp_path / "kept_last.pt").chmod(0o444)
+        out.chmod(0o644)
+        err = one_error_line(capsys, lambda: stage_runs(sim)[stage](str(out)))
+        assert "--out (latest state)" in err and "write-protected" in err
+
+
+@pytest.mark.parametrize("stage", ["flow --out", "rl --out", "evaluate --out", "evaluate --write-pred",
+                                   "data --simulate"])
+@pytest.mark.parametrize("form", ["newdir/", "", "existing dir", "newdir/."])
+def test_an_output_naming_a_folder_is_refused_the_same_way_everywhere(sim, tmp_path, monkeypatch, capsys, stage,
+                                                                       form):
+    """`--out newdir/` and `--out ''` passed the up-front check and failed after the work ('invalid file name:
+    .../newdir/.tmp'); rl.py derived <out>_last.pt from '' with a ValueError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    path = {"existing dir": str(tmp_path / "existing")}.get(form, form)
+    for name in ("load_dataset", "simulate"):
+        monkeypatch.setattr(data, name, boom)
+    monkeypatch.setattr(rl, "pretrained", boom)
+    err = one_error_line(capsys, lambda: stage_runs(sim)[stage](path))
+    want = {"": "is empty", "existing dir": "is a folder"}.get(form, "names a folder")
+    assert f"{path!r} {want}; an output is a file" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["existing"] and not os.listdir(tmp_path / "existing")
+
+
+def test_folders_given_as_inputs_are_named_as_folders(sim, tmp_path, capsys):
+    """A folder given as --data was 'file not found'; as --ckpt, 'not found, pretrain one'."""
+    err = one_error_line(capsys, lambda: flow.main(["--data", str(tmp_path), "--out", str(tmp_path / "f.pt")]))
+    assert f"{tmp_path} is a folder; give the .h5ad file in it" in err
+    err = one_error_line(capsys, lambda: rl.main(["--ckpt", str(tmp_path), "--out", str(tmp_path / "r.pt")]))
+    assert f"--ckpt {tmp_path} is a folder" in err
+    err = one_error_line(capsys, lambda: evaluate.main(["--ckpt", str(tmp_path)]))
+    assert f"{tmp_path} is a folder; give the checkpoint file in it" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_resuming_a_run_whose_base_checkpoint_is_gone_says_so(sim, tmp_path, capsys):
+    """It said 'checkpoint not found ...; train one with flow.py', which would not resume the run."""
+    base = tmp_path / "base.pt"
+    base.write_bytes(Path(sim["ckpt"]).read_bytes())
+    rl.train(tiny_rl(sim, tmp_path / "r.pt", ckpt=str(base), steps=1))
+    base.unlink()
+    before = digest(tmp_path / "r_last.pt")
+    err = one_error_line(capsys, lambda: rl.main(["--out", str(tmp_path / "r.pt"), "--resume", "--no-progress"]))
+    assert f"--resume: {base}, the pretrained generator this run post-trains" in err and "put it back" in err
+    assert "flow.py" not in err and digest(tmp_path / "r_last.pt") == before
+
+
+@pytest.mark.parametrize("ext", [".gmt", ".csv"])
+def test_a_gene_set_file_that_is_not_utf8_is_one_line_before_any_work(sim, tmp_path, monkeypatch, capsys, ext):
+    gs = tmp_path / f"sets{ext}"
+    gs.write_bytes("gene,pathway,weight\nMYC,Zelle,1\n".encode("latin-1").replace(b"Zelle", b"Z\xe9lle"))
+    monkeypatch.setattr(rl, "pretrained", boom)
+    monkeypatch.setattr(evaluate, "predict", boom)
+    for run in (lambda: rl.main(["--ckpt", sim["ckpt"], "--gene-sets", str(gs), "--out", str(tmp_path / "r.pt")]),
+                lambda: evaluate.main(["--ckpt", sim["ckpt"], "--gene-sets", str(gs)])):
+        err = one_error_line(capsys, run)
+        assert f"gene-set file {gs} is not UTF-8 text (byte" in err and "save it as UTF-8" in err, err
+    ok = tmp_path / "bom.csv"                                            # UTF-8 with a byte-order mark is fine
+    ok.write_bytes("\ufeffgene,pathway,weight\nMYC,Zelle,1\n".encode("utf-8"))
+    assert verifiers.load_progeny(ok) == {"Zelle": {"MYC": 1.0}}
