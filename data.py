@@ -1273,13 +1273,25 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
 # Shared by every stage: the device (and torchrun's process group) is chosen once, checkpoints are written
 # atomically and read with one clear line for whatever makes one unusable. flow.pt and rl.pt share the format.
 def pick_device(name: str = "auto") -> torch.device:
-    """The one place that picks a device: cuda, then mps, then cpu."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device visible to torch; use --device cpu or auto")
-    if name != "auto":
-        return torch.device(name)
+    """The one place that picks a device: auto is cuda, then mps, then cpu; a named device must exist here, else
+    one line (an unknown name, mps without MPS, cuda:N beyond the GPUs visible)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = ("unknown device; use cpu, cuda, cuda:N, mps or auto" if dev is None or dev.type not in
+           ("cpu", "cuda", "mps", "meta") else  # meta: tests of device placement
+           "no CUDA device visible to torch; use --device cpu or auto" if dev.type == "cuda" and
+           not torch.cuda.is_available() else
+           f"{n} GPU(s) visible to torch: cuda:0 to cuda:{n - 1}" if dev.type == "cuda" and (dev.index or 0) >= n > 0 else
+           "MPS (Apple GPU) is not available here; use --device cpu or auto" if dev.type == "mps" and not mps else None)
+    if bad:
+        raise DataError(f"--device {name}: {bad}")
+    return dev
 
 
 def autocast(device):
@@ -1486,6 +1498,7 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
 
 
@@ -1493,7 +1506,7 @@ def check_args(args) -> None:
     """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
     for name, v in vars(args).items():
         rule = LIMITS.get(name)
-        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
+        if rule and isinstance(v, (int, float)) and not ((isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
             raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
 
 
@@ -1552,10 +1565,11 @@ def main(argv=None):
     p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
     args = p.parse_args(argv)
     check_args(args)
+    if args.simulate is not None and (args.kind not in ("genetic", "chemical") or args.genes < 50):
+        raise DataError(f"--kind {args.kind!r}: use genetic or chemical" if args.genes >= 50 else
+                        f"--genes {args.genes}: the simulator needs at least 50 genes (its programs use 50)")
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
-        if args.kind not in ("genetic", "chemical"):
-            raise DataError(f"--kind {args.kind!r}: use genetic or chemical")
         write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
             n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
         print(f"wrote {args.simulate}")

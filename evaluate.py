@@ -342,6 +342,21 @@ def parse_best_of(spec) -> list:
     return ns
 
 
+def check_best_of(best_of, n_cells: int, n_genes: int) -> None:
+    """best_of_n holds N candidates of every cell to predict at once, n_cells x N x n_genes float32 values: refuse,
+    with the numbers, an N whose candidates need more than half of this machine's memory."""
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):                     # no sysconf (Windows): no bound
+        return
+    per = n_cells * n_genes * 4                                       # bytes per candidate of every cell
+    for N in best_of:
+        if N * per > mem / 2:
+            raise DataError(f"--best-of {N}: its candidates need {N * per / 2 ** 30:,.1f} GiB ({n_cells} cells x {N} x "
+                            f"{n_genes} genes x 4 bytes), more than half of this machine's {mem / 2 ** 30:.1f} GiB; "
+                            f"use N <= {int(mem / 2 // per)} here, or fewer cells (--n-cells)")
+
+
 @dataclass
 class EvalConfig(verifiers.RewardConfig):  # + --rewards, --gene-sets, --topk
     # evaluation
@@ -389,6 +404,7 @@ def main(argv=None):
     keys = ds.split[a.split]
     if not keys:
         raise DataError(f"the {a.split} split is empty; choose another --split")
+    check_best_of(best_of, sum(a.n_cells or len(ds.cell_idx[k]) for k in keys), len(ds.genes))
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):

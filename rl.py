@@ -159,10 +159,9 @@ def pretrained(cfg: RLConfig) -> str:
 
 
 def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
-    """Checks before any work (options; outputs that would overwrite an input or fail late; a gene-set file that
-    cannot be read; a run whose base checkpoint is gone), then (the state that --resume continues, or None;
-    <out>_last.pt, where the latest state goes)."""
-    data.check_args(cfg)
+    """Checks before any work (outputs that would overwrite an input or fail late; a gene-set file that cannot be
+    read; a run whose base checkpoint is gone), then (the state that --resume continues, or None; <out>_last.pt,
+    where the latest state goes)."""
     data.check_output("--out", cfg.out)                              # a file, before <out>_last.pt is named after it
     last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
     gene_sets = verifiers.gene_set_path(cfg.gene_sets)
@@ -220,6 +219,7 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
 
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
+    data.check_args(cfg)
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)

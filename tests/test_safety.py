@@ -614,3 +614,66 @@ def test_a_gene_set_file_that_is_not_utf8_is_one_line_before_any_work(sim, tmp_p
     ok = tmp_path / "bom.csv"                                            # UTF-8 with a byte-order mark is fine
     ok.write_bytes("\ufeffgene,pathway,weight\nMYC,Zelle,1\n".encode("utf-8"))
     assert verifiers.load_progeny(ok) == {"Zelle": {"MYC": 1.0}}
+
+
+# ----------------------------------------------------------------------------- more options checked at parse time
+def stage_mains(sim, tmp_path):
+    """Every stage's main with extra arguments appended; nothing may start before the options are checked."""
+    ck, d, out = sim["ckpt"], str(sim["path"]), str(tmp_path / "o.pt")
+    return {"flow": lambda *a: flow.main(["--data", d, "--out", out, "--no-progress", *a]),
+            "rl": lambda *a: rl.main(["--ckpt", ck, "--out", out, "--no-progress", *a]),
+            "evaluate": lambda *a: evaluate.main(["--ckpt", ck, *a]),
+            "data": lambda *a: data.main(["--data", d, *a]),
+            "data --simulate": lambda *a: data.main(["--simulate", str(tmp_path / "s.h5ad"), *a])}
+
+
+@pytest.mark.parametrize("stage", ["flow", "rl", "evaluate", "data", "data --simulate"])
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--split-seed", "-1"),
+                                         ("--split-seed", str(2 ** 64))])
+def test_seeds_outside_0_to_2_32_are_one_line(sim, tmp_path, monkeypatch, capsys, stage, flag, value):
+    if stage == "evaluate" and flag == "--split-seed":                  # the checkpoint holds its split
+        pytest.skip("evaluate has no --split-seed")
+    for name in ("load_dataset", "simulate", "distributed"):
+        monkeypatch.setattr(data, name, boom)
+    monkeypatch.setattr(flow, "load_checkpoint", boom) if stage == "flow" else None
+    err = one_error_line(capsys, lambda: stage_mains(sim, tmp_path)[stage](flag, value))
+    assert err == f"error: {flag} {value}: must be an integer in [0, 2^32 - 1]"
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "s.h5ad").exists()
+
+
+@pytest.mark.parametrize("device, cuda, want", [("gpu", 0, "unknown device; use cpu, cuda, cuda:N, mps or auto"),
+                                                ("cuda:0:1", 0, "unknown device"),
+                                                ("mps", 0, "MPS (Apple GPU) is not available here"),
+                                                ("cuda:1", 1, "1 GPU(s) visible to torch: cuda:0 to cuda:0"),
+                                                ("cuda:1", 0, "no CUDA device visible to torch")])
+@pytest.mark.parametrize("stage", ["flow", "rl", "evaluate"])
+def test_devices_that_do_not_exist_here_are_one_line(sim, tmp_path, monkeypatch, capsys, device, cuda, want, stage):
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() and device == "mps":
+        pytest.skip("this machine has MPS")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(data, "load_dataset", boom)
+    monkeypatch.setattr(rl, "pretrained", boom)
+    err = one_error_line(capsys, lambda: stage_mains(sim, tmp_path)[stage]("--device", device))
+    assert err == f"error: --device {device}: {want}" or err.startswith(f"error: --device {device}: {want}"), err
+    assert data.pick_device("cpu") == torch.device("cpu") and data.pick_device("meta").type == "meta"
+
+
+def test_best_of_is_bounded_by_the_memory_it_would_need(sim, monkeypatch, capsys):
+    """--best-of 100000 tried to allocate ~1 TB; now refused with the numbers before any generation."""
+    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": 2 ** 20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB
+    err = one_error_line(capsys, lambda: evaluate.main(["--ckpt", sim["ckpt"], "--best-of", "1,100000",
+                                                        "--n-cells", "50"]))
+    n = len(sim["ds"].split["test"]) * 50                                # cells to predict
+    need = n * 100000 * 200 * 4 / 2 ** 30
+    assert err == (f"error: --best-of 100000: its candidates need {need:,.1f} GiB ({n} cells x 100000 x 200 genes x "
+                   f"4 bytes), more than half of this machine's 4.0 GiB; use N <= {2 ** 31 // (n * 800)} here, or "
+                   "fewer cells (--n-cells)"), err
+    evaluate.check_best_of([1, 2 ** 31 // (n * 800)], n, 200)            # the largest N allowed passes
+
+
+def test_simulating_too_few_genes_is_one_line(tmp_path, capsys):
+    err = one_error_line(capsys, lambda: data.main(["--simulate", str(tmp_path / "s.h5ad"), "--genes", "1"]))
+    assert err == "error: --genes 1: the simulator needs at least 50 genes (its programs use 50)"
+    assert not os.listdir(tmp_path)
