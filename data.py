@@ -365,7 +365,12 @@ def control_rows(ds, keys, n, generator) -> list:
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (from a checkpoint)
     override the selection and the split, so every stage sees the same ones."""
-    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer, lazy=cfg.lazy)
+    path = cfg.data or builtin_path(cfg.kind)
+    h = read_h5ad(path, layer=cfg.layer, lazy=cfg.lazy)
+    if min(h.X.shape) == 0 or h.X.shape[1] < 2:    # one gene: its CP10k is 10,000 in every cell, no Pearson, no DE
+        raise DataError(f"{path}: X is {h.X.shape[0]} cells x {h.X.shape[1]} gene(s): " + (
+            "the file has no cells" if h.X.shape[0] == 0 else "cells are compared over their genes, which needs at "
+            "least 2") + "; check that it is the right file (or --layer)")
     symbols = gene_symbols(h, cfg.gene_symbols)
     lab = read_labels(h, cfg, symbols)
     keys = lab["keys"]
@@ -463,6 +468,9 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
         cols = np.array([pos[g] for g in genes])
     else:
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+        if len(cols) < 2:
+            raise DataError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
+                            "which needs at least 2 (0 keeps all)")
     if cfg.lazy:                                                       # from disk, block by block
         Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
     else:

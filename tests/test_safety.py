@@ -677,3 +677,27 @@ def test_simulating_too_few_genes_is_one_line(tmp_path, capsys):
     err = one_error_line(capsys, lambda: data.main(["--simulate", str(tmp_path / "s.h5ad"), "--genes", "1"]))
     assert err == "error: --genes 1: the simulator needs at least 50 genes (its programs use 50)"
     assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------- data that cannot be used
+@pytest.mark.parametrize("n_cells, n_genes, want", [(60, 0, "X is 60 cells x 0 gene(s): cells are compared over their "
+                                                            "genes, which needs at least 2"),
+                                                    (60, 1, "X is 60 cells x 1 gene(s): cells are compared"),
+                                                    (0, 5, "X is 0 cells x 5 gene(s): the file has no cells")])
+@pytest.mark.parametrize("stage", ["data", "flow"])
+def test_data_without_cells_or_with_under_two_genes_is_one_line(tmp_path, capsys, n_cells, n_genes, want, stage):
+    """Zero genes: data.py exited 0 and flow.py failed in argmax; one gene: 'training diverged ... lower --lr'; no
+    cells: 'no control label found'."""
+    labels = (["ctrl"] * 30 + ["A"] * 15 + ["B"] * 15)[:n_cells]
+    p = write(tmp_path / "d.h5ad", sp.csr_matrix(np.ones((n_cells, n_genes), np.float32)), labels,
+              [f"G{i}" for i in range(n_genes)])
+    run = {"data": lambda: data.main(["--data", p]),
+           "flow": lambda: flow.main(["--data", p, "--out", str(tmp_path / "f.pt"), "--no-progress"])}[stage]
+    err = one_error_line(capsys, run)
+    assert err.startswith(f"error: {p}: {want}"), err
+    assert not (tmp_path / "f.pt").exists()
+    rng = np.random.default_rng(0)                                        # --n-genes 1 keeps one gene of many
+    p = write(tmp_path / "e.h5ad", rng.poisson(3.0, (60, 8)).astype(np.float32), labels or ["ctrl"] * 30 +
+              ["A"] * 15 + ["B"] * 15, [f"G{i}" for i in range(8)])
+    with pytest.raises(DataError, match="--n-genes 1 keeps 1 gene; cells are compared over their genes"):
+        data.load_dataset(data.DataConfig(data=p, n_genes=1, split="random", min_cells=5))
