@@ -53,6 +53,7 @@ PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_n
              "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
 COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
 DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
+DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
 DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
 DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
 DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
@@ -480,8 +481,9 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
 
 
 # ----------------------------------------------------------------------------- perturbations
-def find_key(columns, wanted, given, what, flag):
-    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else None."""
+def find_key(columns, wanted, given, what, flag, pattern=None):
+    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else the first column
+    matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
     if given is not None:
         if given not in columns:
             raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
@@ -490,7 +492,7 @@ def find_key(columns, wanted, given, what, flag):
         for c in columns:
             if c.lower() == k:
                 return c
-    return None
+    return next((c for c in columns if pattern is not None and pattern.match(c)), None)
 
 
 def find_control(labels: np.ndarray, given=None) -> str:
@@ -522,7 +524,7 @@ def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=
     ctrl = {control.lower(), "ctrl", "control"}
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
-    parts = [p.strip() for p in str(label).split(sep)]
+    parts = [p.strip() for p in split_label(label, sep)]
     doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
     comps = []
     for p, d in zip(parts, doses):
@@ -530,6 +532,18 @@ def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=
             p = (rename or {}).get(p, p)
             comps.append(p if d is None or not np.isfinite(d) else f"{p}@{fmt_dose(d)}")
     return tuple(sorted(comps))
+
+
+def split_label(label, sep: str) -> list:
+    """The parts of a label, split at every separator character in `sep` ('+|': at '+' and at '|')."""
+    return re.split(f"[{re.escape(sep)}]", str(label))
+
+
+def undosed(label, dose, control, sep) -> bool:
+    """A perturbed part of `label` has no finite dose (dose: dose_values' None, one number or one per part)."""
+    parts = split_label(label, sep)
+    per = dose if isinstance(dose, list) else [dose] * len(parts)
+    return any(parse_condition(p, control, sep) and (v is None or not np.isfinite(v)) for p, v in zip(parts, per))
 
 
 def detect_sep(labels, control, genes=()) -> str:
@@ -656,7 +670,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
     # doses: one string per cell ('nan' = none), in the input unit
     dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key")] if c]
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
     absent = [c for c in dose_cols if c not in obs]
     if absent:
         raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
@@ -678,12 +692,19 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
     where = f"columns {pert_key!r}/{dose_key!r}"
     doses = [None if not dose_key or not parse_condition(l, control, sep) else
-             dose_values(d, l, len(l.split(sep)), combo, where) for l, d in pairs]
+             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
+    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
+                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
+    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
+        l, d = pairs[inv.ravel()[rows[0]]]
+        raise DataError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
+            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
+            "(0 = vehicle), drop those cells, or --dose-key none")
     unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
     if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
         top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower() if m else "nm" if top > 1000 else "um"
+        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
     if unit not in DOSE_UNITS:
         raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
     f = DOSE_UNITS[unit]

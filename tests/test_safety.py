@@ -701,3 +701,47 @@ def test_data_without_cells_or_with_under_two_genes_is_one_line(tmp_path, capsys
               ["A"] * 15 + ["B"] * 15, [f"G{i}" for i in range(8)])
     with pytest.raises(DataError, match="--n-genes 1 keeps 1 gene; cells are compared over their genes"):
         data.load_dataset(data.DataConfig(data=p, n_genes=1, split="random", min_cells=5))
+
+
+# ----------------------------------------------------------------------------- doses
+def drug_screen(path, dose_col, doses, n=12):
+    """Vehicle controls and drugs D, E at three doses each (n cells per condition), doses in `dose_col`."""
+    rng = np.random.default_rng(4)
+    drugs = ["Vehicle"] * 3 * n + [d for d in ("D", "E") for _ in range(3 * n)]
+    dose = [0.0] * 3 * n + [v for _ in ("D", "E") for v in doses for _ in range(n)]
+    X = rng.poisson(3.0, (len(drugs), 10)).astype(np.float32)
+    data.write_h5ad(path, data.H5AD(X=X, obs={"drug": np.array(drugs, dtype=object), dose_col: np.array(dose)}, var={},
+                                    obs_names=np.array([f"cell{i}" for i in range(len(drugs))], dtype=object),
+                                    var_names=np.array([f"G{i}" for i in range(10)], dtype=object)))
+    return str(path)
+
+
+@pytest.mark.parametrize("col, doses, unit, labels", [
+    ("dose_nM", [10, 100, 1000], "nM", ["0.01", "0.1", "1"]), ("dose_uM", [10, 100, 1000], "uM", ["10", "100", "1000"]),
+    ("conc_um", [0.5, 5, 50], "uM", ["0.5", "5", "50"]), ("concentration_nM", [3, 30, 300], "nM", ["0.003", "0.03", "0.3"]),
+    ("Dose (mM)", [1, 2, 4], "mM", ["1000", "2000", "4000"]), ("dose_μM", [1, 2, 4], "uM", ["1", "2", "4"])])
+def test_dose_columns_with_a_unit_in_their_name_are_found(tmp_path, col, doses, unit, labels):
+    """`dose_nM` was not detected: no doses, 80 conditions became 29. The unit comes from the name; labels in uM."""
+    p = drug_screen(tmp_path / "d.h5ad", col, doses)
+    ds = data.load_dataset(data.DataConfig(data=p, n_genes=0, split="random", min_cells=5))
+    assert ds.meta["dose_key"] == col and ds.meta["dose_unit"] == unit
+    assert sorted(k[0] for k in ds.keys) == sorted(f"{d}@{v}" for d in "DE" for v in labels)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_or_inf_dose_on_perturbed_cells_is_refused_with_the_rows(tmp_path, capsys, bad):
+    """Such cells silently became a dose-less condition 'D'."""
+    p = tmp_path / "d.h5ad"
+    drug_screen(p, "dose", [0.1, 1, 10])
+    with h5py.File(p, "r+") as f:                                        # cells 40 and 41 are D at 0.1
+        f["obs/dose"][40:42] = bad
+    err = one_error_line(capsys, lambda: data.main(["--data", str(p)]))
+    assert ("error: columns 'drug'/'dose': 2 perturbed cell(s) have a NaN, Inf or missing dose, e.g. cell40 (row 40), "
+            f"cell41 (row 41): 'D' at '{bad}'; give each a finite dose (0 = vehicle), drop those cells, or "
+            "--dose-key none") == err, err
+    ds = data.load_dataset(data.DataConfig(data=str(p), dose_key="none", n_genes=0, split="random", min_cells=5))
+    assert sorted(k[0] for k in ds.keys) == ["D", "E"]                  # without doses, as asked
+    with h5py.File(p, "r+") as f:                                        # a NaN dose on controls is fine
+        f["obs/dose"][40:42] = 0.1
+        f["obs/dose"][0:3] = np.nan
+    assert len(data.load_dataset(data.DataConfig(data=str(p), n_genes=0, split="random", min_cells=5)).keys) == 6
