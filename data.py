@@ -879,14 +879,28 @@ def check_values(X, offset=0) -> None:
                             f"with --layer or clean the file")
 
 
+LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, log1p(CPM) 13.8, log2(CPM + 1) 19.9
+
+
 def is_counts(X, n_max=200_000) -> bool:
-    """Raw counts: every stored value (a sample of up to n_max) is a non-negative integer, and some exceed 1
-    would fail for log1p data (values like 0.69, 1.1)."""
+    """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values by two
+    signals that survive a few odd values: the maximum (log-normalised values never exceed LOG_MAX) and the fraction
+    of integers (counts: all; log values: almost none). Counts when the maximum is out of reach of log values, or when
+    at least 90% are integers and some exceed 1; a warning when the two disagree (non-integer counts: pseudo-counts,
+    ambient-RNA correction)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    if data.size == 0:
-        return False
     sample = data[:: max(1, data.size // n_max)]
-    return bool(np.all(sample == np.round(sample)) and sample.max() > 1)
+    sample = sample[sample != 0]
+    if sample.size == 0:
+        return False
+    frac, top = float(np.mean(sample == np.round(sample))), float(sample.max())
+    counts = top > LOG_MAX or (frac >= 0.9 and top > 1)
+    if (counts and frac < 1) or (not counts and frac >= 0.5 and top > 1):
+        warnings.warn(f"X: {frac:.1%} of the values are integers and the largest is {top:g}, so it is read as " + (
+            "raw counts (normalised to log1p(CP10k)), though some values are not integers" if counts else
+            "log-normalised (used as is), though most values are integers") + "; if that is wrong, pick the right "
+            "matrix with --layer", stacklevel=2)
+    return counts
 
 
 def log_normalise(X, target=1e4):
@@ -1531,12 +1545,29 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
 
 
+CHOICES = {"t_dist": ("uniform", "logit_normal"), "source": ("noise", "ctrl"), "kind": ("genetic", "chemical")}
+
+
 def check_args(args) -> None:
-    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
+    """Every numeric option of a config or argparse namespace within its LIMITS and finite, and every option with
+    CHOICES one of them, else one line."""
     for name, v in vars(args).items():
         rule = LIMITS.get(name)
         if rule and isinstance(v, (int, float)) and not ((isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
             raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
+        if name in CHOICES and v not in CHOICES[name]:
+            raise DataError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
+
+
+def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
+    """A checkpoint fixes the options it was trained with: one line for an option in `names` given on the command
+    line (not its default) whose value differs from the one stored (a stored config dict): "--NAME value: {source}
+    name = stored; {fix}"."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    bad = [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]
+    if bad:
+        raise DataError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
+                        f"{stored[bad[0]]!r}; {fix}")
 
 
 def _same_file(a, b) -> bool:
@@ -1594,9 +1625,8 @@ def main(argv=None):
     p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
     args = p.parse_args(argv)
     check_args(args)
-    if args.simulate is not None and (args.kind not in ("genetic", "chemical") or args.genes < 50):
-        raise DataError(f"--kind {args.kind!r}: use genetic or chemical" if args.genes >= 50 else
-                        f"--genes {args.genes}: the simulator needs at least 50 genes (its programs use 50)")
+    if args.simulate is not None and args.genes < 50:
+        raise DataError(f"--genes {args.genes}: the simulator needs at least 50 genes (its programs use 50)")
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
         write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
@@ -1617,9 +1647,7 @@ def main(argv=None):
     m = ds.meta
     n_single = sum("+" not in l for l, _ in ds.keys)
     sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
-    print(f"file        {m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
-          f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'})")
-    print(f"kept        {ds.X.shape[0]} cells x {len(ds.genes)} genes")
+    print(f"file        {describe(ds)}")
     print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
           f"dose={m['dose_key']!r} separator={m['sep']!r}")
     print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
@@ -1638,6 +1666,15 @@ def main(argv=None):
           f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
     if problem:
         print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
+
+
+def describe(ds) -> str:
+    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
+    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
+    m = ds.meta
+    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
+            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
 
 
 def cli(main) -> None:

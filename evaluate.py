@@ -398,6 +398,7 @@ def main(argv=None):
                         "--ckpt": a.ckpt, "--gene-sets": gene_sets,
                         "the base of --ckpt": [ck.get("extra", {}).get("base") for _, ck in models]})
     ds = dataset_for(models[0][1], a.data)
+    print(f"data {data.describe(ds)}")
     for c, (_, ck) in zip(a.ckpt, models):
         if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:
             raise DataError(f"{c} was trained on other genes or another split than {a.ckpt[0]}; evaluate them separately")

@@ -195,19 +195,6 @@ def now(device) -> float:
     return time.time()
 
 
-def check_fixed(cfg, stored: dict, source: str) -> None:
-    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
-    given on the command line (not its default) that differs from the stored value; --data, --seed and
-    --device are free."""
-    bad = [f for f in fields(data.DataConfig) if f.name not in ("data", "seed") and f.name in stored
-           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
-    if bad:
-        f = bad[0]
-        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
-                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
-                        f"again with it")
-
-
 def check_base(base: str, ck: dict, outputs: dict) -> None:
     """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
     if "base" in ck.get("extra", {}):
@@ -225,8 +212,11 @@ def train(cfg: RLConfig) -> str:
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
-    check_fixed(cfg, ck["config"], f"the checkpoint {base}")
+    data.check_fixed(cfg, ck["config"], [f.name for f in fields(data.DataConfig) if f.name not in ("data", "seed")],
+                     f"the checkpoint {base} fixes the data options it was trained with:", "drop the option, or "
+                     "pretrain again with it")
     ds = evaluate.dataset_for(ck, cfg.data)
+    print(f"data {data.describe(ds)}")                              # ranks > 0 print nothing (data.distributed)
     verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     weights = verifier.weights                                      # the nonzero ones
     val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
@@ -375,6 +365,8 @@ def before_after(cfg: RLConfig, out: str) -> str:
     base, _ = flow.load_checkpoint(ck["extra"]["base"])
     ds = evaluate.dataset_for(ck, cfg.data)
     keys = ds.split["test"]
+    if not keys:                                        # e.g. a random split of two conditions
+        return "no held-out test conditions in this split: no before/after table"
     preds = evaluate.baselines(ds, keys, seed=cfg.seed)
     preds["pretrained"] = evaluate.predict(base, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
     preds["rl"] = evaluate.predict(model, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)

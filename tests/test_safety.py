@@ -317,7 +317,7 @@ def test_checkpoint_before_zero_below_decodes_as_then(sim, tmp_path):
     z = torch.randn(50, model.mean.shape[0])
     assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
     with pytest.warns(UserWarning, match="zero_below"):                # a flow run resumes from it too
-        flow.train(tiny_flow(sim["path"], path, steps=61, resume=True))
+        flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, prior_dim=32, batch_size=64))
 
 
 @pytest.mark.parametrize("key, use, want", [
@@ -745,3 +745,77 @@ def test_a_nan_or_inf_dose_on_perturbed_cells_is_refused_with_the_rows(tmp_path,
         f["obs/dose"][40:42] = 0.1
         f["obs/dose"][0:3] = np.nan
     assert len(data.load_dataset(data.DataConfig(data=str(p), n_genes=0, split="random", min_cells=5)).keys) == 6
+
+
+# ----------------------------------------------------------------------------- raw counts or log-normalised
+def counts_file(path, odd_frac, scale=1.0, seed=5):
+    """Poisson counts (about 60% of entries non-zero), a fraction `odd_frac` of the non-zeros made non-integer
+    (+0.5, as pseudo-counts would), times `scale`."""
+    rng = np.random.default_rng(seed)
+    labels = ["ctrl"] * 40 + ["A"] * 20 + ["B"] * 20
+    X = rng.poisson(1.0, (len(labels), 30)).astype(np.float32) * scale
+    nz = np.flatnonzero(X)
+    X.flat[rng.choice(nz, int(odd_frac * len(nz)), replace=False)] += 0.5
+    return write(path, sp.csr_matrix(X), labels, list(data._footprints(200)[0][:30]))   # pathway genes: rewards
+
+
+@pytest.mark.parametrize("odd, scale, counts, warns", [(0.0, 1, True, False), (0.01, 1, True, True),
+                                                        (0.05, 1, True, True), (0.6, 100, True, True),
+                                                        (0.6, 1, False, False)])
+def test_counts_are_detected_despite_a_few_non_integers(tmp_path, odd, scale, counts, warns):
+    """1% non-integer values (pseudo-counts, ambient correction) made raw counts up to 2,616 'log-normalised, used
+    as is'. Now: counts when >= 90% are integers or the largest value is beyond any log-normalised one, with a
+    warning when the two signals disagree; mostly non-integers below 30 stay log-normalised."""
+    p = counts_file(tmp_path / "c.h5ad", odd, scale)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ds = data.load_dataset(data.DataConfig(data=p, n_genes=0, split="random", min_cells=5))
+    said = [str(x.message) for x in w if "integers and the largest is" in str(x.message)]
+    assert ds.meta["counts"] == counts and bool(said) == warns, said
+    if counts:                                                          # normalised: each cell sums to 10,000
+        assert np.allclose(np.expm1(np.asarray(ds.X, np.float64)).sum(1), 1e4, rtol=1e-3)
+    if warns:
+        pct = float(said[0].split("%")[0][3:]) / 100                    # 'X: 99.1% of the values are integers'
+        assert abs(pct - (1 - odd)) < 0.01 and "read as raw counts" in said[0] and "not integers" in said[0], said
+    lazy = data.load_dataset(data.DataConfig(data=p, n_genes=0, split="random", min_cells=5, lazy=True))
+    assert lazy.meta["counts"] == counts and np.array_equal(np.asarray(lazy.X), np.asarray(ds.X))
+
+
+def test_every_stage_says_what_it_detected_on_its_first_line_about_the_data(sim, tmp_path, capsys):
+    p = counts_file(tmp_path / "c.h5ad", 0.01)
+    want = f"{p}: 80 cells x 30 genes (raw counts -> log1p(CP10k)); kept"
+    with pytest.warns(UserWarning, match="some values are not integers"):
+        flow.main(["--data", p, "--n-genes", "0", "--split", "random", "--min-cells", "5", "--steps", "2",
+                   "--width", "16", "--depth", "1", "--out", str(tmp_path / "f.pt"), "--no-progress"])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"data {want}"), out
+        evaluate.main(["--ckpt", str(tmp_path / "f.pt"), "--split", "train", "--steps", "2", "--sde-noise", "0"])
+        assert capsys.readouterr().out.splitlines()[0].startswith(f"data {want}")
+        rl.main(["--ckpt", str(tmp_path / "f.pt"), "--out", str(tmp_path / "r.pt"), "--steps", "1", "--conds", "1",
+                 "--group", "4", "--T", "2", "--eval-cells", "4", "--eval-steps", "2", "--no-progress"])
+        assert capsys.readouterr().out.splitlines()[0].startswith(f"data {want}")
+        data.main(["--data", p, "--min-cells", "5"])
+        assert capsys.readouterr().out.splitlines()[0] == f"file        {want} 80 cells x 30 genes"
+    log = tmp_path / "log.h5ad"                                          # and log-normalised data, used as is
+    write(log, np.log1p(data.read_h5ad(p).X.toarray()), ["ctrl"] * 40 + ["A"] * 20 + ["B"] * 20,
+          list(data.read_h5ad(p).var_names))
+    data.main(["--data", str(log), "--min-cells", "5"])
+    assert "(log-normalised, used as is)" in capsys.readouterr().out.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- --resume keeps its options
+@pytest.mark.parametrize("flag, value, stored", [("--width", "64", "32"), ("--depth", "2", "1"),
+                                                 ("--source", "ctrl", "'noise'"), ("--n-genes", "50", "0"),
+                                                 ("--seed", "3", "0")])
+def test_resume_with_another_model_or_data_option_is_refused(sim, tmp_path, capsys, flag, value, stored):
+    """--resume with another --width silently kept the checkpoint's width."""
+    flow.train(tiny_flow(sim["path"], tmp_path / "f.pt", steps=2))
+    before = digest(tmp_path / "f.pt")
+    args = ["--data", str(sim["path"]), "--out", str(tmp_path / "f.pt"), "--resume", "--steps", "4", "--no-progress"]
+    err = one_error_line(capsys, lambda: flow.main([*args, flag, value]))
+    name = flag[2:].replace("-", "_")
+    assert err == (f"error: {flag} {value if flag != '--source' else repr(value)}: --resume: {tmp_path / 'f.pt'} "
+                   f"continues a run with {name} = {stored}; drop the option, or start a new run (another --out)"), err
+    assert digest(tmp_path / "f.pt") == before
+    flow.main([*args, "--width", "32", "--lr", "1e-3"])                  # the stored value, or a free option: fine
+    assert torch.load(tmp_path / "f.pt", weights_only=True)["step"] == 4
