@@ -1428,6 +1428,16 @@ def atomic_write(path):
             os.remove(tmp)
 
 
+def file_identity(path) -> str | None:
+    """What tells a cached result that its input file changed: size, modification time (ns) and a SHA-1 of the first
+    MiB; None for a path that is not a file (the load that follows says why)."""
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha1(f.read(2 ** 20)).hexdigest()}"
+
+
 def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
     """make_checkpoint(...) written atomically (write_checkpoint)."""
     write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))

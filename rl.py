@@ -135,19 +135,21 @@ def val_metrics(model, ds, keys, verifier, cfg) -> dict:
 # ----------------------------------------------------------------------------- the loop
 def pretrained(cfg: RLConfig) -> str:
     """cfg.ckpt, or a generator pretrained on cfg's data, cached in runs/ under a name that hashes every data
-    option, both seeds and the step count: it is reused only when all of them match."""
+    option, both seeds, the step count and the data file's identity (data.file_identity, the built-in simulator's
+    cached file too): it is reused only when all of them match, so never after the data changed in place."""
     if cfg.ckpt:
         return cfg.ckpt
     fcfg = flow.FlowConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)},
                            steps=cfg.pretrain_steps, device=cfg.device, progress=cfg.progress, timeout=cfg.timeout)
     opts = {f.name: getattr(fcfg, f.name) for f in fields(data.DataConfig)} | {"steps": fcfg.steps}
     opts["data"] = str(Path(cfg.data).resolve()) if cfg.data else None
+    opts["data_id"] = data.file_identity(cfg.data or data.builtin_path(cfg.kind))
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(cfg.data).stem if cfg.data else {"chemical": "chemical"}.get(cfg.kind, "simulated")
     fcfg.out = str(Path("runs") / f"flow_{name}_{tag}.pt")
     if Path(fcfg.out).exists():
         if data.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
-            print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
+            print(f"using the pretrained generator {fcfg.out} (same data file, data options, seeds and steps)")
             return fcfg.out
         fcfg.resume = True                                     # an interrupted pretraining: finish it
         print(f"resuming the interrupted pretraining {fcfg.out}")

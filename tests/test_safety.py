@@ -819,3 +819,29 @@ def test_resume_with_another_model_or_data_option_is_refused(sim, tmp_path, caps
     assert digest(tmp_path / "f.pt") == before
     flow.main([*args, "--width", "32", "--lr", "1e-3"])                  # the stored value, or a free option: fine
     assert torch.load(tmp_path / "f.pt", weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------- the pretraining cache
+def test_the_cached_pretrained_generator_is_not_reused_after_the_data_changed(sim, tmp_path, monkeypatch):
+    """rl.py without --ckpt reused runs/flow_<name>_<hash>.pt after the data file was rewritten in place (the
+    pretrained row's energy went from 0.6 to 4.35): the key now covers the file's size, mtime and first MiB."""
+    monkeypatch.chdir(tmp_path)
+    made = []
+    monkeypatch.setattr(flow, "train", lambda fcfg: (made.append(fcfg.out), Path(fcfg.out).touch(), fcfg.out)[2])
+    monkeypatch.setattr(data, "read_checkpoint", lambda path: {"step": 5})   # a finished 5-step pretraining
+    d = tmp_path / "d.h5ad"
+    d.write_bytes(Path(sim["path"]).read_bytes())
+    cfg = rl.RLConfig(data=str(d), pretrain_steps=5, progress=False)
+    a = rl.pretrained(cfg)
+    assert rl.pretrained(cfg) == a and made == [a]                       # unchanged: reused
+    data.write_h5ad(d, data.simulate(n_cells=1500, n_genes=200, n_singles=10, n_combos=8, seed=1))   # in place
+    b = rl.pretrained(cfg)
+    assert b != a and made == [a, b] and Path(b).name.startswith("flow_d_")
+    os.utime(d, ns=(1, 1))                                               # touched only: retrained, to be safe
+    assert rl.pretrained(cfg) not in (a, b) and len(made) == 3
+    sim_file = tmp_path / "builtin.h5ad"                                 # the built-in simulator's cached file
+    sim_file.write_bytes(Path(sim["path"]).read_bytes())
+    monkeypatch.setattr(data, "builtin_path", lambda kind="genetic": str(sim_file))
+    c = rl.pretrained(rl.RLConfig(pretrain_steps=5, progress=False))
+    sim_file.write_bytes(d.read_bytes())
+    assert rl.pretrained(rl.RLConfig(pretrain_steps=5, progress=False)) != c and len(made) == 5
