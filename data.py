@@ -547,17 +547,26 @@ def undosed(label, dose, control, sep) -> bool:
 
 
 def detect_sep(labels, control, genes=()) -> str:
-    """'+' when any label has it; else '|', ';' or '_' when every part of every label holding it is itself a
-    label or a gene name, in any case (so 'A_B' is a combination of A and B, not a gene called A_B); else '+'."""
-    labels = set(map(str, labels))
-    if any("+" in l for l in labels):
-        return "+"
+    """The characters that separate the components of a combination (parse_condition splits at each): '+' when any
+    label has it, with '|' and ';' when every part of every label holding them is itself a label or a gene name, in
+    any case ('DUSP6|DUSP4' among 'A+B' labels is DUSP4+DUSP6, not one gene of that name); without '+', the first
+    of '|', ';', '_' that passes the same test ('A_B' is A and B, not a gene called A_B); else '+'. Labels holding
+    '|' or ';' that stay whole get a warning."""
+    labels = set(map(str, labels)) - {control}
     known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
-    for sep in ("|", ";", "_"):
-        combos = [l for l in labels if sep in l and l != control]
-        if combos and all(all(p.strip().upper() in known for p in l.split(sep)) for l in combos):
-            return sep
-    return "+"
+
+    def splits(sep, at):                             # labels hold sep, and each splits into known parts at `at`
+        combos = [l for l in labels if sep in l]
+        return bool(combos) and all(all(p.strip().upper() in known for p in split_label(l, at)) for l in combos)
+    if any("+" in l for l in labels):
+        seps = "+" + "".join(s for s in "|;" if splits(s, "+" + s))
+    else:
+        seps = next((s for s in "|;_" if splits(s, s)), "+")
+    whole = sorted(l for l in labels if any(c in l and c not in seps for c in "|;"))
+    if whole:
+        warnings.warn(f"{len(whole)} label(s) hold '|' or ';' but not every part is a label or a gene, so each is "
+                      f"read as one perturbation: {whole[:5]}")
+    return seps
 
 
 def match_case(components, genes) -> dict:
@@ -590,22 +599,25 @@ def names_of(label: str) -> str:
 def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
     """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
     reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
-    a dose on dosed data it names a drug (or drug pair) at every dose (make_split)."""
-    if "@" not in lab:
-        return "+".join(parse_condition(lab, control, sep, rename=rename))
-    if all("@" in p for p in lab.split("+")):
+    a dose on dosed data it names a drug (or drug pair) at every dose (make_split). The control is one line."""
+    names, doses = lab, []
+    if "@" in lab and all("@" in p for p in lab.split("+")):
         names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
-        names = sep.join(names)
-    else:
+        names = sep[0].join(names)
+    elif "@" in lab:
         names, _, doses = lab.partition("@")
         doses = doses.split("+")
     try:
-        d = [float(x) for x in doses]
+        d = [float(x) for x in doses] or [None]
     except ValueError:
         raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
-    if len(d) not in (1, len(names.split(sep))):
-        raise DataError(f"--test {lab!r}: {len(names.split(sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
-    return "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+    if len(d) not in (1, len(split_label(names, sep))):
+        raise DataError(f"--test {lab!r}: {len(split_label(names, sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
+    out = "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+    if not out:
+        raise DataError(f"--test {lab!r} is the control ({control!r}); --test names perturbed conditions to hold out "
+                        "(A, A+B, D@0.1)")
+    return out
 
 
 def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):

@@ -845,3 +845,39 @@ def test_the_cached_pretrained_generator_is_not_reused_after_the_data_changed(si
     c = rl.pretrained(rl.RLConfig(pretrain_steps=5, progress=False))
     sim_file.write_bytes(d.read_bytes())
     assert rl.pretrained(rl.RLConfig(pretrain_steps=5, progress=False)) != c and len(made) == 5
+
+
+# ----------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("test", ["ctrl", "CTRL", "ctrl+ctrl", "A,ctrl"])
+def test_test_naming_the_control_is_one_line(sim, tmp_path, monkeypatch, capsys, test):
+    """--test ctrl was silently ignored and the default split's test conditions were used."""
+    monkeypatch.setattr(flow, "VelocityField", boom)
+    g = sim["ds"].split["test"][0][0].split("+")[0]
+    err = one_error_line(capsys, lambda: flow.main(["--data", str(sim["path"]), "--test", test.replace("A", g),
+                                                    "--out", str(tmp_path / "f.pt"), "--no-progress"]))
+    assert err == f"error: --test {test.split(',')[-1]!r} is the control ('ctrl'); --test names perturbed conditions " \
+                  "to hold out (A, A+B, D@0.1)", err
+    p = drug_screen(tmp_path / "d.h5ad", "dose", [0.1, 1, 10])          # a drug screen's control, Vehicle
+    with pytest.raises(DataError, match="--test 'Vehicle' is the control \\('Vehicle'\\)"):
+        data.load_dataset(data.DataConfig(data=p, test="Vehicle", n_genes=0, min_cells=5))
+    assert not (tmp_path / "f.pt").exists()
+
+
+def test_a_pipe_label_among_plus_labels_is_a_combination_when_its_parts_are_known(tmp_path):
+    """'DUSP6|DUSP4' among '+' labels became one new single 'DUSP6|DUSP4' though the README says A|B is parsed.
+    Now '|' (or ';') also separates when every part of every label holding it is a label or a gene; a label whose
+    parts are not is kept whole, with a warning."""
+    rng = np.random.default_rng(6)
+    genes = ["DUSP4", "DUSP6", "MYC", "FOS"] + [f"G{i}" for i in range(8)]
+    labels = ["ctrl"] * 40 + [l for l in ("DUSP4", "DUSP6", "MYC", "MYC+FOS", "DUSP6|DUSP4") for _ in range(12)]
+    p = write(tmp_path / "mix.h5ad", rng.poisson(3.0, (len(labels), 12)).astype(np.float32), labels, genes)
+    ds = data.load_dataset(data.DataConfig(data=p, n_genes=0, test="DUSP4+DUSP6", min_cells=5))
+    assert ds.meta["sep"] == "+|" and sorted(k[0] for k in ds.keys) == ["DUSP4", "DUSP4+DUSP6", "DUSP6", "FOS+MYC",
+                                                                       "MYC"]
+    assert ds.split["test"] == [("DUSP4+DUSP6", "all")] and ds.meta["labels"]["DUSP4+DUSP6"] == "DUSP6|DUSP4"
+    assert ds.components == ["DUSP4", "DUSP6", "FOS", "MYC"]
+    assert data.detect_sep(["ctrl", "A", "B", "A+B", "A;B"], "ctrl") == "+;"
+    with pytest.warns(UserWarning, match=r"1 label\(s\) hold '\|' or ';' but not every part is a label or a gene, "
+                                         r"so each is read as one perturbation: \['X\|Y'\]"):
+        assert data.detect_sep(["ctrl", "A", "A+B", "X|Y"], "ctrl") == "+"
+    assert data.parse_condition("DUSP6|DUSP4", "ctrl", "+|") == ("DUSP4", "DUSP6")
