@@ -1699,13 +1699,29 @@ def describe(ds) -> str:
             f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
 
 
+@contextmanager
+def sigterm_as_interrupt():
+    """Within it SIGTERM raises KeyboardInterrupt: batch schedulers send SIGTERM before they kill a job, and a stage
+    then stops exactly as on Ctrl-C (rl.py saves the state after the last completed step, flow.py keeps its last
+    checkpoint, a write in progress removes its temporary file). Main thread only (a rule of signal); cli uses it in
+    every process, so under torchrun in every rank."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cli(main) -> None:
     """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
-    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130. Under torchrun only
-    rank 0 prints them, and the process group is closed on the way out."""
+    Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
+    code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        main()
+        with sigterm_as_interrupt():
+            main()
     except DataError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

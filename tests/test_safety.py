@@ -881,3 +881,72 @@ def test_a_pipe_label_among_plus_labels_is_a_combination_when_its_parts_are_know
                                          r"so each is read as one perturbation: \['X\|Y'\]"):
         assert data.detect_sep(["ctrl", "A", "A+B", "X|Y"], "ctrl") == "+"
     assert data.parse_condition("DUSP6|DUSP4", "ctrl", "+|") == ("DUSP4", "DUSP6")
+
+
+# ----------------------------------------------------------------------------- SIGTERM, as batch schedulers send it
+def test_sigterm_to_a_running_rl_process_saves_a_resumable_state(sim, tmp_path):
+    """SIGTERM (sent by batch schedulers before they kill a job) is handled like Ctrl-C: rl.py writes the state after
+    the last completed step to <out>_last.pt and exits 130, no temporary file left; --resume then ends
+    bit-identical to an uninterrupted run of the same length."""
+    import signal
+    out = tmp_path / "s.pt"
+    cmd = [sys.executable, "-u", "rl.py", "--ckpt", sim["ckpt"], "--out", str(out), "--steps", "1000", "--conds", "2",
+           "--group", "4", "--T", "3", "--eval-every", "2", "--eval-cells", "8", "--eval-steps", "4", "--log-every",
+           "1", "--no-progress"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in p.stdout:                                            # once the first step is done
+            if line.startswith("step    1 "):
+                break
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill() if p.poll() is None else None
+    k = torch.load(tmp_path / "s_last.pt", weights_only=True)["step"]
+    assert p.returncode == 130 and f"saved the state after step {k} to {tmp_path / 's_last.pt'}" in err, err
+    assert k < 1000 and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    rl.train(tiny_rl(sim, out, steps=k + 2, resume=True))
+    rl.train(tiny_rl(sim, tmp_path / "ref.pt", steps=k + 2))
+    same_state(*(torch.load(tmp_path / f, weights_only=True) for f in ("s_last.pt", "ref_last.pt")))
+
+
+@pytest.mark.parametrize("stage", ["rl", "flow"])
+def test_sigterm_during_a_save_leaves_no_temp_file_and_resumes_exactly(sim, rl_ref, tmp_path, monkeypatch, stage):
+    """A real SIGTERM to this process in the middle of torch.save (half the file written): the temporary file is
+    removed, the previous file kept, and the run resumes exactly."""
+    import signal
+    real, hits, before = torch.save, [], signal.getsignal(signal.SIGTERM)
+
+    def save(obj, f, *a, **kw):
+        if not hits and ("_last.pt." in str(f) if stage == "rl" else str(f).endswith(".tmp") and "b.pt" in str(f)):
+            hits.append(f)
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            os.kill(os.getpid(), signal.SIGTERM)                        # raises KeyboardInterrupt here
+        return real(obj, f, *a, **kw)
+    if stage == "flow":
+        flow.train(tiny_flow(sim["path"], tmp_path / "a.pt"))
+    monkeypatch.setattr(torch, "save", save)
+    with data.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        rl.train(tiny_rl(sim, tmp_path / "c.pt")) if stage == "rl" else flow.train(tiny_flow(sim["path"],
+                                                                                              tmp_path / "b.pt"))
+    monkeypatch.undo()
+    assert hits and not os.path.exists(hits[0]) and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    if stage == "rl":                                                   # the first save of the latest state: step 2
+        assert torch.load(tmp_path / "c_last.pt", weights_only=True)["step"] == 1
+        rl.train(tiny_rl(sim, tmp_path / "c.pt", resume=True))
+        same_state(torch.load(tmp_path / "c_last.pt", weights_only=True), rl_ref["last"])
+    else:                                                               # the step-20 save failed: nothing on disk
+        assert sorted(os.listdir(tmp_path)) == ["a.pt"]
+    assert signal.getsignal(signal.SIGTERM) == before                   # the handler is put back
+
+
+def test_sigterm_under_the_cli_exits_130_with_the_resume_hint(monkeypatch, capsys):
+    import signal
+    import time
+    monkeypatch.setattr(flow, "train", lambda cfg: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))
+    with pytest.raises(SystemExit) as e:
+        data.cli(lambda: flow.main(["--out", "x.pt"]))
+    assert e.value.code == 130 and "continue from the last checkpoint in x.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                                 # a stage without its own hint
+        data.cli(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(30))
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "terminated (SIGTERM)"
