@@ -576,6 +576,10 @@ def test_an_output_naming_a_folder_is_refused_the_same_way_everywhere(sim, tmp_p
     want = {"": "is empty", "existing dir": "is a folder"}.get(form, "names a folder")
     assert f"{path!r} {want}; an output is a file" in err, err
     assert sorted(os.listdir(tmp_path)) == ["existing"] and not os.listdir(tmp_path / "existing")
+    if stage == "rl --out" and form == "existing dir":                  # <out>_last.pt, named after --out
+        (tmp_path / "r_last.pt").mkdir()
+        err = one_error_line(capsys, lambda: stage_runs(sim)[stage](str(tmp_path / "r.pt")))
+        assert f"--out (latest state) {str(tmp_path / 'r_last.pt')!r} is a folder" in err, err
 
 
 def test_folders_given_as_inputs_are_named_as_folders(sim, tmp_path, capsys):
@@ -628,8 +632,7 @@ def stage_mains(sim, tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["flow", "rl", "evaluate", "data", "data --simulate"])
-@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--split-seed", "-1"),
-                                         ("--split-seed", str(2 ** 64))])
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--split-seed", str(2 ** 64))])
 def test_seeds_outside_0_to_2_32_are_one_line(sim, tmp_path, monkeypatch, capsys, stage, flag, value):
     if stage == "evaluate" and flag == "--split-seed":                  # the checkpoint holds its split
         pytest.skip("evaluate has no --split-seed")
@@ -641,12 +644,13 @@ def test_seeds_outside_0_to_2_32_are_one_line(sim, tmp_path, monkeypatch, capsys
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "s.h5ad").exists()
 
 
-@pytest.mark.parametrize("device, cuda, want", [("gpu", 0, "unknown device; use cpu, cuda, cuda:N, mps or auto"),
-                                                ("cuda:0:1", 0, "unknown device"),
-                                                ("mps", 0, "MPS (Apple GPU) is not available here"),
-                                                ("cuda:1", 1, "1 GPU(s) visible to torch: cuda:0 to cuda:0"),
-                                                ("cuda:1", 0, "no CUDA device visible to torch")])
-@pytest.mark.parametrize("stage", ["flow", "rl", "evaluate"])
+@pytest.mark.parametrize("stage, device, cuda, want", [
+    ("flow", "gpu", 0, "unknown device; use cpu, cuda, cuda:N, mps or auto"), ("flow", "cuda:0:1", 0, "unknown device"),
+    ("flow", "mps", 0, "MPS (Apple GPU) is not available here"),
+    ("flow", "cuda:1", 1, "1 GPU(s) visible to torch: cuda:0 to cuda:0"),
+    ("flow", "cuda:1", 0, "no CUDA device visible to torch"), ("rl", "gpu", 0, "unknown device"),
+    ("rl", "cuda:2", 2, "2 GPU(s) visible to torch: cuda:0 to cuda:1"), ("evaluate", "gpu", 0, "unknown device"),
+    ("evaluate", "mps", 0, "MPS (Apple GPU) is not available here")])
 def test_devices_that_do_not_exist_here_are_one_line(sim, tmp_path, monkeypatch, capsys, device, cuda, want, stage):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available() and device == "mps":
         pytest.skip("this machine has MPS")
@@ -804,21 +808,28 @@ def test_every_stage_says_what_it_detected_on_its_first_line_about_the_data(sim,
 
 
 # ----------------------------------------------------------------------------- --resume keeps its options
-@pytest.mark.parametrize("flag, value, stored", [("--width", "64", "32"), ("--depth", "2", "1"),
-                                                 ("--source", "ctrl", "'noise'"), ("--n-genes", "50", "0"),
-                                                 ("--seed", "3", "0")])
-def test_resume_with_another_model_or_data_option_is_refused(sim, tmp_path, capsys, flag, value, stored):
+@pytest.fixture(scope="module")
+def flow2(sim, tmp_path_factory):
+    """A 2-step tiny_flow checkpoint (width 32, depth 1, noise source, all genes, seed 0)."""
+    out = tmp_path_factory.mktemp("flow2") / "f.pt"
+    flow.train(tiny_flow(sim["path"], out, steps=2))
+    return out
+
+
+@pytest.mark.parametrize("flag, value, stored", [("--width", "64", "32"), ("--source", "ctrl", "'noise'"),
+                                                 ("--n-genes", "50", "0"), ("--seed", "3", "0")])
+def test_resume_with_another_model_or_data_option_is_refused(sim, flow2, tmp_path, capsys, flag, value, stored):
     """--resume with another --width silently kept the checkpoint's width."""
-    flow.train(tiny_flow(sim["path"], tmp_path / "f.pt", steps=2))
-    before = digest(tmp_path / "f.pt")
+    (tmp_path / "f.pt").write_bytes(flow2.read_bytes())
     args = ["--data", str(sim["path"]), "--out", str(tmp_path / "f.pt"), "--resume", "--steps", "4", "--no-progress"]
     err = one_error_line(capsys, lambda: flow.main([*args, flag, value]))
     name = flag[2:].replace("-", "_")
     assert err == (f"error: {flag} {value if flag != '--source' else repr(value)}: --resume: {tmp_path / 'f.pt'} "
                    f"continues a run with {name} = {stored}; drop the option, or start a new run (another --out)"), err
-    assert digest(tmp_path / "f.pt") == before
-    flow.main([*args, "--width", "32", "--lr", "1e-3"])                  # the stored value, or a free option: fine
-    assert torch.load(tmp_path / "f.pt", weights_only=True)["step"] == 4
+    assert digest(tmp_path / "f.pt") == digest(flow2)
+    if flag == "--width":                                                # the stored value, or a free option: fine
+        flow.main([*args, "--width", "32", "--lr", "1e-3"])
+        assert torch.load(tmp_path / "f.pt", weights_only=True)["step"] == 4
 
 
 # ----------------------------------------------------------------------------- the pretraining cache
@@ -891,7 +902,7 @@ def test_sigterm_to_a_running_rl_process_saves_a_resumable_state(sim, tmp_path):
     import signal
     out = tmp_path / "s.pt"
     cmd = [sys.executable, "-u", "rl.py", "--ckpt", sim["ckpt"], "--out", str(out), "--steps", "1000", "--conds", "2",
-           "--group", "4", "--T", "3", "--eval-every", "2", "--eval-cells", "8", "--eval-steps", "4", "--log-every",
+           "--group", "4", "--T", "3", "--eval-every", "1000", "--eval-cells", "8", "--eval-steps", "4", "--log-every",
            "1", "--no-progress"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -905,8 +916,8 @@ def test_sigterm_to_a_running_rl_process_saves_a_resumable_state(sim, tmp_path):
     k = torch.load(tmp_path / "s_last.pt", weights_only=True)["step"]
     assert p.returncode == 130 and f"saved the state after step {k} to {tmp_path / 's_last.pt'}" in err, err
     assert k < 1000 and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-    rl.train(tiny_rl(sim, out, steps=k + 2, resume=True))
-    rl.train(tiny_rl(sim, tmp_path / "ref.pt", steps=k + 2))
+    rl.train(tiny_rl(sim, out, steps=k + 2, eval_every=1000, resume=True))
+    rl.train(tiny_rl(sim, tmp_path / "ref.pt", steps=k + 2, eval_every=1000))
     same_state(*(torch.load(tmp_path / f, weights_only=True) for f in ("s_last.pt", "ref_last.pt")))
 
 
