@@ -1608,7 +1608,7 @@ def check_output(what, path) -> None:
     bad = "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
         path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None
     if bad:
-        raise DataError(f"{what} {path!r} {bad}; an output is a file: give its path (e.g. {what} out/run.pt)")
+        raise DataError(f"{what} {path!r} {bad}; an output is a file: give the path of the file to write")
 
 
 def check_outputs(outputs: dict, inputs: dict) -> None:
