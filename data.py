@@ -22,15 +22,18 @@ gene-name harmonisation across species, dose units other than molar (uM, nM, mM)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import os
 import pickle
 import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +53,7 @@ PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_n
              "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
 COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
 DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
+DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
 DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
 DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
 DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
@@ -362,7 +366,12 @@ def control_rows(ds, keys, n, generator) -> list:
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (from a checkpoint)
     override the selection and the split, so every stage sees the same ones."""
-    h = read_h5ad(cfg.data or builtin_path(cfg.kind), layer=cfg.layer, lazy=cfg.lazy)
+    path = cfg.data or builtin_path(cfg.kind)
+    h = read_h5ad(path, layer=cfg.layer, lazy=cfg.lazy)
+    if min(h.X.shape) == 0 or h.X.shape[1] < 2:    # one gene: its CP10k is 10,000 in every cell, no Pearson, no DE
+        raise DataError(f"{path}: X is {h.X.shape[0]} cells x {h.X.shape[1]} gene(s): " + (
+            "the file has no cells" if h.X.shape[0] == 0 else "cells are compared over their genes, which needs at "
+            "least 2") + "; check that it is the right file (or --layer)")
     symbols = gene_symbols(h, cfg.gene_symbols)
     lab = read_labels(h, cfg, symbols)
     keys = lab["keys"]
@@ -460,6 +469,9 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
         cols = np.array([pos[g] for g in genes])
     else:
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+        if len(cols) < 2:
+            raise DataError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
+                            "which needs at least 2 (0 keeps all)")
     if cfg.lazy:                                                       # from disk, block by block
         Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
     else:
@@ -469,8 +481,9 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
 
 
 # ----------------------------------------------------------------------------- perturbations
-def find_key(columns, wanted, given, what, flag):
-    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else None."""
+def find_key(columns, wanted, given, what, flag, pattern=None):
+    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else the first column
+    matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
     if given is not None:
         if given not in columns:
             raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
@@ -479,7 +492,7 @@ def find_key(columns, wanted, given, what, flag):
         for c in columns:
             if c.lower() == k:
                 return c
-    return None
+    return next((c for c in columns if pattern is not None and pattern.match(c)), None)
 
 
 def find_control(labels: np.ndarray, given=None) -> str:
@@ -511,7 +524,7 @@ def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=
     ctrl = {control.lower(), "ctrl", "control"}
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
-    parts = [p.strip() for p in str(label).split(sep)]
+    parts = [p.strip() for p in split_label(label, sep)]
     doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
     comps = []
     for p, d in zip(parts, doses):
@@ -521,18 +534,39 @@ def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=
     return tuple(sorted(comps))
 
 
+def split_label(label, sep: str) -> list:
+    """The parts of a label, split at every separator character in `sep` ('+|': at '+' and at '|')."""
+    return re.split(f"[{re.escape(sep)}]", str(label))
+
+
+def undosed(label, dose, control, sep) -> bool:
+    """A perturbed part of `label` has no finite dose (dose: dose_values' None, one number or one per part)."""
+    parts = split_label(label, sep)
+    per = dose if isinstance(dose, list) else [dose] * len(parts)
+    return any(parse_condition(p, control, sep) and (v is None or not np.isfinite(v)) for p, v in zip(parts, per))
+
+
 def detect_sep(labels, control, genes=()) -> str:
-    """'+' when any label has it; else '|', ';' or '_' when every part of every label holding it is itself a
-    label or a gene name, in any case (so 'A_B' is a combination of A and B, not a gene called A_B); else '+'."""
-    labels = set(map(str, labels))
-    if any("+" in l for l in labels):
-        return "+"
+    """The characters that separate the components of a combination (parse_condition splits at each): '+' when any
+    label has it, with '|' and ';' when every part of every label holding them is itself a label or a gene name, in
+    any case ('DUSP6|DUSP4' among 'A+B' labels is DUSP4+DUSP6, not one gene of that name); without '+', the first
+    of '|', ';', '_' that passes the same test ('A_B' is A and B, not a gene called A_B); else '+'. Labels holding
+    '|' or ';' that stay whole get a warning."""
+    labels = set(map(str, labels)) - {control}
     known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
-    for sep in ("|", ";", "_"):
-        combos = [l for l in labels if sep in l and l != control]
-        if combos and all(all(p.strip().upper() in known for p in l.split(sep)) for l in combos):
-            return sep
-    return "+"
+
+    def splits(sep, at):                             # labels hold sep, and each splits into known parts at `at`
+        combos = [l for l in labels if sep in l]
+        return bool(combos) and all(all(p.strip().upper() in known for p in split_label(l, at)) for l in combos)
+    if any("+" in l for l in labels):
+        seps = "+" + "".join(s for s in "|;" if splits(s, "+" + s))
+    else:
+        seps = next((s for s in "|;_" if splits(s, s)), "+")
+    whole = sorted(l for l in labels if any(c in l and c not in seps for c in "|;"))
+    if whole:
+        warnings.warn(f"{len(whole)} label(s) hold '|' or ';' but not every part is a label or a gene, so each is "
+                      f"read as one perturbation: {whole[:5]}")
+    return seps
 
 
 def match_case(components, genes) -> dict:
@@ -565,22 +599,25 @@ def names_of(label: str) -> str:
 def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
     """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
     reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
-    a dose on dosed data it names a drug (or drug pair) at every dose (make_split)."""
-    if "@" not in lab:
-        return "+".join(parse_condition(lab, control, sep, rename=rename))
-    if all("@" in p for p in lab.split("+")):
+    a dose on dosed data it names a drug (or drug pair) at every dose (make_split). The control is one line."""
+    names, doses = lab, []
+    if "@" in lab and all("@" in p for p in lab.split("+")):
         names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
-        names = sep.join(names)
-    else:
+        names = sep[0].join(names)
+    elif "@" in lab:
         names, _, doses = lab.partition("@")
         doses = doses.split("+")
     try:
-        d = [float(x) for x in doses]
+        d = [float(x) for x in doses] or [None]
     except ValueError:
         raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
-    if len(d) not in (1, len(names.split(sep))):
-        raise DataError(f"--test {lab!r}: {len(names.split(sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
-    return "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+    if len(d) not in (1, len(split_label(names, sep))):
+        raise DataError(f"--test {lab!r}: {len(split_label(names, sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
+    out = "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
+    if not out:
+        raise DataError(f"--test {lab!r} is the control ({control!r}); --test names perturbed conditions to hold out "
+                        "(A, A+B, D@0.1)")
+    return out
 
 
 def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
@@ -645,7 +682,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
     # doses: one string per cell ('nan' = none), in the input unit
     dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key")] if c]
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
     absent = [c for c in dose_cols if c not in obs]
     if absent:
         raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
@@ -667,12 +704,19 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
     where = f"columns {pert_key!r}/{dose_key!r}"
     doses = [None if not dose_key or not parse_condition(l, control, sep) else
-             dose_values(d, l, len(l.split(sep)), combo, where) for l, d in pairs]
+             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
+    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
+                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
+    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
+        l, d = pairs[inv.ravel()[rows[0]]]
+        raise DataError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
+            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
+            "(0 = vehicle), drop those cells, or --dose-key none")
     unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
     if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
         top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower() if m else "nm" if top > 1000 else "um"
+        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
     if unit not in DOSE_UNITS:
         raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
     f = DOSE_UNITS[unit]
@@ -847,14 +891,28 @@ def check_values(X, offset=0) -> None:
                             f"with --layer or clean the file")
 
 
+LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, log1p(CPM) 13.8, log2(CPM + 1) 19.9
+
+
 def is_counts(X, n_max=200_000) -> bool:
-    """Raw counts: every stored value (a sample of up to n_max) is a non-negative integer, and some exceed 1
-    would fail for log1p data (values like 0.69, 1.1)."""
+    """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values by two
+    signals that survive a few odd values: the maximum (log-normalised values never exceed LOG_MAX) and the fraction
+    of integers (counts: all; log values: almost none). Counts when the maximum is out of reach of log values, or when
+    at least 90% are integers and some exceed 1; a warning when the two disagree (non-integer counts: pseudo-counts,
+    ambient-RNA correction)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    if data.size == 0:
-        return False
     sample = data[:: max(1, data.size // n_max)]
-    return bool(np.all(sample == np.round(sample)) and sample.max() > 1)
+    sample = sample[sample != 0]
+    if sample.size == 0:
+        return False
+    frac, top = float(np.mean(sample == np.round(sample))), float(sample.max())
+    counts = top > LOG_MAX or (frac >= 0.9 and top > 1)
+    if (counts and frac < 1) or (not counts and frac >= 0.5 and top > 1):
+        warnings.warn(f"X: {frac:.1%} of the values are integers and the largest is {top:g}, so it is read as " + (
+            "raw counts (normalised to log1p(CP10k)), though some values are not integers" if counts else
+            "log-normalised (used as is), though most values are integers") + "; if that is wrong, pick the right "
+            "matrix with --layer", stacklevel=2)
+    return counts
 
 
 def log_normalise(X, target=1e4):
@@ -1143,7 +1201,8 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     disk (a DiskX read in blocks of cells)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found; check the path to the .h5ad file")
+        raise DataError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
+                        f"{path}: file not found; check the path to the .h5ad file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -1245,44 +1304,49 @@ def _write_dict(g, d, compression):
 
 
 def write_h5ad(path, h: H5AD, compression=None) -> None:
-    """Write `h` in the current anndata layout, atomically (path + '.tmp', then os.replace).
+    """Write `h` in the current anndata layout, atomically (atomic_write).
 
     compression: None or "gzip" (applied to every non-empty array)."""
-    path = os.fspath(path)
     n_obs, n_vars = h.X.shape
     if (len(h.obs_names), len(h.var_names)) != (n_obs, n_vars):
         raise DataError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
                         f"{len(h.var_names)} var_names; give one name per row and per column")
-    tmp = path + ".tmp"
-    try:
-        with h5py.File(tmp, "w") as f:
-            _enc(f, "anndata", "0.1.0")
-            if sp.issparse(h.X):
-                _write_sparse(f, "X", h.X, compression)
-            else:
-                _write_array(f, "X", h.X, compression)
-            _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
-            _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
-            for k in ("layers", "obsm", "obsp", "varm", "varp"):
-                _enc(f.create_group(k), "dict", "0.1.0")
-            _write_dict(f.create_group("uns"), h.uns or {}, compression)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        _enc(f, "anndata", "0.1.0")
+        if sp.issparse(h.X):
+            _write_sparse(f, "X", h.X, compression)
+        else:
+            _write_array(f, "X", h.X, compression)
+        _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
+        _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
+        for k in ("layers", "obsm", "obsp", "varm", "varp"):
+            _enc(f.create_group(k), "dict", "0.1.0")
+        _write_dict(f.create_group("uns"), h.uns or {}, compression)
 
 
 # ----------------------------------------------------------------------------- devices and checkpoints
 # Shared by every stage: the device (and torchrun's process group) is chosen once, checkpoints are written
 # atomically and read with one clear line for whatever makes one unusable. flow.pt and rl.pt share the format.
 def pick_device(name: str = "auto") -> torch.device:
-    """The one place that picks a device: cuda, then mps, then cpu."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device visible to torch; use --device cpu or auto")
-    if name != "auto":
-        return torch.device(name)
+    """The one place that picks a device: auto is cuda, then mps, then cpu; a named device must exist here, else
+    one line (an unknown name, mps without MPS, cuda:N beyond the GPUs visible)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bad = ("unknown device; use cpu, cuda, cuda:N, mps or auto" if dev is None or dev.type not in
+           ("cpu", "cuda", "mps", "meta") else  # meta: tests of device placement
+           "no CUDA device visible to torch; use --device cpu or auto" if dev.type == "cuda" and
+           not torch.cuda.is_available() else
+           f"{n} GPU(s) visible to torch: cuda:0 to cuda:{n - 1}" if dev.type == "cuda" and (dev.index or 0) >= n > 0 else
+           "MPS (Apple GPU) is not available here; use --device cpu or auto" if dev.type == "mps" and not mps else None)
+    if bad:
+        raise DataError(f"--device {name}: {bad}")
+    return dev
 
 
 def autocast(device):
@@ -1343,14 +1407,47 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
 
 
 def write_checkpoint(path, ckpt: dict) -> None:
-    """torch.save to path.tmp, then os.replace: a crash or Ctrl-C never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"
-    try:
+    """torch.save, atomically (atomic_write): a crash, Ctrl-C or SIGTERM never leaves a half-written checkpoint."""
+    with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
+
+
+UMASK = os.umask(0o022)                               # read once (set back at once): the mode a new file gets
+os.umask(UMASK)
+
+
+@contextmanager
+def atomic_write(path):
+    """The one way every stage writes a file (checkpoints, h5ad, JSON): yields a new temporary path in path's folder
+    (tempfile.mkstemp: it can never be an input or another run's file) for the caller to write and close; then
+    renames it to `path`, the only step that touches `path`. Any failure or signal removes it; a failed write (a
+    full disk: torch.save's "unexpected pos", OSError ENOSPC) is one line, and `path` stays as it was."""
+    path, tmp = os.fspath(path), None
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        why = (str(e).strip() or "no message").splitlines()[0][:160]
+        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free in" if os.path.isdir(folder) else "no folder"
+        raise DataError(f"writing {path} failed ({type(e).__name__}: {why}); {free} {folder}: if the disk is full, "
+                        f"free space or write elsewhere; {path} was left as it was") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_identity(path) -> str | None:
+    """What tells a cached result that its input file changed: size, modification time (ns) and a SHA-1 of the first
+    MiB; None for a path that is not a file (the load that follows says why)."""
+    if not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha1(f.read(2 ** 20)).hexdigest()}"
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
@@ -1363,7 +1460,8 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks, or
     where its genes differ from `genes` (the genes of the data loaded for it)."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
+        raise DataError(f"{path} is a folder; give the checkpoint file in it" if os.path.isdir(path) else
+                        f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1465,15 +1563,33 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
     ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
 
 
+CHOICES = {"t_dist": ("uniform", "logit_normal"), "source": ("noise", "ctrl"), "kind": ("genetic", "chemical")}
+
+
 def check_args(args) -> None:
-    """Every numeric option of a config or argparse namespace within its LIMITS and finite, else one line."""
+    """Every numeric option of a config or argparse namespace within its LIMITS and finite, and every option with
+    CHOICES one of them, else one line."""
     for name, v in vars(args).items():
         rule = LIMITS.get(name)
-        if rule and isinstance(v, (int, float)) and not (np.isfinite(v) and rule[0](v)):
+        if rule and isinstance(v, (int, float)) and not ((isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
             raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
+        if name in CHOICES and v not in CHOICES[name]:
+            raise DataError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
+
+
+def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
+    """A checkpoint fixes the options it was trained with: one line for an option in `names` given on the command
+    line (not its default) whose value differs from the one stored (a stored config dict): "--NAME value: {source}
+    name = stored; {fix}"."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    bad = [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]
+    if bad:
+        raise DataError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
+                        f"{stored[bad[0]]!r}; {fix}")
 
 
 def _same_file(a, b) -> bool:
@@ -1486,20 +1602,32 @@ def _same_file(a, b) -> bool:
         return False
 
 
+def check_output(what, path) -> None:
+    """One line for an output path that cannot name a file: empty, ending in a slash, or an existing folder."""
+    path = os.fspath(path)
+    bad = "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
+        path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None
+    if bad:
+        raise DataError(f"{what} {path!r} {bad}; an output is a file: give the path of the file to write")
+
+
 def check_outputs(outputs: dict, inputs: dict) -> None:
-    """Before any work: refuse an output that is the same file as an input or another output, create its
-    folder, and fail now if that folder cannot be written. {what: path, list of paths or None} each."""
+    """Before any work: refuse an output that cannot be a file (check_output), is the same file as an input or another
+    output, or exists write-protected (a rename would replace it all the same); create its folder, and fail now if
+    that folder cannot be written. {what: path, list of paths or None} each."""
     ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
     for what, path in outputs.items():
-        if not path:
+        if path is None:
             continue
+        check_output(what, path)
         path = os.fspath(path)
         clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
         if clash:
             raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
                             "choose another output path")
-        if os.path.isdir(path):
-            raise DataError(f"{what} {path} is a folder; give a file path")
+        if os.path.exists(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
+            raise DataError(f"{what} {path} exists and is write-protected (mode {os.stat(path).st_mode & 0o777:o}); "
+                            "make it writable to replace it (chmod u+w), or choose another path")
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -1519,10 +1647,10 @@ def main(argv=None):
     p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
     args = p.parse_args(argv)
     check_args(args)
+    if args.simulate is not None and args.genes < 50:
+        raise DataError(f"--genes {args.genes}: the simulator needs at least 50 genes (its programs use 50)")
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
-        if args.kind not in ("genetic", "chemical"):
-            raise DataError(f"--kind {args.kind!r}: use genetic or chemical")
         write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
             n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
         print(f"wrote {args.simulate}")
@@ -1541,9 +1669,7 @@ def main(argv=None):
     m = ds.meta
     n_single = sum("+" not in l for l, _ in ds.keys)
     sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
-    print(f"file        {m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
-          f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'})")
-    print(f"kept        {ds.X.shape[0]} cells x {len(ds.genes)} genes")
+    print(f"file        {describe(ds)}")
     print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
           f"dose={m['dose_key']!r} separator={m['sep']!r}")
     print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
@@ -1564,13 +1690,38 @@ def main(argv=None):
         print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
 
 
+def describe(ds) -> str:
+    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
+    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
+    m = ds.meta
+    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
+            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within it SIGTERM raises KeyboardInterrupt: batch schedulers send SIGTERM before they kill a job, and a stage
+    then stops exactly as on Ctrl-C (rl.py saves the state after the last completed step, flow.py keeps its last
+    checkpoint, a write in progress removes its temporary file). Main thread only (a rule of signal); cli uses it in
+    every process, so under torchrun in every rank."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cli(main) -> None:
     """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
-    Ctrl-C with the stage's resume hint (the KeyboardInterrupt's message), exit code 130. Under torchrun only
-    rank 0 prints them, and the process group is closed on the way out."""
+    Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
+    code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        main()
+        with sigterm_as_interrupt():
+            main()
     except DataError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

@@ -342,6 +342,21 @@ def parse_best_of(spec) -> list:
     return ns
 
 
+def check_best_of(best_of, n_cells: int, n_genes: int) -> None:
+    """best_of_n holds N candidates of every cell to predict at once, n_cells x N x n_genes float32 values: refuse,
+    with the numbers, an N whose candidates need more than half of this machine's memory."""
+    try:
+        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):                     # no sysconf (Windows): no bound
+        return
+    per = n_cells * n_genes * 4                                       # bytes per candidate of every cell
+    for N in best_of:
+        if N * per > mem / 2:
+            raise DataError(f"--best-of {N}: its candidates need {N * per / 2 ** 30:,.1f} GiB ({n_cells} cells x {N} x "
+                            f"{n_genes} genes x 4 bytes), more than half of this machine's {mem / 2 ** 30:.1f} GiB; "
+                            f"use N <= {int(mem / 2 // per)} here, or fewer cells (--n-cells)")
+
+
 @dataclass
 class EvalConfig(verifiers.RewardConfig):  # + --rewards, --gene-sets, --topk
     # evaluation
@@ -374,6 +389,8 @@ def main(argv=None):
     data.check_args(a)
     best_of = parse_best_of(a.best_of)
     gene_sets = verifiers.gene_set_path(a.gene_sets)
+    if gene_sets:
+        verifiers.load_gene_sets(gene_sets)                           # a file that cannot be read: before any work
     dev = data.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
     data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},
@@ -381,12 +398,14 @@ def main(argv=None):
                         "--ckpt": a.ckpt, "--gene-sets": gene_sets,
                         "the base of --ckpt": [ck.get("extra", {}).get("base") for _, ck in models]})
     ds = dataset_for(models[0][1], a.data)
+    print(f"data {data.describe(ds)}")
     for c, (_, ck) in zip(a.ckpt, models):
         if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:
             raise DataError(f"{c} was trained on other genes or another split than {a.ckpt[0]}; evaluate them separately")
     keys = ds.split[a.split]
     if not keys:
         raise DataError(f"the {a.split} split is empty; choose another --split")
+    check_best_of(best_of, sum(a.n_cells or len(ds.cell_idx[k]) for k in keys), len(ds.genes))
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):
@@ -403,7 +422,7 @@ def main(argv=None):
     print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.steps} steps\n")
     print(report(summary))
     if a.out:
-        with open(a.out, "w") as f:
+        with data.atomic_write(a.out) as tmp, open(tmp, "w") as f:
             json.dump(strict({"summary": summary, "rows": rows, "args": vars(a)}), f, indent=1, allow_nan=False)
     if a.write_pred:
         write_pred(a.write_pred, ds, preds[a.ckpt[0]])

@@ -467,18 +467,18 @@ def train(cfg: FlowConfig) -> str:
     torchrun: every process draws the same global batch (N x --batch-size) and keeps its rows rank::N; DDP
     averages the gradients, so a step equals one process with the global batch. Rank 0 validates and saves;
     --resume works with any N."""
-    data.check_args(cfg)
-    for flag, v, ok in [("--t-dist", cfg.t_dist, ("uniform", "logit_normal")),
-                        ("--source", cfg.source, ("noise", "ctrl"))]:
-        if v not in ok:
-            raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
+    data.check_args(cfg)  # and the choices of --t-dist, --source (data.CHOICES)
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device, else (dev, 0, 1)
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
+    data.check_fixed(cfg, old["config"] if old else {}, [n for n, (g, _) in data.field_help(FlowConfig).items() if g in
+                     ("data", "model") and n not in ("data", "lazy")], f"--resume: {cfg.out} continues a run with",
+                     "drop the option, or start a new run (another --out)")
     ds = data.load_dataset(cfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
+    print(f"data {data.describe(ds)}")  # ranks > 0 print nothing (data.distributed)
     keys, val_keys, n_cov = ds.split["train"], ds.split["val"], len(ds.covariates)
     if not keys:
         raise DataError("the split left no training conditions; use --split random or fewer --test conditions")

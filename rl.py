@@ -135,19 +135,21 @@ def val_metrics(model, ds, keys, verifier, cfg) -> dict:
 # ----------------------------------------------------------------------------- the loop
 def pretrained(cfg: RLConfig) -> str:
     """cfg.ckpt, or a generator pretrained on cfg's data, cached in runs/ under a name that hashes every data
-    option, both seeds and the step count: it is reused only when all of them match."""
+    option, both seeds, the step count and the data file's identity (data.file_identity, the built-in simulator's
+    cached file too): it is reused only when all of them match, so never after the data changed in place."""
     if cfg.ckpt:
         return cfg.ckpt
     fcfg = flow.FlowConfig(**{f.name: getattr(cfg, f.name) for f in fields(data.DataConfig)},
                            steps=cfg.pretrain_steps, device=cfg.device, progress=cfg.progress, timeout=cfg.timeout)
     opts = {f.name: getattr(fcfg, f.name) for f in fields(data.DataConfig)} | {"steps": fcfg.steps}
     opts["data"] = str(Path(cfg.data).resolve()) if cfg.data else None
+    opts["data_id"] = data.file_identity(cfg.data or data.builtin_path(cfg.kind))
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(cfg.data).stem if cfg.data else {"chemical": "chemical"}.get(cfg.kind, "simulated")
     fcfg.out = str(Path("runs") / f"flow_{name}_{tag}.pt")
     if Path(fcfg.out).exists():
         if data.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
-            print(f"using the pretrained generator {fcfg.out} (same data options, seeds and steps)")
+            print(f"using the pretrained generator {fcfg.out} (same data file, data options, seeds and steps)")
             return fcfg.out
         fcfg.resume = True                                     # an interrupted pretraining: finish it
         print(f"resuming the interrupted pretraining {fcfg.out}")
@@ -158,19 +160,27 @@ def pretrained(cfg: RLConfig) -> str:
     return flow.train(fcfg)
 
 
-def resume_state(cfg: RLConfig, last: str, world: int = 1) -> dict | None:
-    """Checks before any work (options; outputs that would overwrite an input or fail late), then the state
-    that --resume continues (<out>_last.pt), or None."""
-    data.check_args(cfg)
+def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
+    """Checks before any work (outputs that would overwrite an input or fail late; a gene-set file that cannot be
+    read; a run whose base checkpoint is gone), then (the state that --resume continues, or None; <out>_last.pt,
+    where the latest state goes)."""
+    data.check_output("--out", cfg.out)                              # a file, before <out>_last.pt is named after it
+    last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
     gene_sets = verifiers.gene_set_path(cfg.gene_sets)
+    if gene_sets:
+        verifiers.load_gene_sets(gene_sets)                          # not after pretraining
     check_world(cfg.conds, world, f"--conds {cfg.conds}")
     if cfg.resume and not os.path.isfile(last):
         raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = data.read_checkpoint(last, resume="rl") if cfg.resume else None
+    base = state and state["extra"]["base"]
+    if base and not os.path.isfile(base):
+        raise DataError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor and "
+                        f"'pretrained' row), is gone; put it back at that path to continue the run, or start a new "
+                        f"one without --resume")
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
-                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets,
-                        "the base checkpoint": state and state["extra"]["base"]})
-    return state
+                       {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets, "the base checkpoint": base})
+    return state, last
 
 
 def check_world(n_conds: int, world: int, why: str) -> None:
@@ -187,19 +197,6 @@ def now(device) -> float:
     return time.time()
 
 
-def check_fixed(cfg, stored: dict, source: str) -> None:
-    """A checkpoint fixes the data options it was trained with (genes, split, ...): one line for a data option
-    given on the command line (not its default) that differs from the stored value; --data, --seed and
-    --device are free."""
-    bad = [f for f in fields(data.DataConfig) if f.name not in ("data", "seed") and f.name in stored
-           and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != stored[f.name]]
-    if bad:
-        f = bad[0]
-        raise DataError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: {source} fixes the data options "
-                        f"it was trained with ({f.name} = {stored[f.name]!r}); drop the option, or pretrain "
-                        f"again with it")
-
-
 def check_base(base: str, ck: dict, outputs: dict) -> None:
     """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
     if "base" in ck.get("extra", {}):
@@ -211,14 +208,17 @@ def check_base(base: str, ck: dict, outputs: dict) -> None:
 
 def train(cfg: RLConfig) -> str:
     """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
+    data.check_args(cfg)
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
-    last = str(Path(cfg.out).with_name(Path(cfg.out).stem + "_last.pt"))
-    state = resume_state(cfg, last, world)
+    state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
-    check_fixed(cfg, ck["config"], f"the checkpoint {base}")
+    data.check_fixed(cfg, ck["config"], [f.name for f in fields(data.DataConfig) if f.name not in ("data", "seed")],
+                     f"the checkpoint {base} fixes the data options it was trained with:", "drop the option, or "
+                     "pretrain again with it")
     ds = evaluate.dataset_for(ck, cfg.data)
+    print(f"data {data.describe(ds)}")                              # ranks > 0 print nothing (data.distributed)
     verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     weights = verifier.weights                                      # the nonzero ones
     val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
@@ -367,6 +367,8 @@ def before_after(cfg: RLConfig, out: str) -> str:
     base, _ = flow.load_checkpoint(ck["extra"]["base"])
     ds = evaluate.dataset_for(ck, cfg.data)
     keys = ds.split["test"]
+    if not keys:                                        # e.g. a random split of two conditions
+        return "no held-out test conditions in this split: no before/after table"
     preds = evaluate.baselines(ds, keys, seed=cfg.seed)
     preds["pretrained"] = evaluate.predict(base, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
     preds["rl"] = evaluate.predict(model, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
@@ -383,8 +385,9 @@ def main(argv=None):
     data.add_args(p, RLConfig)
     cfg = RLConfig(**vars(p.parse_args(argv)))
     if cfg.ckpt and not os.path.isfile(cfg.ckpt):
-        raise DataError(f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` "
-                        f"or omit --ckpt to pretrain automatically")
+        raise DataError(f"--ckpt {cfg.ckpt} is a folder; give the checkpoint file in it" if os.path.isdir(cfg.ckpt) else
+                        f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` or omit "
+                        "--ckpt to pretrain automatically")
     t0 = time.time()
     out = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports

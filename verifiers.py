@@ -65,6 +65,15 @@ def _add(sets: dict, seen: dict, name: str, gene: str, weight: float) -> None:
         sets.setdefault(name, {})[gene] = weight
 
 
+def _text(path: Path) -> str:
+    """A gene-set file's text, UTF-8 (with or without a byte-order mark); anything else is one line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"gene-set file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8, or check it is a .gmt/.csv/.tsv text file (not compressed)") from None
+
+
 def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
     """Read a long table `gene,pathway,weight[,p_value]` (CSV, or TSV by extension) -> {pathway: {gene: weight}}.
 
@@ -79,8 +88,7 @@ def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
     if not path.is_file():
         raise DataError(f"gene-set file {path} not found")
     delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter=delim))
+    rows = list(csv.reader(_text(path).splitlines(), delimiter=delim))
     if not rows:
         raise DataError(f"gene-set file {path} is empty")
     head = [c.strip().lower() for c in rows[0]]
@@ -110,7 +118,7 @@ def load_gmt(path) -> dict[str, dict[str, float]]:
         raise DataError(f"gene-set file {path} not found")
     sets: dict[str, dict[str, float]] = {}
     seen: dict[str, set] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         fields = [c.strip() for c in line.split("\t")]

@@ -229,7 +229,7 @@ def test_our_write_read_by_anndata_and_us(tmp_path, kind):
     X = X if kind == "dense" else sp.csr_matrix(X) if kind == "csr" else sp.csc_matrix(X)
     h, p = _ours(X), tmp_path / "ours.h5ad"
     write_h5ad(p, h, compression="gzip" if kind == "csr" else None)
-    assert not (tmp_path / "ours.h5ad.tmp").exists()
+    assert [f.name for f in tmp_path.iterdir()] == ["ours.h5ad"]     # no temporary file left
     a = ad.read_h5ad(p)
     np.testing.assert_array_equal(_dense(a.X), _dense(X))
     assert sp.issparse(a.X) == (kind != "dense")
@@ -263,7 +263,7 @@ def test_write_is_atomic_and_validates(tmp_path):
     bad.uns["obj"] = object()
     with pytest.raises(DataError, match="obj"):
         write_h5ad(p, bad)
-    assert not (tmp_path / "x.h5ad.tmp").exists()
+    assert [f.name for f in tmp_path.iterdir()] == ["x.h5ad"]
     np.testing.assert_array_equal(read_h5ad(p).X, 1.0)  # old file untouched
     short = _ours(np.ones((5, 4), np.float32))
     short.obs["dose"] = np.zeros(3)
