@@ -4,15 +4,17 @@ What it does. Each verifier scores a batch of generated cells of ONE condition, 
 (B, G) in log1p expression space, against that condition's `data.Reference` (real cells and
 statistics) and returns a (B,) tensor, higher is better:
 
-    pearson   pearson_topk      mean of the k highest Pearson correlations with real cells (DE genes)
-    rmse      rmse_topk         minus the mean of the k smallest RMSEs to real cells (DE genes)
+    pearson   pearson_topk      top-k Pearson with real cells minus that with real cells without the mean change
+    rmse      rmse_topk         top-k RMSE to real cells, against the real cells with the change removed or doubled
     spearman  de_spearman       Spearman of the cell's change from control with the real t statistic
-    pathway   pathway_activity  minus the mean distance of pathway activities to the k nearest real cells
+    pathway   pathway_activity  pathway log-likelihood ratio, condition vs control, falling beyond the real cells
     energy    energy_witness    the cell's share of the energy distance between generated and real cells
 
-Pearson and Spearman are blind to effect size (a policy can exaggerate the perturbation and keep
-gaining reward); RMSE and the energy witness see scale and guard against that (README, "What we
-learned tuning GRPO").
+Each compares the cell with the condition's real cells relative to control (a contrast), so a cell is paid for
+showing THIS condition's response, not for being typical (a control cell can be more typical of a weak
+response than the condition's own cells), and none pays more for an exaggerated response than for the real
+one: Pearson and Spearman are blind to effect size (they pay it the same), RMSE and pathway pay it less, and
+the energy witness guards the group (spread, collapse, exaggeration). README, "The rewards and how to add one".
 
 How it is used.
 
@@ -24,14 +26,15 @@ its group itself before weighting, so it reads `comps`, not `total`. Pathway wei
 bundled PROGENy tables (pathways/, default), the bundled MSigDB Hallmark sets (`gene_sets="hallmark"`)
 or any GMT / CSV given as `gene_sets`.
 
-Adding a reward: write f(x, ref) -> (B,) and add one line to REWARDS (section "REWARD LOGIC").
-REWARDS values take (x, ref, v) where v is the Verifier, which carries k and the pathway matrix.
+Adding a reward: write f(x, ref) -> (B,) and add one line `name: lambda x, ref, v: f(x, ref)` to REWARDS
+(section "REWARD LOGIC"); v is the Verifier, which carries the options (v.k, the pathway matrix v.W_on(device)).
 Before training with a new reward, check that it ranks real cells first (`check`):
 
     python verifiers.py [--data X.h5ad] [--rewards pearson=1,new=1]
 
-prints, per reward, its mean on a condition's held-out real cells, on another condition's cells and on control
-cells, and the share of conditions where the real cells win (training and validation conditions only).
+prints, per reward, its mean on a condition's held-out real cells, on another condition's cells, on control
+cells, on the real cells exaggerated and collapsed, and how often the real cells win (training and validation
+conditions only), and the same for the weighted sum at GRPO's scale.
 
 Left out: learned verifiers, gene-set enrichment statistics (GSEA-style), per-cell DE tests, and
 weighting rewards by their own reliability. The functions are batched torch code without Python
@@ -252,27 +255,39 @@ def _mean_topk(d, k: int, largest: bool):
 # The verifiers: f(x (B, G), ref) -> (B,), higher is better
 
 def pearson_topk(x, ref: Reference, k: int = 5):
-    """Mean of the k highest Pearson correlations of each generated cell with the real cells.
+    """Pearson top-k similarity to the real cells minus the same to the real cells with the condition's mean change
+    removed: what the cell shares with THIS condition's response, not with any cell.
 
-    Over the D = n_de DE genes, with deltas from the control mean, u = x - mu_ctrl, v = y - mu_ctrl:
-        r_ij = <u_i - ubar_i, v_j - vbar_j> / (||u_i - ubar_i|| ||v_j - vbar_j||),   reward_i = mean top-k_j r_ij.
-    Top-k (not the population mean) asks each cell to resemble SOME real cells, which keeps diversity.
-    Scale-blind: multiplying a cell's delta by any c > 0 leaves r unchanged. Zero-variance rows -> r = 0.
+    Over the D = n_de DE genes, with deltas from the control mean u = x - mu_ctrl, v_j = y_j - mu_ctrl, and the mean
+    change d = ref.delta[de]:
+        r_ij = Pearson(u_i, v_j),   r0_ij = Pearson(u_i, v_j - d),   reward_i = mean top-k_j r_ij - mean top-k_j r0_ij.
+    The v_j - d are counterfactual controls: the real cells' own variation around the control mean. A cell whose
+    change is unrelated to the response (a control cell) scores about 0, however tight or spread its cloud; one that
+    shares it scores > 0. Top-k asks each cell to resemble SOME real cells (diversity). Scale-blind: u -> c u, c > 0,
+    leaves r and r0 unchanged, so an exaggerated effect is paid as much as the real one, not more.
+    Zero-variance rows -> r = 0. Was: mean top-k_j r_ij alone, which paid control cells about as much (README).
     """
     xd, yd = _de_deltas(x, ref)
-    r = _unit_rows(xd) @ _unit_rows(yd).T  # (B, N)
-    return _mean_topk(r, k, largest=True)
+    ux = _unit_rows(xd)  # (B, D)
+    d = ref.delta[ref.de_idx].to(x.dtype)  # (D,)
+    return _mean_topk(ux @ _unit_rows(yd).T, k, True) - _mean_topk(ux @ _unit_rows(yd - d).T, k, True)
 
 
 def rmse_topk(x, ref: Reference, k: int = 5):
-    """Minus the mean of the k smallest RMSEs to real cells over the DE genes.
+    """RMSE top-k proximity to the real cells, against the same cells with their mean change removed or doubled.
 
-        rmse_ij = ||x_i[de] - y_j[de]|| / sqrt(D),   reward_i = -mean of the k smallest over j.
-    (The control mean cancels in the difference of deltas.) Scale-aware: exaggerated effects lose.
+    Over the D DE genes, with d_k(x, Y) = mean of the k smallest ||x[de] - y_j[de]|| / sqrt(D) over y_j in Y and the
+    mean change d = ref.delta[de]:
+        reward_i = min(d_k(x_i, Y - d), d_k(x_i, Y + d)) - d_k(x_i, Y).
+    Y - d and Y + d have the real cells' spread around no change and around twice the change, so a cell is paid for
+    being nearer the real cells than both: a tight control cloud is near Y - d (no reward for typicality), an
+    exaggerated cell near Y + d. |reward_i| <= ||d|| / sqrt(D) (triangle inequality).
+    Was: -d_k(x_i, Y) alone, which paid control cells as much as real ones on weak responses (README).
     """
     xd, yd = _de_deltas(x, ref)
-    d = torch.cdist(xd, yd) / xd.shape[1] ** 0.5  # (B, N)
-    return -_mean_topk(d, k, largest=False)
+    d = ref.delta[ref.de_idx].to(x.dtype)  # (D,)
+    dk = lambda y: _mean_topk(torch.cdist(xd, y) / xd.shape[1] ** 0.5, k, largest=False)  # noqa: E731  (B,)
+    return torch.minimum(dk(yd - d), dk(yd + d)) - dk(yd)
 
 
 def de_spearman(x, ref: Reference):
@@ -280,7 +295,8 @@ def de_spearman(x, ref: Reference):
 
         rho_i = Pearson(rank(x_i[de] - mu_ctrl[de]), rank(t[de])), average ranks for ties.
     Average ranks come from one sort and two binary searches per row (see _ranks).
-    A constant delta has all ranks equal -> rho = 0. Scale-blind, like pearson_topk.
+    A constant delta has all ranks equal -> rho = 0. A contrast already (both sides are changes from control: a
+    control cell scores about 0); scale-blind, like pearson_topk.
     """
     xd, _ = _de_deltas(x, ref)
     rx = _unit_rows(_ranks(xd))  # (B, D)
@@ -288,19 +304,24 @@ def de_spearman(x, ref: Reference):
     return (rx * rt).sum(-1)  # (B,)
 
 
-def pathway_activity(x, ref: Reference, W, k: int = 5):
-    """Minus the mean Euclidean distance of the cell's pathway activities to its k nearest real cells.
+def pathway_activity(x, ref: Reference, W, q: float = 0.9):
+    """Log-likelihood ratio of the cell's pathway activities, condition against control, reflected beyond the real cells.
 
-        z = (x - mu_ctrl) / sd_ctrl              per-gene z-score against the covariate's controls (sd_ctrl is
-                                                 ref.ctrl_std, already floored at --std-floor, 0.1)
-        a_p = z . W_p / ||W_p||_2                weighted sets (PROGENy footprints: signed weights)
-        a_p = z . W_p / |p| = mean_{g in p} z_g  unweighted sets (every weight 1: a GMT such as Hallmark)
-        reward_i = -mean of the k smallest ||a_i - a(y_j)||,  a (B, P), W (P, G) gene-set weights.
-    Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell
-    variation of pathway activity.
+        a = pathway_scores(x) (P,)   activities of z-scored expression: the control mean has a = 0
+        m = mean_j a(y_j),  s^2 = mean over pathways of the real cells' variance of a
+        l(a) = log N(a; m, s^2 I) - log N(a; 0, s^2 I) = m . (a - m / 2) / s^2     (control: the same spread at 0)
+        reward = min(l, 2 l_q - l),   l_q = the q-quantile (0.9) of l over the real cells
+    l rises as the activities move from the control's towards the condition's, in expectation >= 0 for real cells
+    and <= 0 for control cells whatever their spread; beyond what 90% of the real cells reach it falls again, so an
+    exaggerated effect loses. Was: minus the mean distance to the k nearest real cells' activities, which paid
+    control cells (tighter in pathway space) above the condition's own cells (README).
     """
     ax, ay = pathway_scores(x, ref, W), pathway_scores(ref.cells.to(x.dtype), ref, W)  # (B, P), (N, P)
-    return -_mean_topk(torch.cdist(ax, ay), k, largest=False)
+    m = ay.mean(0)  # (P,)
+    s2 = (ay.var(0).mean() if len(ay) > 1 else ay.new_ones(())).clamp_min(1e-8)
+    ll, ll_real = (ax - m / 2) @ m / s2, (ay - m / 2) @ m / s2  # (B,), (N,)
+    top = torch.quantile(ll_real, q)
+    return torch.minimum(ll, 2 * top - ll)
 
 
 def pathway_scores(x, ref: Reference, W):
@@ -314,16 +335,20 @@ def pathway_scores(x, ref: Reference, W):
 
 
 def energy_witness(x, ref: Reference):
-    """Each cell's share of the energy distance between the generated group X and real cells Y.
+    """Each cell's share of the energy distance between the generated group X and real cells Y, plus a group constant.
 
-        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )     over all G genes.
-    This is minus the first variation (witness) of the energy distance
+        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )  -  m_xx / 2,   m_xx = mean_{k != l} ||x_k - x_l||,
+    over all G genes. The first part is minus the first variation (witness) of the energy distance
         E(X, Y) = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||      (Szekely & Rizzo 2013):
     with X ~ p_theta, grad E = 2 E_x[grad log p_theta(x) (E_y||x - y|| - E_x'||x - x'||)], so the
     REINFORCE gradient of the summed r_i, E_x[grad log p_theta(x) r(x)], equals -1/2 grad E.
-    The first term punishes cells far from real ones (exaggeration), the second rewards spread
-    within the group (punishes collapse). Group mean: mean_i r_i = -(E + m_yy - m_xx) / 2.
-    B = 1: the second term is 0. Cost O(B^2 G) for the within-group distances: cheap for GRPO
+    Within a group it punishes cells far from real ones and rewards spread (punishes collapse). The constant
+    -m_xx / 2 is the same for every cell of the group, so GRPO, which normalises within a group, does not see it; it
+    makes the group mean minus half the energy distance (plus m_yy, a constant of the condition):
+        mean_i r_i = -(m_xy - m_xx / 2) = -(E + m_yy) / 2,
+    so groups of one condition compare on E (verifiers.check): real cells beat exaggerated, collapsed and control
+    ones. Without it the mean was -(E + m_yy - m_xx) / 2, which paid a dispersed group (an exaggerated one).
+    B = 1: r = -mean_j ||x - y_j||. Cost O(B^2 G) for the within-group distances: cheap for GRPO
     groups (B ~ 8-64), the dominant cost for one group of 1,024 cells (bench/bench_verifiers.py).
     """
     y = ref.cells.to(x.dtype)
@@ -332,19 +357,20 @@ def energy_witness(x, ref: Reference):
     if B == 1:
         return -m_xy
     dxx = torch.cdist(x, x)  # (B, B)
-    dxx = dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))  # exact zero diagonal
-    return -(m_xy - dxx.sum(1) / (B - 1))
+    m_xx = (dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))).sum(1) / (B - 1)  # (B,) exact zero diagonal
+    return -(m_xy - m_xx) - m_xx.mean() / 2
 
 
 # ----------------------------------------------------------------------------------------------
-# REWARD LOGIC: edit here. Each entry: name -> f(x (B, G), ref, v: Verifier) -> (B,), higher is better.
-# To add a sixth verifier, write f above and add one line here; it is then valid in --rewards.
+# REWARD LOGIC: edit here. A reward is f(x (B, G), ref) -> (B,), higher is better; its line here calls it as
+# name: lambda x, ref, v: f(x, ref, ...options), v the Verifier (v.k, v.W_on(device)). To add a sixth reward, write
+# f above and add one line here; it is then valid in --rewards. Then check it: python verifiers.py --rewards ...
 
 REWARDS = {
     "pearson": lambda x, ref, v: pearson_topk(x, ref, v.k),
     "rmse": lambda x, ref, v: rmse_topk(x, ref, v.k),
     "spearman": lambda x, ref, v: de_spearman(x, ref),
-    "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device), v.k),
+    "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device)),
     "energy": lambda x, ref, v: energy_witness(x, ref),
 }
 DEFAULT_REWARDS = ",".join(f"{name}=1" for name in REWARDS)

@@ -53,13 +53,20 @@ def np_deltas(x, ref):
 
 # ------------------------------------------------------------------ each verifier vs numpy / scipy
 
+def topk_mean(r, k, largest=True):
+    """Mean of the k largest (smallest) entries of each row, numpy."""
+    r = np.sort(r, axis=1)
+    return (r[:, ::-1] if largest else r)[:, :min(k, r.shape[1])].mean(1)
+
+
 @pytest.mark.parametrize("k", [1, 5, 1000])
 def test_pearson_topk_matches_numpy(k):
     ref, x = int_ref()
     xd, yd = np_deltas(x, ref)
+    d = ref.delta.numpy()[ref.de_idx.numpy()]
     r = np.array([[np.corrcoef(a, b)[0, 1] for b in yd] for a in xd])  # (B, N)
-    want = -np.sort(-r, axis=1)[:, :min(k, len(yd))].mean(1)
-    np.testing.assert_allclose(V.pearson_topk(x, ref, k).numpy(), want, atol=1e-5)
+    r0 = np.array([[np.corrcoef(a, b - d)[0, 1] for b in yd] for a in xd])  # the counterfactual controls
+    np.testing.assert_allclose(V.pearson_topk(x, ref, k).numpy(), topk_mean(r, k) - topk_mean(r0, k), atol=1e-5)
 
 
 def test_pearson_zero_variance_row_is_zero():
@@ -74,9 +81,13 @@ def test_pearson_zero_variance_row_is_zero():
 def test_rmse_topk_matches_numpy(k):
     ref, x = int_ref(1)
     xd, yd = np_deltas(x, ref)
-    d = np.sqrt(((xd[:, None] - yd[None]) ** 2).mean(-1))  # (B, N)
-    want = -np.sort(d, axis=1)[:, :k].mean(1)
+    d = ref.delta.numpy()[ref.de_idx.numpy()]
+    dk = lambda y: topk_mean(np.sqrt(((xd[:, None] - y[None]) ** 2).mean(-1)), k, largest=False)  # noqa: E731
+    want = np.minimum(dk(yd - d), dk(yd + d)) - dk(yd)
     np.testing.assert_allclose(V.rmse_topk(x, ref, k).numpy(), want, rtol=1e-4, atol=1e-5)
+    # triangle inequality: |reward| <= ||d|| / sqrt(D), for any cell, near or far
+    far = torch.cat([x, 50 * x])
+    assert (V.rmse_topk(far, ref, k).abs() <= np.linalg.norm(d) / len(d) ** 0.5 + 1e-5).all()
 
 
 def test_de_spearman_matches_scipy_with_ties():
@@ -101,49 +112,80 @@ def test_pathway_activity_matches_numpy():
     Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
     ax = ((x.numpy() - mu) / sdf) @ Wn.T
     ay = ((ref.cells.numpy() - mu) / sdf) @ Wn.T
-    d = np.linalg.norm(ax[:, None] - ay[None], axis=-1)
-    want = -np.sort(d, axis=1)[:, :4].mean(1)
-    got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32), k=4).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    m, s2 = ay.mean(0), ay.var(0, ddof=1).mean()
+    # isotropic Gaussian log-likelihood ratio, condition N(m, s2 I) against control N(0, s2 I), by scipy
+    llr = lambda a: (scipy.stats.multivariate_normal(m, s2).logpdf(a)  # noqa: E731
+                     - scipy.stats.multivariate_normal(np.zeros_like(m), s2).logpdf(a))
+    top = np.quantile(llr(ay), 0.9)
+    want = np.minimum(llr(ax), 2 * top - llr(ax))
+    got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # reflected beyond the real cells: moving further along the effect than 90% of them lowers the reward
+    y = ref.cells[:1] + torch.linspace(0, 20, 9)[:, None] * ref.delta
+    r = V.pathway_activity(y, ref, torch.as_tensor(W, dtype=torch.float32))  # a tent along the change
+    top = int(r.argmax())
+    assert 0 < top < 8 and (r[1:top + 1] > r[:top]).all() and (r[top + 1:] < r[top:-1]).all()
 
 
 def test_energy_witness_matches_loop_and_group_identity():
     ref, x = int_ref(4)
     X, Y = x.numpy().astype(np.float64), ref.cells.numpy().astype(np.float64)
     B, N = len(X), len(Y)
-    want = np.zeros(B)
+    D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    m_xx = D(X, X).sum() / (B * (B - 1))
+    witness = np.zeros(B)
     for i in range(B):
         dxy = np.mean([np.linalg.norm(X[i] - Y[j]) for j in range(N)])
         dxx = np.mean([np.linalg.norm(X[i] - X[k]) for k in range(B) if k != i])
-        want[i] = -(dxy - dxx)
+        witness[i] = -(dxy - dxx)
     r = V.energy_witness(x, ref).numpy()
-    np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-4)
-    # Energy distance E = 2 m_xy - m_xx - m_yy (U-statistics). mean_i r_i = -(m_xy - m_xx) and
-    # m_xy = (E + m_xx + m_yy) / 2, hence mean_i r_i = -(E + m_yy - m_xx) / 2.
-    D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(r, witness - m_xx / 2, rtol=1e-5, atol=1e-4)
+    # Energy distance E = 2 m_xy - m_xx - m_yy (U-statistics): mean_i r_i = -(m_xy - m_xx / 2) = -(E + m_yy) / 2.
     m_xy = D(X, Y).mean()
-    m_xx = D(X, X).sum() / (B * (B - 1))
     m_yy = D(Y, Y).sum() / (N * (N - 1))
     E = 2 * m_xy - m_xx - m_yy
-    np.testing.assert_allclose(r.mean(), -(E + m_yy - m_xx) / 2, rtol=1e-5)
+    np.testing.assert_allclose(r.mean(), -(E + m_yy) / 2, rtol=1e-5)
+    # the group constant is invisible to GRPO: the advantages within the group are the witness's
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    np.testing.assert_allclose(z(r), z(witness), atol=1e-4)
     # B = 1: no within-group term
     np.testing.assert_allclose(V.energy_witness(x[:1], ref).numpy(), -D(X[:1], Y).mean(1), rtol=1e-5)
 
 
-# ------------------------------------------------------------------ scale guard
+# ------------------------------------------------------------------ what the rewards pay for
 
-def test_scale_guard_exaggerated_effects_lose_on_scale_aware_rewards():
-    rng = np.random.default_rng(5)
-    G, n = 60, 80
-    base = rng.uniform(0.5, 3, G)
-    effect = np.where(rng.random(G) < 0.3, rng.normal(0, 1.5, G), 0.0)
-    ctrl = base + rng.normal(0, 0.3, (n, G))
-    pert = base + effect + rng.normal(0, 0.3, (2 * n, G))
-    ref = make_reference(ctrl, pert[:n], n_de=20)  # reference: first half
-    real = torch.as_tensor(pert[n:], dtype=torch.float32)  # held-out real cells
-    big = ref.ctrl_mean + 2 * (real - ref.ctrl_mean)  # same cells, deltas x2
-    for f in (V.rmse_topk, V.energy_witness):
-        assert f(big, ref).mean() < f(real, ref).mean() - 0.1, f.__name__
+def weak_screen(seed=5, G=60, n=400):
+    """Controls (tight, sd 0.5), a condition with a weak effect and a wider spread (sd 1), its held-out cells, and
+    the same cells exaggerated: the setting where a reward best at the mode of the real cells pays control cells."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(2, 4, G)
+    effect = np.where(np.arange(G) < 20, rng.choice([-0.6, 0.6], G), 0.0)
+    ctrl = base + rng.normal(0, 0.5, (n, G))
+    pert = base + effect + rng.normal(0, 1.0, (2 * n, G))
+    ref = make_reference(ctrl, pert[:n], n_de=20)
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    real, ctrl_new = f(pert[n:]), f(base + rng.normal(0, 0.5, (n, G)))
+    return ref, real, ctrl_new, ref.ctrl_mean + 2 * (real - ref.ctrl_mean)
+
+
+def test_rewards_pay_the_response_not_typicality():
+    """A condition's held-out cells beat new control cells that are tighter than them on every reward (the earlier
+    distance-based rmse and pathway rewards, best at the mode of the real cells, paid the tight controls more)."""
+    ref, real, ctrl, _ = weak_screen()
+    W = torch.as_tensor(np.random.default_rng(0).normal(size=(4, real.shape[1])), dtype=torch.float32)
+    for name, f in {"pearson": V.pearson_topk, "rmse": V.rmse_topk, "spearman": V.de_spearman,
+                    "pathway": lambda x, r: V.pathway_activity(x, r, W), "energy": V.energy_witness}.items():
+        assert f(real, ref).mean() > f(ctrl, ref).mean(), name
+    # a reward best at the mode fails this test: minus the mean distance to the 5 nearest real cells (DE genes)
+    old = lambda x: -torch.cdist(x[:, ref.de_idx], ref.cells[:, ref.de_idx]).topk(5, largest=False).values.mean(1)  # noqa: E731
+    assert old(real).mean() < old(ctrl).mean()
+
+
+def test_exaggerated_effects_are_not_paid_more():
+    ref, real, _, big = weak_screen()
+    W = torch.as_tensor(np.random.default_rng(0).normal(size=(4, real.shape[1])), dtype=torch.float32)
+    for f in (V.rmse_topk, V.energy_witness, lambda x, r: V.pathway_activity(x, r, W)):
+        assert f(big, ref).mean() < f(real, ref).mean()
     # Pearson over the DE genes is scale-blind: doubling every delta changes nothing.
     np.testing.assert_allclose(V.pearson_topk(big, ref).numpy(), V.pearson_topk(real, ref).numpy(), atol=1e-5)
 
