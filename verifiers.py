@@ -305,7 +305,7 @@ def de_spearman(x, ref: Reference):
 
 
 def pathway_activity(x, ref: Reference, W, q: float = 0.9):
-    """Log-likelihood ratio of the cell's pathway activities, condition against control, reflected beyond the real cells.
+    """Log-likelihood ratio of the cell's pathway activities, condition vs control, reflected beyond the real cells.
 
         a = pathway_scores(x) (P,)   activities of z-scored expression: the control mean has a = 0
         m = mean_j a(y_j),  s^2 = mean over pathways of the real cells' variance of a
@@ -337,7 +337,7 @@ def pathway_scores(x, ref: Reference, W):
 def energy_witness(x, ref: Reference):
     """Each cell's share of the energy distance between the generated group X and real cells Y, plus a group constant.
 
-        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )  -  m_xx / 2,   m_xx = mean_{k != l} ||x_k - x_l||,
+        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )  -  m_xx / 2,  m_xx = mean_{k!=l} ||x_k - x_l||,
     over all G genes. The first part is minus the first variation (witness) of the energy distance
         E(X, Y) = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||      (Szekely & Rizzo 2013):
     with X ~ p_theta, grad E = 2 E_x[grad log p_theta(x) (E_y||x - y|| - E_x'||x - x'||)], so the
@@ -460,63 +460,102 @@ class RewardConfig:
 class CheckConfig(RewardConfig, data.DataConfig):
     # check
     cells: int = 64                 # real cells scored per condition (the rest of its cells are the reference)
+    group: int = 16                 # GRPO's group (rl.py --group): the sum row's scale, a reward's std in such groups
 
 
-def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dict:
-    """Does each reward tell a condition's real cells from wrong ones? For each key with N real cells, n =
-    min(n_cells, N // 2) of them are held out and scored ('real') against a Reference built from the other N - n;
-    so are n cells drawn without replacement from the other conditions of `keys` in its covariate, pooled
-    ('other'), and n of its covariate's control cells ('control'). The Reference is smaller than the one rl.py
-    uses, so the top-k values are not those RL logs. Returns {reward: {'real' | 'other' | 'control': mean over
-    keys of the mean score, 'wins': fraction of keys where real scores above both, 'n': keys scored}}."""
+GROUPS = ("real", "other", "control", "exaggerated", "collapsed")
+
+
+def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_floor: float = 0.1,
+          group: int = 16) -> dict:
+    """Does each reward rank a condition's real cells first, and does it pay for an exaggerated or collapsed response?
+
+    For each key with N >= 4 real cells, n = min(n_cells, N // 2) of them are held out and scored ('real') against a
+    Reference built from the other N - n and from the covariate's control cells except the m = min(n, M // 2) scored
+    ones ('control'; no scored cell is in the statistics it is scored against); so are n cells drawn without
+    replacement from the other conditions of `keys` in its covariate, pooled ('other'; a covariate with one condition
+    has none: real is then compared with control only), the real cells with their change from the control mean
+    doubled ('exaggerated': max(c + 2 (x - c), 0)) and n copies of the real cells' mean ('collapsed').
+    'sum' is the weighted sum of the rewards, each divided by s + 1e-6, s^2 the mean variance of the reward within
+    groups of `group` real cells (rl.py's --group): the scale GRPO divides by (rl.group_advantages) when generated
+    cells look like real ones (the energy witness is noisier in small groups), so 'sum' ranks the groups as the
+    advantage GRPO climbs does. The Reference is smaller than the one rl.py uses, so values are not those RL
+    logs. Returns {reward | 'sum': {group: mean over keys of the group's mean score (nan: no key had it), 'wins':
+    share of keys where real beats other and control, 'vs_exaggerated', 'vs_collapsed': shares where real beats
+    them, 'n': keys scored, 'n_other': keys with other conditions}}."""
     rng = np.random.default_rng(seed)
-    scores = {name: {g: [] for g in ("real", "other", "control")} for name in verifier.weights}
-    n_scored = 0
+    names = [*verifier.weights, "sum"]
+    scores = {name: {g: [] for g in GROUPS} for name in names}
     for key in keys:                                                   # a loop over conditions, batched cells
         rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
         others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
-        if len(rows) < 4 or not others:
+        if len(rows) < 4 or len(ctrl) < 4:
             continue
-        perm = rng.permutation(rows)
-        n = min(n_cells, len(rows) // 2)
-        held, ref_rows, pool = perm[:n], perm[n:], np.concatenate(others)
-        r0 = ds.refs[key]
-        ref = data.reference(ds.X[ref_rows], ctrl, r0.ctrl_mean.numpy(), r0.ctrl_std.numpy(),  # std: floored
-                             len(r0.de_idx), 0.0)
-        draw = lambda a: rng.choice(a, min(n, len(a)), replace=False)  # noqa: E731
-        n_scored += 1
-        for g, r in {"real": held, "other": draw(pool), "control": draw(ctrl)}.items():
-            _, comps = verifier(torch.from_numpy(ds.X[r]), ref)
-            for name, v in comps.items():
-                scores[name][g].append(float(v.mean()))
+        perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
+        n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
+        mean, var = data.sample_stats(ds.X[cperm[m:]])                # controls left after the scored ones
+        ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
+        x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
+        if others:
+            pool = np.concatenate(others)
+            x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
+        c = ref.ctrl_mean.numpy()
+        x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
+        x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
+        comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
+        real = torch.from_numpy(x["real"])
+        parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
+        scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
+                 for name in verifier.weights}                        # pooled within-group std, as GRPO sees it
+        for g in GROUPS:
+            if g not in comps:
+                for name in names:
+                    scores[name][g].append(np.nan)
+                continue
+            comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+            for name in names:
+                scores[name][g].append(float(comps[g][name].mean()))
+    n_scored = len(scores["sum"]["real"])
     if not n_scored:
-        raise DataError(f"no condition could be checked: each needs >= 4 cells and another condition in its "
-                        f"covariate among the {len(keys)} given")
+        raise DataError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
+                        f"covariate, among the {len(keys)} given")
     out = {}
     for name, s in scores.items():
-        real, other, ctrl = (np.array(s[g]) for g in ("real", "other", "control"))
-        out[name] = {"real": real.mean(), "other": other.mean(), "control": ctrl.mean(),
-                     "wins": float(np.mean((real > other) & (real > ctrl))), "n": n_scored}
+        a = {g: np.array(v) for g, v in s.items()}
+        beats = {g: a["real"] > a[g] for g in GROUPS[1:]}
+        with warnings.catch_warnings():                               # no 'other' anywhere: mean of nothing
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[name] = {g: float(np.nanmean(v)) for g, v in a.items()}
+        out[name].update(wins=float(np.mean((beats["other"] | np.isnan(a["other"])) & beats["control"])),
+                         vs_exaggerated=float(beats["exaggerated"].mean()),
+                         vs_collapsed=float(beats["collapsed"].mean()),
+                         n=n_scored, n_other=int((~np.isnan(a["other"])).sum()))
     return out
 
 
 def main(argv=None):
     """Print check() on the training and validation conditions (the test ones are never looked at)."""
     p = argparse.ArgumentParser(description="check the rewards on real cells: do they rank a condition's real "
-                                            "cells above control cells and another condition's cells?")
+                                            "cells above control cells and another condition's cells, and above "
+                                            "the real cells exaggerated or collapsed?")
     data.add_args(p, CheckConfig)
     cfg = CheckConfig(**vars(p.parse_args(argv)))
     data.check_args(cfg)
     ds = data.load_dataset(cfg)
     ver = Verifier(ds.genes, parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     keys = ds.split["train"] + ds.split["val"]
-    res = check(ds, ver, keys, cfg.cells, cfg.seed)
-    print(f"{ds.meta['path']}: {next(iter(res.values()))['n']} of {len(keys)} training and validation conditions "
-          f"scored, {len(ds.genes)} genes")
-    print(f"{'reward':<10}{'weight':>8}{'real':>10}{'other':>10}{'control':>10}   real wins")
+    res = check(ds, ver, keys, cfg.cells, cfg.seed, cfg.std_floor, cfg.group)
+    r0 = res["sum"]
+    print(f"{ds.meta['path']}: {r0['n']} of {len(keys)} training and validation conditions scored ({r0['n_other']} "
+          f"with other conditions in their covariate; real wins = beats other and control), {len(ds.genes)} genes")
+    print(f"{'reward':<10}{'weight':>7}{'real':>9}{'other':>9}{'control':>9}{'exagg.':>9}{'collapsed':>10}"
+          f"{'real wins':>11}{'> exagg.':>10}{'> collapsed':>12}")
     for name, r in res.items():
-        print(f"{name:<10}{ver.weights[name]:>8g}{r['real']:>10.3f}{r['other']:>10.3f}{r['control']:>10.3f}   "
-              f"{r['wins']:.0%}")
+        vals = "".join(f"{r[g]:>{w}.3f}" if r[g] == r[g] else f"{'-':>{w}}" for g, w in zip(GROUPS, (9, 9, 9, 9, 10)))
+        weight = f"{ver.weights[name]:g}" if name in ver.weights else ""
+        print(f"{name:<10}{weight:>7}{vals}{r['wins']:>11.0%}{r['vs_exaggerated']:>10.0%}{r['vs_collapsed']:>12.0%}")
+    print(f"sum: the weighted sum of the rewards, each divided by its std within groups of {cfg.group} real cells "
+          "(GRPO's scale)")
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def test_rewards_pay_the_response_not_typicality():
                     "pathway": lambda x, r: V.pathway_activity(x, r, W), "energy": V.energy_witness}.items():
         assert f(real, ref).mean() > f(ctrl, ref).mean(), name
     # a reward best at the mode fails this test: minus the mean distance to the 5 nearest real cells (DE genes)
-    old = lambda x: -torch.cdist(x[:, ref.de_idx], ref.cells[:, ref.de_idx]).topk(5, largest=False).values.mean(1)  # noqa: E731
+    de = ref.de_idx
+    old = lambda x: -torch.cdist(x[:, de], ref.cells[:, de]).topk(5, largest=False).values.mean(1)  # noqa: E731
     assert old(real).mean() < old(ctrl).mean()
 
 
@@ -369,7 +370,7 @@ def test_discrimination_on_simulated_data(sim):
 def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypatch, capsys):
     """verifiers.check (the `python verifiers.py` table): the real rewards rank a condition's held-out real cells
     above control cells and another condition's cells in most conditions; the same reward with its sign flipped
-    (a bug a fork could make) wins in almost none, and the CLI prints one row per reward."""
+    (a bug a fork could make) wins in almost none, and the CLI prints one row per reward and the sum."""
     _, ds = sim
     monkeypatch.setitem(V.REWARDS, "flipped", lambda x, ref, v: -V.pearson_topk(x, ref, v.k))
     ver = V.Verifier(ds.genes, {"pearson": 1, "spearman": 1, "flipped": 1})
@@ -379,4 +380,60 @@ def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypa
     assert res["pearson"]["real"] > max(res["pearson"]["other"], res["pearson"]["control"])
     V.main(["--data", ds.meta["path"], "--n-genes", "0", "--rewards", "pearson,flipped=0.5", "--cells", "16"])
     out = capsys.readouterr().out.splitlines()
-    assert out[-2].split()[:2] == ["pearson", "1"] and out[-1].split()[:2] == ["flipped", "0.5"]
+    assert out[-4].split()[:2] == ["pearson", "1"] and out[-3].split()[:2] == ["flipped", "0.5"]
+    assert out[-2].split()[0] == "sum" and out[-1].startswith("sum:")
+
+
+def test_check_flags_rewards_that_pay_for_exaggeration_or_collapse(sim, monkeypatch):
+    """The exaggerated and collapsed columns: a reward linear along the response (the projection of the change on
+    the mean change, an unbounded likelihood ratio) pays the exaggerated cells, and one best at the real mean pays
+    the collapsed cells; the default five, summed at GRPO's scale, rank the real cells above both. The sum does
+    not depend on a reward's units (each is divided by its std over the real cells)."""
+    _, ds = sim
+    monkeypatch.setitem(V.REWARDS, "linear", lambda x, ref, v: (x - ref.ctrl_mean) @ ref.delta)
+    monkeypatch.setitem(V.REWARDS, "to_mean", lambda x, ref, v: -(x - ref.mean).norm(dim=1))
+    monkeypatch.setitem(V.REWARDS, "to_mean_x10", lambda x, ref, v: -10 * (x - ref.mean).norm(dim=1))
+    res = V.check(ds, V.Verifier(ds.genes, {"linear": 1, "to_mean": 2}), ds.keys, n_cells=32)
+    assert res["linear"]["vs_exaggerated"] == 0 and res["linear"]["exaggerated"] > res["linear"]["real"]
+    assert res["to_mean"]["vs_collapsed"] == 0 and res["to_mean"]["vs_exaggerated"] == 1
+    res10 = V.check(ds, V.Verifier(ds.genes, {"linear": 1, "to_mean_x10": 2}), ds.keys, n_cells=32)
+    for g in V.GROUPS:
+        assert res10["sum"][g] == pytest.approx(res["sum"][g], rel=1e-4), g
+    res = V.check(ds, V.Verifier(ds.genes, V.parse_weights(V.DEFAULT_REWARDS)), ds.keys, n_cells=32)  # the five
+    assert res["sum"]["vs_exaggerated"] >= 0.9 and res["sum"]["vs_collapsed"] >= 0.9, res["sum"]
+    assert res["sum"]["wins"] >= 0.9 and res["energy"]["vs_collapsed"] == 1
+
+
+def test_check_scores_control_cells_left_out_of_the_statistics(sim, monkeypatch):
+    """The scored control cells are never among the control cells of the Reference they are scored against (the
+    statistics of in-sample control cells flatter any reward relative to control: README)."""
+    _, ds = sim
+    events, reference, ver = [], data.reference, V.Verifier(ds.genes, {"rmse": 1})
+    monkeypatch.setattr(data, "reference", lambda cells, ctrl, *a: (events.append(set(ctrl.tolist())),
+                                                                    reference(cells, ctrl, *a))[1])
+    record = lambda x, ref: (events.append(x.numpy()), V.Verifier.__call__(ver, x, ref))[1]  # noqa: E731
+    res = V.check(ds, type("Rec", (), {"weights": ver.weights, "__call__": staticmethod(record)})(), ds.keys[:4], 16)
+    row_of = {ds.X[[i]].tobytes(): i for i in np.flatnonzero(ds.is_ctrl)}
+    refs = [i for i, e in enumerate(events) if isinstance(e, set)] + [len(events)]
+    for a, b in zip(refs[:-1], refs[1:]):                              # one condition: its Reference, then its groups
+        groups = [{row_of.get(r.tobytes()) for r in x[:, None]} for x in events[a + 1:b]]
+        scored = [g for g in groups if None not in g]                   # the group made of control cells
+        assert len(scored) == 1 and len(scored[0]) == 16 and not scored[0] & events[a] and len(events[a]) >= 16
+    assert res["rmse"]["n"] == 4
+
+
+def test_check_runs_with_one_condition_per_covariate(tmp_path, capsys):
+    """A stimulation measured in three cell lines: no other condition shares a covariate, so real cells are
+    compared with control cells only (and with their exaggeration and collapse)."""
+    path = tmp_path / "one.h5ad"
+    data.write_h5ad(path, data.simulate(n_cells=900, n_genes=300, n_singles=1, n_combos=0, n_covariates=3, seed=2))
+    ds = data.load_dataset(data.DataConfig(data=str(path), n_genes=0))
+    assert len(ds.keys) == 3 and len({k[1] for k in ds.keys}) == 3
+    res = V.check(ds, V.Verifier(ds.genes), ds.keys, n_cells=32)
+    for name, r in res.items():
+        assert r["n"] == 3 and r["n_other"] == 0 and np.isnan(r["other"]), name
+    assert res["sum"]["wins"] == 1 and res["sum"]["vs_exaggerated"] == 1 and res["sum"]["vs_collapsed"] == 1
+    assert res["pathway"]["real"] > res["pathway"]["control"]
+    V.main(["--data", str(path), "--n-genes", "0", "--rewards", "rmse", "--cells", "16"])
+    out = capsys.readouterr().out.splitlines()
+    assert "0 with other conditions" in out[-5] and out[-3].split()[:4] == ["rmse", "1", out[-3].split()[2], "-"]
