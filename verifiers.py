@@ -18,7 +18,7 @@ the energy witness guards the group (spread, collapse, exaggeration). README, "T
 
 How it is used.
 
-    v = Verifier(ds.genes, parse_weights("pearson=1,rmse=1,spearman=1,pathway=1,energy=1"))
+    v = Verifier(ds.genes, parse_weights(DEFAULT_REWARDS))   # pearson=1,rmse=1,spearman=1,pathway=1,energy=2
     total, comps = v(x, ds.refs[key])      # (B,), {name: (B,)}
 
 `total` is the raw weighted sum of the components. GRPO (rl.py) normalises each component within
@@ -373,7 +373,8 @@ REWARDS = {
     "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device)),
     "energy": lambda x, ref, v: energy_witness(x, ref),
 }
-DEFAULT_REWARDS = ",".join(f"{name}=1" for name in REWARDS)
+# energy 2: it alone guards the group, and the four per-cell rewards all pay a collapsed group (README)
+DEFAULT_REWARDS = "pearson=1,rmse=1,spearman=1,pathway=1,energy=2"
 
 # ----------------------------------------------------------------------------------------------
 
