@@ -4,19 +4,21 @@ What it does. Each verifier scores a batch of generated cells of ONE condition, 
 (B, G) in log1p expression space, against that condition's `data.Reference` (real cells and
 statistics) and returns a (B,) tensor, higher is better:
 
-    pearson   pearson_topk      mean of the k highest Pearson correlations with real cells (DE genes)
-    rmse      rmse_topk         minus the mean of the k smallest RMSEs to real cells (DE genes)
+    pearson   pearson_topk      top-k Pearson with real cells minus that with real cells without the mean change
+    rmse      rmse_topk         top-k RMSE to real cells, against the real cells with the change removed or doubled
     spearman  de_spearman       Spearman of the cell's change from control with the real t statistic
-    pathway   pathway_activity  minus the mean distance of pathway activities to the k nearest real cells
+    pathway   pathway_activity  pathway log-likelihood ratio, condition vs control, falling beyond the real cells
     energy    energy_witness    the cell's share of the energy distance between generated and real cells
 
-Pearson and Spearman are blind to effect size (a policy can exaggerate the perturbation and keep
-gaining reward); RMSE and the energy witness see scale and guard against that (README, "What we
-learned tuning GRPO").
+Each compares the cell with the condition's real cells relative to control (a contrast), so a cell is paid for
+showing THIS condition's response, not for being typical (a control cell can be more typical of a weak
+response than the condition's own cells), and none pays more for an exaggerated response than for the real
+one: Pearson and Spearman are blind to effect size (they pay it the same), RMSE and pathway pay it less, and
+the energy witness guards the group (spread, collapse, exaggeration). README, "The rewards and how to add one".
 
 How it is used.
 
-    v = Verifier(ds.genes, parse_weights("pearson=1,rmse=1,spearman=1,pathway=1,energy=1"))
+    v = Verifier(ds.genes, parse_weights(DEFAULT_REWARDS))   # pearson=1,rmse=1,spearman=1,pathway=1,energy=2
     total, comps = v(x, ds.refs[key])      # (B,), {name: (B,)}
 
 `total` is the raw weighted sum of the components. GRPO (rl.py) normalises each component within
@@ -24,14 +26,15 @@ its group itself before weighting, so it reads `comps`, not `total`. Pathway wei
 bundled PROGENy tables (pathways/, default), the bundled MSigDB Hallmark sets (`gene_sets="hallmark"`)
 or any GMT / CSV given as `gene_sets`.
 
-Adding a reward: write f(x, ref) -> (B,) and add one line to REWARDS (section "REWARD LOGIC").
-REWARDS values take (x, ref, v) where v is the Verifier, which carries k and the pathway matrix.
+Adding a reward: write f(x, ref) -> (B,) and add one line `name: lambda x, ref, v: f(x, ref)` to REWARDS
+(section "REWARD LOGIC"); v is the Verifier, which carries the options (v.k, the pathway matrix v.W_on(device)).
 Before training with a new reward, check that it ranks real cells first (`check`):
 
     python verifiers.py [--data X.h5ad] [--rewards pearson=1,new=1]
 
-prints, per reward, its mean on a condition's held-out real cells, on another condition's cells and on control
-cells, and the share of conditions where the real cells win (training and validation conditions only).
+prints, per reward, its mean on a condition's held-out real cells, on another condition's cells, on control
+cells, on the real cells exaggerated and collapsed, and how often the real cells win (training and validation
+conditions only), and the same for the weighted sum at GRPO's scale.
 
 Left out: learned verifiers, gene-set enrichment statistics (GSEA-style), per-cell DE tests, and
 weighting rewards by their own reliability. The functions are batched torch code without Python
@@ -260,27 +263,39 @@ def _mean_topk(d, k: int, largest: bool):
 # The verifiers: f(x (B, G), ref) -> (B,), higher is better
 
 def pearson_topk(x, ref: Reference, k: int = 5):
-    """Mean of the k highest Pearson correlations of each generated cell with the real cells.
+    """Pearson top-k similarity to the real cells minus the same to the real cells with the condition's mean change
+    removed: what the cell shares with THIS condition's response, not with any cell.
 
-    Over the D = n_de DE genes, with deltas from the control mean, u = x - mu_ctrl, v = y - mu_ctrl:
-        r_ij = <u_i - ubar_i, v_j - vbar_j> / (||u_i - ubar_i|| ||v_j - vbar_j||),   reward_i = mean top-k_j r_ij.
-    Top-k (not the population mean) asks each cell to resemble SOME real cells, which keeps diversity.
-    Scale-blind: multiplying a cell's delta by any c > 0 leaves r unchanged. Zero-variance rows -> r = 0.
+    Over the D = n_de DE genes, with deltas from the control mean u = x - mu_ctrl, v_j = y_j - mu_ctrl, and the mean
+    change d = ref.delta[de]:
+        r_ij = Pearson(u_i, v_j),   r0_ij = Pearson(u_i, v_j - d),   reward_i = mean top-k_j r_ij - mean top-k_j r0_ij.
+    The v_j - d are counterfactual controls: the real cells' own variation around the control mean. A cell whose
+    change is unrelated to the response (a control cell) scores about 0, however tight or spread its cloud; one that
+    shares it scores > 0. Top-k asks each cell to resemble SOME real cells (diversity). Scale-blind: u -> c u, c > 0,
+    leaves r and r0 unchanged, so an exaggerated effect is paid as much as the real one, not more.
+    Zero-variance rows -> r = 0. Was: mean top-k_j r_ij alone, which paid control cells about as much (README).
     """
     xd, yd = _de_deltas(x, ref)
-    r = _unit_rows(xd) @ _unit_rows(yd).T  # (B, N)
-    return _mean_topk(r, k, largest=True)
+    ux = _unit_rows(xd)  # (B, D)
+    d = ref.delta[ref.de_idx].to(x.dtype)  # (D,)
+    return _mean_topk(ux @ _unit_rows(yd).T, k, True) - _mean_topk(ux @ _unit_rows(yd - d).T, k, True)
 
 
 def rmse_topk(x, ref: Reference, k: int = 5):
-    """Minus the mean of the k smallest RMSEs to real cells over the DE genes.
+    """RMSE top-k proximity to the real cells, against the same cells with their mean change removed or doubled.
 
-        rmse_ij = ||x_i[de] - y_j[de]|| / sqrt(D),   reward_i = -mean of the k smallest over j.
-    (The control mean cancels in the difference of deltas.) Scale-aware: exaggerated effects lose.
+    Over the D DE genes, with d_k(x, Y) = mean of the k smallest ||x[de] - y_j[de]|| / sqrt(D) over y_j in Y and the
+    mean change d = ref.delta[de]:
+        reward_i = min(d_k(x_i, Y - d), d_k(x_i, Y + d)) - d_k(x_i, Y).
+    Y - d and Y + d have the real cells' spread around no change and around twice the change, so a cell is paid for
+    being nearer the real cells than both: a tight control cloud is near Y - d (no reward for typicality), an
+    exaggerated cell near Y + d. |reward_i| <= ||d|| / sqrt(D) (triangle inequality).
+    Was: -d_k(x_i, Y) alone, which paid control cells as much as real ones on weak responses (README).
     """
     xd, yd = _de_deltas(x, ref)
-    d = torch.cdist(xd, yd) / xd.shape[1] ** 0.5  # (B, N)
-    return -_mean_topk(d, k, largest=False)
+    d = ref.delta[ref.de_idx].to(x.dtype)  # (D,)
+    dk = lambda y: _mean_topk(torch.cdist(xd, y) / xd.shape[1] ** 0.5, k, largest=False)  # noqa: E731  (B,)
+    return torch.minimum(dk(yd - d), dk(yd + d)) - dk(yd)
 
 
 def de_spearman(x, ref: Reference):
@@ -288,7 +303,8 @@ def de_spearman(x, ref: Reference):
 
         rho_i = Pearson(rank(x_i[de] - mu_ctrl[de]), rank(t[de])), average ranks for ties.
     Average ranks come from one sort and two binary searches per row (see _ranks).
-    A constant delta has all ranks equal -> rho = 0. Scale-blind, like pearson_topk.
+    A constant delta has all ranks equal -> rho = 0. A contrast already (both sides are changes from control: a
+    control cell scores about 0); scale-blind, like pearson_topk.
     """
     xd, _ = _de_deltas(x, ref)
     rx = _unit_rows(_ranks(xd))  # (B, D)
@@ -296,19 +312,24 @@ def de_spearman(x, ref: Reference):
     return (rx * rt).sum(-1)  # (B,)
 
 
-def pathway_activity(x, ref: Reference, W, k: int = 5):
-    """Minus the mean Euclidean distance of the cell's pathway activities to its k nearest real cells.
+def pathway_activity(x, ref: Reference, W, q: float = 0.9):
+    """Log-likelihood ratio of the cell's pathway activities, condition vs control, reflected beyond the real cells.
 
-        z = (x - mu_ctrl) / sd_ctrl              per-gene z-score against the covariate's controls (sd_ctrl is
-                                                 ref.ctrl_std, already floored at --std-floor, 0.1)
-        a_p = z . W_p / ||W_p||_2                weighted sets (PROGENy footprints: signed weights)
-        a_p = z . W_p / |p| = mean_{g in p} z_g  unweighted sets (every weight 1: a GMT such as Hallmark)
-        reward_i = -mean of the k smallest ||a_i - a(y_j)||,  a (B, P), W (P, G) gene-set weights.
-    Comparing with the k NEAREST real cells (not their mean) does not penalise real cell-to-cell
-    variation of pathway activity.
+        a = pathway_scores(x) (P,)   activities of z-scored expression: the control mean has a = 0
+        m = mean_j a(y_j),  s^2 = mean over pathways of the real cells' variance of a
+        l(a) = log N(a; m, s^2 I) - log N(a; 0, s^2 I) = m . (a - m / 2) / s^2     (control: the same spread at 0)
+        reward = min(l, 2 l_q - l),   l_q = the q-quantile (0.9) of l over the real cells
+    l rises as the activities move from the control's towards the condition's, in expectation >= 0 for real cells
+    and <= 0 for control cells whatever their spread; beyond what 90% of the real cells reach it falls again, so an
+    exaggerated effect loses. Was: minus the mean distance to the k nearest real cells' activities, which paid
+    control cells (tighter in pathway space) above the condition's own cells (README).
     """
     ax, ay = pathway_scores(x, ref, W), pathway_scores(ref.cells.to(x.dtype), ref, W)  # (B, P), (N, P)
-    return -_mean_topk(torch.cdist(ax, ay), k, largest=False)
+    m = ay.mean(0)  # (P,)
+    s2 = (ay.var(0).mean() if len(ay) > 1 else ay.new_ones(())).clamp_min(1e-8)
+    ll, ll_real = (ax - m / 2) @ m / s2, (ay - m / 2) @ m / s2  # (B,), (N,)
+    top = torch.quantile(ll_real, q)
+    return torch.minimum(ll, 2 * top - ll)
 
 
 def pathway_scores(x, ref: Reference, W):
@@ -322,16 +343,20 @@ def pathway_scores(x, ref: Reference, W):
 
 
 def energy_witness(x, ref: Reference):
-    """Each cell's share of the energy distance between the generated group X and real cells Y.
+    """Each cell's share of the energy distance between the generated group X and real cells Y, plus a group constant.
 
-        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )     over all G genes.
-    This is minus the first variation (witness) of the energy distance
+        r_i = -( mean_j ||x_i - y_j||  -  mean_{k != i} ||x_i - x_k|| )  -  m_xx / 2,  m_xx = mean_{k!=l} ||x_k - x_l||,
+    over all G genes. The first part is minus the first variation (witness) of the energy distance
         E(X, Y) = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'||      (Szekely & Rizzo 2013):
     with X ~ p_theta, grad E = 2 E_x[grad log p_theta(x) (E_y||x - y|| - E_x'||x - x'||)], so the
     REINFORCE gradient of the summed r_i, E_x[grad log p_theta(x) r(x)], equals -1/2 grad E.
-    The first term punishes cells far from real ones (exaggeration), the second rewards spread
-    within the group (punishes collapse). Group mean: mean_i r_i = -(E + m_yy - m_xx) / 2.
-    B = 1: the second term is 0. Cost O(B^2 G) for the within-group distances: cheap for GRPO
+    Within a group it punishes cells far from real ones and rewards spread (punishes collapse). The constant
+    -m_xx / 2 is the same for every cell of the group, so GRPO, which normalises within a group, does not see it; it
+    makes the group mean minus half the energy distance (plus m_yy, a constant of the condition):
+        mean_i r_i = -(m_xy - m_xx / 2) = -(E + m_yy) / 2,
+    so groups of one condition compare on E (verifiers.check): real cells beat exaggerated, collapsed and control
+    ones. Without it the mean was -(E + m_yy - m_xx) / 2, which paid a dispersed group (an exaggerated one).
+    B = 1: r = -mean_j ||x - y_j||. Cost O(B^2 G) for the within-group distances: cheap for GRPO
     groups (B ~ 8-64), the dominant cost for one group of 1,024 cells (bench/bench_verifiers.py).
     """
     y = ref.cells.to(x.dtype)
@@ -340,22 +365,24 @@ def energy_witness(x, ref: Reference):
     if B == 1:
         return -m_xy
     dxx = torch.cdist(x, x)  # (B, B)
-    dxx = dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))  # exact zero diagonal
-    return -(m_xy - dxx.sum(1) / (B - 1))
+    m_xx = (dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))).sum(1) / (B - 1)  # (B,) exact zero diagonal
+    return -(m_xy - m_xx) - m_xx.mean() / 2
 
 
 # ----------------------------------------------------------------------------------------------
-# REWARD LOGIC: edit here. Each entry: name -> f(x (B, G), ref, v: Verifier) -> (B,), higher is better.
-# To add a sixth verifier, write f above and add one line here; it is then valid in --rewards.
+# REWARD LOGIC: edit here. A reward is f(x (B, G), ref) -> (B,), higher is better; its line here calls it as
+# name: lambda x, ref, v: f(x, ref, ...options), v the Verifier (v.k, v.W_on(device)). To add a sixth reward, write
+# f above and add one line here; it is then valid in --rewards. Then check it: python verifiers.py --rewards ...
 
 REWARDS = {
     "pearson": lambda x, ref, v: pearson_topk(x, ref, v.k),
     "rmse": lambda x, ref, v: rmse_topk(x, ref, v.k),
     "spearman": lambda x, ref, v: de_spearman(x, ref),
-    "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device), v.k),
+    "pathway": lambda x, ref, v: pathway_activity(x, ref, v.W_on(x.device)),
     "energy": lambda x, ref, v: energy_witness(x, ref),
 }
-DEFAULT_REWARDS = ",".join(f"{name}=1" for name in REWARDS)
+# energy 2: it alone guards the group, and the four per-cell rewards all pay a collapsed group (README)
+DEFAULT_REWARDS = "pearson=1,rmse=1,spearman=1,pathway=1,energy=2"
 
 # ----------------------------------------------------------------------------------------------
 
@@ -442,63 +469,102 @@ class RewardConfig:
 class CheckConfig(RewardConfig, data.DataConfig):
     # check
     cells: int = 64                 # real cells scored per condition (the rest of its cells are the reference)
+    group: int = 16                 # GRPO's group (rl.py --group): the sum row's scale, a reward's std in such groups
 
 
-def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0) -> dict:
-    """Does each reward tell a condition's real cells from wrong ones? For each key with N real cells, n =
-    min(n_cells, N // 2) of them are held out and scored ('real') against a Reference built from the other N - n;
-    so are n cells drawn without replacement from the other conditions of `keys` in its covariate, pooled
-    ('other'), and n of its covariate's control cells ('control'). The Reference is smaller than the one rl.py
-    uses, so the top-k values are not those RL logs. Returns {reward: {'real' | 'other' | 'control': mean over
-    keys of the mean score, 'wins': fraction of keys where real scores above both, 'n': keys scored}}."""
+GROUPS = ("real", "other", "control", "exaggerated", "collapsed")
+
+
+def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_floor: float = 0.1,
+          group: int = 16) -> dict:
+    """Does each reward rank a condition's real cells first, and does it pay for an exaggerated or collapsed response?
+
+    For each key with N >= 4 real cells, n = min(n_cells, N // 2) of them are held out and scored ('real') against a
+    Reference built from the other N - n and from the covariate's control cells except the m = min(n, M // 2) scored
+    ones ('control'; no scored cell is in the statistics it is scored against); so are n cells drawn without
+    replacement from the other conditions of `keys` in its covariate, pooled ('other'; a covariate with one condition
+    has none: real is then compared with control only), the real cells with their change from the control mean
+    doubled ('exaggerated': max(c + 2 (x - c), 0)) and n copies of the real cells' mean ('collapsed').
+    'sum' is the weighted sum of the rewards, each divided by s + 1e-6, s^2 the mean variance of the reward within
+    groups of `group` real cells (rl.py's --group): the scale GRPO divides by (rl.group_advantages) when generated
+    cells look like real ones (the energy witness is noisier in small groups), so 'sum' ranks the groups as the
+    advantage GRPO climbs does. The Reference is smaller than the one rl.py uses, so values are not those RL
+    logs. Returns {reward | 'sum': {group: mean over keys of the group's mean score (nan: no key had it), 'wins':
+    share of keys where real beats other and control, 'vs_exaggerated', 'vs_collapsed': shares where real beats
+    them, 'n': keys scored, 'n_other': keys with other conditions}}."""
     rng = np.random.default_rng(seed)
-    scores = {name: {g: [] for g in ("real", "other", "control")} for name in verifier.weights}
-    n_scored = 0
+    names = [*verifier.weights, "sum"]
+    scores = {name: {g: [] for g in GROUPS} for name in names}
     for key in keys:                                                   # a loop over conditions, batched cells
         rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
         others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
-        if len(rows) < 4 or not others:
+        if len(rows) < 4 or len(ctrl) < 4:
             continue
-        perm = rng.permutation(rows)
-        n = min(n_cells, len(rows) // 2)
-        held, ref_rows, pool = perm[:n], perm[n:], np.concatenate(others)
-        r0 = ds.refs[key]
-        ref = data.reference(ds.X[ref_rows], ctrl, r0.ctrl_mean.numpy(), r0.ctrl_std.numpy(),  # std: floored
-                             len(r0.de_idx), 0.0)
-        draw = lambda a: rng.choice(a, min(n, len(a)), replace=False)  # noqa: E731
-        n_scored += 1
-        for g, r in {"real": held, "other": draw(pool), "control": draw(ctrl)}.items():
-            _, comps = verifier(torch.from_numpy(ds.X[r]), ref)
-            for name, v in comps.items():
-                scores[name][g].append(float(v.mean()))
+        perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
+        n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
+        mean, var = data.sample_stats(ds.X[cperm[m:]])                # controls left after the scored ones
+        ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
+        x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
+        if others:
+            pool = np.concatenate(others)
+            x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
+        c = ref.ctrl_mean.numpy()
+        x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
+        x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
+        comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
+        real = torch.from_numpy(x["real"])
+        parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
+        scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
+                 for name in verifier.weights}                        # pooled within-group std, as GRPO sees it
+        for g in GROUPS:
+            if g not in comps:
+                for name in names:
+                    scores[name][g].append(np.nan)
+                continue
+            comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+            for name in names:
+                scores[name][g].append(float(comps[g][name].mean()))
+    n_scored = len(scores["sum"]["real"])
     if not n_scored:
-        raise DataError(f"no condition could be checked: each needs >= 4 cells and another condition in its "
-                        f"covariate among the {len(keys)} given")
+        raise DataError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
+                        f"covariate, among the {len(keys)} given")
     out = {}
     for name, s in scores.items():
-        real, other, ctrl = (np.array(s[g]) for g in ("real", "other", "control"))
-        out[name] = {"real": real.mean(), "other": other.mean(), "control": ctrl.mean(),
-                     "wins": float(np.mean((real > other) & (real > ctrl))), "n": n_scored}
+        a = {g: np.array(v) for g, v in s.items()}
+        beats = {g: a["real"] > a[g] for g in GROUPS[1:]}
+        with warnings.catch_warnings():                               # no 'other' anywhere: mean of nothing
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[name] = {g: float(np.nanmean(v)) for g, v in a.items()}
+        out[name].update(wins=float(np.mean((beats["other"] | np.isnan(a["other"])) & beats["control"])),
+                         vs_exaggerated=float(beats["exaggerated"].mean()),
+                         vs_collapsed=float(beats["collapsed"].mean()),
+                         n=n_scored, n_other=int((~np.isnan(a["other"])).sum()))
     return out
 
 
 def main(argv=None):
     """Print check() on the training and validation conditions (the test ones are never looked at)."""
     p = argparse.ArgumentParser(description="check the rewards on real cells: do they rank a condition's real "
-                                            "cells above control cells and another condition's cells?")
+                                            "cells above control cells and another condition's cells, and above "
+                                            "the real cells exaggerated or collapsed?")
     data.add_args(p, CheckConfig)
     cfg = CheckConfig(**vars(p.parse_args(argv)))
     data.check_args(cfg)
     ds = data.load_dataset(cfg)
     ver = Verifier(ds.genes, parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     keys = ds.split["train"] + ds.split["val"]
-    res = check(ds, ver, keys, cfg.cells, cfg.seed)
-    print(f"{ds.meta['path']}: {next(iter(res.values()))['n']} of {len(keys)} training and validation conditions "
-          f"scored, {len(ds.genes)} genes")
-    print(f"{'reward':<10}{'weight':>8}{'real':>10}{'other':>10}{'control':>10}   real wins")
+    res = check(ds, ver, keys, cfg.cells, cfg.seed, cfg.std_floor, cfg.group)
+    r0 = res["sum"]
+    print(f"{ds.meta['path']}: {r0['n']} of {len(keys)} training and validation conditions scored ({r0['n_other']} "
+          f"with other conditions in their covariate; real wins = beats other and control), {len(ds.genes)} genes")
+    print(f"{'reward':<10}{'weight':>7}{'real':>9}{'other':>9}{'control':>9}{'exagg.':>9}{'collapsed':>10}"
+          f"{'real wins':>11}{'> exagg.':>10}{'> collapsed':>12}")
     for name, r in res.items():
-        print(f"{name:<10}{ver.weights[name]:>8g}{r['real']:>10.3f}{r['other']:>10.3f}{r['control']:>10.3f}   "
-              f"{r['wins']:.0%}")
+        vals = "".join(f"{r[g]:>{w}.3f}" if r[g] == r[g] else f"{'-':>{w}}" for g, w in zip(GROUPS, (9, 9, 9, 9, 10)))
+        weight = f"{ver.weights[name]:g}" if name in ver.weights else ""
+        print(f"{name:<10}{weight:>7}{vals}{r['wins']:>11.0%}{r['vs_exaggerated']:>10.0%}{r['vs_collapsed']:>12.0%}")
+    print(f"sum: the weighted sum of the rewards, each divided by its std within groups of {cfg.group} real cells "
+          "(GRPO's scale)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time the verifiers: 1,024 generated cells scored against 100 real cells over 2,000 genes, n_de = 50.
 
-    python bench/bench_verifiers.py [--threads 1]
+    python bench/bench_verifiers.py [--threads 1] [--cells 16 --genes 1000]   # the second: one GRPO group
 
 Prints the median wall time (ms) over 20 repeats after one warm-up call, per verifier and for the
 full Verifier (all five rewards, PROGENy pathway weights), on CPU.
@@ -33,9 +33,12 @@ def median_ms(f, repeats=20):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable figures on a shared machine)")
+    p.add_argument("--cells", type=int, default=1024, help="generated cells scored at once (a GRPO group: 16)")
+    p.add_argument("--genes", type=int, default=2000, help="genes (rl.py's defaults: 1,000)")
+    p.add_argument("--real", type=int, default=100, help="real cells of the condition")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    B, N, G, n_de = 1024, 100, 2000, 50
+    B, N, G, n_de = args.cells, args.real, args.genes, 50
     g = torch.Generator().manual_seed(0)
     genes = sorted({s for sets in V.load_progeny(top=500).values() for s in sets})[:G]  # real symbols
     ctrl_mean = torch.rand(G, generator=g) * 2

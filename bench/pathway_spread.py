@@ -1,6 +1,7 @@
-"""Why the pathway reward prefers control cells on real data (README, "The rewards and how to add one"): the
-spread of pathway activities (verifiers.pathway_scores) of each condition's perturbed cells against its
-covariate's control cells, as the mean distance of a cell's activities to the group's centre.
+"""Why a distance to the nearest real cells' pathway activities (the pathway reward until issue 20) paid control
+cells on real data (README, "The rewards and how to add one"): the spread of pathway activities
+(verifiers.pathway_scores) of each condition's perturbed cells against its covariate's control cells, as the mean
+distance of a cell's activities to the group's centre.
 
     python bench/pathway_spread.py --data ../shared/data/mcfaline23_gbm_crispri.h5ad
 """

@@ -123,5 +123,10 @@ def test_hallmark_activity_is_the_mean_z_score():
     x = torch.rand(4, G, generator=g) * 3
     W = v.W.numpy().astype(bool)
     act = lambda c: np.stack([((c - ref.ctrl_mean.numpy()) / ref.ctrl_std.numpy())[:, w].mean(1) for w in W], 1)  # noqa: E731
-    d = np.linalg.norm(act(x.numpy())[:, None] - act(ref.cells.numpy())[None], axis=-1)
-    np.testing.assert_allclose(v(x, ref)[1]["pathway"].numpy(), -np.sort(d, 1)[:, :3].mean(1), rtol=1e-4)
+    np.testing.assert_allclose(V.pathway_scores(x, ref, v.W).numpy(), act(x.numpy()), rtol=1e-4, atol=1e-5)
+    ay = act(ref.cells.numpy())                                          # the reward on them (pathway_activity)
+    m, s2 = ay.mean(0), ay.var(0, ddof=1).mean()
+    llr = lambda a: (a - m / 2) @ m / s2  # noqa: E731
+    top = np.quantile(llr(ay), 0.9)
+    want = np.minimum(llr(act(x.numpy())), 2 * top - llr(act(x.numpy())))
+    np.testing.assert_allclose(v(x, ref)[1]["pathway"].numpy(), want, rtol=1e-4, atol=1e-4)

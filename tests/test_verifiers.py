@@ -53,13 +53,20 @@ def np_deltas(x, ref):
 
 # ------------------------------------------------------------------ each verifier vs numpy / scipy
 
+def topk_mean(r, k, largest=True):
+    """Mean of the k largest (smallest) entries of each row, numpy."""
+    r = np.sort(r, axis=1)
+    return (r[:, ::-1] if largest else r)[:, :min(k, r.shape[1])].mean(1)
+
+
 @pytest.mark.parametrize("k", [1, 5, 1000])
 def test_pearson_topk_matches_numpy(k):
     ref, x = int_ref()
     xd, yd = np_deltas(x, ref)
+    d = ref.delta.numpy()[ref.de_idx.numpy()]
     r = np.array([[np.corrcoef(a, b)[0, 1] for b in yd] for a in xd])  # (B, N)
-    want = -np.sort(-r, axis=1)[:, :min(k, len(yd))].mean(1)
-    np.testing.assert_allclose(V.pearson_topk(x, ref, k).numpy(), want, atol=1e-5)
+    r0 = np.array([[np.corrcoef(a, b - d)[0, 1] for b in yd] for a in xd])  # the counterfactual controls
+    np.testing.assert_allclose(V.pearson_topk(x, ref, k).numpy(), topk_mean(r, k) - topk_mean(r0, k), atol=1e-5)
 
 
 def test_pearson_zero_variance_row_is_zero():
@@ -74,9 +81,13 @@ def test_pearson_zero_variance_row_is_zero():
 def test_rmse_topk_matches_numpy(k):
     ref, x = int_ref(1)
     xd, yd = np_deltas(x, ref)
-    d = np.sqrt(((xd[:, None] - yd[None]) ** 2).mean(-1))  # (B, N)
-    want = -np.sort(d, axis=1)[:, :k].mean(1)
+    d = ref.delta.numpy()[ref.de_idx.numpy()]
+    dk = lambda y: topk_mean(np.sqrt(((xd[:, None] - y[None]) ** 2).mean(-1)), k, largest=False)  # noqa: E731
+    want = np.minimum(dk(yd - d), dk(yd + d)) - dk(yd)
     np.testing.assert_allclose(V.rmse_topk(x, ref, k).numpy(), want, rtol=1e-4, atol=1e-5)
+    # triangle inequality: |reward| <= ||d|| / sqrt(D), for any cell, near or far
+    far = torch.cat([x, 50 * x])
+    assert (V.rmse_topk(far, ref, k).abs() <= np.linalg.norm(d) / len(d) ** 0.5 + 1e-5).all()
 
 
 def test_de_spearman_matches_scipy_with_ties():
@@ -101,49 +112,81 @@ def test_pathway_activity_matches_numpy():
     Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
     ax = ((x.numpy() - mu) / sdf) @ Wn.T
     ay = ((ref.cells.numpy() - mu) / sdf) @ Wn.T
-    d = np.linalg.norm(ax[:, None] - ay[None], axis=-1)
-    want = -np.sort(d, axis=1)[:, :4].mean(1)
-    got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32), k=4).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4)
+    m, s2 = ay.mean(0), ay.var(0, ddof=1).mean()
+    # isotropic Gaussian log-likelihood ratio, condition N(m, s2 I) against control N(0, s2 I), by scipy
+    llr = lambda a: (scipy.stats.multivariate_normal(m, s2).logpdf(a)  # noqa: E731
+                     - scipy.stats.multivariate_normal(np.zeros_like(m), s2).logpdf(a))
+    top = np.quantile(llr(ay), 0.9)
+    want = np.minimum(llr(ax), 2 * top - llr(ax))
+    got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # reflected beyond the real cells: moving further along the effect than 90% of them lowers the reward
+    y = ref.cells[:1] + torch.linspace(0, 20, 9)[:, None] * ref.delta
+    r = V.pathway_activity(y, ref, torch.as_tensor(W, dtype=torch.float32))  # a tent along the change
+    top = int(r.argmax())
+    assert 0 < top < 8 and (r[1:top + 1] > r[:top]).all() and (r[top + 1:] < r[top:-1]).all()
 
 
 def test_energy_witness_matches_loop_and_group_identity():
     ref, x = int_ref(4)
     X, Y = x.numpy().astype(np.float64), ref.cells.numpy().astype(np.float64)
     B, N = len(X), len(Y)
-    want = np.zeros(B)
+    D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    m_xx = D(X, X).sum() / (B * (B - 1))
+    witness = np.zeros(B)
     for i in range(B):
         dxy = np.mean([np.linalg.norm(X[i] - Y[j]) for j in range(N)])
         dxx = np.mean([np.linalg.norm(X[i] - X[k]) for k in range(B) if k != i])
-        want[i] = -(dxy - dxx)
+        witness[i] = -(dxy - dxx)
     r = V.energy_witness(x, ref).numpy()
-    np.testing.assert_allclose(r, want, rtol=1e-5, atol=1e-4)
-    # Energy distance E = 2 m_xy - m_xx - m_yy (U-statistics). mean_i r_i = -(m_xy - m_xx) and
-    # m_xy = (E + m_xx + m_yy) / 2, hence mean_i r_i = -(E + m_yy - m_xx) / 2.
-    D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(r, witness - m_xx / 2, rtol=1e-5, atol=1e-4)
+    # Energy distance E = 2 m_xy - m_xx - m_yy (U-statistics): mean_i r_i = -(m_xy - m_xx / 2) = -(E + m_yy) / 2.
     m_xy = D(X, Y).mean()
-    m_xx = D(X, X).sum() / (B * (B - 1))
     m_yy = D(Y, Y).sum() / (N * (N - 1))
     E = 2 * m_xy - m_xx - m_yy
-    np.testing.assert_allclose(r.mean(), -(E + m_yy - m_xx) / 2, rtol=1e-5)
+    np.testing.assert_allclose(r.mean(), -(E + m_yy) / 2, rtol=1e-5)
+    # the group constant is invisible to GRPO: the advantages within the group are the witness's
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    np.testing.assert_allclose(z(r), z(witness), atol=1e-4)
     # B = 1: no within-group term
     np.testing.assert_allclose(V.energy_witness(x[:1], ref).numpy(), -D(X[:1], Y).mean(1), rtol=1e-5)
 
 
-# ------------------------------------------------------------------ scale guard
+# ------------------------------------------------------------------ what the rewards pay for
 
-def test_scale_guard_exaggerated_effects_lose_on_scale_aware_rewards():
-    rng = np.random.default_rng(5)
-    G, n = 60, 80
-    base = rng.uniform(0.5, 3, G)
-    effect = np.where(rng.random(G) < 0.3, rng.normal(0, 1.5, G), 0.0)
-    ctrl = base + rng.normal(0, 0.3, (n, G))
-    pert = base + effect + rng.normal(0, 0.3, (2 * n, G))
-    ref = make_reference(ctrl, pert[:n], n_de=20)  # reference: first half
-    real = torch.as_tensor(pert[n:], dtype=torch.float32)  # held-out real cells
-    big = ref.ctrl_mean + 2 * (real - ref.ctrl_mean)  # same cells, deltas x2
-    for f in (V.rmse_topk, V.energy_witness):
-        assert f(big, ref).mean() < f(real, ref).mean() - 0.1, f.__name__
+def weak_screen(seed=5, G=60, n=400):
+    """Controls (tight, sd 0.5), a condition with a weak effect and a wider spread (sd 1), its held-out cells, and
+    the same cells exaggerated: the setting where a reward best at the mode of the real cells pays control cells."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(2, 4, G)
+    effect = np.where(np.arange(G) < 20, rng.choice([-0.6, 0.6], G), 0.0)
+    ctrl = base + rng.normal(0, 0.5, (n, G))
+    pert = base + effect + rng.normal(0, 1.0, (2 * n, G))
+    ref = make_reference(ctrl, pert[:n], n_de=20)
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    real, ctrl_new = f(pert[n:]), f(base + rng.normal(0, 0.5, (n, G)))
+    return ref, real, ctrl_new, ref.ctrl_mean + 2 * (real - ref.ctrl_mean)
+
+
+def test_rewards_pay_the_response_not_typicality():
+    """A condition's held-out cells beat new control cells that are tighter than them on every reward (the earlier
+    distance-based rmse and pathway rewards, best at the mode of the real cells, paid the tight controls more)."""
+    ref, real, ctrl, _ = weak_screen()
+    W = torch.as_tensor(np.random.default_rng(0).normal(size=(4, real.shape[1])), dtype=torch.float32)
+    for name, f in {"pearson": V.pearson_topk, "rmse": V.rmse_topk, "spearman": V.de_spearman,
+                    "pathway": lambda x, r: V.pathway_activity(x, r, W), "energy": V.energy_witness}.items():
+        assert f(real, ref).mean() > f(ctrl, ref).mean(), name
+    # a reward best at the mode fails this test: minus the mean distance to the 5 nearest real cells (DE genes)
+    de = ref.de_idx
+    old = lambda x: -torch.cdist(x[:, de], ref.cells[:, de]).topk(5, largest=False).values.mean(1)  # noqa: E731
+    assert old(real).mean() < old(ctrl).mean()
+
+
+def test_exaggerated_effects_are_not_paid_more():
+    ref, real, _, big = weak_screen()
+    W = torch.as_tensor(np.random.default_rng(0).normal(size=(4, real.shape[1])), dtype=torch.float32)
+    for f in (V.rmse_topk, V.energy_witness, lambda x, r: V.pathway_activity(x, r, W)):
+        assert f(big, ref).mean() < f(real, ref).mean()
     # Pearson over the DE genes is scale-blind: doubling every delta changes nothing.
     np.testing.assert_allclose(V.pearson_topk(big, ref).numpy(), V.pearson_topk(real, ref).numpy(), atol=1e-5)
 
@@ -327,7 +370,7 @@ def test_discrimination_on_simulated_data(sim):
 def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypatch, capsys):
     """verifiers.check (the `python verifiers.py` table): the real rewards rank a condition's held-out real cells
     above control cells and another condition's cells in most conditions; the same reward with its sign flipped
-    (a bug a fork could make) wins in almost none, and the CLI prints one row per reward."""
+    (a bug a fork could make) wins in almost none, and the CLI prints one row per reward and the sum."""
     _, ds = sim
     monkeypatch.setitem(V.REWARDS, "flipped", lambda x, ref, v: -V.pearson_topk(x, ref, v.k))
     ver = V.Verifier(ds.genes, {"pearson": 1, "spearman": 1, "flipped": 1})
@@ -337,4 +380,60 @@ def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypa
     assert res["pearson"]["real"] > max(res["pearson"]["other"], res["pearson"]["control"])
     V.main(["--data", ds.meta["path"], "--n-genes", "0", "--rewards", "pearson,flipped=0.5", "--cells", "16"])
     out = capsys.readouterr().out.splitlines()
-    assert out[-2].split()[:2] == ["pearson", "1"] and out[-1].split()[:2] == ["flipped", "0.5"]
+    assert out[-4].split()[:2] == ["pearson", "1"] and out[-3].split()[:2] == ["flipped", "0.5"]
+    assert out[-2].split()[0] == "sum" and out[-1].startswith("sum:")
+
+
+def test_check_flags_rewards_that_pay_for_exaggeration_or_collapse(sim, monkeypatch):
+    """The exaggerated and collapsed columns: a reward linear along the response (the projection of the change on
+    the mean change, an unbounded likelihood ratio) pays the exaggerated cells, and one best at the real mean pays
+    the collapsed cells; the default five, summed at GRPO's scale, rank the real cells above both. The sum does
+    not depend on a reward's units (each is divided by its std over the real cells)."""
+    _, ds = sim
+    monkeypatch.setitem(V.REWARDS, "linear", lambda x, ref, v: (x - ref.ctrl_mean) @ ref.delta)
+    monkeypatch.setitem(V.REWARDS, "to_mean", lambda x, ref, v: -(x - ref.mean).norm(dim=1))
+    monkeypatch.setitem(V.REWARDS, "to_mean_x10", lambda x, ref, v: -10 * (x - ref.mean).norm(dim=1))
+    res = V.check(ds, V.Verifier(ds.genes, {"linear": 1, "to_mean": 2}), ds.keys, n_cells=32)
+    assert res["linear"]["vs_exaggerated"] == 0 and res["linear"]["exaggerated"] > res["linear"]["real"]
+    assert res["to_mean"]["vs_collapsed"] == 0 and res["to_mean"]["vs_exaggerated"] == 1
+    res10 = V.check(ds, V.Verifier(ds.genes, {"linear": 1, "to_mean_x10": 2}), ds.keys, n_cells=32)
+    for g in V.GROUPS:
+        assert res10["sum"][g] == pytest.approx(res["sum"][g], rel=1e-4), g
+    res = V.check(ds, V.Verifier(ds.genes, V.parse_weights(V.DEFAULT_REWARDS)), ds.keys, n_cells=32)  # the five
+    assert res["sum"]["vs_exaggerated"] >= 0.9 and res["sum"]["vs_collapsed"] >= 0.9, res["sum"]
+    assert res["sum"]["wins"] >= 0.9 and res["energy"]["vs_collapsed"] == 1
+
+
+def test_check_scores_control_cells_left_out_of_the_statistics(sim, monkeypatch):
+    """The scored control cells are never among the control cells of the Reference they are scored against (the
+    statistics of in-sample control cells flatter any reward relative to control: README)."""
+    _, ds = sim
+    events, reference, ver = [], data.reference, V.Verifier(ds.genes, {"rmse": 1})
+    monkeypatch.setattr(data, "reference", lambda cells, ctrl, *a: (events.append(set(ctrl.tolist())),
+                                                                    reference(cells, ctrl, *a))[1])
+    record = lambda x, ref: (events.append(x.numpy()), V.Verifier.__call__(ver, x, ref))[1]  # noqa: E731
+    res = V.check(ds, type("Rec", (), {"weights": ver.weights, "__call__": staticmethod(record)})(), ds.keys[:4], 16)
+    row_of = {ds.X[[i]].tobytes(): i for i in np.flatnonzero(ds.is_ctrl)}
+    refs = [i for i, e in enumerate(events) if isinstance(e, set)] + [len(events)]
+    for a, b in zip(refs[:-1], refs[1:]):                              # one condition: its Reference, then its groups
+        groups = [{row_of.get(r.tobytes()) for r in x[:, None]} for x in events[a + 1:b]]
+        scored = [g for g in groups if None not in g]                   # the group made of control cells
+        assert len(scored) == 1 and len(scored[0]) == 16 and not scored[0] & events[a] and len(events[a]) >= 16
+    assert res["rmse"]["n"] == 4
+
+
+def test_check_runs_with_one_condition_per_covariate(tmp_path, capsys):
+    """A stimulation measured in three cell lines: no other condition shares a covariate, so real cells are
+    compared with control cells only (and with their exaggeration and collapse)."""
+    path = tmp_path / "one.h5ad"
+    data.write_h5ad(path, data.simulate(n_cells=900, n_genes=300, n_singles=1, n_combos=0, n_covariates=3, seed=2))
+    ds = data.load_dataset(data.DataConfig(data=str(path), n_genes=0))
+    assert len(ds.keys) == 3 and len({k[1] for k in ds.keys}) == 3
+    res = V.check(ds, V.Verifier(ds.genes), ds.keys, n_cells=32)
+    for name, r in res.items():
+        assert r["n"] == 3 and r["n_other"] == 0 and np.isnan(r["other"]), name
+    assert res["sum"]["wins"] == 1 and res["sum"]["vs_exaggerated"] == 1 and res["sum"]["vs_collapsed"] == 1
+    assert res["pathway"]["real"] > res["pathway"]["control"]
+    V.main(["--data", str(path), "--n-genes", "0", "--rewards", "rmse", "--cells", "16"])
+    out = capsys.readouterr().out.splitlines()
+    assert "0 with other conditions" in out[-5] and out[-3].split()[:4] == ["rmse", "1", out[-3].split()[2], "-"]
