@@ -208,8 +208,10 @@ class Dataset:
         keys (whose priors never contain themselves), pooled over keys and genes d (real delta), p (prior):
             rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2),
             c = min(1, sqrt(sum |d|^2 / sum |p|^2)) if rho >= min_corr else 0,
-        i.e. a prior whose direction carries information, scaled to the size of the real deltas. Why not the
-        least-squares slope, and the measured values: README, "The generator starts from the additive prior"."""
+        i.e. a prior whose direction carries information, scaled to the size of the real deltas. A kind that no
+        training key has (untested_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
+        prior (for combinations the plain sum, which no published deep model beats on Norman's doubles), never a
+        silent 0. Why not the least-squares slope, and the measured values: README, "Where the generator starts"."""
         cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
         if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
             return dict(self._trust[1])
@@ -229,25 +231,62 @@ class Dataset:
             for kind, (pd, dd, pp) in sums.items():
                 ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
                 out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
+            out.update({kind: 1.0 for kind in self.untested_kinds()})   # no evidence: the plain prior
         self._trust = (cache, out)
         return dict(out)
 
-    def shift(self, key, trust=None) -> tuple:
-        """Where the generator may start for `key`, two deltas: c * its additive prior when that kind is trusted
-        (else zero), and c_mean * the training-mean delta for a key without a trusted prior (else zero); the
-        second is used with --shift-mean (flow.make_cond)."""
+    def untested_kinds(self) -> set:
+        """Prior kinds of held-out (validation or test) keys that no training key has, so prior_trust cannot fit
+        them and the generator never saw one in training (flow.train then makes training examples of them)."""
+        train = {self.prior_kind(k) for k in self.split["train"]}
+        held = {self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
+        return held - train - {"none"}
+
+    def novel(self, key) -> bool:
+        """No component of `key` is in any training key: the generator knows it only by its gene features."""
+        seen = getattr(self, "_seen", (None,))
+        if seen[0] != tuple(map(tuple, self.split["train"])):
+            self._seen = seen = (tuple(map(tuple, self.split["train"])),
+                                 {n for k in self.split["train"] for n, _ in components_of(k[0])})
+        return not any(n in seen[1] for n, _ in components_of(key[0]))
+
+    def unseen_components(self) -> set:
+        """Components of held-out keys that no training key contains: their learned embedding is never trained."""
+        seen = {n for k in self.split["train"] for n, _ in components_of(k[0])}
+        return {n for k in self.split["val"] + self.split["test"] for n, _ in components_of(k[0])} - seen
+
+    def shift(self, key, trust=None) -> np.ndarray:
+        """Where the generator starts for `key` (G,): the best trusted simple predictor. c * its additive prior when
+        that kind is trusted, else c_mean * the training-mean delta (mean_delta) when that is trusted, else zero
+        (the control cell). With paired generation (flow.sample) a network that outputs zero generates exactly
+        control cell + shift."""
         trust = trust or self.prior_trust()
         c = trust[self.prior_kind(key)]
-        if c > 0:
-            return c * self.additive_delta(key), np.zeros(len(self.genes), np.float32)
-        return np.zeros(len(self.genes), np.float32), trust["mean"] * self.mean_delta(key)
+        return (c * self.additive_delta(key) if c > 0 else trust["mean"] * self.mean_delta(key)).astype(np.float32)
+
+    def held_out_controls(self, cov) -> np.ndarray:
+        """A fixed tenth of the covariate's control cells (the same in every stage and run) that pretraining never
+        uses, so the generator's control condition is checked on cells it never saw (flow.control_check)."""
+        rows = self.ctrl_idx[cov]
+        return np.sort(rows[np.random.default_rng(len(rows)).permutation(len(rows))[:max(1, len(rows) // 10)]])
+
+    def fold_deltas(self, key, seed: int = 0):
+        """Cross-fitting of a key's own prior: its cells split at random into two halves (fold (n,) 0/1, seeded) and
+        the mean delta of each half, deltas (2, G). A cell of fold f is trained with the prior of fold 1 - f, so a
+        training condition never sees its own target cells in its prior (flow.train)."""
+        rows = self.cell_idx[tuple(key)]
+        fold = np.zeros(len(rows), np.int64)
+        fold[np.random.default_rng([seed, self.keys.index(tuple(key))]).permutation(len(rows))[len(rows) // 2:]] = 1
+        ctrl = self.refs[tuple(key)].ctrl_mean.numpy()
+        deltas = np.stack([np.asarray(self.X.csr[rows[fold == f]].mean(0)).ravel() - ctrl for f in (0, 1)])
+        return fold, deltas.astype(np.float32)
 
     def key_table(self, keys) -> dict:
         """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
         the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
-        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, and shift, shift_mean
-        (K, G), where the generator starts (Dataset.shift)."""
+        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, shift (K, G), where the
+        generator starts (Dataset.shift), and novel (K,) bool (Dataset.novel)."""
         parsed = [components_of(k[0]) for k in keys]
         C = max(len(p) for p in parsed)
         index = {c: i + 1 for i, c in enumerate(self.components)}
@@ -262,8 +301,9 @@ class Dataset:
         cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
         prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
         trust = self.prior_trust()
-        shift, shift_mean = (torch.from_numpy(np.stack(s)) for s in zip(*[self.shift(k, trust) for k in keys]))
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "shift_mean": shift_mean}
+        shift = torch.from_numpy(np.stack([self.shift(k, trust) for k in keys]))                    # (K, G)
+        novel = torch.tensor([self.novel(k) for k in keys], dtype=torch.bool)
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "novel": novel}
 
 
 def sample_stats(X):
@@ -958,16 +998,14 @@ def gene_stats(X, rows: np.ndarray, chunk=None):
 
 
 def fit_scaler(X, rows, chunk=16384):
-    """Per-gene mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of X[rows],
-    accumulated in float64 over row chunks."""
-    s1, s2, lo = np.zeros(X.shape[1]), np.zeros(X.shape[1]), np.full(X.shape[1], np.inf)
+    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
+    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
     for i in range(0, len(rows), chunk):
         xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2, lo = s1 + xb.sum(0), s2 + (xb ** 2).sum(0), np.minimum(lo, np.where(xb > 0, xb, np.inf).min(0))
+        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
     mean = s1 / len(rows)
     std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
-    f = lambda a: torch.from_numpy(a).float()  # noqa: E731
-    return f(mean), f(std).clamp_min(1e-2), f(np.where(np.isfinite(lo), lo / 2, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
 
 
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
@@ -1402,7 +1440,7 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
     return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
             "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
-            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu(), "zero_below": model.zero_below.cpu()},
+            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu()},
             "rng": rng or {}, "extra": extra or {}}
 
 
@@ -1489,11 +1527,10 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
                         "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
                                                          "retrain it with flow.py (and rl.py)"))
-    for part in ("model", "ema"):  # written before per-gene zero thresholds: decode as then, max(x, 0)
-        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part] and "zero_below" not in ckpt[part]:
-            ckpt[part]["zero_below"] = torch.zeros_like(ckpt[part]["mean"])
-            warnings.warn(f"{path} predates the per-gene zero thresholds (zero_below): decoding with max(x, 0) as "
-                          "when it was trained; retrain it for calibrated thresholds", stacklevel=2)
+    for part in ("model", "ema"):  # before paired generation: zero thresholds (not used), no residual trust (1)
+        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part]:
+            ckpt[part].pop("zero_below", None)
+            ckpt[part].setdefault("trust", torch.ones(2))
     ref = list(ckpt["genes"])
     if genes is not None and list(genes) != ref:                     # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]

@@ -69,7 +69,7 @@ def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000
     the generator starts from it anyway. None when the shift is zero (an unseen single with nothing trusted to
     build on): no pseudo-reference, so no selection. Reads control cells and training references only: never
     ds.refs[key] or the key's cells."""
-    shift = sum(ds.shift(key, trust))            # the trusted prior, else the trusted training-mean delta
+    shift = ds.shift(key, trust)                 # the trusted prior, else the trusted training-mean delta
     if not np.any(shift):
         return None
     rows = ds.ctrl_idx[key[1]]
@@ -82,11 +82,12 @@ def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000
 @torch.no_grad()
 def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midpoint", seed=0, n_de=50,
               std_floor=0.1) -> dict:
-    """Best-of-N at test time: for each cell to predict, N candidates from the same control cell (independent
-    noise, the ODE sampler of `predict`); keep the one that scores highest under `verifier` against
-    pseudo_reference(key), never against the key's real cells. Score: each reward z-scored over all n N
-    candidates of the condition, weighted by verifier.weights and summed (GRPO's normalisation within a group:
-    the raw rewards differ ~10x in scale). N = 1, or no pseudo-reference: the first candidate, i.e. `predict`.
+    """Best-of-N at test time: for each cell to predict, N candidates, each from its own control cell of the
+    covariate and noise (the ODE sampler of `predict`: a control cell plus the generator's change); keep the one
+    that scores highest under `verifier` against pseudo_reference(key), never against the key's real cells.
+    Score: each reward z-scored over all n N candidates of the condition, weighted by verifier.weights and summed
+    (GRPO's normalisation within a group: the raw rewards differ ~10x in scale). N = 1 is `predict`; no
+    pseudo-reference: the first candidate.
     Selection pulls cells towards the pseudo-reference, so it can shrink their spread: read spread_ratio.
     n_cells: as in predict (None reads only how many real cells each key has). Returns {key: (n, G)}."""
     cand = predict(model, ds, keys, n_cells, steps, method, 0.0, seed, repeat=N)
@@ -128,12 +129,7 @@ def cdist(x, y):
     return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def energy_distance(x, y):
-    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes; the
-    within-sample means exclude i = j (U-statistics). >= 0 up to sampling error; 0 for equal distributions."""
-    dxy, dxx, dyy = cdist(x, y).mean(), cdist(x, x), cdist(y, y)
-    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
-    return float(2 * dxy - u(dxx) - u(dyy))
+energy_distance = flow.energy_distance  # E = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics)
 
 
 def mmd_rbf(x, y, scales=(0.5, 1.0, 2.0)):

@@ -50,10 +50,11 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     use_prior: bool = True          # feed the additive prior (False = ablation, zeros)
     use_ctrl: bool = True           # feed the control cell (False = ablation, zeros)
     prior_dropout: float = 0.0      # per-sample probability of dropping the prior (input and shift) in training
+    unseen_dropout: float = 0.5     # when held-out keys have components no training key has: per-sample probability of hiding the learned component embeddings (trains that situation)
+    self_prior: float = 0.5         # when held-out keys have a prior kind no training key has: probability a training single is trained with its cross-fitted own prior as that kind
     source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = shift + N(0, 1) (a, target shift); ctrl = control cell + shift (b)
     sigma: float = 0.5              # source std sigma with --source ctrl (model space); noise uses 1
-    shift: bool = True              # start from the trusted additive prior (False = prior only as an input)
-    shift_mean: bool = False        # without a trusted prior, start from the trusted training-mean delta
+    shift: bool = True              # start from the best trusted simple predictor, Dataset.shift (False = from the control cell)
     # optimisation
     steps: int = 1000               # optimiser steps
     batch_size: int = 256           # cells per step
@@ -65,6 +66,7 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     ema_decay: float = 0.999        # EMA of the weights (used for sampling and saved)
     t_dist: str = "uniform"         # training time distribution: uniform | logit_normal
     ctrl_frac: float = 0.1          # fraction of each batch that is control cells with an empty perturbation
+    fit_trust: bool = True          # fit how far the network's change beyond the start is used on validation keys (trust_residual; False: 1)
     # evaluation and checkpoints
     eval_every: int = 500           # validation loss + Pearson of mean deltas every this many steps
     eval_cells: int = 256           # generated cells per validation condition
@@ -119,22 +121,20 @@ class VelocityField(nn.Module):
     """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
     prior (B, G), mu0 (B, G) the source mean. The condition vector c (B, W) sums the time, perturbation, covariate,
     control-cell and prior embeddings; the trunk sees the displacement from the source mean, in_proj(xt - mu0) +
-    prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw where it is (with
-    source 'ctrl' it generates control cell + shift)."""
+    prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw where it is, and
+    paired generation (sample) then gives control cell + shift, the start predictor."""
 
     def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64, prior_feat=None,
                  use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0, shift=False,
-                 shift_mean=False, doses=False):
+                 doses=False):
         super().__init__()
         self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates, width=width,
                             depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
-                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, shift_mean=shift_mean,
-                            doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
+                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
         self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
         if source not in ("noise", "ctrl"):
             raise DataError(f"source {source!r}: use noise or ctrl")
         self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
-        self.shift_mean = shift_mean and self.shift
         G, W = n_genes, width
         self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
         # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a component
@@ -158,29 +158,29 @@ class VelocityField(nn.Module):
         self.out = nn.Linear(W, G)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        # scaler: z = (x - mean) / std, and the per-gene detection floor; fitted on training cells by train()
+        # scaler: z = (x - mean) / std, fitted on training cells by train(); the output's scale for keys with a
+        # trained component (1: train() folds their residual trust into `out`) and for novel keys (trust_residual)
         self.register_buffer("mean", torch.zeros(G))
         self.register_buffer("std", torch.ones(G))
-        self.register_buffer("zero_below", torch.zeros(G))
+        self.register_buffer("trust", torch.ones(2))
 
     def encode(self, x):
         return (x - self.mean) / self.std
 
-    def decode(self, z, floor=True):
-        """x = z std + mean, 0 below the gene's detection threshold `zero_below` (data.fit_scaler, calibrate_zeros), not
-        max(x, 0), which keeps the positive half of the blob a flow puts at real zeros (README, "Zeros")."""
-        x = z * self.std + self.mean
-        return x.masked_fill(x < self.zero_below, 0.0) if floor else x
+    def decode(self, z):
+        """x = max(z std + mean, 0). For paired cells z = encode(control cell) + change: a control cell's zeros stay 0
+        unless the change lifts them (README, "Zeros")."""
+        return (z * self.std + self.mean).clamp(min=0)
 
-    def embed_perturbation(self, comps, dose):
+    def embed_perturbation(self, comps, dose, unseen=None):
         """Deep-sets pooling over the components j of a condition, with e_j = E[c_j] + P f[c_j] and u_j the
         log-dose feature of data.Dataset.key_table (1 without a dose):
             data with doses:  MLP(sum_j m_j phi([e_j, u_j])),  m_j = 1 for a component, 0 for padding
             without:          MLP(sum_j u_j e_j)              (u_j = 1; genetic screens, older checkpoints)
         phi is an MLP, so the response is a learned, smooth function of log-dose per drug: an unseen dose of a seen
         drug falls between its seen neighbours. A sum is order-invariant (A+B == B+A, their doses swapped along)
-        and padding adds nothing."""
-        e = self.comp_emb(comps)  # (B, C, d_pert)
+        and padding adds nothing. unseen (B,) bool: hide the learned embeddings of those rows (cfm_loss)."""
+        e = self.comp_emb(comps) if unseen is None else self.comp_emb(comps) * ~unseen[:, None, None]  # (B, C, d_pert)
         if self.prior_feat is not None:
             e = e + self.feat_proj(self.prior_feat[comps])  # (B, C, p) -> (B, C, d_pert)
         if self.dose_mlp is None:
@@ -192,7 +192,7 @@ class VelocityField(nn.Module):
         """The time-independent part, computed once per sample() call: (c0, p0), both (B, W)."""
         prior = cond["prior"] if self.use_prior else torch.zeros_like(cond["ctrl"])
         ctrl = cond["ctrl"] if self.use_ctrl else torch.zeros_like(cond["ctrl"])
-        c0 = (self.embed_perturbation(cond["comps"], cond["dose"]) + self.cov_emb(cond["cov"])
+        c0 = (self.embed_perturbation(cond["comps"], cond["dose"], cond.get("unseen")) + self.cov_emb(cond["cov"])
               + self.ctrl_enc(ctrl) + self.prior_cond(prior))  # (B, W)
         return c0, self.prior_in(prior)
 
@@ -203,28 +203,34 @@ class VelocityField(nn.Module):
         h = self.in_proj(xt - cond.get("mu0", 0.0)) + p0  # (B, W)
         for block in self.blocks:
             h = block(h, c)
-        return self.out(self.norm_out(h))  # (B, G)
+        v = self.out(self.norm_out(h))  # (B, G)
+        return v * self.trust[cond["novel"].long()][:, None] if "novel" in cond else v
 
 
 def make_cond(model, table, key_ids, ctrl_x):
     """Conditioning for a batch, in model space on the model's device: table = ds.key_table(keys), key_ids (B,) into
     it, ctrl_x (B, G) control cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I)
-    of the loss and every sampler. shift = c_kind * prior (data.Dataset.prior_trust), the part of the additive prior
-    the data say to trust, in model space (a delta: divided by std, no mean shift):
-      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: a zero network generates the control cell plus
-                          the shift, the additive baseline in distribution (as sigma -> 0);
+    of the loss and every sampler. shift = data.Dataset.shift, the start predictor (the trusted additive prior, else
+    the trusted training-mean delta), in model space (a delta: divided by std, no mean shift):
       source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target shift,
                           since the network sees xt - mu0;
+      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: the flow starts at the shifted control cell;
       shift off:          mu0 = ctrl (ctrl) or 0 (noise): the prior is only an input.
-    With --shift-mean a key without a trusted prior starts from the trusted training-mean delta instead of 0."""
+    An empty-perturbation row (comps 0, shift 0) is the covariate's control condition (control_twin)."""
     dev, key_ids = model.mean.device, torch.as_tensor(key_ids, dtype=torch.long)
     ctrl = model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev))  # (B, G)
-    shift = ((table["shift"] + table["shift_mean"] * model.shift_mean)[key_ids].to(dev) / model.std if model.shift
-             else torch.zeros_like(ctrl))  # (B, G)
+    shift = table["shift"][key_ids].to(dev) / model.std if model.shift else torch.zeros_like(ctrl)  # (B, G)
     mu0 = ctrl + shift if model.source == "ctrl" else shift  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
-            "shift": shift, "mu0": mu0, "sigma": model.sigma}
+            "shift": shift, "mu0": mu0, "sigma": model.sigma, "novel": table["novel"][key_ids].to(dev)}
+
+
+def control_twin(cond):
+    """cond for the same rows (control cells, covariates) with the empty perturbation: the control condition that
+    training anchors with --ctrl-frac (comps, dose, prior and shift zero; mu0 without the shift)."""
+    zero = {k: torch.zeros_like(cond[k]) for k in ("comps", "dose", "prior", "shift")}
+    return {**cond, **zero, "mu0": cond["mu0"] - cond["shift"]}
 
 
 def source(cond):
@@ -240,17 +246,20 @@ def interpolant(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None):
+def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None, p_unseen=0.0):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
     x0 ~ N(mu0, sigma^2 I) (make_cond), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024).
     In train mode the prior (input and shift) is dropped per sample with probability model.prior_dropout
-    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior). part: see _noise;
-    model may be wrapped in DDP (its attributes are read from the wrapped module)."""
+    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior), and the learned
+    component embeddings are hidden with probability p_unseen (a component never trained looks like that at test).
+    part: see _noise; model may be wrapped in DDP (its attributes are read from the wrapped module)."""
     B, dev = x1.shape[0], x1.device
     t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal", part=part)
     t = torch.sigmoid(t) if t_dist == "logit_normal" else t
     p_drop = getattr(getattr(model, "module", model), "prior_dropout", 0.0)
     keep = _noise((B, 1), generator, dev, uniform=True, part=part) >= p_drop  # (B, 1)
+    if model.training and p_unseen > 0:
+        cond = {**cond, "unseen": _noise((B,), generator, dev, uniform=True, part=part) < p_unseen}  # (B,)
     if model.training and "prior" in cond:
         cond = {**cond, "prior": cond["prior"] * keep}
         if "shift" in cond:
@@ -269,43 +278,53 @@ def time_grid(steps: int):
 
 
 @torch.no_grad()
-def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, decode=True, noise_level=0.0,
-           part=None, record=False):
+def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, noise_level=0.0, part=None,
+           record=False, paired=False):
     """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from `generator`, or the
-    given `eps`), to t = 1 over time_grid(steps):
+    given `eps`), to t = 1 over time_grid(steps), in model space:
         euler:    x <- x + h v(x, t)                                  (global error O(h))
         midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))
         sde:      x <- sde_step(x, t, h), noise level a = noise_level (Flow-GRPO; a = 0 is euler)
-    Returns the cells (B, G), decoded unless decode=False; with record=True (rl.rollout) every state (steps + 1, B, G)
-    in model space and the sde's log p(x_{i+1} | x_i) (steps, B). part: see _noise."""
+    paired=True (how cells are generated): the same draws (eps and every SDE step's noise) also drive the rows'
+    control condition (control_twin) in the same batch, and the result is the CHANGE z = z_key - z_control. A real
+    control cell plus it, decode(cond["ctrl"] + z), is the generated cell: the generator's own error at reproducing
+    control cells cancels, and a zero network gives control cell + shift, the start predictor, exactly.
+    Returns z (B, G); with record=True (rl.rollout, sde) also the key rows' states (steps + 1, B, G) and
+    log p(x_{i+1} | x_i) (steps, B). part: see _noise."""
     if method not in ("euler", "midpoint", "sde") or record and method != "sde":
         raise DataError(f"sampler {method!r}" + (" with record" if record else "") + ": use euler, midpoint or sde "
                         "(record=True: sde)")
-    mu0, sigma = source(cond)
     dev = cond["ctrl"].device if "ctrl" in cond else eps.device  # toy fields (tests) have no control cell
-    x = mu0 + sigma * (_noise(cond["ctrl"].shape, generator, dev, part=part) if eps is None else eps.to(dev))
+    shape = cond["ctrl"].shape if eps is None else eps.shape
+    draw = lambda: _noise(shape, generator, dev, part=part)  # noqa: E731  (B, G) standard normal
+    e, B = (draw() if eps is None else eps.to(dev)), shape[0]
+    if paired:  # rows 0..B-1 the keys, B..2B-1 their control twins; one draw serves both halves
+        twin = control_twin(cond)
+        cond = {k: torch.cat([v, twin[k]]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in cond.items()}
+    both = (lambda n: torch.cat([n, n])) if paired else (lambda n: n)  # noqa: E731
+    mu0, sigma = source(cond)
+    x = mu0 + sigma * both(e)
     amp = data.autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
     ts, h = time_grid(steps)
-    xs, log_probs = [x], []
+    xs, log_probs = [x[:B]], []
     for ti in ts:
         if method == "sde":
-            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, generator, part)
-            log_probs.append(lp)
+            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, noise=both(draw()))
+            log_probs.append(lp[:B])
         else:
-            t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (B,)
+            t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (2B or B,)
             with amp:
                 vt = model(x, t, cond).to(x.dtype)
                 if method == "midpoint":
                     vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
             x = x + h * vt
         if record:
-            xs.append(x)
-    if record:
-        return torch.stack(xs), torch.stack(log_probs)
-    return model.decode(x) if decode else x
+            xs.append(x[:B])
+    z = x[:B] - x[B:] if paired else x
+    return (z, torch.stack(xs), torch.stack(log_probs)) if record else z
 
 
 def sde_mean_std(model, x, t, h, cond, noise_level):
@@ -331,16 +350,16 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     return mean, std
 
 
-def sde_step(model, x, t, h, cond, noise_level, generator=None, part=None, x_next=None):
-    """One SDE transition x -> x_next = mean + std * noise (drawn, or the recorded `x_next` given) and its exact
-    log density log N(x_next; mean, std^2 I), summed over genes (averaged over genes, the PPO ratio would move 1/G
-    as much, clipping would never bind and the KL/clip scales change). Returns (x_next, log_prob (B,), mean, std);
-    noise_level 0 is exactly the Euler step (std 0, log_prob zeros). part: see _noise."""
+def sde_step(model, x, t, h, cond, noise_level, noise=None, x_next=None):
+    """One SDE transition x -> x_next = mean + std * noise (a standard normal draw `noise`, or the recorded `x_next`
+    given) and its exact log density log N(x_next; mean, std^2 I), summed over genes (averaged over genes, the PPO
+    ratio would move 1/G as much, clipping would never bind and the KL/clip scales change). Returns (x_next,
+    log_prob (B,), mean, std); noise_level 0 is exactly the Euler step (std 0, log_prob zeros)."""
     mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     if x_next is None:
-        x_next = mean + std * _noise(x.shape, generator, x.device, x.dtype, part=part)
+        x_next = mean + std * noise.to(x.dtype)
     s = std.reshape(-1)  # (B, 1) -> (B,)
     G = x.shape[-1]
     log_prob = -(x_next - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
@@ -356,22 +375,23 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
 # ----------------------------------------------------------------------------- generation and checkpoints
 @torch.no_grad()
 def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
-             repeat=1, floor=True) -> dict:
-    """{key: (n * repeat, G) generated cells in expression space}, each from a control cell of the key's covariate.
-    n_cells: an int, a list with one per key, or None (as many as the real condition has); repeat: candidates from
-    each control cell, on consecutive rows (evaluate.best_of_n); noise_level > 0: the RL SDE instead of the ODE
-    `method`; floor=False: before the zero threshold (calibrate_zeros). All keys together, in chunks of cells."""
+             repeat=1) -> dict:
+    """{key: (n * repeat, G) generated cells in expression space}: each a control cell of the key's covariate plus
+    the generator's change (sample, paired). n_cells: an int, a list with one per key, or None (as many as the real
+    condition has); repeat: candidates per cell, on consecutive rows, each from its own control cell (under paired
+    generation the noise alone moves a cell little) (evaluate.best_of_n);
+    noise_level > 0: the RL SDE instead of the ODE `method`. All keys together, in chunks of cells."""
     g, g_dev = torch.Generator().manual_seed(seed), torch.Generator(device=model.mean.device).manual_seed(seed)
     n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
     table = ds.key_table(keys)
     key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)  # (sum n * repeat,)
-    rows = np.repeat(np.concatenate(data.control_rows(ds, keys, n, g)), repeat)  # (sum n * repeat,)
+    rows = np.concatenate(data.control_rows(ds, keys, [m * repeat for m in n], g))  # (sum n * repeat,)
     out = []
     for s in range(0, len(rows), chunk):
         cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
-        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, decode=False,
-                   noise_level=noise_level)
-        out.append(model.decode(z, floor).cpu())
+        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, noise_level=noise_level,
+                   paired=True)
+        out.append(model.decode(cond["ctrl"] + z).cpu())
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
 
 
@@ -379,7 +399,7 @@ def build_model(hp: dict) -> VelocityField:
     """A VelocityField from its stored hyper-parameters (the prior features come with the state dict); options an
     older checkpoint lacks take their defaults (source noise, no shift: the prior only as an input)."""
     p = hp["prior_dim"]
-    return VelocityField(**{k: v for k, v in hp.items() if k != "prior_dim"},
+    return VelocityField(**{k: v for k, v in hp.items() if k not in ("prior_dim", "shift_mean")},
                          prior_feat=torch.zeros(hp["n_components"], p) if p else None)
 
 
@@ -403,36 +423,51 @@ def pearson_rows(a, b):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
-def zero_quantiles(model, ds, keys, n_cells=64, seed=0):
-    """(G,) per gene, the q_g-quantile of generated values of `keys` (q_g = the gene's real zero fraction in
-    them), at least the current threshold."""
-    raw = torch.cat(list(generate(model, ds, keys, n_cells, seed=seed, floor=False).values()))  # (K * n, G)
-    rows, c = np.concatenate([ds.cell_idx[k] for k in keys]), 65536
-    nonzero = sum(np.asarray((ds.X.csr[rows[i:i + c]] > 0).sum(0)).ravel() for i in range(0, len(rows), c))  # (G,)
-    q = torch.from_numpy(1 - nonzero / len(rows))  # (G,) zero fraction, counted on the sparse rows
-    idx = (q * (len(raw) - 1)).round().long()  # (G,)
-    return torch.maximum(raw.sort(0).values.gather(0, idx[None])[0], model.zero_below.cpu())
+@torch.no_grad()
+def trust_residual(model, ds, keys, n_cells=256, seed=0) -> float:
+    """How far the network's change beyond the start predictor is trusted, lam in [0, 1], fitted on held-out
+    (validation) keys as prior_trust is fitted on training ones: with r_k = generated mean delta - shift_k (what the
+    network adds) and d_k - shift_k what it should add, pooled over keys and genes,
+        lam = clip(sum <r_k, d_k - shift_k> / sum |r_k|^2, 0, 1),
+    the least-squares slope: 0 when what it learned does not carry over to conditions it never saw (cell-line
+    transfer on mcfaline23), about 0.5 on the simulator's combinations. train() fits one for keys with a trained
+    component and one for novel keys (VelocityField.trust scales the network's output)."""
+    cells = generate(model, ds, keys, n_cells, seed=seed)
+    shift = ds.key_table(keys)["shift"]  # (K, G)
+    r = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys]) - shift  # (K, G)
+    d = torch.stack([ds.refs[k].delta for k in keys]) - shift  # (K, G)
+    return float(((r * d).sum() / (r * r).sum().clamp_min(1e-12)).clamp(0, 1))
 
 
 @torch.no_grad()
-def calibrate_zeros(model, ds, keys, val_keys, n_cells=64, seed=0):
-    """Choose each gene's detection threshold: zero_quantiles (generated cells as often 0 as real ones; a flow cannot
-    put mass exactly at 0) replaces the floor of data.fit_scaler only if it lowers the mean energy distance to the real
-    cells of the validation conditions (halved on real 500-HVG data, raised on the dense simulator). Returns which."""
-    tau = zero_quantiles(model, ds, keys, n_cells, seed)
-    if not val_keys:
-        return "floor"
-    val = torch.stack(list(generate(model, ds, val_keys, n_cells, seed=seed + 1, floor=False).values()))  # (K, n, G)
+def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
+    """How well the generator itself (sample, not paired) reproduces each covariate's control condition, against the
+    control cells pretraining left out (Dataset.held_out_controls), averaged over covariates: bias = |mean
+    generated - mean real| (debiased: minus the sampling noise tr(S_x)/n + tr(S_y)/m inside the square root),
+    bias_ratio = bias / the mean |delta| of the covariate's keys, and the energy distance. Paired generation cancels
+    this bias; without it every predicted delta would carry it."""
+    g, out = torch.Generator().manual_seed(seed), []
+    for ci, c in enumerate(ds.covariates):
+        held = ds.held_out_controls(c)
+        inputs = np.setdiff1d(ds.ctrl_idx[c], held)
+        src = inputs[torch.randint(len(inputs), (n_cells,), generator=g).numpy()]
+        empty = {k: v[:1] * 0 for k, v in ds.key_table(ds.keys[:1]).items()}
+        cond = make_cond(model, {**empty, "cov": torch.tensor([ci])}, torch.zeros(n_cells, dtype=torch.long), ds.X[src])
+        x, y = model.decode(sample(model, cond, steps, generator=g)).cpu(), torch.from_numpy(ds.X[held])
+        noise = x.var(0).sum() / len(x) + (y.var(0).sum() / len(y) if len(y) > 1 else 0)
+        bias = float(((x.mean(0) - y.mean(0)).pow(2).sum() - noise).clamp_min(0).sqrt())
+        effect = np.mean([float(ds.refs[k].delta.norm()) for k in ds.keys if k[1] == c] or [np.nan])
+        out.append((bias, bias / effect, energy_distance(x, y)))
+    return dict(zip(("bias", "bias_ratio", "energy"), np.mean(out, axis=0).tolist()))
 
-    def energy(zb):  # mean over validation keys of 2 E|x-y| - E|x-x'| - E|y-y'| (V-statistics)
-        x = val.masked_fill(val < zb, 0.0)
-        return float(np.mean([2 * torch.cdist(xi, ds.refs[k].cells).mean() - torch.cdist(xi, xi).mean()
-                              - torch.cdist(ds.refs[k].cells, ds.refs[k].cells).mean() for xi, k in zip(x, val_keys)]))
 
-    if energy(tau) < energy(model.zero_below.cpu()):
-        model.zero_below = tau.to(model.zero_below.device)
-        return "calibrated"
-    return "floor"
+def energy_distance(x, y) -> float:
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
+    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
+    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric."""
+    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
+    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
+    return float(2 * dxy.mean() - u(dxx) - u(dyy))
 
 
 @torch.no_grad()
@@ -460,6 +495,55 @@ def lr_at(cfg, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def training_rows(ds, keys, cfg):
+    """What flow.train draws from: (table, cells) where the key table holds the training keys, one empty-perturbation
+    row per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a
+    prior kind no training key has (Dataset.untested_kinds, e.g. every combination held out), two rows per training
+    single with its cross-fitted own prior as that kind (Dataset.fold_deltas: the prior of fold f serves the cells of
+    fold 1 - f, trusted like that kind), so the network learns what to add when a prior is present. cells: numpy
+    arrays over every usable cell: row (its row of ds.X), kid (its table row) and own (its cross-fitted prior's table
+    row, -1 if none); controls left out for control_check are not among them."""
+    n_cov, table = len(ds.covariates), ds.key_table(keys)
+    own_rows, extra, c = {}, [], 0.0
+    if ds.untested_kinds() and cfg.self_prior > 0:
+        c = max(ds.prior_trust()[k] for k in ds.untested_kinds())
+        for k in keys:
+            if len(data.components_of(k[0])) == 1:
+                fold, deltas = ds.fold_deltas(k, cfg.split_seed)
+                own_rows[k] = (fold, len(keys) + n_cov + len(extra))
+                extra += [(keys.index(k), p) for p in deltas]                 # rows for fold 0's prior, fold 1's
+    i = torch.tensor([j for j, _ in extra], dtype=torch.long)
+    p = torch.from_numpy(np.stack([q for _, q in extra])) if extra else torch.zeros(0, len(ds.genes))
+    table = {k: torch.cat([v, torch.arange(n_cov) if k == "cov" else v.new_zeros(n_cov, *v.shape[1:]),
+                           p if k == "prior" else c * p if k == "shift" else v[i]]) for k, v in table.items()}
+    ctrl = [np.setdiff1d(ds.ctrl_idx[c], ds.held_out_controls(c)) for c in ds.covariates]
+    row = np.concatenate([ds.cell_idx[k] for k in keys] + ctrl)
+    kid = np.concatenate([np.full(len(ds.cell_idx[k]), j) for j, k in enumerate(keys)] +
+                         [np.full(len(r), len(keys) + j) for j, r in enumerate(ctrl)])
+    own = np.concatenate([own_rows[k][1] + 1 - own_rows[k][0] if k in own_rows else np.full(len(ds.cell_idx[k]), -1)
+                          for k in keys] + [np.full(len(r), -1) for r in ctrl])  # fold f -> the prior of fold 1 - f
+    return table, {"row": row, "kid": kid, "own": own, "ctrl": np.flatnonzero(kid >= len(keys)), "n_keys": len(keys)}
+
+
+def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
+    """n cells for one step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows, control-cell
+    rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training single with
+    a cross-fitted own prior uses it with probability self_prior."""
+    pert, ctrl = np.flatnonzero(cells["kid"] < cells["n_keys"]), cells["ctrl"]
+    i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
+    pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
+    kid = cells["kid"][pick]
+    if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (the same draws as before otherwise)
+        kid = np.where((rng.random(n) < self_prior) & (cells["own"][pick] >= 0), cells["own"][pick], kid)
+    cov = table["cov"].numpy()[kid]
+    ccov = table["cov"].numpy()[cells["kid"][ctrl]]  # (n_ctrl,) covariate of each control cell
+    src = np.empty(n, np.int64)
+    for c in np.unique(cov):  # a loop over covariates: a random control cell of the target's covariate
+        mine, pool = np.flatnonzero(cov == c), ctrl[ccov == c]
+        src[mine] = cells["row"][pool[rng.integers(len(pool), size=len(mine))]]
+    return cells["row"][pick], kid, src
+
+
 def train(cfg: FlowConfig) -> str:
     """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out). Each batch: random training
     cells x1 with their key ids and a random control cell of the same covariate each; a fraction cfg.ctrl_frac
@@ -482,15 +566,9 @@ def train(cfg: FlowConfig) -> str:
     keys, val_keys, n_cov = ds.split["train"], ds.split["val"], len(ds.covariates)
     if not keys:
         raise DataError("the split left no training conditions; use --split random or fewer --test conditions")
-    # key table: the training keys, then one empty-perturbation row per covariate (control cells as targets)
-    table = {k: torch.cat([v, torch.arange(n_cov) if k == "cov" else v.new_zeros(n_cov, *v.shape[1:])])
-             for k, v in ds.key_table(keys).items()}  # (K + n_cov, ...)
-    key_cov, table = table["cov"].numpy(), {k: v.to(device) for k, v in table.items()}  # make_cond indexes it there
-    pert_rows = np.concatenate([ds.cell_idx[k] for k in keys])
-    pert_kid = np.repeat(np.arange(len(keys)), [len(ds.cell_idx[k]) for k in keys])
-    ctrl_rows = np.concatenate([ds.ctrl_idx[c] for c in ds.covariates])  # grouped by covariate
-    n_ctrl = np.array([len(ds.ctrl_idx[c]) for c in ds.covariates])
-    ctrl_start, ctrl_kid = np.r_[0, np.cumsum(n_ctrl)[:-1]], len(keys) + np.repeat(np.arange(n_cov), n_ctrl)
+    table, cells = training_rows(ds, keys, cfg)
+    dev_table = {k: v.to(device) for k, v in table.items()}  # make_cond indexes it there
+    p_unseen = cfg.unseen_dropout if ds.unseen_components() else 0.0
     # model, EMA, optimiser; fresh or restored
     if old:  # load_checkpoint gave the EMA
         model = copy.deepcopy(ema)
@@ -499,8 +577,8 @@ def train(cfg: FlowConfig) -> str:
         feat = data.gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
         model = VelocityField(len(ds.genes), len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
                               cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
-                              cfg.shift_mean, doses=ds.meta.get("dose_range") is not None)
-        model.mean, model.std, model.zero_below = data.fit_scaler(ds.X, np.concatenate([pert_rows, ctrl_rows]))
+                              doses=ds.meta.get("dose_range") is not None)
+        model.mean, model.std = data.fit_scaler(ds.X, cells["row"])
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices only
@@ -524,29 +602,30 @@ def train(cfg: FlowConfig) -> str:
             "no checkpoint was written"
         return DataError(f"{what}: training diverged (lr={cfg.lr}); lower --lr or raise --warmup; {kept}")
 
-    if not old and rank == 0:  # how far the prior is trusted, and the additive prior itself as a reference prediction
+    if not old and rank == 0:  # where the generator starts, and what training simulates of the held-out situation
         trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
-        r = pearson_rows(ds.key_table(val_keys)["prior"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
+        r = pearson_rows(ds.key_table(val_keys)["shift"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
             if val_keys else float("nan")
-        print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}; "
-              f"val Pearson(mean deltas) of the additive prior alone: {r:.3f}", file=sys.stderr)
+        untested = ", ".join(sorted(ds.untested_kinds()))
+        print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}"
+              + (f" ({untested}: no training key, the plain prior; trained on cross-fitted own priors of "
+                 f"{int((cells['own'] >= 0).sum())} cells)" if untested else "")
+              + (f"; {len(ds.unseen_components())} held-out components never trained: their embeddings hidden "
+                 f"with p = {p_unseen}" if p_unseen else "")
+              + f"; val Pearson(mean deltas) of the start predictor alone: {r:.3f}", file=sys.stderr)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     pbar = tqdm(total=end, initial=step, disable=not cfg.progress or rank > 0, desc="flow", dynamic_ncols=True)
     t0 = time.time()
     while step < end:
-        Bg = B * world  # the global batch: every process draws all of it and keeps its rows rank::world
-        i, j = rng.integers(len(pert_rows), size=Bg), rng.integers(len(ctrl_rows), size=Bg)
-        is_c = rng.random(Bg) < cfg.ctrl_frac
-        rows, kid = np.where(is_c, ctrl_rows[j], pert_rows[i]), np.where(is_c, ctrl_kid[j], pert_kid[i])  # (Bg,)
-        cv = key_cov[kid]
-        src = ctrl_rows[ctrl_start[cv] + (rng.random(Bg) * n_ctrl[cv]).astype(np.int64)]  # control, same covariate
-        rows, kid, src = rows[rank::world], kid[rank::world], src[rank::world]  # (B,)
+        # the global batch: every process draws all of it and keeps its rows rank::world
+        rows, kid, src = (a[rank::world] for a in draw_batch(cells, table, rng, B * world, cfg.ctrl_frac,
+                                                              cfg.self_prior))  # (B,) each
         x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G) densified from the sparse X
-        cond = make_cond(model, table, torch.from_numpy(kid).to(device), ds.X[src])
+        cond = make_cond(model, dev_table, torch.from_numpy(kid).to(device), ds.X[src])
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         with data.autocast(device):
-            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part)
+            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part, p_unseen)
         if not torch.isfinite(loss):
             raise diverged(f"loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -563,8 +642,22 @@ def train(cfg: FlowConfig) -> str:
         if rank > 0:  # rank 0 calibrates, validates and saves; the others go on to the next step
             continue
         if step == cfg.steps:  # before the last validation, so the logged metrics are the saved model's
-            which = calibrate_zeros(ema, ds, keys, val_keys, seed=cfg.seed + 2)
-            pbar.write(f"zero threshold per gene: {which} (lower validation energy distance)")
+            ctl = control_check(ema, ds, seed=cfg.seed + 3)
+            pbar.write(f"control condition vs held-out control cells (the generator alone; paired generation cancels "
+                       f"it): bias {ctl['bias']:.2f} ({ctl['bias_ratio']:.2f} x the mean real effect), energy "
+                       f"{ctl['energy']:.3f}")
+            lam = [1.0, 1.0]
+            for novel in (0, 1) if cfg.fit_trust else ():  # keys with a trained component, then novel keys
+                mine = [k for k in val_keys if ds.novel(k) == novel]
+                lam[novel] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
+                    float(not val_keys and not novel)
+                pbar.write(f"residual trust of {'novel keys' if novel else 'keys with a trained component'} (how far "
+                           f"the network's change beyond the start is used): {lam[novel]:.2f}, " + (
+                               f"fitted on {len(mine)} validation keys" if mine else "no validation key of the kind: "
+                               + ("not fitted" if not novel else "the start predictor alone")))
+            ema.out.weight.mul_(lam[0]), ema.out.bias.mul_(lam[0])  # folded in: RL trains the scaled layer
+            ema.trust[1] = lam[1] / lam[0] if lam[0] > 0 else 0.0
+            history.append({"step": step, "residual_trust": lam, **{f"control/{k}": v for k, v in ctl.items()}})
         if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
             ev = val_check(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
             history.append({"step": step, "train_loss": loss_avg, "time": time.time() - t0, **ev})

@@ -96,9 +96,14 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
 
 # ----------------------------------------------------------------------------- the pieces
 def rollout(model, cond, T, noise_level, generator, part=None):
-    """T SDE steps (flow.sde_step) from x0 ~ N(mu0, sigma^2 I) (flow.make_cond), no gradients: the states x_t
-    (T+1, B, G) and log p(x_{t+1} | x_t) (T, B). part: this process's rows of the global batch's noise (flow._noise)."""
-    return flow.sample(model, cond, T, "sde", generator, noise_level=noise_level, part=part, record=True)
+    """T SDE steps (flow.sde_step) from x0 ~ N(mu0, sigma^2 I) (flow.make_cond), no gradients, paired like every
+    generated cell (flow.sample): the cells (B, G) (control cell + the change), the states x_t (T+1, B, G) and
+    log p(x_{t+1} | x_t) (T, B) of the condition's path. The control path the same draws drive is part of the
+    environment: GRPO's ratio and KL are those of the condition's path. part: this process's rows of the global
+    batch's noise (flow._noise)."""
+    z, xs, logp = flow.sample(model, cond, T, "sde", generator, noise_level=noise_level, part=part, record=True,
+                              paired=True)
+    return model.decode(cond["ctrl"] + z), xs, logp
 
 
 def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0):
@@ -289,10 +294,10 @@ def train(cfg: RLConfig) -> str:
             cond = flow.make_cond(policy, table, kid, ds.X[rows[mine].ravel()])
             part = (torch.from_numpy(mine[:, None] * cfg.group + np.arange(cfg.group)).reshape(-1).to(device),
                     n_pick * cfg.group) if world > 1 else None                          # its rows of the noise
-            xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen, part)    # (T+1, B, G), (T, B)
+            cells, xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen, part)  # (B, G), (T+1, B, G), (T, B)
             t1 = now(device)
             # 2. rewards on the device, normalised per component within each group
-            cells = rearrange(policy.decode(xs[-1]), "(g n) d -> g n d", n=cfg.group)  # (n_groups, n, genes)
+            cells = rearrange(cells, "(g n) d -> g n d", n=cfg.group)                    # (n_groups, n, genes)
             comps = {n: [] for n in weights}
             for i, x in zip(pick[mine], cells):
                 _, c = verifier(x, refs[keys[i]])

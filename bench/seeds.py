@@ -8,7 +8,7 @@ The split is fixed by --split-seed; --seeds change only the weights and the samp
 is the method's, not the split's. Every seed's checkpoints go to runs/seeds/. The table is on the held-out
 test conditions, ODE sampler, baselines included (they vary with the seed only through the control cells
 they draw). Prints a markdown table: mean ± standard deviation over seeds (and, for the interaction score,
-its spread over conditions averaged over seeds).
+its spread over conditions averaged over seeds). bench/suite.py runs this on every benchmark.
 """
 import argparse
 import sys
@@ -43,6 +43,38 @@ def parse_kv(spec):
     return out
 
 
+def run_seeds(dopts: dict, seeds, stem: str, flow_kv=None, rl_kv=None, reuse=False, out=Path("runs/seeds")):
+    """Pretrain + GRPO per seed on one split (dopts: data options), evaluate the test keys beside the baselines.
+    Returns ([{method: {metric: mean over conditions}} per seed], the dataset of the last seed, [RL step kept])."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed, kept = [], []
+    for seed in seeds:
+        fck, rck = str(out / f"{stem}_flow_s{seed}.pt"), str(out / f"{stem}_rl_s{seed}.pt")
+        if not reuse:
+            flow.train(flow.FlowConfig(**dopts, seed=seed, out=fck, progress=False, **(flow_kv or {})))
+            rl.train(rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=rck, progress=False, **(rl_kv or {})))
+        base, ck = flow.load_checkpoint(fck)
+        model, rk = flow.load_checkpoint(rck)
+        ds = evaluate.dataset_for(ck, dopts.get("data"))
+        keys = ds.split["test"]
+        preds = evaluate.baselines(ds, keys, seed=seed)
+        preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
+        preds["rl"] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ver = verifiers.Verifier(ds.genes, None)
+        per_seed.append(evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver)))
+        kept.append(rk["step"])
+        print(f"seed {seed}: RL checkpoint from step {rk['step']}", flush=True)
+    return per_seed, ds, kept
+
+
+def mean_sd(per_seed, method, col):
+    """(mean, sd) over seeds of one method's metric; None where no seed has it."""
+    v = [s[method][col] for s in per_seed if col in s.get(method, {})]
+    return (float(np.mean(v)), float(np.std(v))) if v else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="h5ad (default: the built-in simulator)")
@@ -55,40 +87,19 @@ def main():
     p.add_argument("--tag", default="", help="name part of runs/seeds/ files")
     p.add_argument("--reuse", action="store_true", help="evaluate the runs/seeds/ checkpoints of an earlier run again")
     a = p.parse_args()
-    out = Path("runs/seeds")
-    out.mkdir(parents=True, exist_ok=True)
     stem = (Path(a.data).stem if a.data else "simulated") + (f"_{a.tag}" if a.tag else "")
     dopts = dict(data=a.data, split=a.split, test=a.test, split_seed=a.split_seed)
-    per_seed = []
-    for seed in [int(s) for s in a.seeds.split(",")]:
-        fck, rck = str(out / f"{stem}_flow_s{seed}.pt"), str(out / f"{stem}_rl_s{seed}.pt")
-        if not a.reuse:
-            flow.train(flow.FlowConfig(**dopts, seed=seed, out=fck, progress=False, **parse_kv(a.flow)))
-            rl.train(rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=rck, progress=False, **parse_kv(a.rl)))
-        base, ck = flow.load_checkpoint(fck)
-        model, rk = flow.load_checkpoint(rck)
-        ds = evaluate.dataset_for(ck, a.data)
-        keys = ds.split["test"]
-        preds = evaluate.baselines(ds, keys, seed=seed)
-        preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
-        preds["rl"] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ver = verifiers.Verifier(ds.genes, None)
-        per_seed.append(evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver)))
-        print(f"seed {seed}: RL checkpoint from step {rk['step']}", flush=True)
+    per_seed, ds, _ = run_seeds(dopts, [int(s) for s in a.seeds.split(",")], stem, parse_kv(a.flow), parse_kv(a.rl),
+                                a.reuse)
     methods = list(per_seed[0])
-    print(f"\n{len(keys)} test conditions of {ds.meta['path']}, split seed {a.split_seed}, seeds {a.seeds}: "
-          f"mean ± sd over seeds\n")
+    print(f"\n{len(ds.split['test'])} test conditions of {ds.meta['path']}, split seed {a.split_seed}, seeds "
+          f"{a.seeds}: mean ± sd over seeds\n")
     cols = COLS + ["interaction_sd"] if any("interaction_sd" in s.get(m, {}) for s in per_seed for m in methods) else COLS
     print("| method | " + " | ".join(c.replace("reward/", "r:").replace("interaction_sd", "interaction sd over conditions")
                                     for c in cols) + " |")
     print("|" + "---|" * (len(cols) + 1))
     for m in methods:
-        cells = []
-        for c in cols:
-            v = [s[m][c] for s in per_seed if c in s.get(m, {})]
-            cells.append(f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "n/a")
+        cells = [f"{v[0]:.3f} ± {v[1]:.3f}" if (v := mean_sd(per_seed, m, c)) else "n/a" for c in cols]
         print(f"| {m} | " + " | ".join(cells) + " |")
 
 

@@ -18,7 +18,8 @@ def tiny_screen(tmp_path_factory):
     path = tmp / "sim.h5ad"
     data.write_h5ad(path, data.simulate(n_cells=1500, n_genes=200, n_singles=10, n_combos=8, seed=0))
     ckpt = flow.train(flow.FlowConfig(data=str(path), n_genes=0, steps=60, width=64, depth=1, batch_size=64,
-                                      out=str(tmp / "flow.pt"), progress=False, eval_every=1000, save_every=1000))
+                                      out=str(tmp / "flow.pt"), progress=False, eval_every=1000, save_every=1000,
+                                      fit_trust=False))
     model, ck = flow.load_checkpoint(ckpt)
     return {"tmp": tmp, "path": path, "ckpt": ckpt, "model": model, "ds": evaluate.dataset_for(ck)}
 

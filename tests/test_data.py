@@ -616,14 +616,45 @@ def test_prior_trust_matches_the_size_of_informative_priors(sim_ds):
     assert trust["none"] == 0.0 and trust["transfer"] == 0.0                   # one covariate: no transfer keys
     assert ds.prior_trust(min_corr=rho + 0.01)["additive"] == 0.0             # an uninformative prior is not used
     tab = ds.key_table(ds.split["test"])
-    torch.testing.assert_close(tab["shift"], c * tab["prior"])
-    assert torch.equal(tab["shift_mean"], torch.zeros_like(tab["shift_mean"]))  # a trusted prior: no mean shift
+    torch.testing.assert_close(tab["shift"], c * tab["prior"])                # a trusted prior: the start
     # a single (no prior of its own in one covariate): the training-mean delta without itself, if trusted
     single = next(k for k in train if "+" not in k[0])
     mean = np.mean([ds.refs[k].delta.numpy() for k in train if k != single], axis=0)
-    tab = ds.key_table([single])
-    np.testing.assert_allclose(tab["shift_mean"][0].numpy(), trust["mean"] * mean, atol=1e-6)
-    assert torch.equal(tab["shift"][0], torch.zeros(len(ds.genes)))
+    assert trust["mean"] > 0
+    np.testing.assert_allclose(ds.key_table([single])["shift"][0].numpy(), trust["mean"] * mean, atol=1e-6)
+
+
+def test_a_prior_kind_no_training_key_has_gets_the_plain_prior(sim_path):
+    """Every combination held out: no training key is 'additive', so its trust cannot be fitted; the rule gives
+    c = 1 (the plain sum), not 0, and says so through untested_kinds; fitted kinds are unchanged."""
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, split="additive", test_frac=0.85,
+                                           val_frac=0.15))
+    assert not any("+" in k[0] for k in ds.split["train"]) and ds.untested_kinds() == {"additive"}
+    trust = ds.prior_trust()
+    assert trust["additive"] == 1.0 and trust["none"] == 0.0
+    k = ds.split["test"][0]
+    np.testing.assert_allclose(ds.shift(k), sum(ds.component_deltas(k)), atol=1e-6)
+    default = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))    # combinations in training: fitted
+    assert default.untested_kinds() == set() and 0 < default.prior_trust()["additive"] < 1
+
+
+def test_cross_fitted_own_priors_never_contain_the_cells_they_train(sim_path):
+    """fold_deltas: the prior of fold f is the mean delta of fold f's cells only, so changing the cells of the other
+    fold (the ones trained with it) leaves it unchanged, and the two folds split the key's cells in halves."""
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))
+    key = next(k for k in ds.split["train"] if "+" not in k[0])
+    fold, deltas = ds.fold_deltas(key, seed=3)
+    rows = ds.cell_idx[key]
+    assert abs(int(fold.sum()) - len(rows) / 2) <= 0.5 and np.array_equal(fold, ds.fold_deltas(key, seed=3)[0])
+    X = np.asarray(ds.X)
+    for f in (0, 1):
+        np.testing.assert_allclose(deltas[f], X[rows[fold == f]].mean(0) - ds.refs[key].ctrl_mean.numpy(), atol=1e-5)
+    csr = ds.X.csr.tolil()
+    csr[rows[fold == 1]] = 7.0                                                # new cells in fold 1
+    ds.X = data.SparseRows(csr.tocsr())
+    changed = ds.fold_deltas(key, seed=3)[1]
+    np.testing.assert_array_equal(changed[0], deltas[0])                      # fold 0's prior: unchanged
+    assert not np.allclose(changed[1], deltas[1])
 
 
 def test_validation_conditions_look_like_the_test():

@@ -106,7 +106,7 @@ class LinearField(torch.nn.Module):
 def test_ode_convergence_order(method, order):
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]  # (9, 1)
     exact = x0 * math.exp(1.5 * -0.8)
-    err = [(flow.sample(LinearField(-0.8), {}, n, method, eps=x0, decode=False) - exact).abs().max().item()
+    err = [(flow.sample(LinearField(-0.8), {}, n, method, eps=x0) - exact).abs().max().item()
            for n in (16, 32, 64)]
     ratios = [err[0] / err[1], err[1] / err[2]]  # error ~ C h^order: halving h divides it by 2^order
     assert all(abs(r - 2 ** order) < 0.15 * 2 ** order for r in ratios), (err, ratios)
@@ -115,7 +115,7 @@ def test_ode_convergence_order(method, order):
 def test_ode_gaussian_path_endpoint():
     # the ODE flow map of the Gaussian path sends x0 to mu + sigma x0 exactly
     x0 = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
-    x1 = flow.sample(GaussianPathField(1.5, 0.5), {}, 32, "midpoint", eps=x0, decode=False)
+    x1 = flow.sample(GaussianPathField(1.5, 0.5), {}, 32, "midpoint", eps=x0)
     assert torch.allclose(x1, 1.5 + 0.5 * x0, atol=1e-4)
 
 
@@ -134,7 +134,7 @@ def test_sde_log_prob_matches_torch_normal():
     m, G, a, h = small_model(), 6, 0.7, 0.05
     cond = rand_cond(4, G, [[1, 2]] * 4, [[1.0, 1.0]] * 4)
     x, t = torch.randn(4, G), torch.tensor([0.0, 0.2, 0.5, 0.9])
-    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, a, generator=torch.Generator().manual_seed(0))
+    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, a, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
     t_eff = t.clamp(min=h)[:, None]
     assert torch.allclose(std, a * torch.sqrt((1 - t[:, None]) / t_eff) * math.sqrt(h))  # (B, 1)
     ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x_next).sum(-1)
@@ -170,7 +170,7 @@ def test_sde_and_ode_preserve_the_marginal():
     field = GaussianPathField(mu, sigma)
     tol_m, tol_v = 4 * sigma / math.sqrt(n) + 0.01, 4 * sigma ** 2 * math.sqrt(2 / n) + 0.01
     x0 = torch.randn(n, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ode = flow.sample(field, {}, 400, "euler", eps=x0, decode=False)
+    ode = flow.sample(field, {}, 400, "euler", eps=x0)
     sde = sde_sample(field, n, 400, 0.7)
     for x in (ode, sde):
         assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
@@ -207,12 +207,12 @@ def test_sde_with_a_shifted_narrow_source_preserves_the_marginal():
         g = torch.Generator().manual_seed(seed)
         x, h = m0 + s0 * torch.randn(n, 1, generator=g, dtype=torch.float64), 1.0 / 400
         for i in range(400):
-            x, *_ = flow.sde_step(field, x, i * h, h, cond, a, g)
+            x, *_ = flow.sde_step(field, x, i * h, h, cond, a, torch.randn(x.shape, generator=g, dtype=x.dtype))
         return x
 
     x = run(cond)
     assert abs(x.mean().item() - mu) < tol_m and abs(x.var().item() - sigma ** 2) < tol_v, (x.mean(), x.var())
-    ode = flow.sample(field, cond, 200, "midpoint", eps=torch.randn(n, 1, dtype=torch.float64), decode=False)
+    ode = flow.sample(field, cond, 200, "midpoint", eps=torch.randn(n, 1, dtype=torch.float64))
     assert abs(ode.mean().item() - mu) < tol_m and abs(ode.var().item() - sigma ** 2) < tol_v
     bad = run({})
     assert abs(bad.mean().item() - mu) > 10 * tol_m or abs(bad.var().item() - sigma ** 2) > 10 * tol_v
@@ -228,28 +228,44 @@ def test_fresh_model_outputs_zero():
     assert torch.equal(out, torch.zeros(3, 6))
 
 
-def test_fresh_model_reproduces_the_shifted_control_cell():
-    """source 'ctrl': a zero network leaves x0 = ctrl + shift + sigma eps in place, so with a tiny sigma the
-    decoded cell is the control cell plus c * prior (the additive baseline, in expression space); source
-    'noise' (the target shift): x0 = shift + eps; shift off: the prior moves nothing."""
+def test_a_zero_network_generates_the_start_predictor_exactly():
+    """Paired generation: with the output layer at zero, every generated cell is its control cell plus the shift
+    (the start predictor, Dataset.shift), whatever the source, sigma, sampler or noise, so training can only add
+    to it; unpaired, the noise source gives shift + eps, not a cell. Shift off: the control cell itself."""
     torch.manual_seed(0)
     G = 6
     table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
-             "prior": torch.randn(1, G), "shift": None, "shift_mean": torch.randn(1, G)}
-    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6; shift_mean unused by default
+             "prior": torch.randn(1, G), "novel": torch.tensor([False])}
+    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6
     ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
-    for source, sigma, shift in [("ctrl", 1e-4, True), ("noise", 1.0, True), ("ctrl", 1e-4, False)]:
+    for source, sigma, shift, method in [("noise", 1.0, True, "midpoint"), ("ctrl", 0.5, True, "sde"),
+                                         ("noise", 1.0, True, "sde"), ("ctrl", 0.2, False, "euler")]:
         m = flow.VelocityField(G, 4, 1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, shift=shift)
         m.mean, m.std = torch.rand(G), torch.rand(G) + 0.5
         cond = flow.make_cond(m, table, torch.zeros(4, dtype=torch.long), ctrl_x)
-        eps = torch.randn(4, G)
-        z = flow.sample(m, cond, 5, "midpoint", eps=eps, decode=False)
-        s = table["shift"] / m.std if shift else torch.zeros(1, G)
-        want = (m.encode(ctrl_x) + s + sigma * eps) if source == "ctrl" else s + eps
-        torch.testing.assert_close(z, want.expand(4, G), atol=1e-5, rtol=0)
-        if source == "ctrl":
-            x = m.decode(z, floor=False)
-            torch.testing.assert_close(x, ctrl_x + (table["shift"] if shift else 0), atol=1e-3, rtol=0)
+        z = flow.sample(m, cond, 5, method, torch.Generator().manual_seed(1), noise_level=0.7, paired=True)
+        want = (ctrl_x + (table["shift"] if shift else 0)).clamp(min=0)
+        torch.testing.assert_close(m.decode(cond["ctrl"] + z), want, atol=1e-4, rtol=0)
+    eps = torch.randn(4, G)
+    raw = flow.sample(m, cond, 5, "midpoint", eps=eps)                      # unpaired: the source draw itself
+    torch.testing.assert_close(raw, m.encode(ctrl_x) + 0.2 * eps, atol=1e-5, rtol=0)
+
+
+def test_paired_generation_cancels_the_generators_own_control_error():
+    """A field that adds a constant b to every condition, the empty one (control) included, is a generator with a
+    control bias b; paired generation removes it exactly: the change is the key's shift, not shift + b."""
+    G, B = 5, 3
+    b = torch.linspace(-1, 1, G)
+    field = lambda x, t, cond: b.expand_as(x)  # noqa: E731  biased: also moves control cells
+    cond = {"ctrl": torch.randn(B, G), "comps": torch.ones(B, 1, dtype=torch.long), "dose": torch.ones(B, 1),
+            "prior": torch.randn(B, G), "shift": torch.randn(B, G), "cov": torch.zeros(B, dtype=torch.long)}
+    cond.update(mu0=cond["shift"], sigma=1.0)
+    for method in ("euler", "midpoint", "sde"):
+        g = torch.Generator().manual_seed(0)
+        z = flow.sample(field, cond, 4, method, g, noise_level=0.5, paired=True)
+        torch.testing.assert_close(z, cond["shift"], atol=1e-5, rtol=0)
+        raw = flow.sample(field, cond, 4, method, torch.Generator().manual_seed(0), noise_level=0.5)
+        assert (raw - cond["shift"]).mean(0).sub(b).abs().max() < 1.5      # unpaired: the bias b is in it
 
 
 def test_perturbation_embedding_is_order_invariant():
@@ -277,11 +293,11 @@ def test_encode_decode_and_make_cond():
     x = torch.rand(4, 6) * 3
     assert torch.allclose(m.decode(m.encode(x)), x, atol=1e-6)
     assert torch.equal(m.decode(torch.full((1, 6), -100.0)), torch.zeros(1, 6))
-    m.zero_below = torch.full((6,), 0.4)                              # detection floor: 0 below, kept above
-    z = m.encode(torch.tensor([[0.0, 0.1, 0.39, 0.41, 1.0, 2.0]]))
-    assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.0, 0.41, 1.0, 2.0]]), atol=1e-5)
+    z = m.encode(torch.tensor([[-0.3, 0.0, 0.1, 0.41, 1.0, 2.0]]))   # max(x, 0): only negatives become 0
+    assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.1, 0.41, 1.0, 2.0]]), atol=1e-5)
     table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
-             "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6)}
+             "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6), "shift": torch.randn(2, 6),
+             "novel": torch.tensor([False, True])}
     cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
     assert torch.equal(cond["comps"][0], table["comps"][1]) and torch.equal(cond["cov"], torch.tensor([1, 0, 1, 1]))
     assert torch.allclose(cond["prior"][1], table["prior"][0] / m.std)  # a delta: no mean shift
@@ -310,8 +326,11 @@ def trained(sim_path, tmp_path_factory):
 
 
 def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
+    """What training learns, on the training keys, with the trained weights (the saved sampling weights are also
+    scaled by the residual trust fitted on validation keys: test_residual_trust_is_the_least_squares_slope)."""
     model, ckpt = flow.load_checkpoint(trained)
-    hist = ckpt["extra"]["history"]
+    model.load_state_dict(ckpt["model"])
+    hist = [h for h in ckpt["extra"]["history"] if "train_loss" in h]
     # the fresh model outputs 0, so its loss is E|x1|^2 + E|x0|^2 = 2 per gene on z-scored cells; the logged
     # loss is smoothed over ~50 steps (its noise is < 0.01 here)
     assert ckpt["step"] == 600 and hist[-1]["train_loss"] < min(1.9, hist[0]["train_loss"] - 0.05), hist
@@ -361,7 +380,7 @@ def test_resume_is_exact(sim_path, tmp_path):
     sa, sb = a["opt"]["state"], b["opt"]["state"]
     assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
     strip = lambda c: [{k: v for k, v in h.items() if k != "time"} for h in c["extra"]["history"]]  # noqa: E731
-    assert strip(a) == strip(b) and len(strip(a)) == 2
+    assert strip(a) == strip(b) and len(strip(a)) == 3                   # 2 validations + the residual trust
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sim_path, tmp_path, monkeypatch):
@@ -391,33 +410,44 @@ def test_cli_reports_data_errors(tmp_path, capsys):
 
 
 def test_fit_scaler_against_numpy():
-    """mean, std (floored at 1e-2) and detection floor (half the smallest positive value) of the given rows."""
+    """mean and std (floored at 1e-2) of the given rows, in chunks."""
     rng = np.random.default_rng(3)
     X = (rng.random((40, 5)) < 0.6) * rng.uniform(0.7, 3.0, (40, 5))
-    X[:, 4] = 0.0                                                     # never detected: floor 0, std floored
+    X[:, 4] = 0.0                                                     # never detected: std floored
     X = X.astype(np.float32)
     rows = rng.choice(40, 25, replace=False)
-    mean, std, floor = data.fit_scaler(X, rows, chunk=7)
+    mean, std = data.fit_scaler(X, rows, chunk=7)
     Xr = X[rows].astype(np.float64)
     np.testing.assert_allclose(mean.numpy(), Xr.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(std.numpy(), np.maximum(Xr.std(0), 1e-2), rtol=1e-5)
-    lo = np.array([Xr[:, g][Xr[:, g] > 0].min() / 2 if (Xr[:, g] > 0).any() else 0.0 for g in range(5)])
-    np.testing.assert_allclose(floor.numpy(), lo, rtol=1e-6)
 
 
-def test_zero_quantiles_match_real_zero_fraction(trained, sim_path):
-    """With the quantile thresholds, generated cells of the training conditions are as often zero as real ones
-    (a plain max(x, 0) decode under-produces zeros); without validation conditions the floor is kept."""
+def test_residual_trust_is_the_least_squares_slope(trained, sim_path, monkeypatch):
+    """A network that adds alpha times what each validation key needs beyond its shift gets lam = clip(1 / alpha,
+    0, 1): twice too much -> 0.5, half -> 1, the opposite direction -> 0 (never negative)."""
     model, ckpt = flow.load_checkpoint(trained)
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
-    keys = ds.split["train"]
-    floor = model.zero_below.clone()
-    assert flow.calibrate_zeros(model, ds, keys, []) == "floor" and torch.equal(model.zero_below, floor)
-    model.zero_below = flow.zero_quantiles(model, ds, keys, n_cells=48, seed=5)
-    assert (model.zero_below >= floor).all()
-    raw = torch.cat(list(flow.generate(model, ds, keys, 48, seed=11, floor=False).values()))  # other noise, contexts
-    real = (ds.X[np.concatenate([ds.cell_idx[k] for k in keys])] == 0).mean(0)
-    gen_zero = (raw < model.zero_below).float().mean(0).numpy()
-    clamp_zero = (raw <= 0).float().mean(0).numpy()
-    assert np.abs(gen_zero - real).mean() < 0.01 < np.abs(clamp_zero - real).mean(), \
-        (np.abs(gen_zero - real).mean(), np.abs(clamp_zero - real).mean())
+    keys = ds.split["train"][:5]
+    shift = ds.key_table(keys)["shift"]
+    for alpha, want in [(2.0, 0.5), (0.5, 1.0), (-1.0, 0.0), (1.25, 0.8)]:
+        mean = {k: ds.refs[k].ctrl_mean + shift[i] + alpha * (ds.refs[k].delta - shift[i]) for i, k in enumerate(keys)}
+        monkeypatch.setattr(flow, "generate", lambda *a, **kw: {k: m.expand(3, -1) for k, m in mean.items()})
+        assert flow.trust_residual(model, ds, keys) == pytest.approx(want, abs=1e-5)
+
+
+def test_control_check_measures_the_generators_control_bias(sim_path):
+    """A generator that returns its input control cells (source ctrl, sigma tiny, zero network) has no bias and an
+    energy distance to the held-out control cells near 0 (inputs drawn with replacement: a little above); one that adds b = 0.5 to every
+    gene of every cell has bias |b| sqrt(G) (debiased for sampling noise), whatever the inputs."""
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200))
+    G = len(ds.genes)
+    m = flow.VelocityField(G, len(ds.components), len(ds.covariates), width=16, depth=1, source="ctrl", sigma=1e-4)
+    m.mean, m.std = data.fit_scaler(ds.X, np.arange(ds.X.shape[0]))
+    ok = flow.control_check(m, ds, n_cells=400, steps=2)
+    effect = np.mean([float(ds.refs[k].delta.norm()) for k in ds.keys])
+    assert ok["bias"] < 0.15 * 0.5 * G ** 0.5 and ok["energy"] < 0.2 and ok["bias_ratio"] == pytest.approx(
+        ok["bias"] / effect, rel=1e-6)
+    with torch.no_grad():
+        m.out.bias.copy_(0.5 / m.std)                                 # v = b / std in model space: x1 = x0 + b
+    bad = flow.control_check(m, ds, n_cells=400, steps=2)
+    assert bad["bias"] == pytest.approx(0.5 * G ** 0.5, rel=0.1) and bad["energy"] > 10 * max(ok["energy"], 0.05)

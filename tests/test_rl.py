@@ -126,8 +126,8 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
     rows = np.concatenate([ds.ctrl_idx[k[1]][:4] for k in keys])
     cond = flow.make_cond(policy, table, kid, ds.X[rows])
     T, a = 4, 0.7
-    xs, logp_old = rl.rollout(policy, cond, T, a, torch.Generator().manual_seed(0))
-    assert xs.shape == (T + 1, 8, len(ds.genes)) and logp_old.shape == (T, 8)
+    cells, xs, logp_old = rl.rollout(policy, cond, T, a, torch.Generator().manual_seed(0))
+    assert xs.shape == (T + 1, 8, len(ds.genes)) and logp_old.shape == (T, 8) and cells.shape == (8, len(ds.genes))
     assert torch.isfinite(logp_old).all()
     adv = torch.tensor([1.0, -1, 0.5, -0.5, 2, -2, 0, 0])
     for i in range(T):
@@ -174,15 +174,18 @@ def test_grpo_moves_a_toy_generator_towards_the_rewarded_target():
     cond = {"ctrl": torch.zeros(n_groups * G, D)}
     reward = lambda x: -((x - 2.0) ** 2).sum(-1)  # noqa: E731
 
+    def rollout(cond, gen):  # rl.rollout without pairing: the toy has no control condition
+        return flow.sample(policy, cond, T, "sde", gen, noise_level=a, record=True)[1:]
+
     def sample_mean(n=2000):
-        xs, _ = rl.rollout(policy, {"ctrl": torch.zeros(n, D)}, T, a, torch.Generator().manual_seed(123))
+        xs, _ = rollout({"ctrl": torch.zeros(n, D)}, torch.Generator().manual_seed(123))
         return xs[-1].mean(0)
 
     m0 = sample_mean()
     assert float(m0.abs().max()) < 0.15
     kls = []
     for step in range(40):
-        xs, logp_old = rl.rollout(policy, cond, T, a, gen)                              # (T+1, B, D), (T, B)
+        xs, logp_old = rollout(cond, gen)                                               # (T+1, B, D), (T, B)
         r = reward(policy.decode(xs[-1])).reshape(n_groups, G)
         adv = rl.group_advantages({"r": r}, {"r": 1.0}).reshape(-1)
         opt.zero_grad()

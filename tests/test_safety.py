@@ -305,19 +305,18 @@ def test_checkpoints_carry_the_format_version(sim):
     assert torch.load(sim["ckpt"], weights_only=True)["format"] == data.FORMAT == 2
 
 
-def test_checkpoint_before_zero_below_decodes_as_then(sim, tmp_path):
-    """The state dict lacks the buffer: filled with zeros, i.e. decode = max(x, 0) as when it was trained."""
-    def drop(ck):
+def test_checkpoint_with_zero_thresholds_still_loads(sim, tmp_path):
+    """Checkpoints written before paired generation carry a per-gene zero-threshold buffer (zero_below) and a
+    shift_mean option: both are dropped at load, and decoding is max(x, 0)."""
+    def add(ck):
         for part in ("model", "ema"):
-            del ck[part]["zero_below"]
-        del ck["format"]
-    path = edited(sim, tmp_path, "old.pt", drop)
-    with pytest.warns(UserWarning, match="zero_below"):
-        model, _ = flow.load_checkpoint(path)
+            ck[part]["zero_below"] = torch.full_like(ck[part]["mean"], 0.3)
+        ck["config"]["model"]["shift_mean"] = False
+    path = edited(sim, tmp_path, "old.pt", add)
+    model, _ = flow.load_checkpoint(path)
     z = torch.randn(50, model.mean.shape[0])
     assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
-    with pytest.warns(UserWarning, match="zero_below"):                # a flow run resumes from it too
-        flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, prior_dim=32, batch_size=64))
+    flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, prior_dim=32, batch_size=64))
 
 
 @pytest.mark.parametrize("key, use, want", [
