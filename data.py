@@ -10,7 +10,7 @@ Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug sc
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections, in reading order: the dataset (config, Reference, Dataset with its priors, gene_prior_features,
+Sections, in reading order: the dataset (config, Reference, Dataset with its priors, gene_features,
 control_rows, load_dataset), perturbation
 labels, splits, preprocessing, h5ad I/O, then what every stage shares (devices and torchrun, checkpoint I/O, the
 CLI helpers), and last a simulator with known ground truth (the built-in benchmark). A first reading can stop after
@@ -45,6 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
@@ -61,8 +62,9 @@ SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene
 PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
 
 
-class DataError(ValueError):
-    """An expected problem with user input; CLIs print the message and exit 2, no traceback."""
+class UserError(ValueError):
+    """An expected problem with what the user gave (data, options, checkpoints, devices): CLIs print the message as
+    one `error:` line and exit 2, no traceback."""
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -255,7 +257,7 @@ class Dataset:
         seen = {n for k in self.split["train"] for n, _ in components_of(k[0])}
         return {n for k in self.split["val"] + self.split["test"] for n, _ in components_of(k[0])} - seen
 
-    def shift(self, key, trust=None) -> np.ndarray:
+    def start(self, key, trust=None) -> np.ndarray:
         """Where the generator starts for `key` (G,): the best trusted simple predictor. c * its additive prior when
         that kind is trusted, else c_mean * the training-mean delta (mean_delta) when that is trusted, else zero
         (the control cell). With paired generation (flow.sample) a network that outputs zero generates exactly
@@ -285,8 +287,8 @@ class Dataset:
         """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
         the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
-        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, shift (K, G), where the
-        generator starts (Dataset.shift), and novel (K,) bool (Dataset.novel)."""
+        e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, start (K, G), where the
+        generator starts (Dataset.start), and novel (K,) bool (Dataset.novel)."""
         parsed = [components_of(k[0]) for k in keys]
         C = max(len(p) for p in parsed)
         index = {c: i + 1 for i, c in enumerate(self.components)}
@@ -301,9 +303,9 @@ class Dataset:
         cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
         prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
         trust = self.prior_trust()
-        shift = torch.from_numpy(np.stack([self.shift(k, trust) for k in keys]))                    # (K, G)
+        start = torch.from_numpy(np.stack([self.start(k, trust) for k in keys]))                    # (K, G)
         novel = torch.tensor([self.novel(k) for k in keys], dtype=torch.bool)
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "shift": shift, "novel": novel}
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "start": start, "novel": novel}
 
 
 def sample_stats(X):
@@ -370,7 +372,7 @@ def builtin_path(kind: str = "genetic") -> str:
     once and cached."""
     sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
     if kind not in sims:
-        raise DataError(f"--kind {kind!r}: use genetic or chemical")
+        raise UserError(f"--kind {kind!r}: use genetic or chemical")
     path = cache_dir() / sims[kind][0]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +380,7 @@ def builtin_path(kind: str = "genetic") -> str:
     return str(path)
 
 
-def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
+def gene_features(ds, p: int = 32) -> torch.Tensor:
     """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
     control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
     The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
@@ -397,6 +399,70 @@ def gene_prior_features(ds, p: int = 32) -> torch.Tensor:
     return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
 
 
+def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
+    """What flow.train draws from: (table, cells). The key table holds the training keys, one empty-perturbation row
+    per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a prior
+    kind no training key has (Dataset.untested_kinds, e.g. every combination held out), two rows per training single
+    with its cross-fitted own prior as that kind (Dataset.fold_deltas: the prior of fold f serves the cells of fold
+    1 - f, trusted like that kind), so the network learns what to add when a prior is present. cells: numpy arrays
+    over every usable cell: row (its row of ds.X), kid (its table row), own (its cross-fitted prior's table row, -1
+    if none); the control cells left out for control_check are not among them."""
+    n_cov, table = len(ds.covariates), ds.key_table(keys)
+    own_rows, extra, c = {}, [], 0.0
+    if ds.untested_kinds() and self_prior > 0:
+        c = max(ds.prior_trust()[k] for k in ds.untested_kinds())
+        for k in keys:
+            if len(components_of(k[0])) == 1:
+                fold, deltas = ds.fold_deltas(k, seed)
+                own_rows[k] = (fold, len(keys) + n_cov + len(extra))
+                extra += [(keys.index(k), p) for p in deltas]                 # rows for fold 0's prior, fold 1's
+    i = torch.tensor([j for j, _ in extra], dtype=torch.long)
+    p = torch.from_numpy(np.stack([q for _, q in extra])) if extra else torch.zeros(0, len(ds.genes))
+    table = {k: torch.cat([v, torch.arange(n_cov) if k == "cov" else v.new_zeros(n_cov, *v.shape[1:]),
+                           p if k == "prior" else c * p if k == "start" else v[i]]) for k, v in table.items()}
+    ctrl = [np.setdiff1d(ds.ctrl_idx[c], ds.held_out_controls(c)) for c in ds.covariates]
+    row = np.concatenate([ds.cell_idx[k] for k in keys] + ctrl)
+    kid = np.concatenate([np.full(len(ds.cell_idx[k]), j) for j, k in enumerate(keys)] +
+                         [np.full(len(r), len(keys) + j) for j, r in enumerate(ctrl)])
+    own = np.concatenate([own_rows[k][1] + 1 - own_rows[k][0] if k in own_rows else np.full(len(ds.cell_idx[k]), -1)
+                          for k in keys] + [np.full(len(r), -1) for r in ctrl])  # fold f -> the prior of fold 1 - f
+    return table, {"row": row, "kid": kid, "own": own, "ctrl": np.flatnonzero(kid >= len(keys)), "n_keys": len(keys)}
+
+
+def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
+    """n cells for one flow.train step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows, control-cell
+    rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training single with
+    a cross-fitted own prior uses it with probability self_prior."""
+    pert, ctrl = np.flatnonzero(cells["kid"] < cells["n_keys"]), cells["ctrl"]
+    i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
+    pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
+    kid = cells["kid"][pick]
+    if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (the same draws as before otherwise)
+        kid = np.where((rng.random(n) < self_prior) & (cells["own"][pick] >= 0), cells["own"][pick], kid)
+    cov = table["cov"].numpy()[kid]
+    ccov = table["cov"].numpy()[cells["kid"][ctrl]]  # (n_ctrl,) covariate of each control cell
+    src = np.empty(n, np.int64)
+    for c in np.unique(cov):  # a loop over covariates: a random control cell of the target's covariate
+        mine, pool = np.flatnonzero(cov == c), ctrl[ccov == c]
+        src[mine] = cells["row"][pool[rng.integers(len(pool), size=len(mine))]]
+    return cells["row"][pick], kid, src
+
+
+def describe_start(ds, cells) -> str:
+    """One line: where the generator starts (the prior trust) and what flow.train simulates of the held-out situation
+    (cells: training_rows')."""
+    trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
+    val = ds.split["val"]
+    r = pearson_rows(ds.key_table(val)["start"], torch.stack([ds.refs[k].delta for k in val])).mean() if val else np.nan
+    untested = ", ".join(sorted(ds.untested_kinds()))
+    return (f"{len(ds.split['train'])} train / {len(val)} val conditions; prior trust (start = c x prior): {trust}"
+            + (f" ({untested}: no training key, the plain prior; trained on cross-fitted own priors of "
+                f"{int((cells['own'] >= 0).sum())} cells)" if untested else "")
+            + (f"; {len(ds.unseen_components())} held-out components never trained: training hides learned "
+                "embeddings" if ds.unseen_components() else "")
+            + f"; val Pearson(mean deltas) of the start predictor alone: {r:.3f}")
+
+
 def control_rows(ds, keys, n, generator) -> list:
     """n[i] control-cell rows drawn (with replacement) from the covariate of keys[i]."""
     return [ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=generator).numpy()]
@@ -409,7 +475,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     path = cfg.data or builtin_path(cfg.kind)
     h = read_h5ad(path, layer=cfg.layer, lazy=cfg.lazy)
     if min(h.X.shape) == 0 or h.X.shape[1] < 2:    # one gene: its CP10k is 10,000 in every cell, no Pearson, no DE
-        raise DataError(f"{path}: X is {h.X.shape[0]} cells x {h.X.shape[1]} gene(s): " + (
+        raise UserError(f"{path}: X is {h.X.shape[0]} cells x {h.X.shape[1]} gene(s): " + (
             "the file has no cells" if h.X.shape[0] == 0 else "cells are compared over their genes, which needs at "
             "least 2") + "; check that it is the right file (or --layer)")
     symbols = gene_symbols(h, cfg.gene_symbols)
@@ -419,7 +485,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         split = {k: [tuple(x) for x in v] for k, v in split.items()}
         unknown = [k for v in split.values() for k in v if k not in set(keys)]
         if unknown:
-            raise DataError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
+            raise UserError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
                             f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
     else:
         test = cfg.test
@@ -470,7 +536,7 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     is_ctrl = cond == "ctrl"
     for cv in np.unique(covs):
         if not is_ctrl[covs == cv].any():
-            raise DataError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
+            raise UserError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
                             f"cells or choose another --covariate-key (or 'none')")
     uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
     uniq = [tuple(u.split("\x1f")) for u in uniq]
@@ -480,7 +546,7 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
         warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
     keys = sorted(k for k, n in perturbed if n >= cfg.min_cells)
     if not keys:
-        raise DataError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has "
+        raise UserError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has "
                         f"{max(n for _, n in perturbed)}); lower --min-cells" if perturbed else f"there are no "
                         f"perturbed cells: every cell's {rc['pert_key']!r} is the control {control!r} or missing; "
                         "check --pert-key and --control")
@@ -504,13 +570,13 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
         pos = {g: i for i, g in enumerate(symbols)}
         missing = [g for g in genes if g not in pos]
         if missing:
-            raise DataError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
+            raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
                             f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
         cols = np.array([pos[g] for g in genes])
     else:
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
         if len(cols) < 2:
-            raise DataError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
+            raise UserError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
                             "which needs at least 2 (0 keeps all)")
     if cfg.lazy:                                                       # from disk, block by block
         Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
@@ -526,7 +592,7 @@ def find_key(columns, wanted, given, what, flag, pattern=None):
     matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
     if given is not None:
         if given not in columns:
-            raise DataError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
+            raise UserError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
         return given
     for k in wanted:
         for c in columns:
@@ -540,14 +606,14 @@ def find_control(labels: np.ndarray, given=None) -> str:
     if given is not None:
         if given not in uniq:
             top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-            raise DataError(f"control label {given!r} not found; most frequent labels: {list(top)}")
+            raise UserError(f"control label {given!r} not found; most frequent labels: {list(top)}")
         return str(given)
     lower = {u.lower(): u for u in uniq}
     for c in CONTROL_LABELS:
         if c in lower:
             return str(lower[c])
     top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-    raise DataError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
+    raise UserError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
                     f"{list(top)}; name it with --control")
 
 
@@ -650,12 +716,12 @@ def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
     try:
         d = [float(x) for x in doses] or [None]
     except ValueError:
-        raise DataError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
+        raise UserError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
     if len(d) not in (1, len(split_label(names, sep))):
-        raise DataError(f"--test {lab!r}: {len(split_label(names, sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
+        raise UserError(f"--test {lab!r}: {len(split_label(names, sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
     out = "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
     if not out:
-        raise DataError(f"--test {lab!r} is the control ({control!r}); --test names perturbed conditions to hold out "
+        raise UserError(f"--test {lab!r} is the control ({control!r}); --test names perturbed conditions to hold out "
                         "(A, A+B, D@0.1)")
     return out
 
@@ -669,12 +735,12 @@ def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
     try:
         vals = [float(v) for v in text.split("+")]
     except ValueError:
-        raise DataError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
+        raise UserError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
                         "combination): fix the column, name the dose column with --dose-key, or --dose-key none") from None
     if any(v < 0 for v in vals):
-        raise DataError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
+        raise UserError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
     if combo and len(vals) != n_parts:
-        raise DataError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
+        raise UserError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
                         "dose per drug, 'dA+dB' for 'A+B', in the same order")
     return vals if combo else vals[0]
 
@@ -702,7 +768,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     if slots:
         absent = [c for c in slots if c not in obs]
         if absent:
-            raise DataError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+            raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
         cols = [strs(obs[c]) for c in slots]
         empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
         control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
@@ -714,7 +780,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     else:
         pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
         if pert_key is None:
-            raise DataError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
                             f"name it with --pert-key")
         labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
         control = find_control(labels, cfg.control)
@@ -725,7 +791,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
     absent = [c for c in dose_cols if c not in obs]
     if absent:
-        raise DataError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
     dstr = np.full(n, "nan", dtype=object)
     for i, c in enumerate(dose_cols):
         col = obs[c]
@@ -733,7 +799,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         dstr = s if i == 0 else dstr + "+" + s
     if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
         if dk:
-            raise DataError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
         dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
     dose_key = ",".join(dose_cols) or None
     distinct = np.unique(labels[~missing].astype(str))
@@ -749,7 +815,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
                                                 if dose_key and undosed(l, d, control, sep)]) & ~missing)
     if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
         l, d = pairs[inv.ravel()[rows[0]]]
-        raise DataError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
+        raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
             f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
             "(0 = vehicle), drop those cells, or --dose-key none")
     unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
@@ -758,7 +824,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
         unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
     if unit not in DOSE_UNITS:
-        raise DataError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
+        raise UserError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
     f = DOSE_UNITS[unit]
     scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
     canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
@@ -846,7 +912,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
 
     if mode == "additive":
         if not additive_cand:
-            raise DataError("split 'additive' needs combinations (A+B) whose singles are in the data; "
+            raise UserError("split 'additive' needs combinations (A+B) whose singles are in the data; "
                             "this data has none: use --split random or --test")
         test_keys, rest = take(additive_cand, test_frac, least=1)
         val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))   # combinations like the test's
@@ -869,7 +935,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
         test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
         if not test_keys:
-            raise DataError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
+            raise UserError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
                             "this data has none: use --split random, drug or --test D@dose")
         rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
         val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
@@ -882,7 +948,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
     elif mode == "explicit":
         if not test:
-            raise DataError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
+            raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
         wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
         test_keys = []
         for w in wanted:
@@ -890,7 +956,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             lab = "+".join(sorted(lab.split("+")))
             hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
             if not hit:
-                raise DataError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+                raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
             test_keys += hit
         # validation like the test: keys whose prior is of the same kind once the test keys are out
         rest = [k for k in keys if k not in test_keys]
@@ -904,7 +970,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
                           f"on {len(pool)} other conditions with as many components instead")
         val_keys, _ = take(pool, val_frac)
     else:
-        raise DataError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
+        raise UserError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
     held = set(test_keys) | set(val_keys)
     return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
 
@@ -926,7 +992,7 @@ def check_values(X, offset=0) -> None:
                 row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
             else:
                 row, col = divmod(flat, X.shape[1])
-            raise DataError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
+            raise UserError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
                             f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
                             f"with --layer or clean the file")
 
@@ -1040,11 +1106,11 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
     if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
         column = next((c for c in SYMBOL_KEYS if c in h.var), None)
         if column is None:
-            raise DataError(f"var names look like Ensembl IDs ({names[0]}) and no symbol column was found "
+            raise UserError(f"var names look like Ensembl IDs ({names[0]}) and no symbol column was found "
                             f"among {list(h.var)}; name one with --gene-symbols")
     if column is not None:
         if column not in h.var:
-            raise DataError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
+            raise UserError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
         names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
     names = np.array([str(n) for n in names], dtype=object)
     seen: dict[str, int] = {}
@@ -1131,7 +1197,7 @@ def _read_array(obj):
         v = v.astype(np.float64 if enc == "nullable-integer" else object)
         v[mask] = np.nan if enc == "nullable-integer" else None
         return v
-    raise DataError(f"{obj.name}: unsupported encoding-type {enc!r}; store it as a plain, categorical "
+    raise UserError(f"{obj.name}: unsupported encoding-type {enc!r}; store it as a plain, categorical "
                     "or nullable column")
 
 
@@ -1139,14 +1205,14 @@ def _read_X(x):
     """Dense dataset -> ndarray; csr/csc group (current or legacy h5sparse) -> scipy sparse, never dense."""
     if isinstance(x, h5py.Dataset):
         if _attr(x, "encoding-type") not in (None, "array"):
-            raise DataError(f"{x.name}: unsupported encoding-type {_attr(x, 'encoding-type')!r}; this reader takes "
+            raise UserError(f"{x.name}: unsupported encoding-type {_attr(x, 'encoding-type')!r}; this reader takes "
                             "dense arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
         return _f32(x[...])
     enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
     fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix,
            "csc_matrix": sp.csc_matrix, "csc": sp.csc_matrix}.get(enc)
     if fmt is None:
-        raise DataError(f"{x.name}: unsupported matrix encoding-type {enc!r}; this reader takes dense "
+        raise UserError(f"{x.name}: unsupported matrix encoding-type {enc!r}; this reader takes dense "
                         "arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
     shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
     return fmt((_f32(x["data"][...]), x["indices"][...], x["indptr"][...]), shape=shape)
@@ -1169,7 +1235,7 @@ class DiskX:
             x = f[self.key]
             enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
             if isinstance(x, h5py.Group) and "csr" not in enc:
-                raise DataError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is {enc}: "
+                raise UserError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is {enc}: "
                                 "drop --lazy or rewrite it as CSR")
             self.sparse = isinstance(x, h5py.Group)
             self.shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape"))) if self.sparse \
@@ -1239,31 +1305,31 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     disk (a DiskX read in blocks of cells)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
+        raise UserError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
                         f"{path}: file not found; check the path to the .h5ad file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"{path}: not an HDF5 file ({e}); pass an .h5ad file written by anndata") from None
+        raise UserError(f"{path}: not an HDF5 file ({e}); pass an .h5ad file written by anndata") from None
     try:
         with f:
             if "obs" not in f or "var" not in f:
-                raise DataError(f"HDF5 but not an h5ad (no obs/var; top-level keys {sorted(f)}); "
+                raise UserError(f"HDF5 but not an h5ad (no obs/var; top-level keys {sorted(f)}); "
                                 "write it with anndata's write_h5ad")
             layers = sorted(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
             if layer is not None and layer not in layers:
-                raise DataError(f"no layer {layer!r}; available layers: {layers or 'none'}")
+                raise UserError(f"no layer {layer!r}; available layers: {layers or 'none'}")
             if layer is None and "X" not in f:
-                raise DataError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
+                raise UserError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
             X = DiskX(path, layer) if lazy else _read_X(f["layers"][layer] if layer is not None else f["X"])
             uns_g = f["uns"] if isinstance(f.get("uns"), h5py.Group) else None
             obs_names, obs = _read_frame(f["obs"], uns_g)
             var_names, var = _read_frame(f["var"], uns_g)
             uns = _read_dict(uns_g) if uns_g is not None else {}
-    except DataError as e:
-        raise DataError(f"{path}: {e}") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     if X.shape != (len(obs_names), len(var_names)):
-        raise DataError(f"{path}: matrix shape {X.shape} does not match {len(obs_names)} obs x "
+        raise UserError(f"{path}: matrix shape {X.shape} does not match {len(obs_names)} obs x "
                         f"{len(var_names)} var; the file is inconsistent, rewrite it with anndata")
     return H5AD(X, obs, var, obs_names, var_names, uns)
 
@@ -1316,7 +1382,7 @@ def _write_frame(g, names, cols, n, compression):
     for k, c in cols.items():
         c = np.asarray(c)
         if k == "_index" or "/" in k or c.shape != (n,):
-            raise DataError(f"{g.name} column {k!r} (shape {c.shape}) is not a 1-D column of {n} values "
+            raise UserError(f"{g.name} column {k!r} (shape {c.shape}) is not a 1-D column of {n} values "
                             "with a name free of '/' and '_index'; fix that column")
         _write_column(g, k, c, compression)
 
@@ -1337,7 +1403,7 @@ def _write_dict(g, d, compression):
         elif isinstance(v, (np.ndarray, list, tuple)):
             _write_array(g, k, v, compression)
         else:
-            raise DataError(f"uns entry {g.name}/{k} has type {type(v).__name__}, which h5ad cannot "
+            raise UserError(f"uns entry {g.name}/{k} has type {type(v).__name__}, which h5ad cannot "
                             "store; convert it to a str, number, array or dict")
 
 
@@ -1347,7 +1413,7 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
     compression: None or "gzip" (applied to every non-empty array)."""
     n_obs, n_vars = h.X.shape
     if (len(h.obs_names), len(h.var_names)) != (n_obs, n_vars):
-        raise DataError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
+        raise UserError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
                         f"{len(h.var_names)} var_names; give one name per row and per column")
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         _enc(f, "anndata", "0.1.0")
@@ -1383,7 +1449,7 @@ def pick_device(name: str = "auto") -> torch.device:
            f"{n} GPU(s) visible to torch: cuda:0 to cuda:{n - 1}" if dev.type == "cuda" and (dev.index or 0) >= n > 0 else
            "MPS (Apple GPU) is not available here; use --device cpu or auto" if dev.type == "mps" and not mps else None)
     if bad:
-        raise DataError(f"--device {name}: {bad}")
+        raise UserError(f"--device {name}: {bad}")
     return dev
 
 
@@ -1402,19 +1468,19 @@ def distributed(device: str = "cpu", timeout: float = 1800):
     if world == 1:
         return dev, 0, 1
     if not dist.is_available():
-        raise DataError("torchrun started this run, but this torch build has no torch.distributed; run one process")
+        raise UserError("torchrun started this run, but this torch build has no torch.distributed; run one process")
     if dev.type == "cuda":
         if not dist.is_nccl_available():
-            raise DataError("torchrun with --device cuda needs NCCL, which this torch build lacks; install a CUDA "
+            raise UserError("torchrun with --device cuda needs NCCL, which this torch build lacks; install a CUDA "
                             "build of torch with NCCL, or run the processes on CPU with --device cpu (gloo)")
         n_local = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))  # the same test on every process
         if n_local > torch.cuda.device_count():
-            raise DataError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
+            raise UserError(f"{n_local} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
                             "start at most one per GPU (torchrun --nproc_per_node)")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
-        raise DataError(f"--device {dev.type}: torchrun runs on cuda (NCCL) or cpu (gloo)")
+        raise UserError(f"--device {dev.type}: torchrun runs on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     if rank > 0:
@@ -1471,7 +1537,7 @@ def atomic_write(path):
     except (OSError, RuntimeError) as e:
         why = (str(e).strip() or "no message").splitlines()[0][:160]
         free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free in" if os.path.isdir(folder) else "no folder"
-        raise DataError(f"writing {path} failed ({type(e).__name__}: {why}); {free} {folder}: if the disk is full, "
+        raise UserError(f"writing {path} failed ({type(e).__name__}: {why}); {free} {folder}: if the disk is full, "
                         f"free space or write elsewhere; {path} was left as it was") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -1498,25 +1564,25 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks, or
     where its genes differ from `genes` (the genes of the data loaded for it)."""
     if not os.path.isfile(path):
-        raise DataError(f"{path} is a folder; give the checkpoint file in it" if os.path.isdir(path) else
+        raise UserError(f"{path} is a folder; give the checkpoint file in it" if os.path.isdir(path) else
                         f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         with open(path, "rb") as f:  # torch.save writes a zip archive: one that does not load is cut short
             cut = f.read(4) in (b"", b"PK\x03\x04") and not isinstance(e, pickle.UnpicklingError)
-        raise DataError(f"{path} is {'truncated or corrupt' if cut else 'not a PerturbCellRL checkpoint'} (torch.load "
+        raise UserError(f"{path} is {'truncated or corrupt' if cut else 'not a PerturbCellRL checkpoint'} (torch.load "
                         f"failed: {type(e).__name__})" + ("; use another copy or retrain it" if cut else "")) from None
     if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
-        raise DataError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
+        raise UserError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
     fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
     if fmt > FORMAT:
-        raise DataError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
+        raise UserError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
     if resume == "flow" and "base" in extra:
-        raise DataError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
+        raise UserError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
                         f"{extra.get('rl_config', {}).get('out', path)}`")
     if resume == "rl" and "base" not in extra:
-        raise DataError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
+        raise UserError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
                         f"`python rl.py --ckpt {path}` (no --resume)")
 
     def has(key):
@@ -1524,7 +1590,7 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         return a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])
     missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(k)]
     if missing:
-        raise DataError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
+        raise UserError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
                         "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
                                                          "retrain it with flow.py (and rl.py)"))
     for part in ("model", "ema"):  # before paired generation: zero thresholds (not used), no residual trust (1)
@@ -1534,7 +1600,7 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     ref = list(ckpt["genes"])
     if genes is not None and list(genes) != ref:                     # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]
-        raise DataError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
+        raise UserError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
                         f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
                         f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
                         "(data.load_dataset(cfg, genes=ckpt['genes']))")
@@ -1572,33 +1638,46 @@ def field_help(cls) -> dict:
     return out
 
 
+# options renamed so that one name has one meaning; the old spelling still works, hidden from --help, for one release
+OLD_NAMES = {"sde_noise": "noise", "gene_feat_dim": "prior_dim", "use_start": "shift", "ode_steps": "steps",
+             "check_cells": "cells"}
+
+
 def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
     """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown,
-    grouped as the dataclass groups them; other stages call this with their config."""
-    docs, groups = field_help(cls), {}
+    grouped as the dataclass groups them; other stages call this with their config. A renamed option (OLD_NAMES)
+    also answers to its old flag, unless that is another option of the stage."""
+    docs, groups, names = field_help(cls), {}, {f.name for f in fields(cls)}
     for f in fields(cls):
         group, text = docs.get(f.name, ("other", ""))
+        if group == "set from the data":                    # e.g. the model's sizes: not options
+            continue
         g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
-        flag = "--" + f.name.replace("_", "-")
-        typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        elif f.type == "list":                              # one or more values: --ckpt a.pt b.pt
-            act = g.add_argument(flag, nargs="+", default=[], help=text)
-        else:
-            act = g.add_argument(flag, type=typ, default=f.default, help=text)
-        if "%(default)" not in act.help:                    # BooleanOptionalAction adds it on some Pythons
-            act.help += " (default: %(default)s)"
+        old = OLD_NAMES.get(f.name) if OLD_NAMES.get(f.name) not in names else None
+        for flag, help in [("--" + f.name.replace("_", "-"), text)] + ([("--" + old.replace("_", "-"),
+                                                                          argparse.SUPPRESS)] if old else []):
+            typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
+            if f.type in ("bool",) or isinstance(f.default, bool):
+                act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help,
+                                     dest=f.name)
+            elif f.type == "list":                          # one or more values: --ckpt a.pt b.pt
+                act = g.add_argument(flag, nargs="+", default=[], help=help, dest=f.name)
+            else:
+                act = g.add_argument(flag, type=typ, default=f.default, help=help, dest=f.name)
+            if help is not argparse.SUPPRESS and "%(default)" not in act.help:  # some Pythons' Boolean... add it
+                act.help += " (default: %(default)s)"
 
 
 # parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
 LIMITS = {name: (test, what) for names, test, what in [
     ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
-     "n_de pretrain_steps n_cells cells genes covariates timeout", lambda v: v >= 1, "an integer >= 1"),
-    ("n_genes min_cells prior_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
-    ("lr noise clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
+     "n_de pretrain_steps n_cells sim_cells sim_genes sim_covariates check_cells ode_steps timeout", lambda v: v >= 1,
+     "an integer >= 1"),
+    ("n_genes min_cells gene_feat_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
+    ("lr clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
-    ("test_frac val_frac prior_dropout ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("test_frac val_frac prior_dropout unseen_dropout self_prior ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1,
+     "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
@@ -1613,9 +1692,9 @@ def check_args(args) -> None:
     for name, v in vars(args).items():
         rule = LIMITS.get(name)
         if rule and isinstance(v, (int, float)) and not ((isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
-            raise DataError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
         if name in CHOICES and v not in CHOICES[name]:
-            raise DataError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
+            raise UserError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
 
 
 def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
@@ -1625,7 +1704,7 @@ def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
     defaults = {f.name: f.default for f in fields(cfg)}
     bad = [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]
     if bad:
-        raise DataError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
+        raise UserError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
                         f"{stored[bad[0]]!r}; {fix}")
 
 
@@ -1645,7 +1724,7 @@ def check_output(what, path) -> None:
     bad = "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
         path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None
     if bad:
-        raise DataError(f"{what} {path!r} {bad}; an output is a file: give the path of the file to write")
+        raise UserError(f"{what} {path!r} {bad}; an output is a file: give the path of the file to write")
 
 
 def check_outputs(outputs: dict, inputs: dict) -> None:
@@ -1660,17 +1739,17 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
         path = os.fspath(path)
         clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
         if clash:
-            raise DataError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
+            raise UserError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
                             "choose another output path")
         if os.path.exists(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
-            raise DataError(f"{what} {path} exists and is write-protected (mode {os.stat(path).st_mode & 0o777:o}); "
+            raise UserError(f"{what} {path} exists and is write-protected (mode {os.stat(path).st_mode & 0o777:o}); "
                             "make it writable to replace it (chmod u+w), or choose another path")
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
         except OSError as e:
-            raise DataError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
+            raise UserError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
                             "location") from None
         ins.append((what, path))
 
@@ -1679,28 +1758,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(p)
     p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
-    p.add_argument("--cells", type=int, default=6000, help="with --simulate: number of cells")
-    p.add_argument("--genes", type=int, default=1000, help="with --simulate: number of genes")
-    p.add_argument("--covariates", type=int, default=1, help="with --simulate: number of cell lines")
+    for name, default, what in [("cells", 6000, "cells"), ("genes", 1000, "genes"), ("covariates", 1, "cell lines")]:
+        p.add_argument(f"--sim-{name}", type=int, default=default, help=f"with --simulate: number of {what}")
+        p.add_argument(f"--{name}", type=int, dest=f"sim_{name}", help=argparse.SUPPRESS)  # the old name (OLD_NAMES)
     args = p.parse_args(argv)
     check_args(args)
-    if args.simulate is not None and args.genes < 50:
-        raise DataError(f"--genes {args.genes}: the simulator needs at least 50 genes (its programs use 50)")
+    if args.simulate is not None and args.sim_genes < 50:
+        raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)")
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
         write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
-            n_cells=args.cells, n_genes=args.genes, seed=args.seed, n_covariates=args.covariates))
+            n_cells=args.sim_cells, n_genes=args.sim_genes, seed=args.seed, n_covariates=args.sim_covariates))
         print(f"wrote {args.simulate}")
         return
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
     problem = None
     try:
         ds = load_dataset(cfg)
-    except DataError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
+    except UserError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
         relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
         try:
             ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
-        except DataError:
+        except UserError:
             raise e from None
         problem = f"{e} (the summary above is with --min-cells 1 --split random)"
     m = ds.meta
@@ -1751,15 +1830,56 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def noise_source(generator, device, part=None):
+    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
+    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
+    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
+    gdev = generator.device if generator is not None else device
+
+    def draw(shape, uniform=False, dtype=torch.float32):
+        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
+                                                     generator=generator, device=gdev, dtype=dtype)
+        return (x if part is None else x[part[0]]).to(device)
+    return draw
+
+
+def pearson_rows(a, b):
+    """Row-wise Pearson correlation of (K, G) tensors."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+def energy_distance(x, y) -> float:
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
+    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
+    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric and flow.control_check's."""
+    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
+    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
+    return float(2 * dxy.mean() - u(dxx) - u(dyy))
+
+
+def say(msg: str) -> None:
+    """One log line on stdout, printed above a progress bar if one is drawn."""
+    tqdm.write(msg)
+
+
+def progress(enabled: bool, **kw) -> tqdm:
+    """A tqdm progress bar, drawn only when `enabled` and on a terminal (tqdm's disable=None): a log written to a
+    file holds no redraws."""
+    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kw)
+
+
 def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one line on stderr, exit code 2;
+    """Run a stage's main(): an expected problem with the input ends with one `error:` line on stderr, exit code 2;
     Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
     code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
+    warnings.filterwarnings("once", category=UserWarning)  # one `warning:` line per distinct warning per run
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     try:
         with sigterm_as_interrupt():
             main()
-    except DataError as e:
+    except UserError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         else:

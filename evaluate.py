@@ -35,7 +35,7 @@ from einops import rearrange
 import data
 import flow
 import verifiers
-from data import DataError
+from data import UserError
 
 POPULATION = ["pearson_delta", "pearson_delta_de20", "interaction", "mse", "mae", "r2", "energy", "mmd"]
 HELD_OUT = ["discrimination", "de_direction", "de_overlap"]
@@ -69,7 +69,7 @@ def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000
     the generator starts from it anyway. None when the shift is zero (an unseen single with nothing trusted to
     build on): no pseudo-reference, so no selection. Reads control cells and training references only: never
     ds.refs[key] or the key's cells."""
-    shift = ds.shift(key, trust)                 # the trusted prior, else the trusted training-mean delta
+    shift = ds.start(key, trust)                 # the trusted prior, else the trusted training-mean delta
     if not np.any(shift):
         return None
     rows = ds.ctrl_idx[key[1]]
@@ -129,7 +129,7 @@ def cdist(x, y):
     return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-energy_distance = flow.energy_distance  # E = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics)
+energy_distance = data.energy_distance  # E = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics)
 
 
 def mmd_rbf(x, y, scales=(0.5, 1.0, 2.0)):
@@ -334,7 +334,7 @@ def parse_best_of(spec) -> list:
     except ValueError:
         ns = [0]
     if spec and (not ns or min(ns) < 1):
-        raise DataError(f"--best-of {spec}: N must be integers >= 1 (1 = the plain sampler), e.g. --best-of 1,4,16")
+        raise UserError(f"--best-of {spec}: N must be integers >= 1 (1 = the plain sampler), e.g. --best-of 1,4,16")
     return ns
 
 
@@ -348,7 +348,7 @@ def check_best_of(best_of, n_cells: int, n_genes: int) -> None:
     per = n_cells * n_genes * 4                                       # bytes per candidate of every cell
     for N in best_of:
         if N * per > mem / 2:
-            raise DataError(f"--best-of {N}: its candidates need {N * per / 2 ** 30:,.1f} GiB ({n_cells} cells x {N} x "
+            raise UserError(f"--best-of {N}: its candidates need {N * per / 2 ** 30:,.1f} GiB ({n_cells} cells x {N} x "
                             f"{n_genes} genes x 4 bytes), more than half of this machine's {mem / 2 ** 30:.1f} GiB; "
                             f"use N <= {int(mem / 2 // per)} here, or fewer cells (--n-cells)")
 
@@ -360,7 +360,7 @@ class EvalConfig(verifiers.RewardConfig):  # + --rewards, --gene-sets, --topk
     data: str | None = None         # h5ad to evaluate on (None: the data the checkpoint was trained on)
     split: str = "test"             # the conditions evaluated: test | val | train
     sampler: str = "midpoint"       # ODE sampler: midpoint | euler
-    steps: int = 20                 # ODE steps
+    ode_steps: int = 20             # ODE steps
     sde_noise: float = 0.7          # also sample checkpoints with the RL SDE at this noise level (0 = off)
     sde_steps: int | None = None    # SDE steps (None: the T of the checkpoint's RL rollouts; 10 for a flow.pt)
     n_cells: int | None = None      # cells per condition (None: as many as the real one)
@@ -379,9 +379,9 @@ def main(argv=None):
     for flag, v, ok in [("--split", a.split, ("test", "val", "train")),
                         ("--sampler", a.sampler, ("midpoint", "euler"))]:
         if v not in ok:
-            raise DataError(f"{flag} {v!r}: use {' or '.join(ok)}")
+            raise UserError(f"{flag} {v!r}: use {' or '.join(ok)}")
     if not a.ckpt:
-        raise DataError("--ckpt is required: the checkpoint(s) to evaluate, e.g. --ckpt flow.pt rl.pt")
+        raise UserError("--ckpt is required: the checkpoint(s) to evaluate, e.g. --ckpt flow.pt rl.pt")
     data.check_args(a)
     best_of = parse_best_of(a.best_of)
     gene_sets = verifiers.gene_set_path(a.gene_sets)
@@ -397,25 +397,25 @@ def main(argv=None):
     print(f"data {data.describe(ds)}")
     for c, (_, ck) in zip(a.ckpt, models):
         if ck["genes"] != models[0][1]["genes"] or ck["split"] != models[0][1]["split"]:
-            raise DataError(f"{c} was trained on other genes or another split than {a.ckpt[0]}; evaluate them separately")
+            raise UserError(f"{c} was trained on other genes or another split than {a.ckpt[0]}; evaluate them separately")
     keys = ds.split[a.split]
     if not keys:
-        raise DataError(f"the {a.split} split is empty; choose another --split")
+        raise UserError(f"the {a.split} split is empty; choose another --split")
     check_best_of(best_of, sum(a.n_cells or len(ds.cell_idx[k]) for k in keys), len(ds.genes))
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):
-        preds[c] = predict(model, ds, keys, a.n_cells, a.steps, a.sampler, 0.0, a.seed)
+        preds[c] = predict(model, ds, keys, a.n_cells, a.ode_steps, a.sampler, 0.0, a.seed)
         if a.sde_noise > 0:
             T = a.sde_steps or ck["extra"].get("rl_config", {}).get("T", 10)
             preds[f"{c} (SDE a={a.sde_noise:g}, T={T})"] = predict(model, ds, keys, a.n_cells, T, a.sampler,
                                                                    a.sde_noise, a.seed)
         for N in best_of:
-            preds[f"{c} best-of-{N}"] = best_of_n(model, ds, keys, N, ver, a.n_cells, a.steps, a.sampler, a.seed,
+            preds[f"{c} best-of-{N}"] = best_of_n(model, ds, keys, N, ver, a.n_cells, a.ode_steps, a.sampler, a.seed,
                                                   ck["config"].get("n_de", 50), ck["config"].get("std_floor", 0.1))
     rows = evaluate_methods(ds, preds, keys, ver)
     summary = summarize(rows)
-    print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.steps} steps\n")
+    print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.ode_steps} steps\n")
     print(report(summary))
     if a.out:
         with data.atomic_write(a.out) as tmp, open(tmp, "w") as f:

@@ -1,19 +1,18 @@
-"""Generator stage: a conditional flow-matching model that turns Gaussian noise into perturbed cells.
+"""Generator stage: a conditional flow-matching model of how a perturbation changes a control cell.
 
     python flow.py --data X.h5ad --out flow.pt [--test A+B,C+D]   # train on your data
     python flow.py --out flow.pt                                  # built-in synthetic benchmark
     python flow.py --out flow.pt --resume                         # continue an interrupted run
 
 A velocity field v(xt, t, cond) is learned in per-gene standardised expression ("model space") along the straight
-path from a source draw x0 ~ N(mu0, sigma^2 I) (t = 0; mu0 holds the trusted additive prior, make_cond) to a real
-perturbed cell x1 (t = 1): conditional flow matching (Lipman et al. 2023), rectified flow (Liu et al. 2023). cond:
-the perturbation (a set of components with doses), the covariate, a control cell and the additive prior. `sample`
-integrates the ODE or, for GRPO (rl.py), an SDE with the same marginals and an exact Gaussian transition density
-(Flow-GRPO, Liu et al. 2025). Defaults: ~1 minute on 2 CPU cores on the simulator. `torchrun --nproc_per_node N
-flow.py ...` trains data-parallel (`train`); on CUDA the field runs under bf16 autocast (data.autocast).
+path from x0 ~ N(mu0, sigma^2 I) (t = 0; mu0 holds the start predictor, make_cond) to a real perturbed cell x1 (t = 1):
+conditional flow matching (Lipman et al. 2023), rectified flow (Liu et al. 2023). Cells are generated paired
+(`sample`): a real control cell plus the difference between the condition's and the control condition's samples
+from the same draws, so a zero network reproduces the start predictor exactly. `sample` integrates the ODE or, for
+GRPO (rl.py), an SDE with the same marginals (Flow-GRPO, Liu et al. 2025). ~1 minute on 2 CPU cores on the
+simulator; `torchrun --nproc_per_node N flow.py ...` trains data-parallel; CUDA runs the field under bf16 autocast.
 
-Left out: OT / Schrodinger-bridge couplings (torchcfm has them), classifier-free guidance, attention over genes,
-adaptive ODE solvers, mixed precision on CPU, model or pipeline parallelism.
+Left out: OT couplings (torchcfm has them), classifier-free guidance, attention over genes, adaptive ODE solvers.
 """
 from __future__ import annotations
 
@@ -21,9 +20,8 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads made steps 15x slower
 
@@ -33,28 +31,39 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
-from data import DataError
+from data import UserError
 
 
 # ----------------------------------------------------------------------------- config
 @dataclass
-class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-genes ...) passes through
+class ModelConfig:
+    """The velocity field's options (flow.py's --width ...) and its sizes; stored in every checkpoint (build_model)."""
     # model
     width: int = 128                # hidden width of the trunk and the condition embedding
     depth: int = 3                  # residual blocks
     d_pert: int = 64                # per-component perturbation embedding size
-    prior_dim: int = 32             # PCA dims of a gene's control-cell correlation profile (0 = off)
+    gene_feat_dim: int = 32         # PCA dims of a gene's control-cell correlation profile (0 = off)
     use_prior: bool = True          # feed the additive prior (False = ablation, zeros)
     use_ctrl: bool = True           # feed the control cell (False = ablation, zeros)
-    prior_dropout: float = 0.0      # per-sample probability of dropping the prior (input and shift) in training
-    unseen_dropout: float = 0.5     # when held-out keys have components no training key has: per-sample probability of hiding the learned component embeddings (trains that situation)
-    self_prior: float = 0.5         # when held-out keys have a prior kind no training key has: probability a training single is trained with its cross-fitted own prior as that kind
-    source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = shift + N(0, 1) (a, target shift); ctrl = control cell + shift (b)
+    source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = start + N(0, 1); ctrl = control cell + start
     sigma: float = 0.5              # source std sigma with --source ctrl (model space); noise uses 1
-    shift: bool = True              # start from the best trusted simple predictor, Dataset.shift (False = from the control cell)
+    use_start: bool = True          # start from the best trusted simple predictor, Dataset.start (False: control cell)
+    # set from the data
+    G: int = 0                      # genes
+    n_comp: int = 0                 # perturbation vocabulary size
+    n_cov: int = 1                  # covariates (cell lines)
+    doses: bool = False             # the data have doses: a learned dose-response per component
+
+
+@dataclass
+class FlowConfig(ModelConfig, data.DataConfig):  # every data.py option (--data, --test, --n-genes ...) passes through
+    # what training simulates of the held-out situation
+    prior_dropout: float = 0.0      # per-sample probability of dropping the prior (input and start) in training
+    unseen_dropout: float = 0.5     # when held-out keys have components no training key has: probability of hiding a sample's learned component embeddings
+    self_prior: float = 0.5         # when held-out keys have a prior kind no training key has: probability a training single uses its cross-fitted own prior
+    fit_trust: bool = True          # fit how far the network's change beyond the start is used, on validation keys (trust_residual; False: 1)
     # optimisation
     steps: int = 1000               # optimiser steps
     batch_size: int = 256           # cells per step
@@ -66,7 +75,6 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     ema_decay: float = 0.999        # EMA of the weights (used for sampling and saved)
     t_dist: str = "uniform"         # training time distribution: uniform | logit_normal
     ctrl_frac: float = 0.1          # fraction of each batch that is control cells with an empty perturbation
-    fit_trust: bool = True          # fit how far the network's change beyond the start is used on validation keys (trust_residual; False: 1)
     # evaluation and checkpoints
     eval_every: int = 500           # validation loss + Pearson of mean deltas every this many steps
     eval_cells: int = 256           # generated cells per validation condition
@@ -77,18 +85,8 @@ class FlowConfig(data.DataConfig):  # every data.py option (--data, --test, --n-
     # hardware
     device: str = "cpu"             # cpu | cuda | mps | auto
     compile: bool = False           # torch.compile the model for training
-    progress: bool = True           # tqdm progress bar
+    progress: bool = True           # tqdm progress bar (on a terminal)
     timeout: int = 1800             # torchrun: seconds a process waits for the others (a dead peer fails the run)
-
-
-def _noise(shape, generator, device, dtype=torch.float32, uniform=False, part=None):
-    """N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`. part = (rows, n) (torchrun):
-    draw what one process would for the global batch of n rows and keep `rows` (a long tensor on the generator's
-    device), so N processes together draw exactly one process's numbers."""
-    gdev = generator.device if generator is not None else device
-    x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
-                                                 generator=generator, device=gdev, dtype=dtype)
-    return (x if part is None else x[part[0]]).to(device)
 
 
 # ----------------------------------------------------------------------------- model
@@ -113,47 +111,42 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
 
     def forward(self, h, c):
-        scale, shift, gate = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, W)
-        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+        a, b, g = self.mod(F.silu(c)).chunk(3, dim=-1)  # 3 x (B, W)
+        return h + g * self.mlp(self.norm(h) * (1 + a) + b)
 
 
 class VelocityField(nn.Module):
     """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
-    prior (B, G), mu0 (B, G) the source mean. The condition vector c (B, W) sums the time, perturbation, covariate,
-    control-cell and prior embeddings; the trunk sees the displacement from the source mean, in_proj(xt - mu0) +
-    prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw where it is, and
-    paired generation (sample) then gives control cell + shift, the start predictor."""
+    prior (B, G), mu0 (B, G) the source mean, novel (B,). The condition vector c (B, W) sums the time, perturbation,
+    covariate, control-cell and prior embeddings; the trunk sees the displacement from the source mean,
+    in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw
+    where it is, and paired generation (sample) then gives control cell + start, the start predictor."""
 
-    def __init__(self, n_genes, n_components, n_covariates, width=128, depth=3, d_pert=64, prior_feat=None,
-                 use_prior=True, use_ctrl=True, prior_dropout=0.0, source="noise", sigma=1.0, shift=False,
-                 doses=False):
+    def __init__(self, cfg: ModelConfig, gene_feat=None):
         super().__init__()
-        self.hparams = dict(n_genes=n_genes, n_components=n_components, n_covariates=n_covariates, width=width,
-                            depth=depth, d_pert=d_pert, use_prior=use_prior, use_ctrl=use_ctrl,
-                            prior_dropout=prior_dropout, source=source, sigma=sigma, shift=shift, doses=doses, prior_dim=0 if prior_feat is None else prior_feat.shape[1])  # build_model
-        self.use_prior, self.use_ctrl, self.prior_dropout = use_prior, use_ctrl, prior_dropout
-        if source not in ("noise", "ctrl"):
-            raise DataError(f"source {source!r}: use noise or ctrl")
-        self.source, self.sigma, self.shift = source, (sigma if source == "ctrl" else 1.0), shift and use_prior
-        G, W = n_genes, width
+        if cfg.source not in ("noise", "ctrl"):
+            raise UserError(f"source {cfg.source!r}: use noise or ctrl")
+        self.cfg, self.hparams = cfg, asdict(cfg)  # hparams: what checkpoints store (build_model)
+        self.sigma, self.use_start = (cfg.sigma if cfg.source == "ctrl" else 1.0), cfg.use_start and cfg.use_prior
+        G, W, D = cfg.G, cfg.width, cfg.d_pert
         self.time_mlp = nn.Sequential(nn.Linear(64, W), nn.SiLU(), nn.Linear(W, W))
         # perturbation: a learned embedding per component, zero-initialised (index 0 = padding) so a component
-        # never seen in training contributes nothing learned, plus a projection of its prior features
-        self.comp_emb = nn.Embedding(n_components + 1, d_pert, padding_idx=0)
+        # never seen in training contributes nothing learned, plus a projection of its gene features
+        self.comp_emb = nn.Embedding(cfg.n_comp + 1, D, padding_idx=0)
         nn.init.zeros_(self.comp_emb.weight)
-        pf = None if prior_feat is None else F.pad(prior_feat.float(), (0, 0, 1, 0))  # (n_components + 1, p), row 0 pad
-        self.register_buffer("prior_feat", pf)
-        self.feat_proj = None if pf is None else nn.Linear(pf.shape[1], d_pert, bias=False)
+        gf = None if gene_feat is None else F.pad(gene_feat.float(), (0, 0, 1, 0))  # (n_components + 1, p), row 0 pad
+        self.register_buffer("gene_feat", gf)
+        self.feat_proj = None if gf is None else nn.Linear(gf.shape[1], D, bias=False)
         # doses: the per-component response is a learned function of the component and its log-dose
-        self.dose_mlp = nn.Sequential(nn.Linear(d_pert + 1, W), nn.SiLU(), nn.Linear(W, d_pert)) if doses else None
-        self.pert_mlp = nn.Sequential(nn.Linear(d_pert, W), nn.SiLU(), nn.Linear(W, W))
-        self.cov_emb = nn.Embedding(max(n_covariates, 1), W)
+        self.dose_mlp = nn.Sequential(nn.Linear(D + 1, W), nn.SiLU(), nn.Linear(W, D)) if cfg.doses else None
+        self.pert_mlp = nn.Sequential(nn.Linear(D, W), nn.SiLU(), nn.Linear(W, W))
+        self.cov_emb = nn.Embedding(max(cfg.n_cov, 1), W)
         self.ctrl_enc = nn.Sequential(nn.Linear(G, W), nn.SiLU(), nn.Linear(W, W))
         self.prior_cond = nn.Linear(G, W)
         # trunk
         self.in_proj = nn.Linear(G, W)
         self.prior_in = nn.Linear(G, W, bias=False)
-        self.blocks = nn.ModuleList(Block(W) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(W) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(W, elementwise_affine=False)
         self.out = nn.Linear(W, G)
         nn.init.zeros_(self.out.weight)
@@ -168,30 +161,29 @@ class VelocityField(nn.Module):
         return (x - self.mean) / self.std
 
     def decode(self, z):
-        """x = max(z std + mean, 0). For paired cells z = encode(control cell) + change: a control cell's zeros stay 0
-        unless the change lifts them (README, "Zeros")."""
+        """x = max(z std + mean, 0); paired, z = encode(control cell) + change (README, "Zeros")."""
         return (z * self.std + self.mean).clamp(min=0)
 
     def embed_perturbation(self, comps, dose, unseen=None):
         """Deep-sets pooling over the components j of a condition, with e_j = E[c_j] + P f[c_j] and u_j the
         log-dose feature of data.Dataset.key_table (1 without a dose):
             data with doses:  MLP(sum_j m_j phi([e_j, u_j])),  m_j = 1 for a component, 0 for padding
-            without:          MLP(sum_j u_j e_j)              (u_j = 1; genetic screens, older checkpoints)
+            without:          MLP(sum_j u_j e_j)              (u_j = 1; genetic screens)
         phi is an MLP, so the response is a learned, smooth function of log-dose per drug: an unseen dose of a seen
         drug falls between its seen neighbours. A sum is order-invariant (A+B == B+A, their doses swapped along)
         and padding adds nothing. unseen (B,) bool: hide the learned embeddings of those rows (cfm_loss)."""
-        e = self.comp_emb(comps) if unseen is None else self.comp_emb(comps) * ~unseen[:, None, None]  # (B, C, d_pert)
-        if self.prior_feat is not None:
-            e = e + self.feat_proj(self.prior_feat[comps])  # (B, C, p) -> (B, C, d_pert)
+        e = self.comp_emb(comps) if unseen is None else self.comp_emb(comps) * ~unseen[:, None, None]  # (B, C, D)
+        if self.gene_feat is not None:
+            e = e + self.feat_proj(self.gene_feat[comps])  # (B, C, p) -> (B, C, D)
         if self.dose_mlp is None:
-            return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, d_pert) -> (B, W)
-        h = self.dose_mlp(torch.cat([e, dose.unsqueeze(-1)], -1)) * (comps > 0).unsqueeze(-1)  # (B, C, d_pert)
-        return self.pert_mlp(h.sum(1))  # (B, d_pert) -> (B, W)
+            return self.pert_mlp((e * dose.unsqueeze(-1)).sum(1))  # (B, D) -> (B, W)
+        h = self.dose_mlp(torch.cat([e, dose.unsqueeze(-1)], -1)) * (comps > 0).unsqueeze(-1)  # (B, C, D)
+        return self.pert_mlp(h.sum(1))  # (B, D) -> (B, W)
 
     def condition(self, cond):
         """The time-independent part, computed once per sample() call: (c0, p0), both (B, W)."""
-        prior = cond["prior"] if self.use_prior else torch.zeros_like(cond["ctrl"])
-        ctrl = cond["ctrl"] if self.use_ctrl else torch.zeros_like(cond["ctrl"])
+        prior = cond["prior"] if self.cfg.use_prior else torch.zeros_like(cond["ctrl"])
+        ctrl = cond["ctrl"] if self.cfg.use_ctrl else torch.zeros_like(cond["ctrl"])
         c0 = (self.embed_perturbation(cond["comps"], cond["dose"], cond.get("unseen")) + self.cov_emb(cond["cov"])
               + self.ctrl_enc(ctrl) + self.prior_cond(prior))  # (B, W)
         return c0, self.prior_in(prior)
@@ -208,34 +200,25 @@ class VelocityField(nn.Module):
 
 
 def make_cond(model, table, key_ids, ctrl_x):
-    """Conditioning for a batch, in model space on the model's device: table = ds.key_table(keys), key_ids (B,) into
-    it, ctrl_x (B, G) control cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I)
-    of the loss and every sampler. shift = data.Dataset.shift, the start predictor (the trusted additive prior, else
-    the trusted training-mean delta), in model space (a delta: divided by std, no mean shift):
-      source 'noise' (a): mu0 = shift, sigma = 1: the flow generates x1 - shift from N(0, I), the target shift,
-                          since the network sees xt - mu0;
-      source 'ctrl'  (b): mu0 = ctrl + shift, sigma = model.sigma: the flow starts at the shifted control cell;
-      shift off:          mu0 = ctrl (ctrl) or 0 (noise): the prior is only an input.
-    An empty-perturbation row (comps 0, shift 0) is the covariate's control condition (control_twin)."""
+    """Conditioning for a batch, in model space: table = ds.key_table(keys), key_ids (B,) into it, ctrl_x (B, G) control
+    cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I) of the loss and every
+    sampler; start = data.Dataset.start (the start predictor, a delta: divided by std) or 0 (--no-use-start):
+      source 'noise': mu0 = start, sigma = 1 (the network sees xt - mu0, so it generates x1 - start from N(0, I));
+      source 'ctrl':  mu0 = ctrl + start, sigma = model.sigma."""
     dev, key_ids = model.mean.device, torch.as_tensor(key_ids, dtype=torch.long)
     ctrl = model.encode(torch.as_tensor(ctrl_x, dtype=torch.float32).to(dev))  # (B, G)
-    shift = table["shift"][key_ids].to(dev) / model.std if model.shift else torch.zeros_like(ctrl)  # (B, G)
-    mu0 = ctrl + shift if model.source == "ctrl" else shift  # (B, G)
+    start = table["start"][key_ids].to(dev) / model.std if model.use_start else torch.zeros_like(ctrl)  # (B, G)
+    mu0 = ctrl + start if model.cfg.source == "ctrl" else start  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
-            "shift": shift, "mu0": mu0, "sigma": model.sigma, "novel": table["novel"][key_ids].to(dev)}
+            "start": start, "mu0": mu0, "sigma": model.sigma, "novel": table["novel"][key_ids].to(dev)}
 
 
 def control_twin(cond):
-    """cond for the same rows (control cells, covariates) with the empty perturbation: the control condition that
-    training anchors with --ctrl-frac (comps, dose, prior and shift zero; mu0 without the shift)."""
-    zero = {k: torch.zeros_like(cond[k]) for k in ("comps", "dose", "prior", "shift")}
-    return {**cond, **zero, "mu0": cond["mu0"] - cond["shift"]}
-
-
-def source(cond):
-    """(mu0, sigma) of the source distribution x0 ~ N(mu0, sigma^2 I); N(0, I) when cond has none (toy fields)."""
-    return cond.get("mu0", 0.0), cond.get("sigma", 1.0)
+    """cond for the same rows and control cells with the empty perturbation (comps, dose, prior, start zero): the
+    control condition training anchors with --ctrl-frac."""
+    zero = {k: torch.zeros_like(cond[k]) for k in ("comps", "dose", "prior", "start")}
+    return {**cond, **zero, "mu0": cond["mu0"] - cond["start"]}
 
 
 # ----------------------------------------------------------------------------- loss and samplers
@@ -246,27 +229,23 @@ def interpolant(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def cfm_loss(model, x1, cond, generator=None, t_dist="uniform", part=None, p_unseen=0.0):
+def cfm_loss(model, x1, cond, draw, t_dist="uniform", p_drop=0.0, p_unseen=0.0):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
-    x0 ~ N(mu0, sigma^2 I) (make_cond), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1), Esser et al. 2024).
-    In train mode the prior (input and shift) is dropped per sample with probability model.prior_dropout
-    (here, not in forward, so the RL log-probabilities of rl.py never see a random prior), and the learned
-    component embeddings are hidden with probability p_unseen (a component never trained looks like that at test).
-    part: see _noise; model may be wrapped in DDP (its attributes are read from the wrapped module)."""
-    B, dev = x1.shape[0], x1.device
-    t = _noise((B,), generator, dev, uniform=t_dist != "logit_normal", part=part)
-    t = torch.sigmoid(t) if t_dist == "logit_normal" else t
-    p_drop = getattr(getattr(model, "module", model), "prior_dropout", 0.0)
-    keep = _noise((B, 1), generator, dev, uniform=True, part=part) >= p_drop  # (B, 1)
+    x0 ~ N(mu0, sigma^2 I) (make_cond; N(0, I) without mu0), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1),
+    Esser et al. 2024); draw: noise_source. In train mode the prior (input and start) is dropped per sample with
+    probability p_drop, and the learned component embeddings are hidden with probability p_unseen (a component never
+    trained looks like that at test); here, not in forward, so rl.py's log-probabilities never see random inputs."""
+    B = x1.shape[0]
+    t = torch.sigmoid(draw((B,))) if t_dist == "logit_normal" else draw((B,), uniform=True)
+    keep = draw((B, 1), uniform=True) >= p_drop  # (B, 1)
     if model.training and p_unseen > 0:
-        cond = {**cond, "unseen": _noise((B,), generator, dev, uniform=True, part=part) < p_unseen}  # (B,)
+        cond = {**cond, "unseen": draw((B,), uniform=True) < p_unseen}  # (B,)
     if model.training and "prior" in cond:
         cond = {**cond, "prior": cond["prior"] * keep}
-        if "shift" in cond:
-            drop = cond["shift"] * ~keep  # (B, G) the shift taken out of the source mean
-            cond.update(shift=cond["shift"] - drop, mu0=cond["mu0"] - drop)
-    mu0, sigma = source(cond)
-    x0 = (mu0 + sigma * _noise(x1.shape, generator, dev, part=part)).to(x1.dtype)  # (B, G)
+        if "start" in cond:
+            drop = cond["start"] * ~keep  # (B, G) the start taken out of the source mean
+            cond.update(start=cond["start"] - drop, mu0=cond["mu0"] - drop)
+    x0 = (cond.get("mu0", 0.0) + cond.get("sigma", 1.0) * draw(x1.shape)).to(x1.dtype)  # (B, G)
     xt, ut = interpolant(x0, x1, t)
     vt = model(xt, t, cond)
     return (vt.to(ut.dtype) - ut).pow(2).mean()
@@ -278,32 +257,28 @@ def time_grid(steps: int):
 
 
 @torch.no_grad()
-def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, noise_level=0.0, part=None,
-           record=False, paired=False):
-    """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from `generator`, or the
-    given `eps`), to t = 1 over time_grid(steps), in model space:
+def sample(model, cond, steps=20, method="midpoint", draw=None, eps=None, noise_level=0.0, record=False,
+           paired=False):
+    """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from draw = noise_source,
+    or the given `eps`), to t = 1 over time_grid(steps), in model space:
         euler:    x <- x + h v(x, t)                                  (global error O(h))
         midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))
         sde:      x <- sde_step(x, t, h), noise level a = noise_level (Flow-GRPO; a = 0 is euler)
-    paired=True (how cells are generated): the same draws (eps and every SDE step's noise) also drive the rows'
-    control condition (control_twin) in the same batch, and the result is the CHANGE z = z_key - z_control. A real
-    control cell plus it, decode(cond["ctrl"] + z), is the generated cell: the generator's own error at reproducing
-    control cells cancels, and a zero network gives control cell + shift, the start predictor, exactly.
-    Returns z (B, G); with record=True (rl.rollout, sde) also the key rows' states (steps + 1, B, G) and
-    log p(x_{i+1} | x_i) (steps, B). part: see _noise."""
+    paired=True (how cells are generated): the same draws also drive the rows' control condition (control_twin) in
+    one batch, and the result is the CHANGE z = z_key - z_control; decode(cond["ctrl"] + z) is the cell. The
+    generator's own error at reproducing control cells cancels; a zero network gives control cell + start exactly.
+    Returns z (B, G); record=True (rl.rollout, sde): also the key rows' states (steps + 1, B, G) and log-densities
+    log p(x_{i+1} | x_i) (steps, B)."""
     if method not in ("euler", "midpoint", "sde") or record and method != "sde":
-        raise DataError(f"sampler {method!r}" + (" with record" if record else "") + ": use euler, midpoint or sde "
+        raise UserError(f"sampler {method!r}" + (" with record" if record else "") + ": use euler, midpoint or sde "
                         "(record=True: sde)")
-    dev = cond["ctrl"].device if "ctrl" in cond else eps.device  # toy fields (tests) have no control cell
-    shape = cond["ctrl"].shape if eps is None else eps.shape
-    draw = lambda: _noise(shape, generator, dev, part=part)  # noqa: E731  (B, G) standard normal
-    e, B = (draw() if eps is None else eps.to(dev)), shape[0]
+    e = draw(cond["ctrl"].shape) if eps is None else eps.to(cond["ctrl"].device if "ctrl" in cond else eps.device)
+    B = e.shape[0]
     if paired:  # rows 0..B-1 the keys, B..2B-1 their control twins; one draw serves both halves
         twin = control_twin(cond)
         cond = {k: torch.cat([v, twin[k]]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in cond.items()}
     both = (lambda n: torch.cat([n, n])) if paired else (lambda n: n)  # noqa: E731
-    mu0, sigma = source(cond)
-    x = mu0 + sigma * both(e)
+    x = cond.get("mu0", 0.0) + cond.get("sigma", 1.0) * both(e)  # (B or 2B, G)
     amp = data.autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
@@ -312,10 +287,10 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, n
     xs, log_probs = [x[:B]], []
     for ti in ts:
         if method == "sde":
-            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, noise=both(draw()))
+            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, noise=both(draw(e.shape)))
             log_probs.append(lp[:B])
         else:
-            t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (2B or B,)
+            t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (B or 2B,)
             with amp:
                 vt = model(x, t, cond).to(x.dtype)
                 if method == "midpoint":
@@ -328,22 +303,18 @@ def sample(model, cond, steps=20, method="midpoint", generator=None, eps=None, n
 
 
 def sde_mean_std(model, x, t, h, cond, noise_level):
-    """Mean and std of one Euler-Maruyama step of the SDE with the ODE's marginals (Flow-GRPO, Liu et al.
-    2025, eq. 8, written for t = 0 source, t = 1 data), for the general source x0 ~ N(mu0, sigma^2 I).
-    On the path xt = (1 - t) x0 + t x1, x - mu0 - t v = sigma eps, so eps_hat = (x - mu0 - t v) / sigma is the
-    predicted source noise and the score is -eps_hat / ((1 - t) sigma). With s = a sigma sqrt((1 - t) / t),
-        dx = [v + s^2 / 2 score] dt + s dW = [v - a^2 sigma / (2 t) eps_hat] dt + s dW
-    (mu0 = 0, sigma = 1 is Flow-GRPO's form; the noise scales with sigma, so a is relative to the source).
-    s diverges at t = 0, so t is replaced by t_eff = max(t, h) (Flow-GRPO likewise uses the next grid point
-    at the noise end): the drift coefficient a^2 h / (2 t_eff) on sigma eps_hat then stays <= a^2 / 2 < 1
-    for a < sqrt(2), and the step never overshoots. Written in that stable form, it is also finite at t = 1.
+    """Mean and std of one Euler-Maruyama step of the SDE with the ODE's marginals (Flow-GRPO, Liu et al. 2025, eq. 8,
+    for t = 0 source, t = 1 data) and the source x0 ~ N(mu0, sigma^2 I): on the path, x - mu0 - t v = sigma eps, so
+    eps_hat = (x - mu0 - t v) / sigma and the score is -eps_hat / ((1 - t) sigma). With s = a sigma sqrt((1 - t) / t),
+        dx = [v + s^2 / 2 score] dt + s dW = [v - a^2 sigma / (2 t) eps_hat] dt + s dW.
+    t_eff = max(t, h) at the noise end (as Flow-GRPO): the drift coefficient a^2 h / (2 t_eff) <= a^2 / 2 < 1 never
+    overshoots, and the form is finite at t = 1.
         mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
     with data.autocast(x.device):
         vt = model(x, t, cond).to(x.dtype)  # (B, G) float32: the mean, std and log-density below are float32
-    mu0, sigma = source(cond)
-    tt = t[:, None]  # (B, 1)
-    sigma_eps = x - mu0 - tt * vt  # sigma * eps_hat
+    tt, sigma = t[:, None], cond.get("sigma", 1.0)  # (B, 1)
+    sigma_eps = x - cond.get("mu0", 0.0) - tt * vt  # sigma * eps_hat
     t_eff = tt.clamp(min=h)
     mean = x + vt * h - (noise_level ** 2 / (2 * t_eff)) * sigma_eps * h
     std = noise_level * sigma * torch.sqrt((1 - tt).clamp(min=0) / t_eff) * math.sqrt(h)  # (B, 1)
@@ -379,73 +350,86 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     """{key: (n * repeat, G) generated cells in expression space}: each a control cell of the key's covariate plus
     the generator's change (sample, paired). n_cells: an int, a list with one per key, or None (as many as the real
     condition has); repeat: candidates per cell, on consecutive rows, each from its own control cell (under paired
-    generation the noise alone moves a cell little) (evaluate.best_of_n);
-    noise_level > 0: the RL SDE instead of the ODE `method`. All keys together, in chunks of cells."""
+    generation the noise alone moves a cell little) (evaluate.best_of_n); noise_level > 0: the RL SDE instead of
+    the ODE `method`. All keys together, in chunks of cells."""
     g, g_dev = torch.Generator().manual_seed(seed), torch.Generator(device=model.mean.device).manual_seed(seed)
     n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
-    table = ds.key_table(keys)
+    table, draw = ds.key_table(keys), data.noise_source(g_dev, model.mean.device)
     key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(n) * repeat)  # (sum n * repeat,)
     rows = np.concatenate(data.control_rows(ds, keys, [m * repeat for m in n], g))  # (sum n * repeat,)
     out = []
     for s in range(0, len(rows), chunk):
         cond = make_cond(model, table, key_ids[s:s + chunk], ds.X[rows[s:s + chunk]])
-        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, g_dev, noise_level=noise_level,
+        z = sample(model, cond, steps, "sde" if noise_level > 0 else method, draw, noise_level=noise_level,
                    paired=True)
         out.append(model.decode(cond["ctrl"] + z).cpu())
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
 
 
+RENAMED = {"prior_dim": "gene_feat_dim", "shift": "use_start", "n_genes": "G", "n_components": "n_comp",
+           "n_covariates": "n_cov"}  # hyper-parameters of earlier checkpoints
+
+
 def build_model(hp: dict) -> VelocityField:
-    """A VelocityField from its stored hyper-parameters (the prior features come with the state dict); options an
-    older checkpoint lacks take their defaults (source noise, no shift: the prior only as an input)."""
-    p = hp["prior_dim"]
-    return VelocityField(**{k: v for k, v in hp.items() if k not in ("prior_dim", "shift_mean")},
-                         prior_feat=torch.zeros(hp["n_components"], p) if p else None)
+    """A VelocityField from its stored hyper-parameters (gene features: in the state dict), older names RENAMED."""
+    hp = {RENAMED.get(k, k): v for k, v in hp.items()}
+    cfg = ModelConfig(**{f.name: hp[f.name] for f in fields(ModelConfig) if f.name in hp})
+    p = cfg.gene_feat_dim
+    return VelocityField(cfg, gene_feat=torch.zeros(cfg.n_comp, p) if p else None)
 
 
 def load_checkpoint(path, device="cpu", genes=None, resume=None):
-    """(model with the EMA weights in eval mode, checkpoint dict). `genes` (e.g. ds.genes) must match;
-    resume: see data.read_checkpoint."""
+    """(model with the EMA weights in eval mode, checkpoint dict); genes, resume: see data.read_checkpoint."""
     ckpt = data.read_checkpoint(path, resume, genes)
     try:
         model = build_model(ckpt["config"]["model"])
         model.load_state_dict(ckpt["ema"])
     except (TypeError, KeyError, RuntimeError) as e:
-        raise DataError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[0][:120]}); "
+        raise UserError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[0][:120]}); "
                         "another version wrote it: retrain it") from None
     return model.to(device).eval(), ckpt
 
 
-# ----------------------------------------------------------------------------- training
-def pearson_rows(a, b):
-    """Row-wise Pearson correlation of (K, G) tensors."""
-    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
+    """For the EMA in eval mode: the validation loss (CFM on up to n_cells real cells per key) and Pearson of
+    generated vs real mean deltas per key (ODE midpoint), averaged."""
+    rng = np.random.default_rng(seed)
+    real = [rng.choice(ds.cell_idx[k], min(n_cells, len(ds.cell_idx[k])), replace=False) for k in keys]
+    ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])  # (sum n,)
+    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(r) for r in real]))  # (sum n,)
+    x1 = model.encode(torch.from_numpy(ds.X[np.concatenate(real)]).to(model.mean.device))  # (sum n, G)
+    cond = make_cond(model, ds.key_table(keys), key_ids, ds.X[ctrl])
+    loss = cfm_loss(model, x1, cond, data.noise_source(torch.Generator().manual_seed(seed), x1.device))
+    cells = generate(model, ds, keys, n_cells, steps, seed=seed)
+    delta = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys])  # (K, G)
+    r = data.pearson_rows(delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
+    return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}
 
 
 @torch.no_grad()
 def trust_residual(model, ds, keys, n_cells=256, seed=0) -> float:
     """How far the network's change beyond the start predictor is trusted, lam in [0, 1], fitted on held-out
-    (validation) keys as prior_trust is fitted on training ones: with r_k = generated mean delta - shift_k (what the
-    network adds) and d_k - shift_k what it should add, pooled over keys and genes,
-        lam = clip(sum <r_k, d_k - shift_k> / sum |r_k|^2, 0, 1),
+    (validation) keys as prior_trust is fitted on training ones: with r_k = generated mean delta - start_k (what the
+    network adds) and d_k - start_k what it should add, pooled over keys and genes,
+        lam = clip(sum <r_k, d_k - start_k> / sum |r_k|^2, 0, 1),
     the least-squares slope: 0 when what it learned does not carry over to conditions it never saw (cell-line
     transfer on mcfaline23), about 0.5 on the simulator's combinations. train() fits one for keys with a trained
     component and one for novel keys (VelocityField.trust scales the network's output)."""
     cells = generate(model, ds, keys, n_cells, seed=seed)
-    shift = ds.key_table(keys)["shift"]  # (K, G)
-    r = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys]) - shift  # (K, G)
-    d = torch.stack([ds.refs[k].delta for k in keys]) - shift  # (K, G)
+    start = ds.key_table(keys)["start"]  # (K, G)
+    r = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys]) - start  # (K, G)
+    d = torch.stack([ds.refs[k].delta for k in keys]) - start  # (K, G)
     return float(((r * d).sum() / (r * r).sum().clamp_min(1e-12)).clamp(0, 1))
 
 
 @torch.no_grad()
 def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
-    """How well the generator itself (sample, not paired) reproduces each covariate's control condition, against the
-    control cells pretraining left out (Dataset.held_out_controls), averaged over covariates: bias = |mean
-    generated - mean real| (debiased: minus the sampling noise tr(S_x)/n + tr(S_y)/m inside the square root),
-    bias_ratio = bias / the mean |delta| of the covariate's keys, and the energy distance. Paired generation cancels
-    this bias; without it every predicted delta would carry it."""
+    """How well the generator itself (not paired) reproduces each covariate's control condition, against the control
+    cells pretraining left out (Dataset.held_out_controls), averaged over covariates: bias = |mean generated - mean
+    real| (minus the sampling noise tr(S_x)/n + tr(S_y)/m under the root), bias_ratio = bias / the mean |delta| of
+    the covariate's keys, energy distance. Paired generation cancels the bias; unpaired, every delta carries it."""
     g, out = torch.Generator().manual_seed(seed), []
     for ci, c in enumerate(ds.covariates):
         held = ds.held_out_controls(c)
@@ -453,40 +437,37 @@ def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
         src = inputs[torch.randint(len(inputs), (n_cells,), generator=g).numpy()]
         empty = {k: v[:1] * 0 for k, v in ds.key_table(ds.keys[:1]).items()}
         cond = make_cond(model, {**empty, "cov": torch.tensor([ci])}, torch.zeros(n_cells, dtype=torch.long), ds.X[src])
-        x, y = model.decode(sample(model, cond, steps, generator=g)).cpu(), torch.from_numpy(ds.X[held])
+        x = model.decode(sample(model, cond, steps, draw=data.noise_source(g, model.mean.device))).cpu()
+        y = torch.from_numpy(ds.X[held])
         noise = x.var(0).sum() / len(x) + (y.var(0).sum() / len(y) if len(y) > 1 else 0)
         bias = float(((x.mean(0) - y.mean(0)).pow(2).sum() - noise).clamp_min(0).sqrt())
         effect = np.mean([float(ds.refs[k].delta.norm()) for k in ds.keys if k[1] == c] or [np.nan])
-        out.append((bias, bias / effect, energy_distance(x, y)))
+        out.append((bias, bias / effect, data.energy_distance(x, y)))
     return dict(zip(("bias", "bias_ratio", "energy"), np.mean(out, axis=0).tolist()))
 
 
-def energy_distance(x, y) -> float:
-    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
-    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
-    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric."""
-    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
-    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
-    return float(2 * dxy.mean() - u(dxx) - u(dyy))
+def calibrate(ema, ds, val_keys, cfg, log) -> dict:
+    """The end of pretraining: control_check, then the residual trust of keys with a trained component (folded into
+    the output layer, so RL trains the scaled layer) and of novel keys (VelocityField.trust[1], relative to it).
+    A kind with no validation key: trusted as trained if there are no validation keys at all, else not at all for
+    novel keys (nothing shows their gene-feature change carries over)."""
+    ctl = control_check(ema, ds, seed=cfg.seed + 3)
+    log(f"control condition vs held-out control cells (the generator alone; paired generation cancels it): bias "
+        f"{ctl['bias']:.2f} ({ctl['bias_ratio']:.2f} x the mean real effect), energy {ctl['energy']:.3f}")
+    lam = [1.0, 1.0]
+    for novel in (0, 1) if cfg.fit_trust else ():  # keys with a trained component, then novel keys
+        mine = [k for k in val_keys if ds.novel(k) == novel]
+        lam[novel] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
+            float(not val_keys and not novel)
+        log(f"residual trust of {'novel keys' if novel else 'keys with a trained component'} (how far the network's "
+            f"change beyond the start is used): {lam[novel]:.2f}, " + (f"fitted on {len(mine)} validation keys" if mine
+            else "no validation key of the kind: " + ("not fitted" if not novel else "the start predictor alone")))
+    ema.out.weight.mul_(lam[0]), ema.out.bias.mul_(lam[0])
+    ema.trust[1] = lam[1] / lam[0] if lam[0] > 0 else 0.0
+    return {"residual_trust": lam, **{f"control/{k}": v for k, v in ctl.items()}}
 
 
-@torch.no_grad()
-def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
-    """For a model in eval mode (the EMA): the validation loss (CFM on up to n_cells real cells per key, each with a
-    control cell) and Pearson over all genes of generated vs real mean deltas per key (ODE midpoint), averaged."""
-    rng = np.random.default_rng(seed)
-    real = [rng.choice(ds.cell_idx[k], min(n_cells, len(ds.cell_idx[k])), replace=False) for k in keys]
-    ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])  # (sum n,)
-    key_ids = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor([len(r) for r in real]))  # (sum n,)
-    x1 = model.encode(torch.from_numpy(ds.X[np.concatenate(real)]).to(model.mean.device))  # (sum n, G)
-    cond = make_cond(model, ds.key_table(keys), key_ids, ds.X[ctrl])
-    loss = cfm_loss(model, x1, cond, torch.Generator().manual_seed(seed))
-    cells = generate(model, ds, keys, n_cells, steps, seed=seed)
-    delta = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys])  # (K, G)
-    r = pearson_rows(delta, torch.stack([ds.refs[k].delta for k in keys]))  # (K,)
-    return {"val_loss": loss.item(), "pearson_delta": r.mean().item()}
-
-
+# ----------------------------------------------------------------------------- training
 def lr_at(cfg, step: int) -> float:
     """Linear warm-up to cfg.lr over cfg.warmup steps, then cosine decay to cfg.lr * cfg.min_lr_frac."""
     if step < cfg.warmup:
@@ -495,89 +476,29 @@ def lr_at(cfg, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def training_rows(ds, keys, cfg):
-    """What flow.train draws from: (table, cells) where the key table holds the training keys, one empty-perturbation
-    row per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a
-    prior kind no training key has (Dataset.untested_kinds, e.g. every combination held out), two rows per training
-    single with its cross-fitted own prior as that kind (Dataset.fold_deltas: the prior of fold f serves the cells of
-    fold 1 - f, trusted like that kind), so the network learns what to add when a prior is present. cells: numpy
-    arrays over every usable cell: row (its row of ds.X), kid (its table row) and own (its cross-fitted prior's table
-    row, -1 if none); controls left out for control_check are not among them."""
-    n_cov, table = len(ds.covariates), ds.key_table(keys)
-    own_rows, extra, c = {}, [], 0.0
-    if ds.untested_kinds() and cfg.self_prior > 0:
-        c = max(ds.prior_trust()[k] for k in ds.untested_kinds())
-        for k in keys:
-            if len(data.components_of(k[0])) == 1:
-                fold, deltas = ds.fold_deltas(k, cfg.split_seed)
-                own_rows[k] = (fold, len(keys) + n_cov + len(extra))
-                extra += [(keys.index(k), p) for p in deltas]                 # rows for fold 0's prior, fold 1's
-    i = torch.tensor([j for j, _ in extra], dtype=torch.long)
-    p = torch.from_numpy(np.stack([q for _, q in extra])) if extra else torch.zeros(0, len(ds.genes))
-    table = {k: torch.cat([v, torch.arange(n_cov) if k == "cov" else v.new_zeros(n_cov, *v.shape[1:]),
-                           p if k == "prior" else c * p if k == "shift" else v[i]]) for k, v in table.items()}
-    ctrl = [np.setdiff1d(ds.ctrl_idx[c], ds.held_out_controls(c)) for c in ds.covariates]
-    row = np.concatenate([ds.cell_idx[k] for k in keys] + ctrl)
-    kid = np.concatenate([np.full(len(ds.cell_idx[k]), j) for j, k in enumerate(keys)] +
-                         [np.full(len(r), len(keys) + j) for j, r in enumerate(ctrl)])
-    own = np.concatenate([own_rows[k][1] + 1 - own_rows[k][0] if k in own_rows else np.full(len(ds.cell_idx[k]), -1)
-                          for k in keys] + [np.full(len(r), -1) for r in ctrl])  # fold f -> the prior of fold 1 - f
-    return table, {"row": row, "kid": kid, "own": own, "ctrl": np.flatnonzero(kid >= len(keys)), "n_keys": len(keys)}
-
-
-def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
-    """n cells for one step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows, control-cell
-    rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training single with
-    a cross-fitted own prior uses it with probability self_prior."""
-    pert, ctrl = np.flatnonzero(cells["kid"] < cells["n_keys"]), cells["ctrl"]
-    i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
-    pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
-    kid = cells["kid"][pick]
-    if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (the same draws as before otherwise)
-        kid = np.where((rng.random(n) < self_prior) & (cells["own"][pick] >= 0), cells["own"][pick], kid)
-    cov = table["cov"].numpy()[kid]
-    ccov = table["cov"].numpy()[cells["kid"][ctrl]]  # (n_ctrl,) covariate of each control cell
-    src = np.empty(n, np.int64)
-    for c in np.unique(cov):  # a loop over covariates: a random control cell of the target's covariate
-        mine, pool = np.flatnonzero(cov == c), ctrl[ccov == c]
-        src[mine] = cells["row"][pool[rng.integers(len(pool), size=len(mine))]]
-    return cells["row"][pick], kid, src
-
-
-def train(cfg: FlowConfig) -> str:
-    """Pretrain the generator with cfm_loss; returns the checkpoint path (cfg.out). Each batch: random training
-    cells x1 with their key ids and a random control cell of the same covariate each; a fraction cfg.ctrl_frac
-    are control cells as targets with an empty perturbation, which anchors "no perturbation -> control".
-    torchrun: every process draws the same global batch (N x --batch-size) and keeps its rows rank::N; DDP
-    averages the gradients, so a step equals one process with the global batch. Rank 0 validates and saves;
-    --resume works with any N."""
-    data.check_args(cfg)  # and the choices of --t-dist, --source (data.CHOICES)
-    data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
-    torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
-    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device, else (dev, 0, 1)
+def prepare(cfg: FlowConfig, device, rank):
+    """Before the first step: the data, what to draw from, the model (fresh, or --resume's), its EMA, the optimiser
+    and the run's state (step, history, random generators)."""
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
-        print(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0", file=sys.stderr)
+        data.say(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0")
     data.check_fixed(cfg, old["config"] if old else {}, [n for n, (g, _) in data.field_help(FlowConfig).items() if g in
                      ("data", "model") and n not in ("data", "lazy")], f"--resume: {cfg.out} continues a run with",
                      "drop the option, or start a new run (another --out)")
     ds = data.load_dataset(cfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
     print(f"data {data.describe(ds)}")  # ranks > 0 print nothing (data.distributed)
-    keys, val_keys, n_cov = ds.split["train"], ds.split["val"], len(ds.covariates)
-    if not keys:
-        raise DataError("the split left no training conditions; use --split random or fewer --test conditions")
-    table, cells = training_rows(ds, keys, cfg)
-    dev_table = {k: v.to(device) for k, v in table.items()}  # make_cond indexes it there
-    p_unseen = cfg.unseen_dropout if ds.unseen_components() else 0.0
-    # model, EMA, optimiser; fresh or restored
+    if not ds.split["train"]:
+        raise UserError("the split left no training conditions; use --split random or fewer --test conditions")
+    table, cells = data.training_rows(ds, ds.split["train"], cfg.self_prior, cfg.split_seed)
     if old:  # load_checkpoint gave the EMA
         model = copy.deepcopy(ema)
         model.load_state_dict(old["model"])
     else:
-        feat = data.gene_prior_features(ds, cfg.prior_dim) if cfg.prior_dim > 0 else None
-        model = VelocityField(len(ds.genes), len(ds.components), n_cov, cfg.width, cfg.depth, cfg.d_pert, feat,
-                              cfg.use_prior, cfg.use_ctrl, cfg.prior_dropout, cfg.source, cfg.sigma, cfg.shift,
-                              doses=ds.meta.get("dose_range") is not None)
+        mc = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig)})
+        mc.G, mc.n_comp, mc.n_cov = len(ds.genes), len(ds.components), len(ds.covariates)
+        feat = data.gene_features(ds, cfg.gene_feat_dim) if cfg.gene_feat_dim > 0 else None  # <= G columns
+        mc.doses, mc.gene_feat_dim = ds.meta.get("dose_range") is not None, 0 if feat is None else feat.shape[1]
+        model = VelocityField(mc, feat)
         model.mean, model.std = data.fit_scaler(ds.X, cells["row"])
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
@@ -587,89 +508,77 @@ def train(cfg: FlowConfig) -> str:
                             lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     # the same generators on every process (the global batch); on the device, so noise is drawn where it is used
     gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
-    step, history, saved, loss_avg = 0, [], None, None
+    state = {"step": 0, "history": [], "saved": None, "loss_avg": None}
     if old:
         data.restore_run(old, opt, gen, rng, cfg.seed)
-        step, history, saved, loss_avg = old["step"], old["extra"]["history"], old["step"], old["extra"]["loss_avg"]
+        state.update(step=old["step"], history=old["extra"]["history"], saved=old["step"],
+                     loss_avg=old["extra"]["loss_avg"])
+    elif rank == 0:
+        data.say(data.describe_start(ds, cells))
+    return ds, table, cells, model, ema, opt, gen, rng, state
+
+
+def train(cfg: FlowConfig) -> str:
+    """Pretrain the generator with cfm_loss on data.draw_batch's cells; returns the checkpoint path (cfg.out).
+    torchrun: every process draws the same global batch (N x --batch-size) and keeps its rows rank::N; DDP averages
+    the gradients, so a step equals one process with the global batch. Rank 0 validates and saves."""
+    data.check_args(cfg)  # and the choices of --t-dist, --source (data.CHOICES)
+    data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
+    torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)
+    device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device, else (dev, 0, 1)
+    ds, table, cells, model, ema, opt, gen, rng, st = prepare(cfg, device, rank)
+    dev_table, val_keys = {k: v.to(device) for k, v in table.items()}, ds.split["val"]
+    p_unseen = cfg.unseen_dropout if ds.unseen_components() else 0.0
     fwd = torch.compile(model) if cfg.compile else model
     if world > 1:  # the loss and backward go through DDP, which averages the gradients over the processes
         fwd = DDP(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     meta, B = data.dataset_meta(ds), cfg.batch_size
     part = (torch.arange(rank, B * world, world, device=device), B * world) if world > 1 else None  # this rank's rows
-
-    def diverged(what):  # the last checkpoint written is good: checkpoints are written whole
-        kept = f"the last good checkpoint {cfg.out} (step {saved}) is kept" if saved is not None else \
-            "no checkpoint was written"
-        return DataError(f"{what}: training diverged (lr={cfg.lr}); lower --lr or raise --warmup; {kept}")
-
-    if not old and rank == 0:  # where the generator starts, and what training simulates of the held-out situation
-        trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
-        r = pearson_rows(ds.key_table(val_keys)["shift"], torch.stack([ds.refs[k].delta for k in val_keys])).mean() \
-            if val_keys else float("nan")
-        untested = ", ".join(sorted(ds.untested_kinds()))
-        print(f"{len(keys)} train / {len(val_keys)} val conditions; prior trust (shift = c x prior): {trust}"
-              + (f" ({untested}: no training key, the plain prior; trained on cross-fitted own priors of "
-                 f"{int((cells['own'] >= 0).sum())} cells)" if untested else "")
-              + (f"; {len(ds.unseen_components())} held-out components never trained: their embeddings hidden "
-                 f"with p = {p_unseen}" if p_unseen else "")
-              + f"; val Pearson(mean deltas) of the start predictor alone: {r:.3f}", file=sys.stderr)
+    draw = data.noise_source(gen, device, part)
+    diverged = lambda what: UserError(f"{what}: training diverged (lr={cfg.lr}); lower --lr or raise --warmup; " + (
+        f"the last good checkpoint {cfg.out} (step {st['saved']}) is kept" if st["saved"] is not None  # noqa: E731
+        else "no checkpoint was written"))  # checkpoints are written whole: the last one is good
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
-    pbar = tqdm(total=end, initial=step, disable=not cfg.progress or rank > 0, desc="flow", dynamic_ncols=True)
+    pbar = data.progress(cfg.progress and rank == 0, total=end, initial=st["step"], desc="flow")
     t0 = time.time()
-    while step < end:
-        # the global batch: every process draws all of it and keeps its rows rank::world
-        rows, kid, src = (a[rank::world] for a in draw_batch(cells, table, rng, B * world, cfg.ctrl_frac,
-                                                              cfg.self_prior))  # (B,) each
+    while st["step"] < end:
+        rows, kid, src = (a[rank::world] for a in data.draw_batch(cells, table, rng, B * world, cfg.ctrl_frac,
+                                                              cfg.self_prior))  # (B,) each: this rank's rows
         x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G) densified from the sparse X
         cond = make_cond(model, dev_table, torch.from_numpy(kid).to(device), ds.X[src])
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
+            g["lr"] = lr_at(cfg, st["step"])
         with data.autocast(device):
-            loss = cfm_loss(fwd, x1, cond, gen, cfg.t_dist, part, p_unseen)
+            loss = cfm_loss(fwd, x1, cond, draw, cfg.t_dist, cfg.prior_dropout, p_unseen)
         if not torch.isfinite(loss):
-            raise diverged(f"loss is {loss.item()} at step {step}")
+            raise diverged(f"loss is {loss.item()} at step {st['step']}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():  # EMA: theta_ema <- d theta_ema + (1 - d) theta, d warmed up for short runs
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            d = min(cfg.ema_decay, (1 + st["step"]) / (10 + st["step"]))
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        st["step"] = step = st["step"] + 1
+        st["loss_avg"] = loss.item() if st["loss_avg"] is None else 0.98 * st["loss_avg"] + 0.02 * loss.item()
         pbar.update(1)
-        pbar.set_postfix(loss=f"{loss_avg:.4f}")
+        pbar.set_postfix(loss=f"{st['loss_avg']:.4f}")
         if rank > 0:  # rank 0 calibrates, validates and saves; the others go on to the next step
             continue
         if step == cfg.steps:  # before the last validation, so the logged metrics are the saved model's
-            ctl = control_check(ema, ds, seed=cfg.seed + 3)
-            pbar.write(f"control condition vs held-out control cells (the generator alone; paired generation cancels "
-                       f"it): bias {ctl['bias']:.2f} ({ctl['bias_ratio']:.2f} x the mean real effect), energy "
-                       f"{ctl['energy']:.3f}")
-            lam = [1.0, 1.0]
-            for novel in (0, 1) if cfg.fit_trust else ():  # keys with a trained component, then novel keys
-                mine = [k for k in val_keys if ds.novel(k) == novel]
-                lam[novel] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
-                    float(not val_keys and not novel)
-                pbar.write(f"residual trust of {'novel keys' if novel else 'keys with a trained component'} (how far "
-                           f"the network's change beyond the start is used): {lam[novel]:.2f}, " + (
-                               f"fitted on {len(mine)} validation keys" if mine else "no validation key of the kind: "
-                               + ("not fitted" if not novel else "the start predictor alone")))
-            ema.out.weight.mul_(lam[0]), ema.out.bias.mul_(lam[0])  # folded in: RL trains the scaled layer
-            ema.trust[1] = lam[1] / lam[0] if lam[0] > 0 else 0.0
-            history.append({"step": step, "residual_trust": lam, **{f"control/{k}": v for k, v in ctl.items()}})
+            st["history"].append({"step": step, **calibrate(ema, ds, val_keys, cfg, data.say)})
         if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
             ev = val_check(ema, ds, val_keys, cfg.eval_cells, seed=cfg.seed + 1)
-            history.append({"step": step, "train_loss": loss_avg, "time": time.time() - t0, **ev})
-            pbar.write(f"step {step} ({time.time() - t0:.0f} s): train loss {loss_avg:.4f}  val loss "
-                       f"{ev['val_loss']:.4f}  val Pearson(mean deltas) {ev['pearson_delta']:.3f}")
+            st["history"].append({"step": step, "train_loss": st["loss_avg"], "time": time.time() - t0, **ev})
+            data.say(f"step {step} ({time.time() - t0:.0f} s): train loss {st['loss_avg']:.4f}  val loss "
+                     f"{ev['val_loss']:.4f}  val Pearson(mean deltas) {ev['pearson_delta']:.3f}")
         if step % cfg.save_every == 0 or step == end:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise diverged(f"weights became NaN/Inf by step {step}")
             data.save_checkpoint(cfg.out, model, ema, opt, step, asdict(cfg), meta,
-                                 {"history": history, "loss_avg": loss_avg},
+                                 {"history": st["history"], "loss_avg": st["loss_avg"]},
                                  {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
-            saved = step
+            st["saved"] = step
     pbar.close()
     if world > 1:
         dist.barrier()  # no process returns before rank 0 has written the last checkpoint

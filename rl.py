@@ -51,13 +51,13 @@ import torch
 import torch.distributed as dist
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
+from types import SimpleNamespace
 
 import data
 import evaluate
 import flow
 import verifiers
-from data import DataError
+from data import UserError
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (the group size n)
     T: int = 10                    # SDE steps per rollout
-    noise: float = 0.7             # SDE noise level a
+    sde_noise: float = 0.7         # SDE noise level a (of the rollouts)
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
     beta: float = 2.0              # KL weight (KL summed over genes); holds the effect-size ratio near 1
     # optimisation
@@ -90,19 +90,17 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
     pretrain_steps: int = 1000     # with no --ckpt: steps of the generator pretrained first
     # hardware
     device: str = "cpu"            # cpu | cuda | mps | auto
-    progress: bool = True          # tqdm progress bar
+    progress: bool = True          # tqdm progress bar (on a terminal)
     timeout: int = 1800            # torchrun: seconds a process waits for the others (a dead peer fails the run)
 
 
 # ----------------------------------------------------------------------------- the pieces
-def rollout(model, cond, T, noise_level, generator, part=None):
+def rollout(model, cond, T, noise_level, draw):
     """T SDE steps (flow.sde_step) from x0 ~ N(mu0, sigma^2 I) (flow.make_cond), no gradients, paired like every
     generated cell (flow.sample): the cells (B, G) (control cell + the change), the states x_t (T+1, B, G) and
     log p(x_{t+1} | x_t) (T, B) of the condition's path. The control path the same draws drive is part of the
-    environment: GRPO's ratio and KL are those of the condition's path. part: this process's rows of the global
-    batch's noise (flow._noise)."""
-    z, xs, logp = flow.sample(model, cond, T, "sde", generator, noise_level=noise_level, part=part, record=True,
-                              paired=True)
+    environment: GRPO's ratio and KL are those of the condition's path. draw: flow.noise_source."""
+    z, xs, logp = flow.sample(model, cond, T, "sde", draw, noise_level=noise_level, record=True, paired=True)
     return model.decode(cond["ctrl"] + z), xs, logp
 
 
@@ -176,11 +174,11 @@ def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
         verifiers.load_gene_sets(gene_sets)                          # not after pretraining
     check_world(cfg.conds, world, f"--conds {cfg.conds}")
     if cfg.resume and not os.path.isfile(last):
-        raise DataError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
+        raise UserError(f"--resume: nothing to resume, {last} does not exist; run the same command without --resume")
     state = data.read_checkpoint(last, resume="rl") if cfg.resume else None
     base = state and state["extra"]["base"]
     if base and not os.path.isfile(base):
-        raise DataError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor and "
+        raise UserError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor and "
                         f"'pretrained' row), is gone; put it back at that path to continue the run, or start a new "
                         f"one without --resume")
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
@@ -191,7 +189,7 @@ def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
 def check_world(n_conds: int, world: int, why: str) -> None:
     """Every process rolls out at least one condition per step."""
     if world > n_conds:
-        raise DataError(f"{world} processes but a GRPO step rolls out {n_conds} conditions ({why}), fewer than one per "
+        raise UserError(f"{world} processes but a GRPO step rolls out {n_conds} conditions ({why}), fewer than one per "
                         f"process: start at most {n_conds} processes (torchrun --nproc_per_node) or raise --conds")
 
 
@@ -205,15 +203,18 @@ def now(device) -> float:
 def check_base(base: str, ck: dict, outputs: dict) -> None:
     """RL starts from a pretrained generator only (RL runs do not chain), and never writes over it or its data."""
     if "base" in ck.get("extra", {}):
-        raise DataError(f"{base} is an RL checkpoint (post-trained from {ck['extra']['base']}); RL runs do not chain: "
+        raise UserError(f"{base} is an RL checkpoint (post-trained from {ck['extra']['base']}); RL runs do not chain: "
                         f"post-train the pretrained generator (--ckpt {ck['extra']['base']}) or continue that run "
                         f"with `python rl.py --resume --out {ck['extra'].get('rl_config', {}).get('out', base)}`")
     data.check_outputs(outputs, {"the base checkpoint": base, "the checkpoint's data": ck["config"].get("data")})
 
 
-def train(cfg: RLConfig) -> str:
-    """GRPO post-training; returns the path of the best checkpoint (cfg.out)."""
+def setup(cfg: RLConfig) -> SimpleNamespace:
+    """Everything a run needs before its first step: checks, the frozen reference (the pretrained generator) and the
+    policy (a copy), the data, the rewards, the optimiser and the shared random generators, restored by --resume."""
     data.check_args(cfg)
+    if cfg.sde_noise <= 0:
+        raise UserError(f"--sde-noise {cfg.sde_noise}: GRPO needs a stochastic sampler, a noise level > 0 (0.7)")
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
@@ -224,144 +225,162 @@ def train(cfg: RLConfig) -> str:
                      "pretrain again with it")
     ds = evaluate.dataset_for(ck, cfg.data)
     print(f"data {data.describe(ds)}")                              # ranks > 0 print nothing (data.distributed)
-    verifier = verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
-    weights = verifier.weights                                      # the nonzero ones
-    val_verifier = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)  # all rewards, for reporting
-    keys, val_keys = ds.split["train"], ds.split["val"]
+    keys = ds.split["train"]
     n_pick = min(cfg.conds, len(keys))                              # conditions per step, over all processes
     check_world(n_pick, world, f"--conds {cfg.conds}, {len(keys)} training conditions")
     for c in sorted({k[1] for k in keys}):
         if len(ds.ctrl_idx[c]) < cfg.group:
-            raise DataError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
+            raise UserError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
                             f"{cfg.group} rollouts needs; lower --group")
     policy = copy.deepcopy(ref).train().requires_grad_(True)
-    ref.requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    ddp = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy
-    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)  # shared
-    table = {k: v.to(device) for k, v in ds.key_table(keys).items()}  # on the device once, as the references:
-    refs = {k: ds.refs[k].to(device) for k in keys}                 # sparse cells, densified there per group
-    step, history, best = 0, [], None
+    run = SimpleNamespace(
+        cfg=cfg, device=device, rank=rank, world=world, last=last, base=base, ck=ck, ds=ds, keys=keys, n_pick=n_pick,
+        ref=ref.requires_grad_(False), policy=policy, opt=opt,
+        ddp=DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy,
+        verifier=verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk),
+        all_rewards=verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk),  # for reporting
+        gen=torch.Generator(device=device).manual_seed(cfg.seed), rng=np.random.default_rng(cfg.seed),  # shared
+        table={k: v.to(device) for k, v in ds.key_table(keys).items()},  # on the device once, as the references:
+        refs={k: ds.refs[k].to(device) for k in keys},                    # sparse cells, densified there per group
+        step=0, history=[], best=None, meta=data.dataset_meta(ds))
     if state:
         policy.load_state_dict(state["model"])
-        data.restore_run(state, opt, gen, rng, cfg.seed)
-        step, history, best = state["step"], state["extra"]["history"], state["extra"]["best"]
-    meta = data.dataset_meta(ds)
+        data.restore_run(state, opt, run.gen, run.rng, cfg.seed)
+        run.step, run.history, run.best = state["step"], state["extra"]["history"], state["extra"]["best"]
+    return run
 
-    def state_at(step):  # the checkpoint dict of the current state (live tensors)
-        return data.make_checkpoint(policy, None, opt, step, ck["config"], meta,
-                                    {"base": base, "rl_config": asdict(cfg), "history": history, "best": best},
-                                    {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
 
-    def save(path, step):
-        data.write_checkpoint(path, state_at(step))
+def rewards(run, pick, cells) -> dict:
+    """{reward: (n_groups, n)} of each group's cells against its condition's reference; one line for NaN/Inf."""
+    comps = {n: [] for n in run.verifier.weights}
+    for i, x in zip(pick, cells):                                  # a loop over groups, batched cells
+        for n, r in run.verifier(x, run.refs[run.keys[i]])[1].items():
+            comps[n].append(r)
+    comps = {n: torch.stack(v) for n, v in comps.items()}          # (n_groups, n)
+    finite = torch.stack([torch.isfinite(v).all(1) for v in comps.values()])  # (n_rewards, n_groups)
+    if not finite.all():                                           # one sync per step
+        n, g = map(int, torch.nonzero(~finite)[0])
+        raise UserError(f"verifier {list(comps)[n]!r} returned NaN/Inf for condition {run.keys[pick[g]]}; check its "
+                        "reference cells (constant genes?) or drop it from --rewards")
+    return comps
 
-    def check_val(step):
-        nonlocal best
-        if rank == 0:  # rank 0 validates, selects and saves; the others wait for its decision below
-            m = val_metrics(policy.eval(), ds, val_keys, val_verifier, cfg)
-            policy.train()
-            history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
-            line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
-                    f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
-                    " ".join(f"{n}={m['reward/' + n]:.3f}" for n in weights))
-            if best is None or m["score"] > best["score"]:
-                best = {"step": step, "score": m["score"]}
-                save(cfg.out, step)
-                line += "  * best, saved"
-            tqdm.write(line)
-        if world > 1:  # the decision (and the record) broadcast: every process holds rank 0's state
-            sync = [history[-1] if rank == 0 else None, best]
-            dist.broadcast_object_list(sync, src=0)
-            if rank > 0:
-                history.append(sync[0])
-                best = sync[1]
 
-    pbar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank > 0, desc="grpo", dynamic_ncols=True)
-    done = copy.deepcopy(state_at(step)) if rank == 0 else None  # the last completed step: Ctrl-C writes it
+def grpo_step(run) -> dict:
+    """One GRPO step: rollout -> rewards -> advantages -> update. Every process draws the whole step (conditions,
+    control cells, noise) and handles its groups rank::world; DDP averages the gradients, so each process's loss is
+    weighted by its share of the groups. Returns the step's record (rewards, losses, phase times)."""
+    cfg, world, t0 = run.cfg, run.world, now(run.device)
+    # 1. rollouts: conds x group cells, each group one condition with n control cells of its covariate
+    pick = run.rng.choice(len(run.keys), size=run.n_pick, replace=False)
+    rows = np.stack([run.rng.choice(run.ds.ctrl_idx[run.keys[i][1]], cfg.group, replace=False) for i in pick])
+    mine = np.arange(run.rank, run.n_pick, world)                                  # this process's groups
+    kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(run.device)        # (B,)
+    cond = flow.make_cond(run.policy, run.table, kid, run.ds.X[rows[mine].ravel()])
+    part = (torch.from_numpy(mine[:, None] * cfg.group + np.arange(cfg.group)).reshape(-1).to(run.device),
+            run.n_pick * cfg.group) if world > 1 else None                         # its rows of the noise
+    cells, xs, logp_old = rollout(run.policy.eval(), cond, cfg.T, cfg.sde_noise,
+                                  data.noise_source(run.gen, run.device, part))     # (B, G), (T+1, B, G), (T, B)
+    t1 = now(run.device)
+    # 2. rewards, normalised per component within each group
+    comps = rewards(run, pick[mine], rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
+    adv = rearrange(group_advantages(comps, run.verifier.weights, clip=cfg.adv_clip), "g n -> (g n)")  # (B,)
+    t2 = now(run.device)
+    # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL to the reference
+    run.policy.train()
+    stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
+    n_t, share = max(1, int(round(cfg.t_frac * cfg.T))), len(mine) * world / run.n_pick
+    times, h = flow.time_grid(cfg.T)                                               # the rollout's grid
+    for _ in range(cfg.epochs):
+        run.opt.zero_grad(set_to_none=True)
+        for j, i in enumerate(run.rng.permutation(cfg.T)[:n_t]):
+            with run.ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
+                logp, mean, std = flow.sde_log_prob(run.ddp, xs[i], times[i], h, cond, cfg.sde_noise, xs[i + 1])
+                with torch.no_grad():
+                    mean_ref, _ = flow.sde_mean_std(run.ref, xs[i], times[i], h, cond, cfg.sde_noise)
+                loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
+                (loss * share / n_t).backward()
+            s["loss"] = loss.detach()
+            for k in stats:
+                stats[k] += s[k] / (n_t * cfg.epochs)
+        gnorm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
+        run.opt.step()
+    t3 = now(run.device)
+    zero = float((torch.stack([v.std(1) for v in comps.values()]).amax(0) < 1e-8).float().mean())  # flat groups
+    return {"step": run.step + 1, **{f"reward/{n}/mean": float(v.mean()) for n, v in comps.items()},
+            "reward/total": float(sum(run.verifier.weights[n] * v.mean() for n, v in comps.items())),
+            **{f"train/{k}": float(v) for k, v in stats.items()}, "train/zero_spread": zero,
+            "train/grad_norm": float(gnorm), "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
+
+
+def validate(run, step) -> None:
+    """Rank 0 scores the validation conditions (val_metrics) and saves the policy to --out when the score is the best
+    so far; under torchrun its decision (and the record) is broadcast, so every process holds the same state."""
+    if run.rank == 0:
+        m = val_metrics(run.policy.eval(), run.ds, run.ds.split["val"], run.all_rewards, run.cfg)
+        run.policy.train()
+        run.history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
+        line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
+                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
+                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights))
+        if run.best is None or m["score"] > run.best["score"]:
+            run.best = {"step": step, "score": m["score"]}
+            data.write_checkpoint(run.cfg.out, state_at(run, step))
+            line += "  * best, saved"
+        data.say(line)
+    if run.world > 1:
+        sync = [run.history[-1] if run.rank == 0 else None, run.best]
+        dist.broadcast_object_list(sync, src=0)
+        if run.rank > 0:
+            run.history.append(sync[0])
+            run.best = sync[1]
+
+
+def state_at(run, step) -> dict:
+    """The checkpoint dict of the run's current state (its tensors are the live ones)."""
+    return data.make_checkpoint(run.policy, None, run.opt, step, run.ck["config"], run.meta,
+                                {"base": run.base, "rl_config": asdict(run.cfg), "history": run.history,
+                                 "best": run.best}, {"torch": run.gen.get_state(), "numpy": run.rng.bit_generator.state})
+
+
+def train(cfg: RLConfig) -> str:
+    """GRPO post-training (grpo_step in a loop, validating every eval_every steps); returns the path of the best
+    checkpoint (cfg.out). Ctrl-C or SIGTERM anywhere writes the state after the last completed step to <out>_last.pt:
+    --resume then redoes the interrupted step exactly as an uninterrupted run."""
+    run = setup(cfg)
+    val_keys, rank = run.ds.split["val"], run.rank
+    pbar = data.progress(cfg.progress and rank == 0, total=cfg.steps, initial=run.step, desc="grpo")
+    done = copy.deepcopy(state_at(run, run.step)) if rank == 0 else None  # a step updates weights in place: a copy
     try:
-        if not history and val_keys:
-            check_val(0)
-            done = copy.deepcopy(state_at(step)) if rank == 0 else None
-        while step < cfg.steps:
-            t0 = now(device)
-            # 1. rollouts: conds x group cells, each group one condition with n control contexts; every process
-            # draws the whole step and rolls out its groups rank::world
-            pick = rng.choice(len(keys), size=n_pick, replace=False)
-            rows = np.stack([rng.choice(ds.ctrl_idx[keys[i][1]], cfg.group, replace=False) for i in pick])  # (n_pick, n)
-            mine = np.arange(rank, n_pick, world)                                       # this process's groups
-            kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(device)         # (B,)
-            cond = flow.make_cond(policy, table, kid, ds.X[rows[mine].ravel()])
-            part = (torch.from_numpy(mine[:, None] * cfg.group + np.arange(cfg.group)).reshape(-1).to(device),
-                    n_pick * cfg.group) if world > 1 else None                          # its rows of the noise
-            cells, xs, logp_old = rollout(policy.eval(), cond, cfg.T, cfg.noise, gen, part)  # (B, G), (T+1, B, G), (T, B)
-            t1 = now(device)
-            # 2. rewards on the device, normalised per component within each group
-            cells = rearrange(cells, "(g n) d -> g n d", n=cfg.group)                    # (n_groups, n, genes)
-            comps = {n: [] for n in weights}
-            for i, x in zip(pick[mine], cells):
-                _, c = verifier(x, refs[keys[i]])
-                for n, r in c.items():
-                    comps[n].append(r)
-            comps = {n: torch.stack(v) for n, v in comps.items()}                        # (n_groups, n)
-            finite = torch.stack([torch.isfinite(v).all(1) for v in comps.values()])    # (n_rewards, n_groups)
-            if not finite.all():                                                         # one sync per step
-                n, g = map(int, torch.nonzero(~finite)[0])
-                raise DataError(f"verifier {list(comps)[n]!r} returned NaN/Inf for condition {keys[pick[mine][g]]}; "
-                                f"check its reference cells (constant genes?) or drop it from --rewards")
-            adv = rearrange(group_advantages(comps, weights, clip=cfg.adv_clip), "g n -> (g n)")  # (B,)
-            t2 = now(device)
-            # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL; DDP
-            # averages the gradients, so each process's loss is weighted by its share of the groups
-            policy.train()
-            stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
-            n_t, share = max(1, int(round(cfg.t_frac * cfg.T))), len(mine) * world / n_pick
-            times, h = flow.time_grid(cfg.T)                                            # the rollout's grid
-            for _ in range(cfg.epochs):
-                opt.zero_grad(set_to_none=True)
-                for j, i in enumerate(rng.permutation(cfg.T)[:n_t]):
-                    with ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
-                        logp, mean, std = flow.sde_log_prob(ddp, xs[i], times[i], h, cond, cfg.noise, xs[i + 1])
-                        with torch.no_grad():
-                            mean_ref, _ = flow.sde_mean_std(ref, xs[i], times[i], h, cond, cfg.noise)
-                        loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
-                        (loss * share / n_t).backward()
-                    s["loss"] = loss.detach()
-                    for k in stats:
-                        stats[k] += s[k] / (n_t * cfg.epochs)
-                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                opt.step()
-            step += 1
-            stats, gnorm = {k: float(v) for k, v in stats.items()}, float(gnorm)
-            t3 = now(device)
-            # 4. log: one line per step (the rewards and losses of rank 0's groups)
-            zero = float((torch.stack([v.std(1) for v in comps.values()]).amax(0) < 1e-8).float().mean())
-            rec = {"step": step, **{f"reward/{n}/mean": float(v.mean()) for n, v in comps.items()},
-                   "reward/total": float(sum(weights[n] * v.mean() for n, v in comps.items())),
-                   **{f"train/{k}": v for k, v in stats.items()}, "train/zero_spread": zero, "train/grad_norm": gnorm,
-                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
-            history.append(rec)
+        if not run.history and val_keys:
+            validate(run, 0)
+            done = copy.deepcopy(state_at(run, run.step)) if rank == 0 else None
+        while run.step < cfg.steps:
+            rec = grpo_step(run)
+            run.step = step = rec["step"]
+            run.history.append(rec)
             pbar.update(1)
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                tqdm.write(f"step {step:4d} | loss {stats['loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
-                           f"{stats['kl']:.4f} | clip {stats['clipfrac']:.2f} | zero {zero:.2f} | gnorm {gnorm:.2f} | "
-                           f"dt {t3 - t0:.2f}s | " + " ".join(f"{n} {float(v.mean()):+.3f}" for n, v in comps.items()))
+                data.say(f"step {step:4d} | loss {rec['train/loss']:+.4f} | reward {rec['reward/total']:+.3f} | kl "
+                         f"{rec['train/kl']:.4f} | clip {rec['train/clipfrac']:.2f} | zero {rec['train/zero_spread']:.2f}"
+                         f" | gnorm {rec['train/grad_norm']:.2f} | dt {sum(v for k, v in rec.items() if k[:5] == 'time/'):.2f}"
+                         "s | " + " ".join(f"{n} {rec[f'reward/{n}/mean']:+.3f}" for n in run.verifier.weights))
             if val_keys and (step % cfg.eval_every == 0 or step == cfg.steps):
-                check_val(step)
+                validate(run, step)
             if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
-                save(last, step)
-            done = copy.deepcopy(state_at(step)) if rank == 0 else None
+                data.write_checkpoint(run.last, state_at(run, step))
+            done = copy.deepcopy(state_at(run, step)) if rank == 0 else None
     except KeyboardInterrupt:  # drop the step in progress: --resume redoes it exactly as an uninterrupted run
         pbar.close()
         if rank > 0:
             raise
-        data.write_checkpoint(last, done)
-        raise KeyboardInterrupt(f"interrupted; saved the state after step {done['step']} to {last}; continue with "
-                                "--resume") from None
+        data.write_checkpoint(run.last, done)
+        raise KeyboardInterrupt(f"interrupted; saved the state after step {done['step']} to {run.last}; continue "
+                                "with --resume") from None
     pbar.close()
-    if best is None and rank == 0:       # no validation conditions: the last state is the result
-        save(cfg.out, step)
-    if world > 1:
+    if run.best is None and rank == 0:   # no validation conditions: the last state is the result
+        data.write_checkpoint(cfg.out, state_at(run, run.step))
+    if run.world > 1:
         dist.barrier()                   # no process returns before rank 0 has written its checkpoints
     return cfg.out
 
@@ -390,7 +409,7 @@ def main(argv=None):
     data.add_args(p, RLConfig)
     cfg = RLConfig(**vars(p.parse_args(argv)))
     if cfg.ckpt and not os.path.isfile(cfg.ckpt):
-        raise DataError(f"--ckpt {cfg.ckpt} is a folder; give the checkpoint file in it" if os.path.isdir(cfg.ckpt) else
+        raise UserError(f"--ckpt {cfg.ckpt} is a folder; give the checkpoint file in it" if os.path.isdir(cfg.ckpt) else
                         f"--ckpt {cfg.ckpt} not found; pretrain one with `python flow.py --out {cfg.ckpt}` or omit "
                         "--ckpt to pretrain automatically")
     t0 = time.time()

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 import data
-from data import DataError, Reference
+from data import UserError, Reference
 
 PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
 GENE_SETS = {"progeny": None, "hallmark": PATHWAY_DIR / "h.all.v7.0.symbols.gmt"}  # --gene-sets names; None: PROGENy auto
@@ -73,7 +73,7 @@ def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"gene-set file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+        raise UserError(f"gene-set file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                         "save it as UTF-8, or check it is a .gmt/.csv/.tsv text file (not compressed)") from None
 
 
@@ -85,19 +85,19 @@ def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
     """
     if path is None:
         if top not in (100, 500):
-            raise DataError(f"no bundled PROGENy table for top={top}: use 100 or 500, or pass a path")
+            raise UserError(f"no bundled PROGENy table for top={top}: use 100 or 500, or pass a path")
         path = PATHWAY_DIR / f"progeny_human_top{top}.csv"
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"gene-set file {path} not found")
+        raise UserError(f"gene-set file {path} not found")
     delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
     rows = list(csv.reader(_text(path).splitlines(), delimiter=delim))
     if not rows:
-        raise DataError(f"gene-set file {path} is empty")
+        raise UserError(f"gene-set file {path} is empty")
     head = [c.strip().lower() for c in rows[0]]
     head = [{"target": "gene", "source": "pathway"}.get(c, c) for c in head]
     if not {"gene", "pathway", "weight"} <= set(head):
-        raise DataError(f"gene-set table {path} needs columns gene,pathway,weight; found {rows[0]} "
+        raise UserError(f"gene-set table {path} needs columns gene,pathway,weight; found {rows[0]} "
                         "(for a .gmt file keep the .gmt extension)")
     ig, ip, iw = head.index("gene"), head.index("pathway"), head.index("weight")
     sets: dict[str, dict[str, float]] = {}
@@ -108,9 +108,9 @@ def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
         try:
             _add(sets, seen, row[ip].strip(), row[ig].strip(), float(row[iw]))
         except (IndexError, ValueError):
-            raise DataError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
+            raise UserError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
     if not sets:
-        raise DataError(f"gene-set table {path} has a header but no rows")
+        raise UserError(f"gene-set table {path} has a header but no rows")
     return sets
 
 
@@ -118,7 +118,7 @@ def load_gmt(path) -> dict[str, dict[str, float]]:
     """Read a GMT file (tab-separated: set name, description, genes...) -> {set: {gene: 1.0}}."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"gene-set file {path} not found")
+        raise UserError(f"gene-set file {path} not found")
     sets: dict[str, dict[str, float]] = {}
     seen: dict[str, set] = {}
     for n, line in enumerate(_text(path).splitlines(), start=1):
@@ -127,11 +127,11 @@ def load_gmt(path) -> dict[str, dict[str, float]]:
         fields = [c.strip() for c in line.split("\t")]
         genes = [g for g in fields[2:] if g]
         if len(fields) < 3 or not fields[0] or not genes:
-            raise DataError(f"{path} line {n}: a GMT line is 'name<TAB>description<TAB>gene<TAB>gene...'")
+            raise UserError(f"{path} line {n}: a GMT line is 'name<TAB>description<TAB>gene<TAB>gene...'")
         for g in genes:
             _add(sets, seen, fields[0], g, 1.0)
     if not sets:
-        raise DataError(f"GMT file {path} holds no gene sets")
+        raise UserError(f"GMT file {path} holds no gene sets")
     return sets
 
 
@@ -141,7 +141,7 @@ def gene_set_path(spec):
     if spec is None or str(spec).lower() in GENE_SETS:
         return GENE_SETS[str(spec).lower()] if spec is not None else None
     if not Path(spec).suffix and not Path(spec).exists():
-        raise DataError(f"--gene-sets {spec!r}: unknown gene-set table; use progeny (default), hallmark, or the "
+        raise UserError(f"--gene-sets {spec!r}: unknown gene-set table; use progeny (default), hallmark, or the "
                         "path of a .gmt / .csv / .tsv file")
     return Path(spec)
 
@@ -153,7 +153,7 @@ def load_gene_sets(path) -> dict[str, dict[str, float]]:
         return load_gmt(path)
     if ext in (".csv", ".tsv", ".txt"):
         return load_progeny(path)
-    raise DataError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
+    raise UserError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
                     ".csv/.tsv table with columns gene,pathway,weight")
 
 
@@ -192,7 +192,7 @@ def align_gene_sets(sets: dict, genes, min_genes: int = 5):
         head = [str(g) for g in list(genes)[:200]]
         ensembl = 2 * sum(bool(re.match(r"ENS[A-Z]*G\d{6,}", g)) for g in head) > len(head)
         n_in = len(set(col) & {g.upper() for s in sets.values() for g in s})
-        raise DataError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes (first genes: "
+        raise UserError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes (first genes: "
                         f"{head[:3]}); " + ("they look like Ensembl IDs: pass the var column with gene symbols via "
                         "--gene-symbols" if ensembl else f"{n_in} of them are in any set, too few: keep more genes "
                         "(raise --n-genes; 0 keeps all) or drop pathway from --rewards"))
@@ -396,16 +396,16 @@ def parse_weights(spec: str) -> dict[str, float]:
         name, _, val = item.partition("=")
         name = name.strip()
         if name not in REWARDS:
-            raise DataError(f"unknown reward '{name}' in '{spec}'; valid rewards: {', '.join(REWARDS)}")
+            raise UserError(f"unknown reward '{name}' in '{spec}'; valid rewards: {', '.join(REWARDS)}")
         try:
             w = float(val) if val.strip() else 1.0
         except ValueError:
-            raise DataError(f"reward weight '{item}' is not a number; write name=number, e.g. {name}=1") from None
+            raise UserError(f"reward weight '{item}' is not a number; write name=number, e.g. {name}=1") from None
         if w != w or abs(w) == float("inf"):
-            raise DataError(f"reward weight '{item}' must be finite")
+            raise UserError(f"reward weight '{item}' must be finite")
         weights[name] = w
     if not any(weights.values()):
-        raise DataError(f"no nonzero reward weight in '{spec}'; e.g. --rewards {DEFAULT_REWARDS}")
+        raise UserError(f"no nonzero reward weight in '{spec}'; e.g. --rewards {DEFAULT_REWARDS}")
     return weights
 
 
@@ -422,10 +422,10 @@ class Verifier:
         weights = {name: 1.0 for name in REWARDS} if weights is None else dict(weights)
         bad = [n for n in weights if n not in REWARDS]
         if bad:
-            raise DataError(f"unknown reward(s) {bad}; valid rewards: {', '.join(REWARDS)}")
+            raise UserError(f"unknown reward(s) {bad}; valid rewards: {', '.join(REWARDS)}")
         self.weights = {n: float(w) for n, w in weights.items() if w != 0}
         if not self.weights:
-            raise DataError("all reward weights are zero; give at least one nonzero weight")
+            raise UserError("all reward weights are zero; give at least one nonzero weight")
         self.genes, self.k = list(genes), int(k)
         self.W, self.pathways, self.coverage, self._W = None, [], {}, {}
         gene_sets = gene_set_path(gene_sets)
@@ -449,7 +449,7 @@ class Verifier:
     def __call__(self, x, ref: Reference):
         """x (B, G) cells of one condition -> (total (B,), {name: (B,)}); total = sum_name w_name * comp_name."""
         if x.ndim != 2 or x.shape[1] != len(self.genes):
-            raise DataError(f"cells have shape {tuple(x.shape)}, expected (B, {len(self.genes)}) for this Verifier's genes")
+            raise UserError(f"cells have shape {tuple(x.shape)}, expected (B, {len(self.genes)}) for this Verifier's genes")
         ref = ref.dense()  # sparse reference cells (data.load_dataset) densified once, on their device
         comps = {name: REWARDS[name](x, ref, self) for name in self.weights}
         total = sum(w * comps[name] for name, w in self.weights.items())
@@ -468,7 +468,7 @@ class RewardConfig:
 @dataclass
 class CheckConfig(RewardConfig, data.DataConfig):
     # check
-    cells: int = 64                 # real cells scored per condition (the rest of its cells are the reference)
+    check_cells: int = 64           # real cells scored per condition (the rest of its cells are the reference)
     group: int = 16                 # GRPO's group (rl.py --group): the sum row's scale, a reward's std in such groups
 
 
@@ -526,7 +526,7 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
                 scores[name][g].append(float(comps[g][name].mean()))
     n_scored = len(scores["sum"]["real"])
     if not n_scored:
-        raise DataError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
+        raise UserError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
                         f"covariate, among the {len(keys)} given")
     out = {}
     for name, s in scores.items():
@@ -553,7 +553,7 @@ def main(argv=None):
     ds = data.load_dataset(cfg)
     ver = Verifier(ds.genes, parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk)
     keys = ds.split["train"] + ds.split["val"]
-    res = check(ds, ver, keys, cfg.cells, cfg.seed, cfg.std_floor, cfg.group)
+    res = check(ds, ver, keys, cfg.check_cells, cfg.seed, cfg.std_floor, cfg.group)
     r0 = res["sum"]
     print(f"{ds.meta['path']}: {r0['n']} of {len(keys)} training and validation conditions scored ({r0['n_other']} "
           f"with other conditions in their covariate; real wins = beats other and control), {len(ds.genes)} genes")

@@ -56,7 +56,8 @@ def main():
 
     def build(seed):
         torch.manual_seed(seed)
-        m = flow.VelocityField(G, n_comp, 1, cfg.width, cfg.depth, cfg.d_pert, torch.randn(n_comp, cfg.prior_dim))
+        m = flow.VelocityField(flow.ModelConfig(cfg.width, cfg.depth, cfg.d_pert, cfg.gene_feat_dim, G=G, n_comp=n_comp),
+                               torch.randn(n_comp, cfg.gene_feat_dim))
         return m, torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
 
     ours, theirs = build(0), build(0)

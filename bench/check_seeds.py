@@ -38,7 +38,7 @@ def main(argv=None):
     keys = ds.split["train"] + ds.split["val"]
     rows = {}
     for seed in seeds:                                                 # a loop over seeds
-        for name, r in verifiers.check(ds, ver, keys, cfg.cells, seed, cfg.std_floor, cfg.group).items():
+        for name, r in verifiers.check(ds, ver, keys, cfg.check_cells, seed, cfg.std_floor, cfg.group).items():
             row = [r["wins"], r["vs_exaggerated"], r["vs_collapsed"], r["real"] > r["control"]]
             rows.setdefault(name, []).append(row)
     print(f"{ds.meta['path']}: {len(keys)} training and validation conditions, check seeds {cfg.seeds}: mean (lowest)")

@@ -23,7 +23,7 @@ SETTINGS = {
     "lr 2e-3": {"lr": 2e-3},
     "beta=0.5, lr 2e-3": {"beta": 0.5, "lr": 2e-3},
     "one pass (epochs=1)": {"epochs": 1},
-    "SDE noise 0.4": {"noise": 0.4},
+    "SDE noise 0.4": {"sde_noise": 0.4},
 }
 COLS = ["score", "pearson_delta", "energy", "effect_ratio", "reward/pearson", "reward/spearman", "reward/pathway", "reward/rmse"]
 

@@ -13,7 +13,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import rl  # noqa: E402
 import verifiers as V  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -37,14 +37,14 @@ def test_pseudo_reference_is_control_plus_trusted_shift(tiny_screen):
     trust = ds.prior_trust()
     ref = evaluate.pseudo_reference(guarded(ds), key, trust, n_de=20)
     ctrl = ds.X[ds.ctrl_idx[key[1]]]
-    want = np.maximum(ctrl + ds.shift(key, trust), 0)
+    want = np.maximum(ctrl + ds.start(key, trust), 0)
     np.testing.assert_allclose(ref.cells.numpy(), want, atol=1e-6)
     np.testing.assert_allclose(ref.ctrl_mean.numpy(), ctrl.mean(0), atol=1e-5)
     np.testing.assert_allclose(ref.delta.numpy(), want.mean(0) - ctrl.mean(0), atol=1e-5)
     assert len(ref.de_idx) == 20
     # the additive prior of this combination is trusted: its shift is c * (sum of the singles' deltas)
     c = trust[ds.prior_kind(key)]
-    assert c > 0 and np.allclose(ds.shift(key, trust), c * sum(ds.component_deltas(key)), atol=1e-6)
+    assert c > 0 and np.allclose(ds.start(key, trust), c * sum(ds.component_deltas(key)), atol=1e-6)
     # nothing trusted to build on: no pseudo-reference, so no selection
     assert evaluate.pseudo_reference(ds, ("UNSEEN", key[1]), dict.fromkeys(trust, 0.0)) is None
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import flow  # noqa: E402
-from data import DataConfig, DataError  # noqa: E402
+from data import DataConfig, UserError  # noqa: E402
 
 
 def write(path, obs: dict, n_genes=12, seed=0):
@@ -53,7 +53,7 @@ def test_sciplex_layout_nanomolar_to_micromolar(tmp_path):
     assert [k[0] for k in load(p, dose_unit="uM").keys][:2] == ["D@10", "D@100"]
     u = ds.key_table([("D@0.01", "A549"), ("D@1", "A549"), ("D@10", "A549")])["dose"][:, 0]
     np.testing.assert_allclose(u.numpy(), [0.0, 2 / 3, 1.0], atol=1e-6)      # 1 + log10(d / 10) / 3 decades
-    with pytest.raises(DataError, match="--dose-unit 'mg'"):
+    with pytest.raises(UserError, match="--dose-unit 'mg'"):
         load(p, dose_unit="mg")
 
 
@@ -99,7 +99,7 @@ def test_bad_doses_fail_with_one_line_and_write_nothing(tmp_path, capsys, doses,
     labels = ["ctrl", "D", "D" if "high" in doses or "-1" in doses else "A+B", "A+B"]
     lab, dose = block(list(zip(labels, doses)))
     p = write(tmp_path / "bad.h5ad", {"condition": lab, "dose": dose})
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(UserError, match=match):
         load(p)
     out = tmp_path / "flow.pt"
     with pytest.raises(SystemExit) as e:
@@ -165,7 +165,7 @@ def test_dose_split_holds_out_an_inner_dose_of_every_drug():
         assert seen[0] < d < seen[-1]                                       # never the lowest or highest
         assert data.prior_kind(k, s["train"]) == "dose"                     # from the drug's other doses
     assert s["val"] and not set(s["val"]) & set(s["test"])
-    with pytest.raises(DataError, match="needs a drug with >= 3 doses"):
+    with pytest.raises(UserError, match="needs a drug with >= 3 doses"):
         data.make_split([("D@1", "x"), ("D@10", "x")], "dose")
 
 
@@ -187,16 +187,16 @@ def test_explicit_test_with_doses(tmp_path):
     assert load(p, test="A@10+B@1").split["test"] == [("A@10+B@1", "all")]
     assert load(p, test="A@0.1").split["test"] == [("A@0.1", "all")]
     assert load(p, test="A").split["test"] == [("A@0.1", "all"), ("A@1", "all"), ("A@10", "all")]  # every dose
-    with pytest.raises(DataError, match="2 drug\\(s\\) but 3 doses"):
+    with pytest.raises(UserError, match="2 drug\\(s\\) but 3 doses"):
         load(p, test="A+B@1+1+1")
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load(p, test="A@3")
 
 
 # ----------------------------------------------------------------------------- the model
 def dose_model(seed=0):
     torch.manual_seed(seed)
-    m = flow.VelocityField(6, 4, 1, width=16, depth=1, d_pert=8, prior_feat=torch.randn(4, 3), doses=True)
+    m = flow.VelocityField(flow.ModelConfig(G=6, n_comp=4, n_cov=1, width=16, depth=1, d_pert=8, gene_feat_dim=3, doses=True), torch.randn(4, 3))
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return m
@@ -210,7 +210,7 @@ def test_dose_embedding_order_invariance_and_padding():
     assert not torch.allclose(emb([[1, 2]], [[0.2, 0.9]]), emb([[1, 2]], [[0.9, 0.2]]), atol=1e-4)  # doses swapped alone
     assert not torch.allclose(emb([[1]], [[0.2]]), emb([[1]], [[0.4]]), atol=1e-4)               # the dose matters
     assert flow.build_model(dict(m.hparams)).dose_mlp is not None                                # stored with the model
-    assert flow.VelocityField(6, 4, 1, width=16, depth=1, d_pert=8).dose_mlp is None             # genetic: as before
+    assert flow.VelocityField(flow.ModelConfig(G=6, n_comp=4, n_cov=1, width=16, depth=1, d_pert=8)).dose_mlp is None             # genetic: as before
 
 
 def test_dose_embedding_interpolates_an_unseen_dose():
@@ -218,7 +218,7 @@ def test_dose_embedding_interpolates_an_unseen_dose():
     five doses: at the held-out middle dose the prediction lies near the truth, much nearer than the nearest
     seen dose's response, which a per-dose lookup would return."""
     torch.manual_seed(0)
-    m = flow.VelocityField(4, 1, 1, width=32, depth=1, d_pert=8, doses=True)
+    m = flow.VelocityField(flow.ModelConfig(G=4, n_comp=1, n_cov=1, width=32, depth=1, d_pert=8, doses=True))
     head = torch.nn.Linear(32, 2)
     resp = lambda u: torch.stack([torch.sigmoid(8 * (u - 0.5)), torch.sigmoid(8 * (u - 0.7)) - 0.5], -1)  # noqa: E731
     seen, held = torch.tensor([0.0, 0.25, 0.75, 1.0]), torch.tensor([0.5])
@@ -237,7 +237,7 @@ def test_dose_embedding_interpolates_an_unseen_dose():
 
 def test_drugs_have_no_gene_features_and_no_excluded_genes(chem):
     ds = chem["ds"]
-    assert not data.gene_prior_features(ds, 4).any()                      # drugs are not genes
+    assert not data.gene_features(ds, 4).any()                      # drugs are not genes
     gene_pos = {g: i for i, g in enumerate(ds.genes)}
     assert all(n not in gene_pos for n in ds.components)                   # discrimination excludes nothing
 
@@ -247,7 +247,7 @@ def test_drugs_have_no_gene_features_and_no_excluded_genes(chem):
 def chem(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chem")
     path = tmp / "chem.h5ad"
-    data.main(["--simulate", str(path), "--kind", "chemical", "--cells", "2500", "--genes", "200"])
+    data.main(["--simulate", str(path), "--kind", "chemical", "--sim-cells", "2500", "--sim-genes", "200"])
     ds = data.load_dataset(DataConfig(data=str(path), n_genes=0))
     return {"tmp": tmp, "path": path, "h": data.read_h5ad(path), "ds": ds}
 
@@ -286,7 +286,7 @@ def test_data_cli_reports_doses_and_kind(chem, capsys, tmp_path):
     ds = chem["ds"]
     d0 = sorted(d for l, _ in ds.keys if "+" not in l for n, d in data.components_of(l) if n == "drug00")
     assert "column 'dose' in uM" in line and f"drug00 {','.join(data.fmt_dose(d) for d in d0)};" in line
-    with pytest.raises(DataError, match="--kind 'protein': use genetic or chemical"):
+    with pytest.raises(UserError, match="--kind 'protein': use genetic or chemical"):
         data.main(["--simulate", str(tmp_path / "x.h5ad"), "--kind", "protein"])
     assert not (tmp_path / "x.h5ad").exists()
 

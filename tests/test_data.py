@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-from data import DataConfig, DataError, load_dataset, make_split, parse_condition  # noqa: E402
+from data import DataConfig, UserError, load_dataset, make_split, parse_condition  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "mcfaline23_gbm_crispri.h5ad"
 
@@ -101,9 +101,9 @@ def test_find_control():
         labels = np.array(["A"] * 5 + [lab] * 3 + ["B"], dtype=object)
         assert data.find_control(labels) == lab
     labels = np.array(["A"] * 5 + ["B"] * 3 + ["C"], dtype=object)
-    with pytest.raises(DataError, match=r"most frequent labels: \['A', 'B', 'C'\]"):
+    with pytest.raises(UserError, match=r"most frequent labels: \['A', 'B', 'C'\]"):
         data.find_control(labels)
-    with pytest.raises(DataError, match=r"control label 'zz' not found.*'A'"):
+    with pytest.raises(UserError, match=r"control label 'zz' not found.*'A'"):
         data.find_control(labels, "zz")
     assert data.find_control(labels, "B") == "B"
 
@@ -147,7 +147,7 @@ def test_layer_option(tmp_path):
     ds = load(p, layer="counts")
     assert ds.meta["counts"]
     np.testing.assert_allclose(ds.X[ds.cell_idx[("G1", "all")]], cp10k(X)[labels == "G1"], atol=1e-5)
-    with pytest.raises(DataError, match="no layer 'raw'.*counts"):
+    with pytest.raises(UserError, match="no layer 'raw'.*counts"):
         load(p, layer="raw")
 
 
@@ -164,10 +164,10 @@ def test_gene_symbols_from_ensembl_and_override(tmp_path):
                  {"sym": sym, "other": [f"o{j}" for j in range(6)]})
     assert load(p, gene_symbols="sym").genes[:4] == ["G1", "G2", "G3", "TP53"]
     assert load(p).genes[0] == "x0"
-    with pytest.raises(DataError, match="'nope' not in var.*sym"):
+    with pytest.raises(UserError, match="'nope' not in var.*sym"):
         load(p, gene_symbols="nope")
     p = write_ad(tmp_path / "ensonly.h5ad", X, {"condition": labels}, ens, {"other": sym})
-    with pytest.raises(DataError, match="Ensembl.*--gene-symbols"):
+    with pytest.raises(UserError, match="Ensembl.*--gene-symbols"):
         load(p)
 
 
@@ -256,7 +256,7 @@ def test_dose_numeric_used_constant_ignored(tmp_path):
     assert ds.meta["dose_key"] is None and sorted(k[0] for k in ds.keys) == ["D", "E"]
     # categorical strings in a dose column are an error (issue 10), unless it is switched off
     path = write_ad(tmp_path / "dose2.h5ad", X, {"treatment": labels, "dose": np.where(dose > 50, "hi", "lo").astype(object)})
-    with pytest.raises(DataError, match="'treatment'/'dose'.*not a number"):
+    with pytest.raises(UserError, match="'treatment'/'dose'.*not a number"):
         load(path)
     assert load(path, dose_key="none").meta["dose_key"] is None
 
@@ -323,11 +323,11 @@ def test_split_explicit():
     s = make_split(keys, "additive", test="A+B:y")                          # --test wins over the mode
     assert s["test"] == [("A+B", "y")] and ("A+B", "x") not in s["test"]
     assert set(s["train"]) | set(s["val"]) | set(s["test"]) == set(keys)
-    with pytest.raises(DataError, match="'E\\+F' not found"):
+    with pytest.raises(UserError, match="'E\\+F' not found"):
         make_split(keys, test="A+B,E+F")
-    with pytest.raises(DataError, match="--test"):
+    with pytest.raises(UserError, match="--test"):
         make_split(keys, "explicit")
-    with pytest.raises(DataError, match="--split random"):
+    with pytest.raises(UserError, match="--split random"):
         make_split([("A", "x"), ("B", "x"), ("C", "x")], "additive")
 
 
@@ -336,7 +336,7 @@ def test_split_explicit_through_load(sim_path):
     combos = sorted({c for c in h.obs["condition"] if "ctrl" not in c})[:2]
     ds = load(sim_path, test=",".join(combos))
     assert [k[0] for k in ds.split["test"]] == combos
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load(sim_path, test="NOPE1+NOPE2")
 
 
@@ -463,14 +463,14 @@ def test_simulator_default_time(default_sim):
 
 # ----------------------------------------------------------------------------- errors
 def test_file_errors(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load(tmp_path / "missing.h5ad")
     (tmp_path / "text.h5ad").write_text("hello")
-    with pytest.raises(DataError, match="not an HDF5"):
+    with pytest.raises(UserError, match="not an HDF5"):
         load(tmp_path / "text.h5ad")
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(DataError, match="not an h5ad.*obs/var"):
+    with pytest.raises(UserError, match="not an h5ad.*obs/var"):
         load(tmp_path / "plain.h5")
     rng = np.random.default_rng(8)
     labels, X = _three_groups(rng)
@@ -478,11 +478,11 @@ def test_file_errors(tmp_path):
     q = write_ad(tmp_path / "enc.h5ad", sp.csr_matrix(X), {"condition": labels})
     with h5py.File(p, "a") as f:
         del f["X"]
-    with pytest.raises(DataError, match="no X"):
+    with pytest.raises(UserError, match="no X"):
         load(p)
     with h5py.File(q, "a") as f:
         f["X"].attrs["encoding-type"] = "weird_matrix"
-    with pytest.raises(DataError, match="weird_matrix"):
+    with pytest.raises(UserError, match="weird_matrix"):
         load(q)
 
 
@@ -490,21 +490,21 @@ def test_obs_errors(tmp_path):
     rng = np.random.default_rng(9)
     labels, X = _three_groups(rng)
     p = write_ad(tmp_path / "o.h5ad", X, {"guide": labels, "batch": np.zeros(len(labels))})
-    with pytest.raises(DataError, match=r"no perturbation column.*\['guide', 'batch'\].*--pert-key"):
+    with pytest.raises(UserError, match=r"no perturbation column.*\['guide', 'batch'\].*--pert-key"):
         load(p)
-    with pytest.raises(DataError, match=r"'cond' not in obs.*\['guide', 'batch'\]"):
+    with pytest.raises(UserError, match=r"'cond' not in obs.*\['guide', 'batch'\]"):
         load(p, pert_key="cond")
     assert load(p, pert_key="guide").meta["pert_key"] == "guide"
     nc = np.where(labels == "ctrl", "G0", labels).astype(object)
     q = write_ad(tmp_path / "nc.h5ad", X, {"condition": nc})
-    with pytest.raises(DataError, match=r"no control label.*most frequent labels: \['G0'"):
+    with pytest.raises(UserError, match=r"no control label.*most frequent labels: \['G0'"):
         load(q)
-    with pytest.raises(DataError, match="'NT' not found.*G0"):
+    with pytest.raises(UserError, match="'NT' not found.*G0"):
         load(q, control="NT")
     # a covariate with no control cells
     cells = np.where(labels == "G1", "U87", "A172").astype(object)
     r = write_ad(tmp_path / "cv.h5ad", X, {"condition": labels, "cell_type": cells})
-    with pytest.raises(DataError, match="cell_type='U87' has no control"):
+    with pytest.raises(UserError, match="cell_type='U87' has no control"):
         load(r)
 
 
@@ -517,7 +517,7 @@ def test_bad_values(tmp_path, fmt, bad, word):
     X[7, 4] = X[9, 2] = bad
     M = {"dense": X, "csr": sp.csr_matrix(X), "csc": sp.csc_matrix(X)}[fmt]
     p = write_ad(tmp_path / "bad.h5ad", M, {"condition": labels})
-    with pytest.raises(DataError, match=f"2 {word} value.*first at cell (7|9), gene (4|2)") as e:
+    with pytest.raises(UserError, match=f"2 {word} value.*first at cell (7|9), gene (4|2)") as e:
         load(p)
     import re
     loc = tuple(map(int, re.search(r"cell (\d+), gene (\d+)", str(e.value)).groups()))
@@ -543,7 +543,7 @@ def test_checkpoint_genes(sim_path, sim_ds):
     ds = load_dataset(DataConfig(data=sim_path), genes=genes, split=sim_ds.split)
     assert ds.genes == genes and ds.split == sim_ds.split
     np.testing.assert_allclose(ds.X, sim_ds.X[:, ::3])
-    with pytest.raises(DataError, match="2 of the checkpoint's.*not in the data.*NOTAGENE"):
+    with pytest.raises(UserError, match="2 of the checkpoint's.*not in the data.*NOTAGENE"):
         load_dataset(DataConfig(data=sim_path), genes=genes + ["NOTAGENE", "NOTAGENE2"])
 
 
@@ -616,12 +616,12 @@ def test_prior_trust_matches_the_size_of_informative_priors(sim_ds):
     assert trust["none"] == 0.0 and trust["transfer"] == 0.0                   # one covariate: no transfer keys
     assert ds.prior_trust(min_corr=rho + 0.01)["additive"] == 0.0             # an uninformative prior is not used
     tab = ds.key_table(ds.split["test"])
-    torch.testing.assert_close(tab["shift"], c * tab["prior"])                # a trusted prior: the start
+    torch.testing.assert_close(tab["start"], c * tab["prior"])                # a trusted prior: the start
     # a single (no prior of its own in one covariate): the training-mean delta without itself, if trusted
     single = next(k for k in train if "+" not in k[0])
     mean = np.mean([ds.refs[k].delta.numpy() for k in train if k != single], axis=0)
     assert trust["mean"] > 0
-    np.testing.assert_allclose(ds.key_table([single])["shift"][0].numpy(), trust["mean"] * mean, atol=1e-6)
+    np.testing.assert_allclose(ds.key_table([single])["start"][0].numpy(), trust["mean"] * mean, atol=1e-6)
 
 
 def test_a_prior_kind_no_training_key_has_gets_the_plain_prior(sim_path):
@@ -633,7 +633,7 @@ def test_a_prior_kind_no_training_key_has_gets_the_plain_prior(sim_path):
     trust = ds.prior_trust()
     assert trust["additive"] == 1.0 and trust["none"] == 0.0
     k = ds.split["test"][0]
-    np.testing.assert_allclose(ds.shift(k), sum(ds.component_deltas(k)), atol=1e-6)
+    np.testing.assert_allclose(ds.start(k), sum(ds.component_deltas(k)), atol=1e-6)
     default = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))    # combinations in training: fitted
     assert default.untested_kinds() == set() and 0 < default.prior_trust()["additive"] < 1
 
@@ -703,7 +703,7 @@ def test_unknown_x_encoding_is_refused(tmp_path):
         dense = np.zeros((300, 50), np.float32)
         del f["X"]
         f.create_dataset("X", data=dense).attrs["encoding-type"] = "awkward-array"
-    with pytest.raises(DataError, match="unsupported encoding-type 'awkward-array'"):
+    with pytest.raises(UserError, match="unsupported encoding-type 'awkward-array'"):
         data.read_h5ad(p)
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import flow  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -445,7 +445,7 @@ def test_cli_missing_checkpoint_exit_code_2(missing_ckpt_run):
 
 
 def test_main_raises_data_error_for_a_missing_checkpoint(tmp_path):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         evaluate.main(["--ckpt", str(tmp_path / "nope.pt")])
 
 

@@ -39,7 +39,7 @@ class ConditionalField(torch.nn.Module):
 
 def small_model(G=6, n_comp=4, n_cov=2, randomise=True, seed=0):
     torch.manual_seed(seed)
-    m = flow.VelocityField(G, n_comp, n_cov, width=16, depth=2, d_pert=8, prior_feat=torch.randn(n_comp, 3))
+    m = flow.VelocityField(flow.ModelConfig(G=G, n_comp=n_comp, n_cov=n_cov, width=16, depth=2, d_pert=8, gene_feat_dim=3), torch.randn(n_comp, 3))
     if randomise:  # move every weight off its (partly zero) initialisation so properties are not trivial
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.3)
@@ -66,7 +66,7 @@ def test_path_matches_formula():
 def test_loss_zero_for_exact_conditional_velocity():
     # a wrong path (e.g. t and 1 - t swapped) or a wrong target (x0 - x1) gives a loss of order 1 here
     x1 = torch.randn(64, 10, dtype=torch.float64)
-    loss = flow.cfm_loss(ConditionalField(), x1, {"x1": x1}, generator=torch.Generator().manual_seed(0))
+    loss = flow.cfm_loss(ConditionalField(), x1, {"x1": x1}, data.noise_source(torch.Generator().manual_seed(0), "cpu"))
     assert loss.item() < 1e-12
 
 
@@ -74,7 +74,7 @@ def test_loss_is_mean_over_cells_and_genes():
     # v = 0 and x1 = 0: loss = mean(x0^2) = 1 (sum over genes would give G)
     zero = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
     zero.training = False
-    loss = flow.cfm_loss(zero, torch.zeros(400, 250), {}, generator=torch.Generator().manual_seed(0))
+    loss = flow.cfm_loss(zero, torch.zeros(400, 250), {}, data.noise_source(torch.Generator().manual_seed(0), "cpu"))
     assert abs(loss.item() - 1.0) < 0.02
 
 
@@ -85,7 +85,7 @@ def test_logit_normal_time():
         seen.append(t)
         return torch.zeros_like(x)
     rec.training = False
-    flow.cfm_loss(rec, torch.zeros(20000, 1), {}, torch.Generator().manual_seed(0), t_dist="logit_normal")
+    flow.cfm_loss(rec, torch.zeros(20000, 1), {}, data.noise_source(torch.Generator().manual_seed(0), "cpu"), t_dist="logit_normal")
     z = torch.logit(seen[0].double())
     assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
 
@@ -236,15 +236,16 @@ def test_a_zero_network_generates_the_start_predictor_exactly():
     G = 6
     table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
              "prior": torch.randn(1, G), "novel": torch.tensor([False])}
-    table["shift"] = 0.6 * table["prior"]                                  # c = 0.6
+    table["start"] = 0.6 * table["prior"]                                  # c = 0.6
     ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
     for source, sigma, shift, method in [("noise", 1.0, True, "midpoint"), ("ctrl", 0.5, True, "sde"),
                                          ("noise", 1.0, True, "sde"), ("ctrl", 0.2, False, "euler")]:
-        m = flow.VelocityField(G, 4, 1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, shift=shift)
+        m = flow.VelocityField(flow.ModelConfig(G=G, n_comp=4, n_cov=1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, use_start=shift))
         m.mean, m.std = torch.rand(G), torch.rand(G) + 0.5
         cond = flow.make_cond(m, table, torch.zeros(4, dtype=torch.long), ctrl_x)
-        z = flow.sample(m, cond, 5, method, torch.Generator().manual_seed(1), noise_level=0.7, paired=True)
-        want = (ctrl_x + (table["shift"] if shift else 0)).clamp(min=0)
+        z = flow.sample(m, cond, 5, method, data.noise_source(torch.Generator().manual_seed(1), "cpu"), noise_level=0.7,
+                        paired=True)
+        want = (ctrl_x + (table["start"] if shift else 0)).clamp(min=0)
         torch.testing.assert_close(m.decode(cond["ctrl"] + z), want, atol=1e-4, rtol=0)
     eps = torch.randn(4, G)
     raw = flow.sample(m, cond, 5, "midpoint", eps=eps)                      # unpaired: the source draw itself
@@ -258,14 +259,14 @@ def test_paired_generation_cancels_the_generators_own_control_error():
     b = torch.linspace(-1, 1, G)
     field = lambda x, t, cond: b.expand_as(x)  # noqa: E731  biased: also moves control cells
     cond = {"ctrl": torch.randn(B, G), "comps": torch.ones(B, 1, dtype=torch.long), "dose": torch.ones(B, 1),
-            "prior": torch.randn(B, G), "shift": torch.randn(B, G), "cov": torch.zeros(B, dtype=torch.long)}
-    cond.update(mu0=cond["shift"], sigma=1.0)
+            "prior": torch.randn(B, G), "start": torch.randn(B, G), "cov": torch.zeros(B, dtype=torch.long)}
+    cond.update(mu0=cond["start"], sigma=1.0)
     for method in ("euler", "midpoint", "sde"):
-        g = torch.Generator().manual_seed(0)
+        g = data.noise_source(torch.Generator().manual_seed(0), "cpu")
         z = flow.sample(field, cond, 4, method, g, noise_level=0.5, paired=True)
-        torch.testing.assert_close(z, cond["shift"], atol=1e-5, rtol=0)
-        raw = flow.sample(field, cond, 4, method, torch.Generator().manual_seed(0), noise_level=0.5)
-        assert (raw - cond["shift"]).mean(0).sub(b).abs().max() < 1.5      # unpaired: the bias b is in it
+        torch.testing.assert_close(z, cond["start"], atol=1e-5, rtol=0)
+        raw = flow.sample(field, cond, 4, method, data.noise_source(torch.Generator().manual_seed(0), "cpu"), noise_level=0.5)
+        assert (raw - cond["start"]).mean(0).sub(b).abs().max() < 1.5      # unpaired: the bias b is in it
 
 
 def test_perturbation_embedding_is_order_invariant():
@@ -282,7 +283,7 @@ def test_unseen_component_embedding_stays_zero():
     cond = rand_cond(8, 6, [[1, 2]] * 8, [[1.0, 1.0]] * 8)
     for _ in range(5):
         opt.zero_grad()
-        flow.cfm_loss(m, torch.randn(8, 6), cond).backward()
+        flow.cfm_loss(m, torch.randn(8, 6), cond, data.noise_source(None, "cpu")).backward()
         opt.step()
     assert m.comp_emb.weight[1:3].abs().sum() > 0 and torch.equal(m.comp_emb.weight[3:], torch.zeros(2, 8))
 
@@ -296,7 +297,7 @@ def test_encode_decode_and_make_cond():
     z = m.encode(torch.tensor([[-0.3, 0.0, 0.1, 0.41, 1.0, 2.0]]))   # max(x, 0): only negatives become 0
     assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.1, 0.41, 1.0, 2.0]]), atol=1e-5)
     table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
-             "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6), "shift": torch.randn(2, 6),
+             "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6), "start": torch.randn(2, 6),
              "novel": torch.tensor([False, True])}
     cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
     assert torch.equal(cond["comps"][0], table["comps"][1]) and torch.equal(cond["cov"], torch.tensor([1, 0, 1, 1]))
@@ -314,7 +315,7 @@ def sim_path(tmp_path_factory):
 
 def tiny_cfg(sim_path, out, **kw):
     base = dict(data=sim_path, n_genes=200, width=64, depth=2, steps=40, batch_size=64, warmup=5, eval_every=20,
-                eval_cells=16, save_every=20, out=str(out), progress=False, prior_dim=8)
+                eval_cells=16, save_every=20, out=str(out), progress=False, gene_feat_dim=8)
     return flow.FlowConfig(**{**base, **kw})
 
 
@@ -343,7 +344,7 @@ def test_training_lowers_loss_and_learns_mean_deltas(trained, sim_path):
     # untrained model (the shift alone) scores 0.44, this 600-step run 0.55 (0.80 when a single's own delta was
     # its prior)
     rows = np.concatenate([ds.cell_idx[k] for k in keys])
-    base = flow.pearson_rows(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
+    base = data.pearson_rows(torch.from_numpy(ds.X[rows].mean(0))[None] - torch.stack([ds.refs[k].ctrl_mean for k in keys]),
                         torch.stack([ds.refs[k].delta for k in keys])).mean().item()
     assert r > base + 0.08, (r, base)
 
@@ -359,12 +360,12 @@ def test_checkpoint_round_trip(tmp_path):
     cond, x, t = rand_cond(2, 6, [[1, 2]] * 2, [[1.0, 1.0]] * 2), torch.randn(2, 6), torch.rand(2)
     assert torch.equal(m.eval()(x, t, cond), m2(x, t, cond)) and ckpt["step"] == 7 and ckpt["config"]["lr"] == 1.0
     assert torch.equal(ckpt["scaler"]["std"], m.std) and os.listdir(os.path.dirname(path)) == ["m.pt"]
-    with pytest.raises(data.DataError, match="2 positions differ"):
+    with pytest.raises(data.UserError, match="2 positions differ"):
         flow.load_checkpoint(path, genes=["g1", "g0"] + meta["genes"][2:])
-    with pytest.raises(data.DataError, match="checkpoint not found"):
+    with pytest.raises(data.UserError, match="checkpoint not found"):
         flow.load_checkpoint(str(tmp_path / "nope.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(data.DataError, match="not a PerturbCellRL checkpoint"):
+    with pytest.raises(data.UserError, match="not a PerturbCellRL checkpoint"):
         flow.load_checkpoint(str(tmp_path / "junk.pt"))
 
 
@@ -391,12 +392,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sim_path, tmp_path, monke
         calls.append(1)
         return real(*args, **kw) * (float("nan") if len(calls) == 28 else 1.0)
     monkeypatch.setattr(flow, "cfm_loss", flaky)
-    with pytest.raises(data.DataError, match=r"loss is nan at step 27.*last good checkpoint .*step 20"):
+    with pytest.raises(data.UserError, match=r"loss is nan at step 27.*last good checkpoint .*step 20"):
         flow.train(tiny_cfg(sim_path, out, eval_every=1000))
     model, ckpt = flow.load_checkpoint(str(out))
     assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in model.parameters())
     monkeypatch.setattr(flow, "cfm_loss", real)
-    with pytest.raises(data.DataError, match="training diverged"):  # a huge learning rate ends the same way
+    with pytest.raises(data.UserError, match="training diverged"):  # a huge learning rate ends the same way
         flow.train(tiny_cfg(sim_path, tmp_path / "lr.pt", lr=1e30, save_every=1, eval_every=1000))
     if os.path.exists(tmp_path / "lr.pt"):
         m, _ = flow.load_checkpoint(str(tmp_path / "lr.pt"))
@@ -428,7 +429,7 @@ def test_residual_trust_is_the_least_squares_slope(trained, sim_path, monkeypatc
     model, ckpt = flow.load_checkpoint(trained)
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
     keys = ds.split["train"][:5]
-    shift = ds.key_table(keys)["shift"]
+    shift = ds.key_table(keys)["start"]
     for alpha, want in [(2.0, 0.5), (0.5, 1.0), (-1.0, 0.0), (1.25, 0.8)]:
         mean = {k: ds.refs[k].ctrl_mean + shift[i] + alpha * (ds.refs[k].delta - shift[i]) for i, k in enumerate(keys)}
         monkeypatch.setattr(flow, "generate", lambda *a, **kw: {k: m.expand(3, -1) for k, m in mean.items()})
@@ -441,7 +442,7 @@ def test_control_check_measures_the_generators_control_bias(sim_path):
     gene of every cell has bias |b| sqrt(G) (debiased for sampling noise), whatever the inputs."""
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200))
     G = len(ds.genes)
-    m = flow.VelocityField(G, len(ds.components), len(ds.covariates), width=16, depth=1, source="ctrl", sigma=1e-4)
+    m = flow.VelocityField(flow.ModelConfig(G=G, n_comp=len(ds.components), n_cov=len(ds.covariates), width=16, depth=1, source="ctrl", sigma=1e-4))
     m.mean, m.std = data.fit_scaler(ds.X, np.arange(ds.X.shape[0]))
     ok = flow.control_check(m, ds, n_cells=400, steps=2)
     effect = np.mean([float(ds.refs[k].delta.norm()) for k in ds.keys])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data import H5AD, DataError, read_h5ad, write_h5ad
+from data import H5AD, UserError, read_h5ad, write_h5ad
 
 ad = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
@@ -119,7 +119,7 @@ def test_layer(tmp_path):
     h = read_h5ad(p, layer="counts")
     assert h.X.format == "csr"
     np.testing.assert_array_equal(h.X.toarray(), np.asarray(a.X) * 10)
-    with pytest.raises(DataError, match=r"'raw'.*counts"):
+    with pytest.raises(UserError, match=r"'raw'.*counts"):
         read_h5ad(p, layer="raw")
 
 
@@ -261,31 +261,31 @@ def test_write_is_atomic_and_validates(tmp_path):
     write_h5ad(p, good)
     bad = _ours(np.zeros((5, 4), np.float32))
     bad.uns["obj"] = object()
-    with pytest.raises(DataError, match="obj"):
+    with pytest.raises(UserError, match="obj"):
         write_h5ad(p, bad)
     assert [f.name for f in tmp_path.iterdir()] == ["x.h5ad"]
     np.testing.assert_array_equal(read_h5ad(p).X, 1.0)  # old file untouched
     short = _ours(np.ones((5, 4), np.float32))
     short.obs["dose"] = np.zeros(3)
-    with pytest.raises(DataError, match="dose"):
+    with pytest.raises(UserError, match="dose"):
         write_h5ad(p, short)
-    with pytest.raises(DataError, match="obs_names"):
+    with pytest.raises(UserError, match="obs_names"):
         write_h5ad(p, _ours(np.ones((5, 4), np.float32)).__class__(
             X=np.ones((4, 4)), obs={}, var={}, obs_names=good.obs_names, var_names=good.var_names))
 
 
 def test_errors(tmp_path):
     missing = tmp_path / "nope.h5ad"
-    with pytest.raises(DataError, match="nope.h5ad.*not found"):
+    with pytest.raises(UserError, match="nope.h5ad.*not found"):
         read_h5ad(missing)
     txt = tmp_path / "t.h5ad"
     txt.write_text("not hdf5")
-    with pytest.raises(DataError, match="not an HDF5"):
+    with pytest.raises(UserError, match="not an HDF5"):
         read_h5ad(txt)
     plain = tmp_path / "plain.h5"
     with h5py.File(plain, "w") as f:
         f["data"] = np.zeros(3)
-    with pytest.raises(DataError, match="not an h5ad.*data"):
+    with pytest.raises(UserError, match="not an h5ad.*data"):
         read_h5ad(plain)
     p = tmp_path / "nox.h5ad"
     a = _adata()
@@ -293,14 +293,14 @@ def test_errors(tmp_path):
     a.write_h5ad(p)
     with h5py.File(p, "r+") as f:
         del f["X"]
-    with pytest.raises(DataError, match="no X.*counts"):
+    with pytest.raises(UserError, match="no X.*counts"):
         read_h5ad(p)
     assert read_h5ad(p, layer="counts").X.shape == (7, 5)  # the layer still works
     q = tmp_path / "enc.h5ad"
     ad.AnnData(X=sp.csr_matrix(np.eye(3, dtype=np.float32))).write_h5ad(q)
     with h5py.File(q, "r+") as f:
         f["X"].attrs["encoding-type"] = "coo_matrix"
-    with pytest.raises(DataError, match="coo_matrix"):
+    with pytest.raises(UserError, match="coo_matrix"):
         read_h5ad(q)
     with h5py.File(q, "r+") as f:
         f["X"].attrs["encoding-type"] = "csr_matrix"
@@ -309,7 +309,7 @@ def test_errors(tmp_path):
         f["obs"].attrs["column-order"] = np.array(["weird"], dtype=h5py.string_dtype())
         u = f["uns"].create_group("aw")  # unreadable uns entries are skipped, not fatal
         u.attrs["encoding-type"] = "awkward-array"
-    with pytest.raises(DataError, match="awkward-array"):
+    with pytest.raises(UserError, match="awkward-array"):
         read_h5ad(q)
     with h5py.File(q, "r+") as f:
         del f["obs/weird"]

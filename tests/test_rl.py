@@ -20,7 +20,7 @@ import evaluate  # noqa: E402
 import flow  # noqa: E402
 import rl  # noqa: E402
 import verifiers  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -126,7 +126,7 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
     rows = np.concatenate([ds.ctrl_idx[k[1]][:4] for k in keys])
     cond = flow.make_cond(policy, table, kid, ds.X[rows])
     T, a = 4, 0.7
-    cells, xs, logp_old = rl.rollout(policy, cond, T, a, torch.Generator().manual_seed(0))
+    cells, xs, logp_old = rl.rollout(policy, cond, T, a, data.noise_source(torch.Generator().manual_seed(0), "cpu"))
     assert xs.shape == (T + 1, 8, len(ds.genes)) and logp_old.shape == (T, 8) and cells.shape == (8, len(ds.genes))
     assert torch.isfinite(logp_old).all()
     adv = torch.tensor([1.0, -1, 0.5, -0.5, 2, -2, 0, 0])
@@ -175,7 +175,7 @@ def test_grpo_moves_a_toy_generator_towards_the_rewarded_target():
     reward = lambda x: -((x - 2.0) ** 2).sum(-1)  # noqa: E731
 
     def rollout(cond, gen):  # rl.rollout without pairing: the toy has no control condition
-        return flow.sample(policy, cond, T, "sde", gen, noise_level=a, record=True)[1:]
+        return flow.sample(policy, cond, T, "sde", data.noise_source(gen, "cpu"), noise_level=a, record=True)[1:]
 
     def sample_mean(n=2000):
         xs, _ = rollout({"ctrl": torch.zeros(n, D)}, torch.Generator().manual_seed(123))
@@ -300,7 +300,7 @@ def test_resume_after_ctrl_c_is_exact(sim, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(DataError, match="nope.pt"):
+    with pytest.raises(UserError, match="nope.pt"):
         rl.main(["--ckpt", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "rl.pt")])
 
 
@@ -327,13 +327,13 @@ def test_checkpoint_genes_not_in_the_data(sim, tmp_path):
     h.var_names = np.array([f"X{g}" for g in h.var_names], dtype=object)
     other = tmp_path / "other.h5ad"
     data.write_h5ad(other, h)
-    with pytest.raises(DataError, match="genes"):
+    with pytest.raises(UserError, match="genes"):
         rl.train(tiny(sim, tmp_path / "rl.pt", data=str(other)))
     assert not os.path.exists(tmp_path / "rl.pt")
 
 
 def test_unknown_reward_name(sim, tmp_path):
-    with pytest.raises(DataError, match="bogus"):
+    with pytest.raises(UserError, match="bogus"):
         rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--rewards", "pearson=1,bogus=1",
                  "--no-progress"])
     assert not os.path.exists(tmp_path / "rl.pt")
@@ -341,7 +341,7 @@ def test_unknown_reward_name(sim, tmp_path):
 
 def test_reward_returning_nan_names_the_verifier_and_condition(sim, tmp_path, monkeypatch):
     monkeypatch.setitem(verifiers.REWARDS, "rmse", lambda x, ref, v: torch.full((x.shape[0],), float("nan")))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         rl.train(tiny(sim, tmp_path / "rl.pt", rewards="pearson=1,rmse=1", steps=1))
     msg = str(e.value)
     assert "'rmse'" in msg and "'pearson'" not in msg
@@ -350,7 +350,7 @@ def test_reward_returning_nan_names_the_verifier_and_condition(sim, tmp_path, mo
 
 def test_group_larger_than_the_control_cells(sim, tmp_path):
     n = len(sim["ds"].ctrl_idx["all"])
-    with pytest.raises(DataError, match=str(n)):
+    with pytest.raises(UserError, match=str(n)):
         rl.train(tiny(sim, tmp_path / "rl.pt", group=n + 1))
 
 
@@ -394,9 +394,9 @@ def test_an_interrupted_cached_pretraining_is_resumed_not_reused(sim, tmp_path, 
 
 def test_data_options_fixed_by_the_checkpoint_are_refused(sim, tmp_path):
     """With --ckpt the checkpoint's data options (split, genes, ...) hold: a different one is refused, one line."""
-    with pytest.raises(DataError, match=r"--n-genes 7: the checkpoint .* fixes the data options.*n_genes = 0"):
+    with pytest.raises(UserError, match=r"--n-genes 7: the checkpoint .* fixes the data options.*n_genes = 0"):
         rl.train(tiny(sim, tmp_path / "rl.pt", n_genes=7))
-    with pytest.raises(DataError, match="--split-seed 3"):
+    with pytest.raises(UserError, match="--split-seed 3"):
         rl.train(tiny(sim, tmp_path / "rl.pt", split_seed=3))
     assert not os.path.exists(tmp_path / "rl.pt")
     rl.train(tiny(sim, tmp_path / "rl.pt", steps=1, n_genes=0, seed=4))     # the stored value and --seed are fine

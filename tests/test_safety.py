@@ -24,7 +24,7 @@ import evaluate  # noqa: E402
 import flow  # noqa: E402
 import rl  # noqa: E402
 import verifiers  # noqa: E402
-from data import DataError  # noqa: E402
+from data import UserError  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -49,7 +49,7 @@ def tiny_rl(sim, out, **kw):
 
 def tiny_flow(path, out, **kw):
     base = dict(data=str(path), n_genes=0, width=32, depth=1, steps=40, batch_size=32, warmup=5, eval_every=1000,
-                save_every=20, out=str(out), progress=False, prior_dim=4)
+                save_every=20, out=str(out), progress=False, gene_feat_dim=4)
     return flow.FlowConfig(**{**base, **kw})
 
 
@@ -86,13 +86,13 @@ def test_evaluate_write_pred_over_its_data_is_refused_and_the_data_kept(sim, tmp
     os.symlink(d, tmp_path / "link.h5ad")
     monkeypatch.setattr(evaluate, "predict", boom)
     for pred in (str(d), str(tmp_path / "link.h5ad"), str(tmp_path / "sub" / ".." / "d.h5ad")):
-        with pytest.raises(DataError, match="same file as --data"):
+        with pytest.raises(UserError, match="same file as --data"):
             evaluate.main(["--data", str(d), "--ckpt", sim["ckpt"], "--write-pred", pred])
-    with pytest.raises(DataError, match="same file as the checkpoint's data"):   # the data read without --data
+    with pytest.raises(UserError, match="same file as the checkpoint's data"):   # the data read without --data
         evaluate.main(["--ckpt", sim["ckpt"], "--write-pred", str(sim["path"])])
-    with pytest.raises(DataError, match="same file as --ckpt"):          # and not over a checkpoint
+    with pytest.raises(UserError, match="same file as --ckpt"):          # and not over a checkpoint
         evaluate.main(["--ckpt", sim["ckpt"], "--out", sim["ckpt"]])
-    with pytest.raises(DataError, match="same file as --out"):           # nor two outputs into one file
+    with pytest.raises(UserError, match="same file as --out"):           # nor two outputs into one file
         evaluate.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "x"), "--write-pred", str(tmp_path / "x")])
     assert digest(d) == before and data.read_h5ad(d).X.shape[0] == 1500
 
@@ -113,17 +113,17 @@ def test_rl_out_over_its_base_is_refused(sim, tmp_path, monkeypatch):
     base.write_bytes(Path(sim["ckpt"]).read_bytes())
     before = digest(base)
     monkeypatch.setattr(rl, "pretrained", boom)
-    with pytest.raises(DataError, match="--out .*flow.pt is the same file as --ckpt"):
+    with pytest.raises(UserError, match="--out .*flow.pt is the same file as --ckpt"):
         rl.main(["--ckpt", str(base), "--out", str(base), "--no-progress"])
     last = tmp_path / "m_last.pt"                                        # <out>_last.pt is an output too
     last.write_bytes(base.read_bytes())
-    with pytest.raises(DataError, match="latest state.*same file as --ckpt"):
+    with pytest.raises(UserError, match="latest state.*same file as --ckpt"):
         rl.main(["--ckpt", str(last), "--out", str(tmp_path / "m.pt"), "--no-progress"])
     monkeypatch.undo()
     d = tmp_path / "d.h5ad"
     d.write_bytes(Path(sim["path"]).read_bytes())
     ck = edited(sim, tmp_path, "on_d.pt", lambda ck: ck["config"].update(data=str(d)))
-    with pytest.raises(DataError, match="same file as the checkpoint's data"):   # the data read without --data
+    with pytest.raises(UserError, match="same file as the checkpoint's data"):   # the data read without --data
         rl.main(["--ckpt", ck, "--out", str(d), "--no-progress"])
     assert digest(d) == digest(sim["path"])
     assert digest(base) == before
@@ -143,15 +143,15 @@ def test_unwritable_outputs_fail_before_any_work(sim, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_dataset", boom)
     monkeypatch.setattr(evaluate, "predict", boom)
     monkeypatch.setattr(rl, "pretrained", boom)
-    with pytest.raises(DataError, match="--out .*cannot write"):
+    with pytest.raises(UserError, match="--out .*cannot write"):
         flow.train(tiny_flow(sim["path"], bad))
-    with pytest.raises(DataError, match="--out .*cannot write"):
+    with pytest.raises(UserError, match="--out .*cannot write"):
         evaluate.main(["--ckpt", sim["ckpt"], "--out", bad])
-    with pytest.raises(DataError, match="--write-pred .*cannot write"):
+    with pytest.raises(UserError, match="--write-pred .*cannot write"):
         evaluate.main(["--ckpt", sim["ckpt"], "--write-pred", bad])
-    with pytest.raises(DataError, match="--out .*cannot write"):
+    with pytest.raises(UserError, match="--out .*cannot write"):
         rl.train(tiny_rl(sim, bad, ckpt=None))
-    with pytest.raises(DataError, match="is a folder"):
+    with pytest.raises(UserError, match="is a folder"):
         flow.train(tiny_flow(sim["path"], tmp_path))
 
 
@@ -162,7 +162,7 @@ def test_read_only_folder_fails_before_any_work(sim, tmp_path, monkeypatch):
     ro.chmod(0o555)
     monkeypatch.setattr(data, "load_dataset", boom)
     try:
-        with pytest.raises(DataError, match="cannot write"):
+        with pytest.raises(UserError, match="cannot write"):
             flow.train(tiny_flow(sim["path"], ro / "f.pt"))
     finally:
         ro.chmod(0o755)
@@ -185,16 +185,19 @@ def test_flow_bad_option_one_line_nothing_saved(tmp_path, capsys, flag, value):
                                          ("--T", "0"), ("--steps", "0"), ("--t-frac", "0.0")])
 def test_rl_bad_option(sim, tmp_path, monkeypatch, flag, value):
     monkeypatch.setattr(rl, "pretrained", boom)
-    with pytest.raises(DataError, match=f"^{flag} {value}: must be"):
+    with pytest.raises(UserError, match=f"^{flag} {value}: must be"):
         rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), flag, value, "--no-progress"])
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--n-cells", "0"), ("--sde-noise", "nan"),
+@pytest.mark.parametrize("flag, value", [("--ode-steps", "0"), ("--n-cells", "0"), ("--sde-noise", "nan"),
                                          ("--topk", "0")])
 def test_evaluate_bad_option(sim, flag, value):
-    with pytest.raises(DataError, match=f"^{flag} {value}: must be"):
+    with pytest.raises(UserError, match=f"^{flag} {value}: must be"):
         evaluate.main(["--ckpt", sim["ckpt"], flag, value])
+    if flag == "--ode-steps":                                             # its old name (data.OLD_NAMES) still works
+        with pytest.raises(UserError, match="^--ode-steps 0: must be"):
+            evaluate.main(["--ckpt", sim["ckpt"], "--steps", "0"])
 
 
 def test_cli_steps_zero_exit_2_no_saved_line(tmp_path):
@@ -316,7 +319,7 @@ def test_checkpoint_with_zero_thresholds_still_loads(sim, tmp_path):
     model, _ = flow.load_checkpoint(path)
     z = torch.randn(50, model.mean.shape[0])
     assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
-    flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, prior_dim=32, batch_size=64))
+    flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, gene_feat_dim=32, batch_size=64))
 
 
 @pytest.mark.parametrize("key, use, want", [
@@ -324,14 +327,14 @@ def test_checkpoint_with_zero_thresholds_still_loads(sim, tmp_path):
     ("opt", "flow", "has no opt:"), ("extra", "flow", "has no extra.history, extra.loss_avg:")])
 def test_older_checkpoint_names_what_is_missing(sim, tmp_path, key, use, want):
     path = edited(sim, tmp_path, "old.pt", lambda ck: ck.pop(key))
-    with pytest.raises(DataError, match=want) as e:
+    with pytest.raises(UserError, match=want) as e:
         flow.load_checkpoint(path, resume=use)
     assert ("without --resume" if use else "retrain") in str(e.value)
 
 
 def test_rl_checkpoint_given_to_flow_resume(sim, tmp_path):
     path = edited(sim, tmp_path, "rl.pt", lambda ck: ck["extra"].update(base=sim["ckpt"], rl_config={"out": "r.pt"}))
-    with pytest.raises(DataError, match=r"RL checkpoint.*rl.py --resume --out r.pt"):
+    with pytest.raises(UserError, match=r"RL checkpoint.*rl.py --resume --out r.pt"):
         flow.train(tiny_flow(sim["path"], path, resume=True))
 
 
@@ -340,31 +343,31 @@ def test_truncated_newer_and_foreign_checkpoints(sim, tmp_path):
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     for f in ("cut.pt", "empty.pt"):
-        with pytest.raises(DataError, match="truncated or corrupt"):
+        with pytest.raises(UserError, match="truncated or corrupt"):
             flow.load_checkpoint(str(tmp_path / f))
-    with pytest.raises(DataError, match="format 3, newer"):
+    with pytest.raises(UserError, match="format 3, newer"):
         flow.load_checkpoint(edited(sim, tmp_path, "new.pt", lambda ck: ck.update(format=3)))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(DataError, match="not a PerturbCellRL checkpoint"):
+    with pytest.raises(UserError, match="not a PerturbCellRL checkpoint"):
         flow.load_checkpoint(str(tmp_path / "other.pt"))
     bad = edited(sim, tmp_path, "bad.pt", lambda ck: ck["ema"].pop("out.weight"))
-    with pytest.raises(DataError, match="weights do not fit.*retrain"):
+    with pytest.raises(UserError, match="weights do not fit.*retrain"):
         flow.load_checkpoint(bad)
 
 
 def test_rl_on_an_rl_checkpoint_is_refused(sim, tmp_path, monkeypatch):
     path = edited(sim, tmp_path, "rl.pt", lambda ck: ck["extra"].update(base=sim["ckpt"], rl_config={"out": "rl.pt"}))
-    with pytest.raises(DataError, match=f"RL checkpoint .*do not chain.*--ckpt {sim['ckpt']}"):
+    with pytest.raises(UserError, match=f"RL checkpoint .*do not chain.*--ckpt {sim['ckpt']}"):
         rl.train(tiny_rl(sim, tmp_path / "again.pt", ckpt=path))
     assert not (tmp_path / "again.pt").exists() and not (tmp_path / "again_last.pt").exists()
 
 
 def test_rl_resume_without_a_state_says_nothing_to_resume(sim, tmp_path):
-    with pytest.raises(DataError, match="nothing to resume.*without --resume") as e:
+    with pytest.raises(UserError, match="nothing to resume.*without --resume") as e:
         rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--resume"])
     assert "flow.py" not in str(e.value)
     torch.save(torch.load(sim["ckpt"], weights_only=True), tmp_path / "rl_last.pt")   # a flow checkpoint there
-    with pytest.raises(DataError, match="not an RL run's state"):
+    with pytest.raises(UserError, match="not an RL run's state"):
         rl.main(["--ckpt", sim["ckpt"], "--out", str(tmp_path / "rl.pt"), "--resume"])
 
 
@@ -399,7 +402,7 @@ def test_labels_match_genes_in_any_case(tmp_path):
         ds = data.load_dataset(data.DataConfig(data=p, n_genes=3, split="random", min_cells=5))
     assert ds.genes == ["G1", "G2", "TMSB4X"] and ds.components == ["G1", "G2", "TMSB4X"]
     assert ("TMSB4X", "all") in ds.keys and ds.meta["labels"]["TMSB4X"] == "tmsb4x"
-    feat = data.gene_prior_features(ds, p=2)
+    feat = data.gene_features(ds, p=2)
     assert feat[ds.components.index("TMSB4X")].abs().sum() > 0
 
 
@@ -420,17 +423,17 @@ def test_no_perturbed_cells_says_so(tmp_path):
     rng = np.random.default_rng(3)
     X = rng.poisson(3.0, (40, 6)).astype(np.float32)
     p = write(tmp_path / "ctrl.h5ad", X, ["ctrl"] * 40, [f"G{i}" for i in range(6)])
-    with pytest.raises(DataError, match="no perturbed cells") as e:
+    with pytest.raises(UserError, match="no perturbed cells") as e:
         data.load_dataset(data.DataConfig(data=p, n_genes=0))
     assert "min-cells" not in str(e.value)
     p = write(tmp_path / "few.h5ad", X, ["ctrl"] * 37 + ["A"] * 3, [f"G{i}" for i in range(6)])
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="the largest has 3.*lower --min-cells"):
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="the largest has 3.*lower --min-cells"):
         data.load_dataset(data.DataConfig(data=p, n_genes=0))
 
 
 def test_pathway_reward_with_few_genes_says_raise_n_genes(sim):
     genes = sim["ds"].genes[:40:8]                                       # symbols, as --n-genes 5 keeps
-    with pytest.raises(DataError, match="5 genes .* 5 of them are in any set, too few.*raise --n-genes") as e:
+    with pytest.raises(UserError, match="5 genes .* 5 of them are in any set, too few.*raise --n-genes") as e:
         verifiers.Verifier(genes, {"pathway": 1.0})
     assert "--gene-symbols" not in str(e.value)
 
@@ -516,9 +519,9 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(sim, tmp_path,
     assert "writing" in err and "unexpected pos" in err and "disk is full" in err and "left as it was" in err
     assert digest(tmp_path / "f.pt") == before and os.listdir(tmp_path) == ["f.pt"]
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(DataError, match="No space left on device.*disk is full"):
+    with pytest.raises(UserError, match="No space left on device.*disk is full"):
         data.write_checkpoint(tmp_path / "f.pt", {})
-    with pytest.raises(DataError, match="disk is full"):               # JSON and h5ad go through the same writer
+    with pytest.raises(UserError, match="disk is full"):               # JSON and h5ad go through the same writer
         with data.atomic_write(tmp_path / "r.json") as tmp, open(tmp, "w") as f:
             raise OSError(28, "No space left on device")
     assert digest(tmp_path / "f.pt") == before and os.listdir(tmp_path) == ["f.pt"]
@@ -678,7 +681,7 @@ def test_best_of_is_bounded_by_the_memory_it_would_need(sim, monkeypatch, capsys
 
 def test_simulating_too_few_genes_is_one_line(tmp_path, capsys):
     err = one_error_line(capsys, lambda: data.main(["--simulate", str(tmp_path / "s.h5ad"), "--genes", "1"]))
-    assert err == "error: --genes 1: the simulator needs at least 50 genes (its programs use 50)"
+    assert err == "error: --sim-genes 1: the simulator needs at least 50 genes (its programs use 50)"  # old name too
     assert not os.listdir(tmp_path)
 
 
@@ -702,7 +705,7 @@ def test_data_without_cells_or_with_under_two_genes_is_one_line(tmp_path, capsys
     rng = np.random.default_rng(0)                                        # --n-genes 1 keeps one gene of many
     p = write(tmp_path / "e.h5ad", rng.poisson(3.0, (60, 8)).astype(np.float32), labels or ["ctrl"] * 30 +
               ["A"] * 15 + ["B"] * 15, [f"G{i}" for i in range(8)])
-    with pytest.raises(DataError, match="--n-genes 1 keeps 1 gene; cells are compared over their genes"):
+    with pytest.raises(UserError, match="--n-genes 1 keeps 1 gene; cells are compared over their genes"):
         data.load_dataset(data.DataConfig(data=p, n_genes=1, split="random", min_cells=5))
 
 
@@ -868,7 +871,7 @@ def test_test_naming_the_control_is_one_line(sim, tmp_path, monkeypatch, capsys,
     assert err == f"error: --test {test.split(',')[-1]!r} is the control ('ctrl'); --test names perturbed conditions " \
                   "to hold out (A, A+B, D@0.1)", err
     p = drug_screen(tmp_path / "d.h5ad", "dose", [0.1, 1, 10])          # a drug screen's control, Vehicle
-    with pytest.raises(DataError, match="--test 'Vehicle' is the control \\('Vehicle'\\)"):
+    with pytest.raises(UserError, match="--test 'Vehicle' is the control \\('Vehicle'\\)"):
         data.load_dataset(data.DataConfig(data=p, test="Vehicle", n_genes=0, min_cells=5))
     assert not (tmp_path / "f.pt").exists()
 

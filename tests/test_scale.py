@@ -22,7 +22,7 @@ import evaluate
 import flow
 import rl
 import verifiers
-from data import DataError
+from data import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = ["--n-genes", "0", "--width", "32", "--depth", "1", "--no-progress"]
@@ -205,16 +205,16 @@ def test_more_processes_than_conditions_is_one_line_on_rank_0(tiny_screen, tmp_p
 
 
 def test_cuda_without_gpu_and_missing_nccl(monkeypatch):
-    """--device cuda without a GPU and, under torchrun, without NCCL: one DataError each (the CLIs print it on rank 0
+    """--device cuda without a GPU and, under torchrun, without NCCL: one UserError each (the CLIs print it on rank 0
     and exit 2), before any process group is started."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DataError, match="--device cuda: no CUDA device visible"):
+    with pytest.raises(UserError, match="--device cuda: no CUDA device visible"):
         data.distributed("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
-    with pytest.raises(DataError, match="needs NCCL, which this torch build lacks; .*--device cpu"):
+    with pytest.raises(UserError, match="needs NCCL, which this torch build lacks; .*--device cpu"):
         data.distributed("cuda")
     assert not torch.distributed.is_initialized()
 
@@ -351,11 +351,11 @@ def test_lazy_bad_values_and_csc(tmp_path, monkeypatch):
     h.X = h.X.tocsr()
     data.write_h5ad(tmp_path / "bad.h5ad", h)
     monkeypatch.setattr(data, "BLOCK", 16)
-    with pytest.raises(DataError, match="1 negative value.*first at cell 250, gene 3"):
+    with pytest.raises(UserError, match="1 negative value.*first at cell 250, gene 3"):
         data.load_dataset(data.DataConfig(data=str(tmp_path / "bad.h5ad"), lazy=True))
     h.X = sp.csc_matrix(h.X.maximum(0))
     data.write_h5ad(tmp_path / "csc.h5ad", h)
-    with pytest.raises(DataError, match="--lazy reads X by cells.*csc_matrix: drop --lazy or rewrite it as CSR"):
+    with pytest.raises(UserError, match="--lazy reads X by cells.*csc_matrix: drop --lazy or rewrite it as CSR"):
         data.load_dataset(data.DataConfig(data=str(tmp_path / "csc.h5ad"), lazy=True))
 
 

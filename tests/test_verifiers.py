@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import verifiers as V  # noqa: E402
-from data import DataError, Reference  # noqa: E402
+from data import UserError, Reference  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 HALLMARK = SHARED / "pathways" / "h.all.v7.0.symbols.gmt"
@@ -199,7 +199,7 @@ def test_progeny_bundled_tables():
     assert len(s500) == 14 and all(len(g) == 500 for g in s500.values())
     assert s100["Androgen"]["TMPRSS2"] == pytest.approx(11.4906307374)
     assert all(set(s100[p]) <= set(s500[p]) for p in s100)
-    with pytest.raises(DataError, match="100 or 500"):
+    with pytest.raises(UserError, match="100 or 500"):
         V.load_progeny(top=200)
 
 
@@ -223,7 +223,7 @@ def test_align_case_missing_and_duplicates(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         V.align_gene_sets(sets, genes, min_genes=2)  # nothing dropped -> no warning
-    with pytest.raises(DataError, match="--gene-symbols"):
+    with pytest.raises(UserError, match="--gene-symbols"):
         V.align_gene_sets(sets, ["ENSG00000141510", "ENSG00000012048"], min_genes=1)
 
 
@@ -250,19 +250,19 @@ def test_gmt_loader_and_errors(tmp_path):
     torch.testing.assert_close(W, torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0.]]))
     bad = tmp_path / "bad.gmt"
     bad.write_text("ONLY_NAME\n")
-    with pytest.raises(DataError, match="GMT"):
+    with pytest.raises(UserError, match="GMT"):
         V.load_gene_sets(bad)
-    with pytest.raises(DataError, match="unknown gene-set file type"):
+    with pytest.raises(UserError, match="unknown gene-set file type"):
         V.load_gene_sets(tmp_path / "sets.xlsx")
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         V.load_gene_sets(tmp_path / "absent.gmt")
     nocol = tmp_path / "nocol.tsv"
     nocol.write_text("symbol\tset\nA\tB\n")
-    with pytest.raises(DataError, match="gene,pathway,weight"):
+    with pytest.raises(UserError, match="gene,pathway,weight"):
         V.load_gene_sets(nocol)
     nonnum = tmp_path / "nonnum.csv"
     nonnum.write_text("gene,pathway,weight\nA,P,high\n")
-    with pytest.raises(DataError, match="line 2"):
+    with pytest.raises(UserError, match="line 2"):
         V.load_gene_sets(nonnum)
 
 
@@ -312,17 +312,17 @@ def test_finite_on_constant_cells_and_zero_control_std(tmp_path):
 
 def test_parse_weights_and_args():
     assert V.parse_weights("pearson=1, rmse=0.5,energy") == {"pearson": 1.0, "rmse": 0.5, "energy": 1.0}
-    with pytest.raises(DataError, match="'pearsn'.*pearson, rmse, spearman, pathway, energy"):
+    with pytest.raises(UserError, match="'pearsn'.*pearson, rmse, spearman, pathway, energy"):
         V.parse_weights("pearsn=1")
-    with pytest.raises(DataError, match="not a number"):
+    with pytest.raises(UserError, match="not a number"):
         V.parse_weights("rmse=abc")
-    with pytest.raises(DataError, match="finite"):
+    with pytest.raises(UserError, match="finite"):
         V.parse_weights("rmse=nan")
-    with pytest.raises(DataError, match="nonzero"):
+    with pytest.raises(UserError, match="nonzero"):
         V.parse_weights("rmse=0")
-    with pytest.raises(DataError, match="unknown reward"):
+    with pytest.raises(UserError, match="unknown reward"):
         V.Verifier(["a"], {"bogus": 1})
-    with pytest.raises(DataError, match=r"expected \(B, 2\)"):
+    with pytest.raises(UserError, match=r"expected \(B, 2\)"):
         V.Verifier(["a", "b"], {"rmse": 1})(torch.zeros(3, 5), None)
     p = argparse.ArgumentParser()
     data.add_args(p, V.RewardConfig)
