@@ -5,16 +5,14 @@
 
 A `Dataset` holds the log1p expression of the selected genes (CSR, one row per cell, rows grouped by
 (condition, covariate) key), the split, a `Reference` of real statistics per key (what verifiers and metrics
-compare generated cells to) and the additive prior of every key (`Dataset.shift`: where the generator starts).
+compare generated cells to) and the prior of every key (`Dataset.start`: where the generator starts).
 Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug screens 'A@0.1+B@1' (doses in uM;
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections, in reading order: the dataset (config, Reference, Dataset with its priors, gene_features,
-control_rows, load_dataset), perturbation
-labels, splits, preprocessing, h5ad I/O, then what every stage shares (devices and torchrun, checkpoint I/O, the
-CLI helpers), and last a simulator with known ground truth (the built-in benchmark). A first reading can stop after
-the splits.
+Sections, in reading order: the method first (config, Reference, Dataset with its priors and the helpers they
+call, what flow.train draws, load_dataset, labels, splits, preprocessing); then a fence, and after it what no
+reader comes for: h5ad I/O, devices and torchrun, checkpoints, the CLI, the simulators (the built-in benchmarks).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -47,27 +45,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
-                  "vehicle", "nt", "negative_control", "safe-targeting", "untreated"]
-PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name",
-             "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
-COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
-DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
-DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
-DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
-DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
-DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
-SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
-PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
-
 
 class UserError(ValueError):
     """An expected problem with what the user gave (data, options, checkpoints, devices): CLIs print the message as
     one `error:` line and exit 2, no traceback."""
 
 
-# ----------------------------------------------------------------------------- dataset
+# ---------------------------------------- the dataset: config, real statistics, priors
 @dataclass
 class DataConfig:
     data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
@@ -134,6 +118,9 @@ class SparseRows:
 
     def __array__(self, dtype=None, copy=None):
         return self.csr.toarray() if dtype is None else self.csr.toarray().astype(dtype)
+
+
+PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
 
 
 @dataclass
@@ -308,97 +295,63 @@ class Dataset:
         return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "start": start, "novel": novel}
 
 
-def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
-    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
-    densified (per block, bincount of the stored values by gene)."""
-    n, G = X.shape
-    if isinstance(X, torch.Tensor):
-        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
-    elif sp.issparse(X):
-        X = X.tocsr()
-        X = (X.data, X.indices, X.indptr)
-    s1, s2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
-        if isinstance(X, tuple):
-            data, idx, ptr = X
-            a, b = ptr[s], ptr[min(s + BLOCK, n)]
-            v = data[a:b].astype(np.float64)
-            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
-        else:
-            B = X[s:s + BLOCK].astype(np.float64)
-            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
-    mean = s1 / n
-    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+# ---------------------------------------- what the priors are made of
+def components_of(label: str):
+    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
+    out = []
+    for p in label.split("+"):
+        name, _, dose = p.partition("@")
+        out.append((name, float(dose) if dose else None))
+    return out
 
 
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
-    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
-    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
-    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
-    n = cells.shape[0]
-    mean, var = sample_stats(cells)
-    ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
-    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if isinstance(cells, np.ndarray):
-        cells = torch.from_numpy(cells if keep is None else cells[keep])
-    elif keep is not None:                                             # a copy of the kept rows
-        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
-                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
-    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
-                     torch.from_numpy(de.astype(np.int64)), cells)
+def single_index(train) -> dict:
+    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
+    out = {}
+    for k in train:
+        comps = components_of(k[0])
+        if len(comps) == 1:
+            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
+    return out
 
 
-def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
-    copies them, and so does a scipy matrix built on a slice of them)."""
-    p0, p1 = X.indptr[a], X.indptr[b]
-    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
-                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
-                                       (b - a, X.shape[1]), check_invariants=False)
+def _available(index, key, name, cov) -> list:
+    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
+    own = components_of(key[0])
+    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
+    return [d for d in index.get((name, cov), ()) if d != skip]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+def prior_kind(key, train, index=None) -> str:
+    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
+    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
+    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
+    has one in some covariate, else 'none'. The key itself never counts (a training
+    single is not its own prior). index: single_index(train), when the caller has it."""
+    index = single_index(train) if index is None else index
+    comps = components_of(key[0])
+    if all(_available(index, key, n, key[1]) for n, _ in comps):
+        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
+    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
 
 
-def builtin_path(kind: str = "genetic") -> str:
-    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
-    once and cached."""
-    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
-    if kind not in sims:
-        raise UserError(f"--kind {kind!r}: use genetic or chemical")
-    path = cache_dir() / sims[kind][0]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_h5ad(path, sims[kind][1](seed=0))
-    return str(path)
+def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
+    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
+    log-dose between the two neighbouring seen doses,
+        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
+    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
+    order = np.argsort(doses)
+    x = np.asarray(doses, dtype=np.float64)[order]
+    j = int(np.searchsorted(x, d))
+    if j < len(x) and x[j] == d or j == 0:
+        return deltas[order[j]]
+    if j == len(x):
+        return deltas[order[-1]]
+    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
+    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
 
 
-def gene_features(ds, p: int = 32) -> torch.Tensor:
-    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
-    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
-    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
-    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
-    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
-    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
-    p = min(p, *Z.shape)
-    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
-        torch.manual_seed(0)
-        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
-    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
-    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
-    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
-    feat = feat / feat.std().clamp_min(1e-8)
-    pos = {g: i for i, g in enumerate(ds.genes)}
-    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
-
-
+# ---------------------------------------- what flow.train draws; comparisons every stage makes
 def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
     """What flow.train draws from: (table, cells). The key table holds the training keys, one empty-perturbation row
     per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a prior
@@ -469,6 +422,41 @@ def control_rows(ds, keys, n, generator) -> list:
             for k, m in zip(keys, n)]
 
 
+def gene_features(ds, p: int = 32) -> torch.Tensor:
+    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
+    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
+    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
+    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
+    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
+    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
+    p = min(p, *Z.shape)
+    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
+        torch.manual_seed(0)
+        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
+    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
+    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
+    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
+    feat = feat / feat.std().clamp_min(1e-8)
+    pos = {g: i for i, g in enumerate(ds.genes)}
+    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
+
+
+def pearson_rows(a, b):
+    """Row-wise Pearson correlation of (K, G) tensors."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+def energy_distance(x, y) -> float:
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
+    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
+    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric and flow.control_check's."""
+    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
+    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
+    return float(2 * dxy.mean() - u(dxx) - u(dyy))
+
+
+# ---------------------------------------- loading: from a file to the Dataset
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (from a checkpoint)
     override the selection and the split, so every stage sees the same ones."""
@@ -523,6 +511,112 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 
 
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
+    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
+    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
+    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
+    n = cells.shape[0]
+    mean, var = sample_stats(cells)
+    ctrl_std = np.maximum(ctrl_std, std_floor)
+    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if isinstance(cells, np.ndarray):
+        cells = torch.from_numpy(cells if keep is None else cells[keep])
+    elif keep is not None:                                             # a copy of the kept rows
+        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
+                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
+                     torch.from_numpy(de.astype(np.int64)), cells)
+
+
+BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+
+
+def sample_stats(X):
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
+    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
+    densified (per block, bincount of the stored values by gene)."""
+    n, G = X.shape
+    if isinstance(X, torch.Tensor):
+        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
+    elif sp.issparse(X):
+        X = X.tocsr()
+        X = (X.data, X.indices, X.indptr)
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
+        if isinstance(X, tuple):
+            data, idx, ptr = X
+            a, b = ptr[s], ptr[min(s + BLOCK, n)]
+            v = data[a:b].astype(np.float64)
+            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
+        else:
+            B = X[s:s + BLOCK].astype(np.float64)
+            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+    mean = s1 / n
+    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+
+
+def gene_stats(X, rows: np.ndarray, chunk=None):
+    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
+    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
+    be a DiskX."""
+    chunk, (n, G) = chunk or BLOCK, X.shape
+    w = np.zeros(n, np.float64)
+    w[rows] = 1.0 / max(len(rows), 1)
+    mean, ex2 = np.zeros(G), np.zeros(G)
+    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
+        wb = w[s:s + chunk]                                            # (b,)
+        if not wb.any():
+            continue
+        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
+            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
+            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
+            mean += np.bincount(X.indices[a:b], v * wv, G)
+            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
+        else:
+            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
+            mean += np.asarray(B.T @ wb).ravel()
+            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    return mean, np.maximum(ex2 - mean ** 2, 0.0)
+
+
+def fit_scaler(X, rows, chunk=16384):
+    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
+    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    for i in range(0, len(rows), chunk):
+        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
+        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
+    mean = s1 / len(rows)
+    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
+
+
+def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
+    copies them, and so does a scipy matrix built on a slice of them)."""
+    p0, p1 = X.indptr[a], X.indptr[b]
+    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
+                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
+                                       (b - a, X.shape[1]), check_invariants=False)
+
+
+# ---------------------------------------- perturbation labels
+CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
+                  "vehicle", "nt", "negative_control", "safe-targeting", "untreated"]
+PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name",
+             "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
+COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
+DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
+DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
+DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
+DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
+DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
+
+
 def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     """The label side of a file: read_conditions' canonical condition per cell, the covariate per cell, and the
     keys (condition, covariate) with at least --min-cells cells; keep (n_cells,) marks the cells used (controls and
@@ -554,39 +648,97 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     return {**rc, "cov": covs, "cov_key": cov_key, "is_ctrl": is_ctrl, "keep": keep, "keys": keys}
 
 
-def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
-    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is
-    read), select genes on the training rows (perturbation targets always kept; `genes` from a checkpoint win),
-    and return (the selected columns of `rows`, in that order, as float32 CSR, the column indices, raw counts?)."""
-    X = h.X
-    if cfg.lazy:
-        counts_in = X.counts
+def read_conditions(h: H5AD, cfg, symbols) -> dict:
+    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
+
+    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
+    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
+    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
+    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
+    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
+    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
+    (label, dose)."""
+    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
+    n = len(h.obs_names)
+    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
+    if pk is None:                                   # numbered drug columns with numbered dose columns
+        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
+        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
+        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
+            slots = [drugs[i] for i in sorted(drugs)]
+            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
+    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
+    if slots:
+        absent = [c for c in slots if c not in obs]
+        if absent:
+            raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+        cols = [strs(obs[c]) for c in slots]
+        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
+        labels = cols[0].copy()
+        labels[empty[0]] = control
+        for c, e in zip(cols[1:], empty[1:]):
+            labels = labels + "+" + np.where(e, control, c)
+        missing, pert_key = np.logical_and.reduce(empty), "condition"
     else:
-        check_values(X)
-        counts_in = is_counts(X)
-        if counts_in:
-            X = log_normalise(X)
-    if genes is not None:
-        pos = {g: i for i, g in enumerate(symbols)}
-        missing = [g for g in genes if g not in pos]
-        if missing:
-            raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
-                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
-        cols = np.array([pos[g] for g in genes])
-    else:
-        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
-        if len(cols) < 2:
-            raise UserError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
-                            "which needs at least 2 (0 keeps all)")
-    if cfg.lazy:                                                       # from disk, block by block
-        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
-    else:
-        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
-    h.X = X = None                                                     # free the full matrix
-    return Xs[rows].astype(np.float32, copy=False), cols, counts_in
+        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+        if pert_key is None:
+            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                            f"name it with --pert-key")
+        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
+        control = find_control(labels, cfg.control)
+    if missing.any():
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
+    # doses: one string per cell ('nan' = none), in the input unit
+    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
+    absent = [c for c in dose_cols if c not in obs]
+    if absent:
+        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+    dstr = np.full(n, "nan", dtype=object)
+    for i, c in enumerate(dose_cols):
+        col = obs[c]
+        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
+        dstr = s if i == 0 else dstr + "+" + s
+    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+        if dk:
+            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+    dose_key = ",".join(dose_cols) or None
+    distinct = np.unique(labels[~missing].astype(str))
+    sep = detect_sep(distinct, control, symbols)
+    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
+    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
+    pairs = [u.split("\x1f") for u in uniq]
+    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
+    where = f"columns {pert_key!r}/{dose_key!r}"
+    doses = [None if not dose_key or not parse_condition(l, control, sep) else
+             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
+    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
+                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
+    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
+        l, d = pairs[inv.ravel()[rows[0]]]
+        raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
+            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
+            "(0 = vehicle), drop those cells, or --dose-key none")
+    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
+    if unit == "auto":
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
+        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
+    if unit not in DOSE_UNITS:
+        raise UserError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
+    f = DOSE_UNITS[unit]
+    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
+    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
+                                              for (l, _), d in zip(pairs, doses))]
+    cond = np.array(canon, dtype=object)[inv.ravel()]
+    cond[missing] = "<missing>"                      # dropped later, never a key
+    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
+                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
+                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
 
 
-# ----------------------------------------------------------------------------- perturbations
 def find_key(columns, wanted, given, what, flag, pattern=None):
     """The obs column named by `flag` (given), else the first of `wanted` present (any case), else the first column
     matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
@@ -688,15 +840,6 @@ def match_case(components, genes) -> dict:
     return fix
 
 
-def components_of(label: str):
-    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
-    out = []
-    for p in label.split("+"):
-        name, _, dose = p.partition("@")
-        out.append((name, float(dose) if dose else None))
-    return out
-
-
 def names_of(label: str) -> str:
     """'A@10+B@1' -> 'A+B': the drugs of a condition, without doses."""
     return "+".join(sorted(n for n, _ in components_of(label)))
@@ -745,145 +888,7 @@ def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
     return vals if combo else vals[0]
 
 
-def read_conditions(h: H5AD, cfg, symbols) -> dict:
-    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
-
-    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
-    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
-    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
-    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
-    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
-    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
-    (label, dose)."""
-    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
-    n = len(h.obs_names)
-    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
-    if pk is None:                                   # numbered drug columns with numbered dose columns
-        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
-        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
-        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
-            slots = [drugs[i] for i in sorted(drugs)]
-            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
-    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
-    if slots:
-        absent = [c for c in slots if c not in obs]
-        if absent:
-            raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
-        cols = [strs(obs[c]) for c in slots]
-        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
-        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
-        labels = cols[0].copy()
-        labels[empty[0]] = control
-        for c, e in zip(cols[1:], empty[1:]):
-            labels = labels + "+" + np.where(e, control, c)
-        missing, pert_key = np.logical_and.reduce(empty), "condition"
-    else:
-        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
-        if pert_key is None:
-            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
-                            f"name it with --pert-key")
-        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
-        control = find_control(labels, cfg.control)
-    if missing.any():
-        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
-    # doses: one string per cell ('nan' = none), in the input unit
-    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
-    absent = [c for c in dose_cols if c not in obs]
-    if absent:
-        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
-    dstr = np.full(n, "nan", dtype=object)
-    for i, c in enumerate(dose_cols):
-        col = obs[c]
-        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
-        dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
-        if dk:
-            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
-    dose_key = ",".join(dose_cols) or None
-    distinct = np.unique(labels[~missing].astype(str))
-    sep = detect_sep(distinct, control, symbols)
-    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
-    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
-    pairs = [u.split("\x1f") for u in uniq]
-    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
-    where = f"columns {pert_key!r}/{dose_key!r}"
-    doses = [None if not dose_key or not parse_condition(l, control, sep) else
-             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
-    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
-                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
-    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
-        l, d = pairs[inv.ravel()[rows[0]]]
-        raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
-            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
-            "(0 = vehicle), drop those cells, or --dose-key none")
-    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
-    if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
-        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
-    if unit not in DOSE_UNITS:
-        raise UserError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
-    f = DOSE_UNITS[unit]
-    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
-    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
-                                              for (l, _), d in zip(pairs, doses))]
-    cond = np.array(canon, dtype=object)[inv.ravel()]
-    cond[missing] = "<missing>"                      # dropped later, never a key
-    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
-                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
-                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
-
-
-# ----------------------------------------------------------------------------- splits
-
-def single_index(train) -> dict:
-    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
-    out = {}
-    for k in train:
-        comps = components_of(k[0])
-        if len(comps) == 1:
-            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
-    return out
-
-
-def _available(index, key, name, cov) -> list:
-    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
-    own = components_of(key[0])
-    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
-    return [d for d in index.get((name, cov), ()) if d != skip]
-
-
-def prior_kind(key, train, index=None) -> str:
-    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
-    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
-    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
-    has one in some covariate, else 'none'. The key itself never counts (a training
-    single is not its own prior). index: single_index(train), when the caller has it."""
-    index = single_index(train) if index is None else index
-    comps = components_of(key[0])
-    if all(_available(index, key, n, key[1]) for n, _ in comps):
-        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
-    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
-
-
-def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
-    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
-    log-dose between the two neighbouring seen doses,
-        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
-    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
-    order = np.argsort(doses)
-    x = np.asarray(doses, dtype=np.float64)[order]
-    j = int(np.searchsorted(x, d))
-    if j < len(x) and x[j] == d or j == 0:
-        return deltas[order[j]]
-    if j == len(x):
-        return deltas[order[-1]]
-    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
-    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
-
-
+# ---------------------------------------- splits
 def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
     """Split (condition, covariate) keys by condition. additive: every single in training; combinations
     whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
@@ -975,8 +980,37 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
     return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
 
 
-# ----------------------------------------------------------------------------- preprocessing
-BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+# ---------------------------------------- preprocessing
+def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
+    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is
+    read), select genes on the training rows (perturbation targets always kept; `genes` from a checkpoint win),
+    and return (the selected columns of `rows`, in that order, as float32 CSR, the column indices, raw counts?)."""
+    X = h.X
+    if cfg.lazy:
+        counts_in = X.counts
+    else:
+        check_values(X)
+        counts_in = is_counts(X)
+        if counts_in:
+            X = log_normalise(X)
+    if genes is not None:
+        pos = {g: i for i, g in enumerate(symbols)}
+        missing = [g for g in genes if g not in pos]
+        if missing:
+            raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
+                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
+        cols = np.array([pos[g] for g in genes])
+    else:
+        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+        if len(cols) < 2:
+            raise UserError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
+                            "which needs at least 2 (0 keeps all)")
+    if cfg.lazy:                                                       # from disk, block by block
+        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
+    else:
+        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
+    h.X = X = None                                                     # free the full matrix
+    return Xs[rows].astype(np.float32, copy=False), cols, counts_in
 
 
 def check_values(X, offset=0) -> None:
@@ -1039,41 +1073,6 @@ def log_normalise(X, target=1e4):
     return X
 
 
-def gene_stats(X, rows: np.ndarray, chunk=None):
-    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
-    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
-    be a DiskX."""
-    chunk, (n, G) = chunk or BLOCK, X.shape
-    w = np.zeros(n, np.float64)
-    w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
-        wb = w[s:s + chunk]                                            # (b,)
-        if not wb.any():
-            continue
-        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
-            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
-            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
-            mean += np.bincount(X.indices[a:b], v * wv, G)
-            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
-        else:
-            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
-            mean += np.asarray(B.T @ wb).ravel()
-            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
-    return mean, np.maximum(ex2 - mean ** 2, 0.0)
-
-
-def fit_scaler(X, rows, chunk=16384):
-    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
-    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for i in range(0, len(rows), chunk):
-        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
-    mean = s1 / len(rows)
-    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
-    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
-
-
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
     """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
     expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
@@ -1097,6 +1096,9 @@ def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
     keep = np.asarray(sorted(set(keep)), dtype=int)
     score[keep] = np.inf
     return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+
+
+SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
 
 
 def gene_symbols(h: H5AD, column=None) -> np.ndarray:
@@ -1123,7 +1125,13 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
     return names
 
 
-# ----------------------------------------------------------------------------- h5ad I/O
+# =====================================================================================================================
+# Below this line is what no reader comes for: file formats (h5ad), the plumbing every stage shares (devices and
+# torchrun, checkpoints, the CLI) and the simulators. A first reading stops here.
+# =====================================================================================================================
+
+
+# ---------------------------------------- h5ad I/O
 # h5ad (AnnData's HDF5 file) reading and writing with h5py only.
 #
 # Layout facts from the anndata on-disk format spec (anndata.readthedocs.io, "On-disk format"):
@@ -1132,7 +1140,6 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
 # columns; categorical = codes + categories (code -1 = missing). Older files: anndata 0.7 categorical
 # = codes dataset whose `categories` attribute references `__categories/<col>`; before 0.7, sparse X
 # had `h5sparse_format`/`h5sparse_shape` and obs/var were compound datasets.
-
 @dataclass
 class H5AD:
     """What read_h5ad returns and write_h5ad takes."""
@@ -1428,7 +1435,7 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
         _write_dict(f.create_group("uns"), h.uns or {}, compression)
 
 
-# ----------------------------------------------------------------------------- devices and checkpoints
+# ---------------------------------------- devices and torchrun
 # Shared by every stage: the device (and torchrun's process group) is chosen once, checkpoints are written
 # atomically and read with one clear line for whatever makes one unusable. flow.pt and rl.pt share the format.
 def pick_device(name: str = "auto") -> torch.device:
@@ -1488,7 +1495,23 @@ def distributed(device: str = "cpu", timeout: float = 1800):
     return dev, rank, world
 
 
+def noise_source(generator, device, part=None):
+    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
+    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
+    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
+    gdev = generator.device if generator is not None else device
+
+    def draw(shape, uniform=False, dtype=torch.float32):
+        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
+                                                     generator=generator, device=gdev, dtype=dtype)
+        return (x if part is None else x[part[0]]).to(device)
+    return draw
+
+
+# ---------------------------------------- checkpoints
 FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
+
+
 NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
          "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
          "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
@@ -1508,6 +1531,11 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
             "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
             "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu()},
             "rng": rng or {}, "extra": extra or {}}
+
+
+def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
+    """make_checkpoint(...) written atomically (write_checkpoint)."""
+    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
 
 
 def write_checkpoint(path, ckpt: dict) -> None:
@@ -1552,11 +1580,6 @@ def file_identity(path) -> str | None:
     st = os.stat(path)
     with open(path, "rb") as f:
         return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha1(f.read(2 ** 20)).hexdigest()}"
-
-
-def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
-    """make_checkpoint(...) written atomically (write_checkpoint)."""
-    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
 
 
 def read_checkpoint(path, resume=None, genes=None) -> dict:
@@ -1621,7 +1644,7 @@ def restore_run(ckpt, opt, gen, rng, seed) -> None:
         gen.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ---------------------------------------- CLI
 def field_help(cls) -> dict:
     """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
     and a comment line alone above fields names their group (fields before any such line: group 'data')."""
@@ -1754,6 +1777,66 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
         ins.append((what, path))
 
 
+def say(msg: str) -> None:
+    """One log line on stdout, printed above a progress bar if one is drawn."""
+    tqdm.write(msg)
+
+
+def progress(enabled: bool, **kw) -> tqdm:
+    """A tqdm progress bar, drawn only when `enabled` and on a terminal (tqdm's disable=None): a log written to a
+    file holds no redraws."""
+    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kw)
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Within it SIGTERM raises KeyboardInterrupt: batch schedulers send SIGTERM before they kill a job, and a stage
+    then stops exactly as on Ctrl-C (rl.py saves the state after the last completed step, flow.py keeps its last
+    checkpoint, a write in progress removes its temporary file). Main thread only (a rule of signal); cli uses it in
+    every process, so under torchrun in every rank."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def cli(main) -> None:
+    """Run a stage's main(): an expected problem with the input ends with one `error:` line on stderr, exit code 2;
+    Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
+    code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    warnings.filterwarnings("once", category=UserWarning)  # one `warning:` line per distinct warning per run
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+    try:
+        with sigterm_as_interrupt():
+            main()
+    except UserError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        if rank0:
+            print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def describe(ds) -> str:
+    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
+    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
+    m = ds.meta
+    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
+            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(p)
@@ -1806,95 +1889,27 @@ def main(argv=None):
         print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
 
 
-def describe(ds) -> str:
-    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
-    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
-    m = ds.meta
-    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
-            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
-            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
+# ---------------------------------------- simulators
+ROOT = Path(__file__).resolve().parent
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    """Within it SIGTERM raises KeyboardInterrupt: batch schedulers send SIGTERM before they kill a job, and a stage
-    then stops exactly as on Ctrl-C (rl.py saves the state after the last completed step, flow.py keeps its last
-    checkpoint, a write in progress removes its temporary file). Main thread only (a rule of signal); cli uses it in
-    every process, so under torchrun in every rank."""
-    def stop(signum, frame):
-        raise KeyboardInterrupt("terminated (SIGTERM)")
-    old = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
 
 
-def noise_source(generator, device, part=None):
-    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
-    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
-    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
-    gdev = generator.device if generator is not None else device
-
-    def draw(shape, uniform=False, dtype=torch.float32):
-        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
-                                                     generator=generator, device=gdev, dtype=dtype)
-        return (x if part is None else x[part[0]]).to(device)
-    return draw
-
-
-def pearson_rows(a, b):
-    """Row-wise Pearson correlation of (K, G) tensors."""
-    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+def builtin_path(kind: str = "genetic") -> str:
+    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
+    once and cached."""
+    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
+    if kind not in sims:
+        raise UserError(f"--kind {kind!r}: use genetic or chemical")
+    path = cache_dir() / sims[kind][0]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_h5ad(path, sims[kind][1](seed=0))
+    return str(path)
 
 
-def energy_distance(x, y) -> float:
-    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
-    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
-    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric and flow.control_check's."""
-    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
-    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
-    return float(2 * dxy.mean() - u(dxx) - u(dyy))
-
-
-def say(msg: str) -> None:
-    """One log line on stdout, printed above a progress bar if one is drawn."""
-    tqdm.write(msg)
-
-
-def progress(enabled: bool, **kw) -> tqdm:
-    """A tqdm progress bar, drawn only when `enabled` and on a terminal (tqdm's disable=None): a log written to a
-    file holds no redraws."""
-    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kw)
-
-
-def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one `error:` line on stderr, exit code 2;
-    Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
-    code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
-    rank0 = int(os.environ.get("RANK", 0)) == 0
-    warnings.filterwarnings("once", category=UserWarning)  # one `warning:` line per distinct warning per run
-    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
-    try:
-        with sigterm_as_interrupt():
-            main()
-    except UserError as e:
-        if rank0:
-            print(f"error: {e}", file=sys.stderr)
-        else:
-            time.sleep(2)  # torchrun stops every process when one exits: let rank 0 print first
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        if rank0:
-            print(f"\n{str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- simulator
 def _footprints(n_genes):
     """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus
     background genes SIM00000... Returns genes (G,), pathways (P,), W (P, G) signed footprints scaled to max
@@ -2083,8 +2098,6 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
              "off_target": off.astype(np.float32), "line_scale": scale_line.astype(np.float32)}
     return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
                 var_names=genes, uns={"truth": truth})
-
-
 
 
 if __name__ == "__main__":
