@@ -534,60 +534,60 @@ def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> R
 BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
 
 
-def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
-    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
-    densified (per block, bincount of the stored values by gene)."""
+def moment_sums(X, blocks, w=None):
+    """The per-gene moment accumulator: (S1, S2) = (sum_i w_i x_i, sum_i w_i x_i^2) in float64 over `blocks` of rows
+    of X (an int: contiguous blocks of that many rows; else slices, or index arrays for a non-CSR X), w (n_cells,) row weights (None: 1; a block of zero weight is
+    skipped). A CSR X (scipy, or a torch sparse CSR tensor) is never densified: per block, a bincount of its stored
+    values by gene; any other X (ndarray, CSC, DiskX, SparseRows) is read one dense block at a time."""
     n, G = X.shape
+    if isinstance(blocks, int):
+        blocks = [slice(s, min(s + blocks, n)) for s in range(0, n, blocks)]
     if isinstance(X, torch.Tensor):
         X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
-    elif sp.issparse(X):
-        X = X.tocsr()
+    elif sp.isspmatrix_csr(X):
         X = (X.data, X.indices, X.indptr)
     s1, s2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
-        if isinstance(X, tuple):
+    for blk in blocks:
+        wb = 1.0 if w is None else w[blk]
+        if w is not None and not wb.any():
+            continue
+        if isinstance(X, tuple):                                       # the block's stored values, no copy of it
             data, idx, ptr = X
-            a, b = ptr[s], ptr[min(s + BLOCK, n)]
+            a, b = ptr[blk.start], ptr[blk.stop]
             v = data[a:b].astype(np.float64)
-            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
-        else:
-            B = X[s:s + BLOCK].astype(np.float64)
+            wv = 1.0 if w is None else np.repeat(wb, np.diff(ptr[blk.start:blk.stop + 1]))
+            s1, s2 = s1 + np.bincount(idx[a:b], v * wv, G), s2 + np.bincount(idx[a:b], v * v * wv, G)
+        elif w is None:
+            B = X[blk].astype(np.float64)
             s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+        else:
+            B = X[blk].astype(np.float64)
+            s1 = s1 + np.asarray(B.T @ wb).ravel()
+            s2 = s2 + np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    return s1, s2
+
+
+def sample_stats(X):
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X (ndarray, scipy sparse or torch
+    sparse CSR; moment_sums over blocks of BLOCK rows)."""
+    n, G = X.shape
+    s1, s2 = moment_sums(X.tocsr() if sp.issparse(X) else X, BLOCK)
     mean = s1 / n
     return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
 
 
 def gene_stats(X, rows: np.ndarray, chunk=None):
-    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
-    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
-    be a DiskX."""
-    chunk, (n, G) = chunk or BLOCK, X.shape
-    w = np.zeros(n, np.float64)
+    """Mean and (population) variance per gene over the given rows, for gene selection: moment_sums with weights
+    1 / len(rows) over blocks of `chunk` (BLOCK) cells; X may be a DiskX (a Norman-sized X is ~1.7 GB)."""
+    w = np.zeros(X.shape[0], np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
-        wb = w[s:s + chunk]                                            # (b,)
-        if not wb.any():
-            continue
-        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
-            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
-            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
-            mean += np.bincount(X.indices[a:b], v * wv, G)
-            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
-        else:
-            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
-            mean += np.asarray(B.T @ wb).ravel()
-            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    mean, ex2 = moment_sums(X, chunk or BLOCK, w)
     return mean, np.maximum(ex2 - mean ** 2, 0.0)
 
 
 def fit_scaler(X, rows, chunk=16384):
-    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
-    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for i in range(0, len(rows), chunk):
-        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
+    """Per-gene mean and std (floored at 1e-2) of X[rows] (the model's scaler): moment_sums over row chunks."""
+    s1, s2 = moment_sums(X, [rows[i:i + chunk] for i in range(0, len(rows), chunk)])
     mean = s1 / len(rows)
     std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
