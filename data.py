@@ -1898,8 +1898,8 @@ def cache_dir() -> Path:
 
 
 def builtin_path(kind: str = "genetic") -> str:
-    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
-    once and cached."""
+    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once
+    and cached."""
     sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
     if kind not in sims:
         raise UserError(f"--kind {kind!r}: use genetic or chemical")
@@ -1935,14 +1935,23 @@ def _footprints(n_genes):
     return genes, paths, W, {g: p for g, p in fp_path.items() if g in gidx}
 
 
-def _interact(rng, e, ea, eb, interaction_frac, G, on_b=None):
+def _pairs(rng, pool, n, doses=None):
+    """n distinct pairs (a, b), a < b, of `pool`, sorted; with doses (a list per item), one of each: (a, b, da, db)."""
+    pairs = set()
+    while len(pairs) < n:
+        a, b = sorted(rng.choice(pool, 2, replace=False))
+        pairs.add((a, b) if doses is None else (a, b, rng.choice(doses[a]), rng.choice(doses[b])))
+    return sorted(pairs)
+
+
+def _interact(rng, ea, eb, interaction_frac, G, on_b=None):
     """A combination's effect e = ea + eb plus, for a fraction of pairs, an interaction: synergy (+50% of the sum),
     buffering (-50%), epistasis (B's effect masked; on_b(e) adds back B's own-gene change) or neomorphic (new genes)."""
-    kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) if rng.random() < interaction_frac else "none"
-    if kind == "synergy":
-        e = e + 0.5 * (ea + eb)
-    elif kind == "buffering":
-        e = e - 0.5 * (ea + eb)
+    e = ea + eb
+    kinds = ["synergy", "buffering", "epistasis", "neomorphic"]
+    kind = rng.choice(kinds) if rng.random() < interaction_frac else "none"
+    if kind in ("synergy", "buffering"):
+        e = e + 0.5 * (ea + eb) if kind == "synergy" else e - 0.5 * (ea + eb)
     elif kind == "epistasis":
         e = e - eb
         if on_b is not None:
@@ -1952,14 +1961,15 @@ def _interact(rng, e, ea, eb, interaction_frac, G, on_b=None):
     return e, kind
 
 
-def _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk):
-    """Counts for conditions with effects E (K, G). A cell's log-rate is
+def _screen(rng, genes, effects, labels, truth, n_cells, n_covariates, ctrl_frac, responder_frac, chunk,
+            lines=True) -> H5AD:
+    """The h5ad of a screen of conditions with effects E (K, G). A cell's log-rate is
         log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
     with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for responders
     (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g). Cell lines
-    shift baselines and scale effects. Returns X (CSR), condition index per cell (-1 = control), line per cell,
-    line scales."""
-    G = E.shape[1]
+    shift baselines and scale effects. obs: labels {column: (value per condition, the controls' value)}, and
+    cell_type when `lines`; uns['truth'] = truth(E, line scales)."""
+    E, G = np.stack(effects), len(genes)                               # (K, G)
     mu = rng.normal(0.0, 1.0, G)
     L = np.zeros((2, G))
     L[0, rng.choice(G, 50, replace=False)] = rng.uniform(0.5, 1.0, 50)  # cell-cycle-like program
@@ -1967,24 +1977,25 @@ def _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk):
     theta = np.exp(rng.normal(np.log(5.0), 0.5, G))
     mu_line = mu + rng.normal(0, 0.3, (n_covariates, G)) * (n_covariates > 1)
     scale_line = rng.uniform(0.7, 1.3, n_covariates) if n_covariates > 1 else np.ones(1)
-    # cell assignment: controls, then an even share per condition and line
-    n_ctrl = int(ctrl_frac * n_cells)
+    n_ctrl = int(ctrl_frac * n_cells)                                  # controls, then an even share per condition
     k_of = np.r_[np.full(n_ctrl, -1), rng.permutation(np.arange(n_cells - n_ctrl) % len(E))]
     line_of = rng.integers(0, n_covariates, n_cells)
     blocks = []
     for s in range(0, n_cells, chunk):                                 # chunks bound memory, not a cell loop
         k, ln = k_of[s:s + chunk], line_of[s:s + chunk]
-        n = len(k)
-        u = rng.normal(0, 1, (n, 2))
-        resp = (rng.random(n) < responder_frac) & (k >= 0)
-        eff = np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
-        logit = mu_line[ln] + u @ L + eff                              # (n, G)
+        u = rng.normal(0, 1, (len(k), 2))
+        resp = (rng.random(len(k)) < responder_frac) & (k >= 0)
+        logit = mu_line[ln] + u @ L + np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
         lam = np.exp(logit - logit.max(1, keepdims=True))
         lam /= lam.sum(1, keepdims=True)
-        lib = np.exp(rng.normal(np.log(4000), 0.35, n))[:, None]
+        lib = np.exp(rng.normal(np.log(4000), 0.35, len(k)))[:, None]
         rate = rng.gamma(theta, lib * lam / theta)                     # NB as a gamma-Poisson mixture
         blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
-    return sp.vstack(blocks, format="csr"), k_of, line_of, scale_line
+    obs = {c: np.array([ctl if k < 0 else v[k] for k in k_of], dtype=object) for c, (v, ctl) in labels.items()}
+    if lines:
+        obs["cell_type"] = np.array([f"line{i}" for i in line_of], dtype=object)
+    return H5AD(sp.vstack(blocks, format="csr"), obs, {}, np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
+                genes, {"truth": truth(E, scale_line)})
 
 
 def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
@@ -1992,49 +2003,33 @@ def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates
     """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels).
 
     Genes: real PROGENy footprint genes (about 60%) plus background genes (_footprints); cells and counts as in
-    _cells. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
+    _screen. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
     (CRISPRi, 'i'), the footprint of P moves by strength * sign * PROGENy weight / max|weight|, and about
-    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs:
-    synergy (+50% of the sum), buffering (-50%), epistasis (B's footprint masked) or neomorphic (new genes).
-    Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
+    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs
+    (_interact). Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, fp_path = _footprints(n_genes)
-    G = len(genes)
-    gidx = {g: i for i, g in enumerate(genes)}
-    # singles: targets spread over pathways
-    targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))
-    effects, names, kinds, tpath = [], [], [], []
+    G, gidx = len(genes), {g: i for i, g in enumerate(genes)}
+    targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))  # across pathways
+    effects, names, kinds, tpath, single = [], [], [], [], {}
     own = 2.0 if mode == "a" else -2.0
-    single = {}
     for a in targets:
         e = np.zeros(G)
-        p = paths.index(fp_path[a])
-        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[p]
+        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[paths.index(fp_path[a])]
         e[rng.choice(G, 15, replace=False)] += rng.normal(0, 0.4, 15)
         e[gidx[a]] = own
         single[a] = e
         names.append(f"{a}+ctrl"), effects.append(e), kinds.append("single"), tpath.append(fp_path[a])
-    # combinations with interactions
-    pairs = set()
-    while len(pairs) < min(n_combos, len(targets) * (len(targets) - 1) // 2):
-        a, b = sorted(rng.choice(targets, 2, replace=False))
-        pairs.add((a, b))
-    for a, b in sorted(pairs):
-        e, kind = _interact(rng, single[a] + single[b], single[a], single[b], interaction_frac, G,
+    for a, b in _pairs(rng, targets, min(n_combos, len(targets) * (len(targets) - 1) // 2)):
+        e, kind = _interact(rng, single[a], single[b], interaction_frac, G,
                             lambda e: e.__setitem__(gidx[b], e[gidx[b]] + own))
         names.append(f"{a}+{b}"), effects.append(e), kinds.append(kind), tpath.append("")
-    E = np.stack(effects)                                              # (K, G)
-    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
-    cond = np.array(["ctrl" if k < 0 else names[k] for k in k_of], dtype=object)
-    obs = {"condition": cond}
-    if n_covariates > 1:
-        obs["cell_type"] = np.array([f"line{i}" for i in line_of], dtype=object)
-    truth = {"conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
-             "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
-             "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
-             "line_scale": scale_line.astype(np.float32), "responder_frac": float(responder_frac)}
-    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
-                var_names=genes, uns={"truth": truth})
+    return _screen(rng, genes, effects, {"condition": (names, "ctrl")}, lambda E, scale: {
+        "conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
+        "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
+        "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
+        "line_scale": scale.astype(np.float32), "responder_frac": float(responder_frac)},
+        n_cells, n_covariates, ctrl_frac, responder_frac, chunk, lines=n_covariates > 1)
 
 
 DOSE_GRID = np.array([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])   # uM, half-log steps (sci-Plex: 0.01-10 uM)
@@ -2059,16 +2054,14 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
     (epistasis: A masks B). Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, _ = _footprints(n_genes)
-    G = len(genes)
-    drugs = [f"drug{i:02d}" for i in range(n_drugs)]
+    G, drugs = len(genes), [f"drug{i:02d}" for i in range(n_drugs)]
     pw = rng.choice(len(paths), n_drugs, replace=n_drugs > len(paths))
     on = rng.uniform(1.0, 2.0, n_drugs)[:, None] * rng.choice([-1, 1], n_drugs)[:, None] * W[pw]    # (D, G)
     off = np.zeros((n_drugs, G))
     for i in range(n_drugs):                                            # a loop over drugs
         off[i, rng.choice(G, 20, replace=False)] = rng.normal(0, 0.8, 20)
     n_dose = rng.integers(4, 7, n_drugs)
-    start = rng.integers(0, len(DOSE_GRID) - n_dose + 1)
-    doses = [DOSE_GRID[s:s + m] for s, m in zip(start, n_dose)]
+    doses = [DOSE_GRID[s:s + m] for s, m in zip(rng.integers(0, len(DOSE_GRID) - n_dose + 1), n_dose)]
     ec50 = np.exp(rng.uniform(np.log([d[1] for d in doses]), np.log([d[-2] for d in doses])))
     slope = rng.uniform(0.8, 3.0, n_drugs)
     effect = lambda i, d: hill(d, ec50[i], slope[i]) * on[i] + hill(d, 3 * ec50[i], slope[i]) * off[i]  # noqa: E731
@@ -2076,28 +2069,19 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
     for i, D in enumerate(drugs):
         for d in doses[i]:
             names.append(D), dose_txt.append(fmt_dose(d)), effects.append(effect(i, d)), kinds.append("single")
-    pairs = set()
-    while len(pairs) < n_pairs:
-        a, b = sorted(rng.choice(n_drugs, 2, replace=False))
-        pairs.add((a, b, rng.choice(doses[a]), rng.choice(doses[b])))
-    for a, b, da, db in sorted(pairs):
-        e, kind = _interact(rng, effect(a, da) + effect(b, db), effect(a, da), effect(b, db), interaction_frac, G)
+    for a, b, da, db in _pairs(rng, n_drugs, n_pairs, doses):
+        e, kind = _interact(rng, effect(a, da), effect(b, db), interaction_frac, G)
         names.append(f"{drugs[a]}+{drugs[b]}"), dose_txt.append(f"{fmt_dose(da)}+{fmt_dose(db)}")
         effects.append(e), kinds.append(kind)
-    E = np.stack(effects)                                              # (K, G)
-    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
-    obs = {"product_name": np.array(["Vehicle" if k < 0 else names[k] for k in k_of], dtype=object),
-           "dose": np.array(["0" if k < 0 else dose_txt[k] for k in k_of], dtype=object),
-           "cell_type": np.array([f"line{i}" for i in line_of], dtype=object)}
     canon = ["+".join(f"{n}@{d}" for n, d in zip(l.split("+"), t.split("+"))) for l, t in zip(names, dose_txt)]
-    truth = {"conditions": np.array(canon, dtype=object),                    # canonical labels 'A@0.1+B@1'
-
-             "effects": E.astype(np.float32), "interaction": np.array(kinds, dtype=object),
-             "drugs": np.array(drugs, dtype=object), "pathway": np.array(paths, dtype=object)[pw],
-             "ec50": ec50.astype(np.float32), "hill": slope.astype(np.float32), "on_target": on.astype(np.float32),
-             "off_target": off.astype(np.float32), "line_scale": scale_line.astype(np.float32)}
-    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
-                var_names=genes, uns={"truth": truth})
+    labels = {"product_name": (names, "Vehicle"), "dose": (dose_txt, "0")}
+    return _screen(rng, genes, effects, labels, lambda E, scale: {
+        "conditions": np.array(canon, dtype=object), "effects": E.astype(np.float32),  # canonical labels 'A@0.1+B@1'
+        "interaction": np.array(kinds, dtype=object), "drugs": np.array(drugs, dtype=object),
+        "pathway": np.array(paths, dtype=object)[pw], "ec50": ec50.astype(np.float32),
+        "hill": slope.astype(np.float32), "on_target": on.astype(np.float32), "off_target": off.astype(np.float32),
+        "line_scale": scale.astype(np.float32)},
+        n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
 
 
 if __name__ == "__main__":
