@@ -1529,7 +1529,6 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
     return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
             "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
-            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu()},
             "rng": rng or {}, "extra": extra or {}}
 
 
