@@ -154,15 +154,13 @@ class Dataset:
             out.append(own if own is not None else np.mean(other, axis=0) if other else None)
         return out
 
-    def single_index(self) -> dict:
-        """single_index of the training keys, cached while the split stays the same."""
+    def single_index(self) -> dict:                    # single_index of the training keys, cached per split
         train = tuple(map(tuple, self.split["train"]))
         if getattr(self, "_index", (None,))[0] != train:
             self._index = (train, single_index(train))
         return self._index[1]
 
-    def additive_delta(self, key) -> np.ndarray:
-        """The additive prior of `key`: the sum of its component_deltas (a missing one counts zero)."""
+    def additive_delta(self, key) -> np.ndarray:       # the additive prior: the sum of component_deltas (None: 0)
         return sum((d for d in self.component_deltas(key) if d is not None),
                    np.zeros(len(self.genes), np.float32)).astype(np.float32)
 
@@ -194,15 +192,14 @@ class Dataset:
         training key has (untested_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
         prior (for combinations the plain sum, which no published deep model beats on Norman's doubles), never a
         silent 0."""
-        cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
+        cache, kinds = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust")), \
+            ("additive", "dose", "transfer", "mean")
         if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
             return dict(self._trust[1])
-        kinds = ("additive", "dose", "transfer", "mean")
         if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
             out = {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
         else:
-            sums = {kind: np.zeros(3) for kind in kinds}          # sum <d, p>, |d|^2, |p|^2
-            totals = self._delta_sums()
+            sums, totals = {kind: np.zeros(3) for kind in kinds}, self._delta_sums()  # sum <d, p>, |d|^2, |p|^2
             for k in self.split["train"]:
                 d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
                 for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
@@ -220,9 +217,8 @@ class Dataset:
     def untested_kinds(self) -> set:
         """Prior kinds of held-out (validation or test) keys that no training key has, so prior_trust cannot fit
         them and the generator never saw one in training (flow.train then makes training examples of them)."""
-        train = {self.prior_kind(k) for k in self.split["train"]}
-        held = {self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
-        return held - train - {"none"}
+        return ({self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
+                - {self.prior_kind(k) for k in self.split["train"]} - {"none"})
 
     def novel(self, key) -> bool:
         """No component of `key` is in any training key: the generator knows it only by its gene features."""
@@ -270,13 +266,12 @@ class Dataset:
         generator starts (Dataset.start), and novel (K,) bool (Dataset.novel)."""
         parsed, index = [components_of(k[0]) for k in keys], {c: i + 1 for i, c in enumerate(self.components)}
         lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
-        span = max(np.log10(hi / lo), 1.0)
+        span, trust = max(np.log10(hi / lo), 1.0), self.prior_trust()
         comps = torch.zeros(len(keys), max(map(len, parsed)), dtype=torch.long)
         dose = torch.zeros(comps.shape)
         for i, p in enumerate(parsed):
             for j, (name, d) in enumerate(p):
                 comps[i, j], dose[i, j] = index.get(name, 0), 1.0 if d is None else float(1 + np.log10(d / hi) / span)
-        trust = self.prior_trust()
         return {"comps": comps, "dose": dose, "cov": torch.tensor([self.covariates.index(k[1]) for k in keys]),
                 "prior": torch.from_numpy(np.stack([self.additive_delta(k) for k in keys])),            # (K, G)
                 "start": torch.from_numpy(np.stack([self.start(k, trust) for k in keys])),              # (K, G)
@@ -292,8 +287,7 @@ def components_of(label: str):
 def single_index(train) -> dict:
     """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
     out = {}
-    for k in train:
-        comps = components_of(k[0])
+    for k, comps in ((k, components_of(k[0])) for k in train):
         if len(comps) == 1:
             out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
     return out
@@ -315,7 +309,8 @@ def prior_kind(key, train, index=None) -> str:
     comps = components_of(key[0])
     if all(_available(index, key, n, key[1]) for n, _ in comps):
         return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
-    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
+    transfer = all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps)
+    return "transfer" if transfer else "none"
 
 
 def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
@@ -430,7 +425,8 @@ def energy_distance(x, y) -> float:
     """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
     distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
     (U-statistics). >= 0 up to sampling error; 0 for equal distributions (evaluate.py, flow.control_check)."""
-    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
+    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+                     for a, b in [(x, y), (x, x), (y, y)])
     u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
     return float(2 * dxy.mean() - u(dxx) - u(dyy))
 
@@ -475,7 +471,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     for k in keys:                                                     # one pass per condition
         (m, v, ci), n = ctrl_stats[k[1]], len(cell_idx[k])
         kept = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
-        refs[k] = reference(csr_rows(X, cell_idx[k][0], n + cell_idx[k][0]), ci, m, np.sqrt(v), cfg.n_de,
+        refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
                             cfg.std_floor, kept)
     dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
     meta = dict(pert_key=lab["pert_key"], control=lab["control"], cov_key=lab["cov_key"], dose_key=lab["dose_key"],
@@ -631,47 +627,10 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
     when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
     (label, dose)."""
-    obs, pk, dk, n = h.obs, cfg.pert_key, cfg.dose_key, len(h.obs_names)
-    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
-    if pk is None:                                   # numbered drug columns with numbered dose columns
-        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
-        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
-        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
-            slots = [drugs[i] for i in sorted(drugs)]
-            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
-    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
-    if slots:
-        if absent := [c for c in slots if c not in obs]:
-            raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
-        cols = [strs(obs[c]) for c in slots]
-        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
-        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
-        labels = np.where(empty[0], control, cols[0])
-        for c, e in zip(cols[1:], empty[1:]):
-            labels = labels + "+" + np.where(e, control, c)
-        missing, pert_key = np.logical_and.reduce(empty), "condition"
-    else:
-        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
-        if pert_key is None:
-            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
-                            f"name it with --pert-key")
-        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
-        control = find_control(labels, cfg.control)
+    labels, missing, control, pert_key, dk = read_perturbations(h.obs, cfg)
     if missing.any():
         warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
-    # doses: one string per cell ('nan' = none), in the input unit
-    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
-    if absent := [c for c in dose_cols if c not in obs]:
-        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
-    dstr = np.full(n, "nan", dtype=object)
-    for i, col in enumerate(obs[c] for c in dose_cols):
-        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
-        dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
-        if dk:
-            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+    dose_cols, dstr = read_doses(h.obs, dk, missing)
     dose_key, distinct = ",".join(dose_cols) or None, np.unique(labels[~missing].astype(str))
     sep = detect_sep(distinct, control, symbols)
     case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
@@ -687,13 +646,7 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
             f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
             "(0 = vehicle), drop those cells, or --dose-key none")
-    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
-    if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
-        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
-    if unit not in DOSE_UNITS:
-        raise UserError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
+    unit = dose_unit(cfg.dose_unit, dose_cols, doses)
     f = DOSE_UNITS[unit]
     scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
     canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) or "ctrl" for (l, _), d in zip(pairs, doses)]
@@ -702,6 +655,69 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
                 dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
                 dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
+
+
+def _text(col) -> np.ndarray:                           # an obs column as strings, missing -> 'nan'
+    return np.array(["nan" if v is None else str(v) for v in col], dtype=object)
+
+
+def read_perturbations(obs, cfg):
+    """The raw perturbation label of every cell, from one column or from one per combination slot (joined with '+',
+    an empty slot the control): (labels, missing (n,) bool, control, pert_key, the dose column(s) given or paired)."""
+    pk, dk = cfg.pert_key, cfg.dose_key
+    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
+    if pk is None:                                   # numbered drug columns with numbered dose columns
+        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
+        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
+        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
+            slots = [drugs[i] for i in sorted(drugs)]
+            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
+    if not slots:
+        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+        if pert_key is None:
+            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                            f"name it with --pert-key")
+        labels = _text(obs[pert_key])
+        return labels, np.array([v is None for v in obs[pert_key]]), find_control(labels, cfg.control), pert_key, dk
+    if absent := [c for c in slots if c not in obs]:
+        raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+    cols = [_text(obs[c]) for c in slots]
+    empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+    control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
+    labels = np.where(empty[0], control, cols[0])
+    for c, e in zip(cols[1:], empty[1:]):
+        labels = labels + "+" + np.where(e, control, c)
+    return labels, np.logical_and.reduce(empty), control, "condition", dk
+
+
+def read_doses(obs, dk, missing):
+    """(dose columns, the dose string of every cell in the input unit, 'nan' = none; parts joined with '+')."""
+    n = len(missing)
+    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
+    if absent := [c for c in dose_cols if c not in obs]:
+        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+    dstr = np.full(n, "nan", dtype=object)
+    for i, col in enumerate(obs[c] for c in dose_cols):
+        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else _text(col)
+        dstr = s if i == 0 else dstr + "+" + s
+    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+        if dk:
+            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+    return dose_cols, dstr
+
+
+def dose_unit(given, dose_cols, doses) -> str:
+    """The unit of the input doses (a DOSE_UNITS key): --dose-unit, else the column name's, else nM above 1000."""
+    unit = (given or "auto").lower().replace("μ", "µ")
+    if unit == "auto":
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
+        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
+    if unit not in DOSE_UNITS:
+        raise UserError(f"--dose-unit {given!r}: use uM, nM, mM or auto")
+    return unit
 
 
 def find_key(columns, wanted, given, what, flag, pattern=None):
@@ -739,7 +755,8 @@ def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=
     parts = [p.strip() for p in split_label(label, sep)]
     doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
     return tuple(sorted((rename or {}).get(p, p) + ("" if d is None or not np.isfinite(d) else f"@{fmt_dose(d)}")
-                        for p, d in zip(parts, doses) if p and p.lower() not in ctrl and not (d is not None and d == 0)))
+                        for p, d in zip(parts, doses)
+                        if p and p.lower() not in ctrl and not (d is not None and d == 0)))   # dose 0: vehicle
 
 
 def split_label(label, sep: str) -> list:                # split at every separator character in sep ('+|')
@@ -842,11 +859,8 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
     lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
     held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
     'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
-    keys = sorted(keys)
-    rng = np.random.default_rng(seed)
+    keys, rng, mode = sorted(keys), np.random.default_rng(seed), "explicit" if test else mode  # a list wins
     index = single_index(keys)
-    if test:                                         # an explicit list wins over any mode
-        mode = "explicit"
     additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
     if mode == "auto":
         mode = "additive" if additive_cand else "random"
@@ -854,8 +868,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
                           "using a random split")
 
-    def take(pool, frac, least=3):
-        """A random fraction of pool (at least one when pool has >= least entries)."""
+    def take(pool, frac, least=3):                   # a random fraction of pool (>= 1 when it has >= least entries)
         pool = [pool[i] for i in rng.permutation(len(pool))]
         n = int(round(frac * len(pool)))
         n = max(n, 1) if len(pool) >= least and frac > 0 else n
@@ -871,17 +884,9 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             warnings.warn("split additive: no combination left for validation; there is no validation set "
                           "(the last checkpoint is the result): lower --test-frac or add combinations")
     elif mode == "random":
-        test_keys, val_keys, used = [], [], set()
-        for cov in sorted({c for _, c in keys}):     # a condition is held out in one covariate at most
-            mine = [k for k in keys if k[1] == cov]
-            fresh = [k for k in mine if k[0] not in used]
-            t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
-            rest = [k for k in mine if k not in t]
-            fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
-            v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
-            test_keys, val_keys, used = test_keys + t, val_keys + v, used | {k[0] for k in t + v}
+        test_keys, val_keys = _random_split(keys, take, test_frac, val_frac)
     elif mode == "dose":
-        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
+        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}  # (drug, cov): [(d, key)]
         test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
         if not test_keys:
             raise UserError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
@@ -896,29 +901,49 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         test_keys = [k for k in keys if has(k, test_d)]
         val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
     elif mode == "explicit":
-        if not test:
-            raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
-        test_keys = []
-        for w in [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]:
-            lab, _, cov = w.partition(":")
-            lab = "+".join(sorted(lab.split("+")))
-            hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
-            if not hit:
-                raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
-            test_keys += hit
-        rest = [k for k in keys if k not in test_keys]   # validation: keys with the test's kind of prior without them
-        idx = single_index(rest)
-        kinds, n_comp = {prior_kind(k, rest, idx) for k in test_keys}, {len(k[0].split("+")) for k in test_keys}
-        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
-        if not pool:
-            pool = [k for k in rest if len(k[0].split("+")) in n_comp]
-            warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
-                          f"on {len(pool)} other conditions with as many components instead")
-        val_keys, _ = take(pool, val_frac)
+        test_keys, val_keys = _explicit_split(keys, test, take, val_frac)
     else:
         raise UserError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
     held = set(test_keys) | set(val_keys)
     return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
+
+
+def _random_split(keys, take, test_frac, val_frac):
+    """A fraction of the conditions of each covariate; a condition is held out in one covariate at most."""
+    test_keys, val_keys, used = [], [], set()
+    for cov in sorted({c for _, c in keys}):
+        mine = [k for k in keys if k[1] == cov]
+        fresh = [k for k in mine if k[0] not in used]
+        t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
+        rest = [k for k in mine if k not in t]
+        fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
+        v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
+        test_keys, val_keys, used = test_keys + t, val_keys + v, used | {k[0] for k in t + v}
+    return test_keys, val_keys
+
+
+def _explicit_split(keys, test, take, val_frac):
+    """The --test conditions held out; validation: keys whose prior is of the test's kind once they are out."""
+    if not test:
+        raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
+    test_keys = []
+    for w in [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]:
+        lab, _, cov = w.partition(":")
+        lab = "+".join(sorted(lab.split("+")))
+        hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab)
+               and (not cov or k[1] == cov)]
+        if not hit:
+            raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+        test_keys += hit
+    rest = [k for k in keys if k not in test_keys]
+    idx = single_index(rest)
+    kinds, n_comp = {prior_kind(k, rest, idx) for k in test_keys}, {len(k[0].split("+")) for k in test_keys}
+    pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
+    if not pool:
+        pool = [k for k in rest if len(k[0].split("+")) in n_comp]
+        warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
+                      f"on {len(pool)} other conditions with as many components instead")
+    return test_keys, take(pool, val_frac)[0]
 
 
 # ---------------------------------------- preprocessing
@@ -1111,10 +1136,9 @@ def _read_array(obj):
         return _categorical(obj["codes"][...], obj["categories"][...])
     if enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
         v, mask = _read_array(obj["values"]), obj["mask"][...].astype(bool)
-        if not mask.any():
-            return v
-        v = v.astype(np.float64 if enc == "nullable-integer" else object)
-        v[mask] = np.nan if enc == "nullable-integer" else None
+        if mask.any():
+            v = v.astype(np.float64 if enc == "nullable-integer" else object)
+            v[mask] = np.nan if enc == "nullable-integer" else None
         return v
     raise UserError(f"{obj.name}: unsupported encoding-type {enc!r}; store it as a plain, categorical "
                     "or nullable column")
@@ -1165,13 +1189,9 @@ class DiskX:
     def __getitem__(self, rows: slice):
         a, b = rows.start or 0, min(rows.stop, self.shape[0])
         with h5py.File(self.path, "r") as f:
-            x = f[self.key]
-            if self.sparse:
-                p = x["indptr"][a:b + 1]
-                B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
-                                  shape=(b - a, self.shape[1]))
-            else:
-                B = _f32(x[a:b])
+            x, p = f[self.key], f[self.key]["indptr"][a:b + 1] if self.sparse else None
+            B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
+                              shape=(b - a, self.shape[1])) if self.sparse else _f32(x[a:b])
         check_values(B, a)
         return log_normalise(B) if self.counts else B
 
@@ -1228,8 +1248,7 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
                 raise UserError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
             X = DiskX(path, layer) if lazy else _read_X(f["layers"][layer] if layer is not None else f["X"])
             uns_g = f["uns"] if isinstance(f.get("uns"), h5py.Group) else None
-            obs_names, obs = _read_frame(f["obs"], uns_g)
-            var_names, var = _read_frame(f["var"], uns_g)
+            (obs_names, obs), (var_names, var) = _read_frame(f["obs"], uns_g), _read_frame(f["var"], uns_g)
             uns = _read_dict(uns_g) if uns_g is not None else {}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
@@ -1247,7 +1266,7 @@ def _enc(obj, kind, version):                          # set the anndata encodin
 def _write_array(g, key, a, compression):
     """ndarray -> dataset: 'array' (numeric/bool) or 'string-array' (vlen UTF-8)."""
     a = np.asarray(a)
-    comp = compression if a.size else None  # HDF5 cannot chunk empty datasets
+    comp = compression if a.size else None   # HDF5 cannot chunk empty datasets
     if a.dtype.kind in "OUS":
         return _enc(g.create_dataset(key, data=_strings(a), dtype=h5py.string_dtype(), compression=comp),
                     "string-array", "0.2.0")
@@ -1281,8 +1300,7 @@ def _write_frame(g, names, cols, n, compression):
     _enc(g, "dataframe", "0.2.0").attrs["_index"] = "_index"
     g.attrs["column-order"] = np.array(list(cols), dtype=h5py.string_dtype()) if cols else np.zeros(0)
     _write_array(g, "_index", _strings(names), compression)
-    for k, c in cols.items():
-        c = np.asarray(c)
+    for k, c in ((k, np.asarray(c)) for k, c in cols.items()):
         if k == "_index" or "/" in k or c.shape != (n,):
             raise UserError(f"{g.name} column {k!r} (shape {c.shape}) is not a 1-D column of {n} values "
                             "with a name free of '/' and '_index'; fix that column")
@@ -1292,8 +1310,7 @@ def _write_frame(g, names, cols, n, compression):
 def _write_dict(g, d, compression):
     """uns dict -> dict groups; str -> 'string', number -> 'numeric-scalar', array/list -> array."""
     _enc(g, "dict", "0.1.0")
-    for k, v in d.items():
-        k = str(k)
+    for k, v in ((str(k), v) for k, v in d.items()):
         if isinstance(v, dict):
             _write_dict(g.create_group(k), v, compression)
         elif isinstance(v, str):
@@ -1318,8 +1335,8 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         _enc(f, "anndata", "0.1.0")
         (_write_sparse if sp.issparse(h.X) else _write_array)(f, "X", h.X, compression)
-        _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
-        _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
+        for k, names, cols, n in (("obs", h.obs_names, h.obs, n_obs), ("var", h.var_names, h.var, n_vars)):
+            _write_frame(f.create_group(k), names, cols, n, compression)
         for k in ("layers", "obsm", "obsp", "varm", "varp"):
             _enc(f.create_group(k), "dict", "0.1.0")
         _write_dict(f.create_group("uns"), h.uns or {}, compression)
@@ -1571,8 +1588,8 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("n_genes min_cells gene_feat_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
     ("lr clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
-    ("test_frac val_frac prior_dropout unseen_dropout self_prior ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1,
-     "a number in [0, 1]"),
+    ("test_frac val_frac prior_dropout unseen_dropout self_prior ctrl_frac min_lr_frac ema_decay",
+     lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
@@ -1716,20 +1733,17 @@ def main(argv=None):
             n_cells=args.sim_cells, n_genes=args.sim_genes, seed=args.seed, n_covariates=args.sim_covariates))
         print(f"wrote {args.simulate}")
         return
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    problem = None
+    cfg, problem = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)}), None
     try:
         ds = load_dataset(cfg)
     except UserError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
-        relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
         try:
-            ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
+            ds = load_dataset(replace(cfg, min_cells=1, split="random", test=None, val_frac=0.0))
         except UserError:
             raise e from None
         problem = f"{e} (the summary above is with --min-cells 1 --split random)"
-    m = ds.meta
+    m, sizes = ds.meta, np.array([len(ds.cell_idx[k]) for k in ds.keys])
     n_single = sum("+" not in l for l, _ in ds.keys)
-    sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
     print(f"file        {describe(ds)}")
     print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
           f"dose={m['dose_key']!r} separator={m['sep']!r}")
@@ -1737,9 +1751,8 @@ def main(argv=None):
           f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
     if m["dose_key"]:
         per = {}
-        for l, _ in ds.keys:
-            for n, d in components_of(l):
-                per.setdefault(n, set()).add(d)
+        for n, d in (c for l, _ in ds.keys for c in components_of(l)):
+            per.setdefault(n, set()).add(d)
         print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
             f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
             + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
@@ -1760,8 +1773,7 @@ def cache_dir() -> Path:
 
 
 def builtin_path(kind: str = "genetic") -> str:
-    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once
-    and cached."""
+    """The built-in benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once, cached."""
     sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
     if kind not in sims:
         raise UserError(f"--kind {kind!r}: use genetic or chemical")
