@@ -11,8 +11,9 @@ read_conditions). h5ad is read and written with h5py alone (no anndata at run ti
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
 Sections, in reading order: the method first (config, Reference, Dataset with its priors and the helpers they
-call, what flow.train draws, load_dataset, labels, splits, preprocessing); then a fence, and after it what no
-reader comes for: h5ad I/O, devices and torchrun, checkpoints, the CLI, the simulators (the built-in benchmarks).
+call, what flow.train draws and the comparisons every stage makes, load_dataset with the reference statistics,
+labels, splits, preprocessing); then a fence, and after it what no reader comes for: h5ad I/O, devices and
+torchrun, checkpoints, the CLI, the simulators (the built-in benchmarks).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -431,7 +432,7 @@ def energy_distance(x, y) -> float:
     return float(2 * dxy.mean() - u(dxx) - u(dyy))
 
 
-# ---------------------------------------- loading: from a file to the Dataset
+# ---------------------------------------- loading: from a file to the Dataset and its reference statistics
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (a checkpoint's) override
     the selection and the split, so every stage sees the same ones."""
