@@ -797,10 +797,10 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
         col = obs[c]
         s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
         dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+    if dose_cols and len({p for s in np.unique(dstr[~missing].astype(str)) for p in s.split("+")}) < 2:
         if dk:
             raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # a constant '1' (or GEARS' '1' / '1+1') of CRISPR
     dose_key = ",".join(dose_cols) or None
     distinct = np.unique(labels[~missing].astype(str))
     sep = detect_sep(distinct, control, symbols)
