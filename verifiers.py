@@ -332,34 +332,10 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
     names = [*verifier.weights, "sum"]
     scores = {name: {g: [] for g in GROUPS} for name in names}
     for key in keys:                                                   # a loop over conditions, batched cells
-        rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
-        others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
-        if len(rows) < 4 or len(ctrl) < 4:
-            continue
-        perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
-        n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
-        mean, var = data.sample_stats(ds.X[cperm[m:]])                # controls left after the scored ones
-        ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
-        x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
-        if others:
-            pool = np.concatenate(others)
-            x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
-        c = ref.ctrl_mean.numpy()
-        x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
-        x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
-        comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
-        real = torch.from_numpy(x["real"])
-        parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
-        scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
-                 for name in verifier.weights}                        # pooled within-group std, as GRPO sees it
-        for g in GROUPS:
-            if g not in comps:
-                for name in names:
-                    scores[name][g].append(np.nan)
-                continue
-            comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+        comps = check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group)
+        for g in GROUPS if comps is not None else ():
             for name in names:
-                scores[name][g].append(float(comps[g][name].mean()))
+                scores[name][g].append(float(comps[g][name].mean()) if g in comps else np.nan)
     n_scored = len(scores["sum"]["real"])
     if not n_scored:
         raise UserError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
@@ -376,6 +352,34 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
                          vs_collapsed=float(beats["collapsed"].mean()),
                          n=n_scored, n_other=int((~np.isnan(a["other"])).sum()))
     return out
+
+
+def check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group):
+    """check() for one key: {group: {reward | 'sum': (n,) scores}} of its real, control, other, exaggerated and
+    collapsed cells against a Reference of the rest, or None when it has too few cells."""
+    rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
+    others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
+    if len(rows) < 4 or len(ctrl) < 4:
+        return None
+    perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
+    n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
+    mean, var = data.sample_stats(ds.X[cperm[m:]])                    # controls left after the scored ones
+    ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
+    x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
+    if others:
+        pool = np.concatenate(others)
+        x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
+    c = ref.ctrl_mean.numpy()
+    x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
+    x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
+    comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
+    real = torch.from_numpy(x["real"])
+    parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
+    scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
+             for name in verifier.weights}                            # pooled within-group std, as GRPO sees it
+    for g in comps:
+        comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+    return comps
 
 
 def main(argv=None):
