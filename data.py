@@ -1597,6 +1597,8 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part]:
             ckpt[part].pop("zero_below", None)
             ckpt[part].setdefault("trust", torch.ones(2))
+            if "prior_feat" in ckpt[part]:                             # renamed: the genes' correlation features
+                ckpt[part]["gene_feat"] = ckpt[part].pop("prior_feat")
     ref = list(ckpt["genes"])
     if genes is not None and list(genes) != ref:                     # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]
