@@ -252,6 +252,15 @@ class Dataset:
                                  {n for k in self.split["train"] for n, _ in components_of(k[0])})
         return not any(n in seen[1] for n, _ in components_of(key[0]))
 
+    def unvalidated(self, key) -> bool:
+        """A held-out key the validation keys say nothing about: none of its components is in a training key (novel),
+        or its prior kind is one no validation key has (--test doubles with seen singles when no validation double
+        has its singles). Training keys never are. The network's change is trusted for these only as far as the
+        novel validation keys show (flow.calibrate): none without such keys, leaving the start predictor."""
+        if tuple(key) in set(map(tuple, self.split["train"])):
+            return False
+        return self.novel(key) or self.prior_kind(key) not in {self.prior_kind(k) for k in self.split["val"]}
+
     def unseen_components(self) -> set:
         """Components of held-out keys that no training key contains: their learned embedding is never trained."""
         seen = {n for k in self.split["train"] for n, _ in components_of(k[0])}
@@ -288,7 +297,7 @@ class Dataset:
         the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
         e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, start (K, G), where the
-        generator starts (Dataset.start), and novel (K,) bool (Dataset.novel)."""
+        generator starts (Dataset.start), and unvalidated (K,) bool (Dataset.unvalidated)."""
         parsed = [components_of(k[0]) for k in keys]
         C = max(len(p) for p in parsed)
         index = {c: i + 1 for i, c in enumerate(self.components)}
@@ -304,8 +313,8 @@ class Dataset:
         prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
         trust = self.prior_trust()
         start = torch.from_numpy(np.stack([self.start(k, trust) for k in keys]))                    # (K, G)
-        novel = torch.tensor([self.novel(k) for k in keys], dtype=torch.bool)
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "start": start, "novel": novel}
+        unvalidated = torch.tensor([self.unvalidated(k) for k in keys], dtype=torch.bool)
+        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "start": start, "unvalidated": unvalidated}
 
 
 def sample_stats(X):
