@@ -229,6 +229,15 @@ class Dataset:
                                  {n for k in self.split["train"] for n, _ in components_of(k[0])})
         return not any(n in seen[1] for n, _ in components_of(key[0]))
 
+    def unvalidated(self, key) -> bool:
+        """A held-out key the validation keys say nothing about: none of its components is in a training key (novel),
+        or its prior kind is one no validation key has (--test doubles with seen singles when no validation double
+        has its singles). Training keys never are. The network's change is trusted for these only as far as the
+        novel validation keys show (flow.calibrate): none without such keys, leaving the start predictor."""
+        if tuple(key) in set(map(tuple, self.split["train"])):
+            return False
+        return self.novel(key) or self.prior_kind(key) not in {self.prior_kind(k) for k in self.split["val"]}
+
     def unseen_components(self) -> set:
         """Components of held-out keys that no training key contains: their learned embedding is never trained."""
         return {n for k in self.split["val"] + self.split["test"] for n, _ in components_of(k[0]) if self.novel((n,))}
@@ -264,7 +273,7 @@ class Dataset:
         the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
         e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, start (K, G), where the
-        generator starts (Dataset.start), and novel (K,) bool (Dataset.novel)."""
+        generator starts (Dataset.start), and unvalidated (K,) bool (Dataset.unvalidated)."""
         parsed, index = [components_of(k[0]) for k in keys], {c: i + 1 for i, c in enumerate(self.components)}
         lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
         span, trust = max(np.log10(hi / lo), 1.0), self.prior_trust()
@@ -276,7 +285,7 @@ class Dataset:
         return {"comps": comps, "dose": dose, "cov": torch.tensor([self.covariates.index(k[1]) for k in keys]),
                 "prior": torch.from_numpy(np.stack([self.additive_delta(k) for k in keys])),            # (K, G)
                 "start": torch.from_numpy(np.stack([self.start(k, trust) for k in keys])),              # (K, G)
-                "novel": torch.tensor([self.novel(k) for k in keys], dtype=torch.bool)}
+                "unvalidated": torch.tensor([self.unvalidated(k) for k in keys], dtype=torch.bool)}
 
 
 # ---------------------------------------- what the priors are made of
@@ -702,10 +711,10 @@ def read_doses(obs, dk, missing):
     for i, col in enumerate(obs[c] for c in dose_cols):
         s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else _text(col)
         dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len(np.unique(dstr[~missing].astype(str))) < 2:
+    if dose_cols and len({p for s in np.unique(dstr[~missing].astype(str)) for p in s.split("+")}) < 2:
         if dk:
             raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # e.g. a constant '1' beside a CRISPR screen
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # a constant '1' (or GEARS' '1' / '1+1') of CRISPR
     return dose_cols, dstr
 
 
@@ -1516,6 +1525,8 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part]:
             ckpt[part].pop("zero_below", None)
             ckpt[part].setdefault("trust", torch.ones(2))
+            if "prior_feat" in ckpt[part]:                             # renamed: the genes' correlation features
+                ckpt[part]["gene_feat"] = ckpt[part].pop("prior_feat")
     if genes is not None and list(genes) != (ref := list(ckpt["genes"])):  # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]
         raise UserError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "

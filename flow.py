@@ -117,7 +117,7 @@ class Block(nn.Module):
 
 class VelocityField(nn.Module):
     """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
-    prior (B, G), mu0 (B, G) the source mean, novel (B,). The condition vector c (B, W) sums the time, perturbation,
+    prior (B, G), mu0 (B, G) the source mean, unvalidated (B,). The condition vector c (B, W) sums the time, perturbation,
     covariate, control-cell and prior embeddings; the trunk sees the displacement from the source mean,
     in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw
     where it is, and paired generation (sample) then gives control cell + start, the start predictor."""
@@ -152,7 +152,7 @@ class VelocityField(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         # scaler: z = (x - mean) / std, fitted on training cells by train(); the output's scale for keys with a
-        # trained component (1: train() folds their residual trust into `out`) and for novel keys (trust_residual)
+        # trained component (1: calibrate folds their residual trust into `out`) and for unvalidated keys
         self.register_buffer("mean", torch.zeros(G))
         self.register_buffer("std", torch.ones(G))
         self.register_buffer("trust", torch.ones(2))
@@ -196,7 +196,7 @@ class VelocityField(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         v = self.out(self.norm_out(h))  # (B, G)
-        return v * self.trust[cond["novel"].long()][:, None] if "novel" in cond else v
+        return v * self.trust[cond["unvalidated"].long()][:, None] if "unvalidated" in cond else v
 
 
 def make_cond(model, table, key_ids, ctrl_x):
@@ -211,7 +211,7 @@ def make_cond(model, table, key_ids, ctrl_x):
     mu0 = ctrl + start if model.cfg.source == "ctrl" else start  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
-            "start": start, "mu0": mu0, "sigma": model.sigma, "novel": table["novel"][key_ids].to(dev)}
+            "start": start, "mu0": mu0, "sigma": model.sigma, "unvalidated": table["unvalidated"][key_ids].to(dev)}
 
 
 def control_twin(cond):
@@ -415,8 +415,8 @@ def trust_residual(model, ds, keys, n_cells=256, seed=0) -> float:
     network adds) and d_k - start_k what it should add, pooled over keys and genes,
         lam = clip(sum <r_k, d_k - start_k> / sum |r_k|^2, 0, 1),
     the least-squares slope: 0 when what it learned does not carry over to conditions it never saw (cell-line
-    transfer on mcfaline23), about 0.5 on the simulator's combinations. train() fits one for keys with a trained
-    component and one for novel keys (VelocityField.trust scales the network's output)."""
+    transfer on mcfaline23), about 0.5 on the simulator's combinations. calibrate fits one for validated keys and one
+    for unvalidated ones (Dataset.unvalidated; VelocityField.trust scales the network's output)."""
     cells = generate(model, ds, keys, n_cells, seed=seed)
     start = ds.key_table(keys)["start"]  # (K, G)
     r = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys]) - start  # (K, G)
@@ -447,21 +447,21 @@ def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
 
 
 def calibrate(ema, ds, val_keys, cfg, log) -> dict:
-    """The end of pretraining: control_check, then the residual trust of keys with a trained component (folded into
-    the output layer, so RL trains the scaled layer) and of novel keys (VelocityField.trust[1], relative to it).
-    A kind with no validation key: trusted as trained if there are no validation keys at all, else not at all for
-    novel keys (nothing shows their gene-feature change carries over)."""
+    """The end of pretraining: control_check, then the residual trust of validated keys (folded into the output
+    layer, so RL trains the scaled layer) and of unvalidated ones (Dataset.unvalidated; VelocityField.trust[1],
+    relative to it), fitted on the novel validation keys: with none, 0 (nothing shows their change carries over).
+    No validation keys at all: the network as trained."""
     ctl = control_check(ema, ds, seed=cfg.seed + 3)
     log(f"control condition vs held-out control cells (the generator alone; paired generation cancels it): bias "
         f"{ctl['bias']:.2f} ({ctl['bias_ratio']:.2f} x the mean real effect), energy {ctl['energy']:.3f}")
     lam = [1.0, 1.0]
-    for novel in (0, 1) if cfg.fit_trust else ():  # keys with a trained component, then novel keys
-        mine = [k for k in val_keys if ds.novel(k) == novel]
-        lam[novel] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
-            float(not val_keys and not novel)
-        log(f"residual trust of {'novel keys' if novel else 'keys with a trained component'} (how far the network's "
-            f"change beyond the start is used): {lam[novel]:.2f}, " + (f"fitted on {len(mine)} validation keys" if mine
-            else "no validation key of the kind: " + ("not fitted" if not novel else "the start predictor alone")))
+    for flag in (0, 1) if cfg.fit_trust else ():  # validated keys, then unvalidated ones (novel validation keys)
+        mine = [k for k in val_keys if ds.novel(k) == flag]
+        lam[flag] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
+            float(not val_keys and not flag)
+        log(f"residual trust of {'unvalidated' if flag else 'validated'} keys (how far the network's change beyond the "
+            f"start is used): {lam[flag]:.2f}, " + (f"fitted on {len(mine)} validation keys" if mine else "no "
+            "validation key of the kind: " + ("the start predictor alone" if flag else "not fitted")))
     ema.out.weight.mul_(lam[0]), ema.out.bias.mul_(lam[0])
     ema.trust[1] = lam[1] / lam[0] if lam[0] > 0 else 0.0
     return {"residual_trust": lam, **{f"control/{k}": v for k, v in ctl.items()}}

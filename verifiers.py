@@ -55,170 +55,6 @@ import torch
 import data
 from data import UserError, Reference
 
-PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
-GENE_SETS = {"progeny": None, "hallmark": PATHWAY_DIR / "h.all.v7.0.symbols.gmt"}  # --gene-sets names; None: PROGENy auto
-
-# ----------------------------------------------------------------------------------------------
-# Pathway tables: name -> {gene: weight}, insertion-ordered
-
-def _add(sets: dict, seen: dict, name: str, gene: str, weight: float) -> None:
-    """Add one (set, gene, weight); a gene seen before in the same set (any case) keeps its FIRST weight."""
-    if gene.upper() not in seen.setdefault(name, set()):
-        seen[name].add(gene.upper())
-        sets.setdefault(name, {})[gene] = weight
-
-
-def _text(path: Path) -> str:
-    """A gene-set file's text, UTF-8 (with or without a byte-order mark); anything else is one line."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"gene-set file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
-                        "save it as UTF-8, or check it is a .gmt/.csv/.tsv text file (not compressed)") from None
-
-
-def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
-    """Read a long table `gene,pathway,weight[,p_value]` (CSV, or TSV by extension) -> {pathway: {gene: weight}}.
-
-    path=None reads the bundled PROGENy table pathways/progeny_human_top{top}.csv (top = 100 or 500).
-    Column aliases `target` (gene) and `source` (pathway) are accepted (decoupler's naming).
-    """
-    if path is None:
-        if top not in (100, 500):
-            raise UserError(f"no bundled PROGENy table for top={top}: use 100 or 500, or pass a path")
-        path = PATHWAY_DIR / f"progeny_human_top{top}.csv"
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"gene-set file {path} not found")
-    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    rows = list(csv.reader(_text(path).splitlines(), delimiter=delim))
-    if not rows:
-        raise UserError(f"gene-set file {path} is empty")
-    head = [c.strip().lower() for c in rows[0]]
-    head = [{"target": "gene", "source": "pathway"}.get(c, c) for c in head]
-    if not {"gene", "pathway", "weight"} <= set(head):
-        raise UserError(f"gene-set table {path} needs columns gene,pathway,weight; found {rows[0]} "
-                        "(for a .gmt file keep the .gmt extension)")
-    ig, ip, iw = head.index("gene"), head.index("pathway"), head.index("weight")
-    sets: dict[str, dict[str, float]] = {}
-    seen: dict[str, set] = {}
-    for n, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue
-        try:
-            _add(sets, seen, row[ip].strip(), row[ig].strip(), float(row[iw]))
-        except (IndexError, ValueError):
-            raise UserError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
-    if not sets:
-        raise UserError(f"gene-set table {path} has a header but no rows")
-    return sets
-
-
-def load_gmt(path) -> dict[str, dict[str, float]]:
-    """Read a GMT file (tab-separated: set name, description, genes...) -> {set: {gene: 1.0}}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"gene-set file {path} not found")
-    sets: dict[str, dict[str, float]] = {}
-    seen: dict[str, set] = {}
-    for n, line in enumerate(_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = [c.strip() for c in line.split("\t")]
-        genes = [g for g in fields[2:] if g]
-        if len(fields) < 3 or not fields[0] or not genes:
-            raise UserError(f"{path} line {n}: a GMT line is 'name<TAB>description<TAB>gene<TAB>gene...'")
-        for g in genes:
-            _add(sets, seen, fields[0], g, 1.0)
-    if not sets:
-        raise UserError(f"GMT file {path} holds no gene sets")
-    return sets
-
-
-def gene_set_path(spec):
-    """--gene-sets -> None (bundled PROGENy, top-100 or top-500: progeny_auto), the bundled MSigDB Hallmark GMT
-    ('hallmark'), or the given file. A bare name that is neither bundled nor an existing file is one line."""
-    if spec is None or str(spec).lower() in GENE_SETS:
-        return GENE_SETS[str(spec).lower()] if spec is not None else None
-    if not Path(spec).suffix and not Path(spec).exists():
-        raise UserError(f"--gene-sets {spec!r}: unknown gene-set table; use progeny (default), hallmark, or the "
-                        "path of a .gmt / .csv / .tsv file")
-    return Path(spec)
-
-
-def load_gene_sets(path) -> dict[str, dict[str, float]]:
-    """Load gene sets by extension: .gmt -> load_gmt; .csv / .tsv / .txt -> load_progeny (long table)."""
-    ext = Path(path).suffix.lower()
-    if ext == ".gmt":
-        return load_gmt(path)
-    if ext in (".csv", ".tsv", ".txt"):
-        return load_progeny(path)
-    raise UserError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
-                    ".csv/.tsv table with columns gene,pathway,weight")
-
-
-def align_gene_sets(sets: dict, genes, min_genes: int = 5):
-    """Gene sets -> weight matrix over the data's genes.
-
-    Returns W (P, G) float32 with W[p, g] = weight of gene g in set p (0 if absent), the P kept set
-    names, and coverage {set: (n_genes_covered, n_genes_in_set)} for EVERY set (dropped ones too).
-    Symbols match case-insensitively. Duplicates keep the first occurrence: a gene listed twice in
-    a set keeps its first weight; a symbol appearing twice in `genes` maps to its first column.
-    Sets with fewer than `min_genes` covered genes are dropped with a warning naming them.
-    """
-    col: dict[str, int] = {}
-    for j, g in enumerate(genes):
-        col.setdefault(str(g).upper(), j)
-    rows, names, coverage, dropped = [], [], {}, []
-    for name, members in sets.items():
-        hit: dict[int, float] = {}
-        seen = set()
-        for g, w in members.items():
-            u = g.upper()
-            if u in seen:
-                continue
-            seen.add(u)
-            if u in col:
-                hit[col[u]] = float(w)
-        coverage[name] = (len(hit), len(seen))
-        if len(hit) < min_genes:
-            dropped.append(name)
-            continue
-        w = torch.zeros(len(genes))
-        w[list(hit)] = torch.tensor(list(hit.values()))
-        rows.append(w)
-        names.append(name)
-    if not rows:
-        head = [str(g) for g in list(genes)[:200]]
-        ensembl = 2 * sum(bool(re.match(r"ENS[A-Z]*G\d{6,}", g)) for g in head) > len(head)
-        n_in = len(set(col) & {g.upper() for s in sets.values() for g in s})
-        raise UserError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes (first genes: "
-                        f"{head[:3]}); " + ("they look like Ensembl IDs: pass the var column with gene symbols via "
-                        "--gene-symbols" if ensembl else f"{n_in} of them are in any set, too few: keep more genes "
-                        "(raise --n-genes; 0 keeps all) or drop pathway from --rewards"))
-    if dropped:
-        warnings.warn(f"dropped {len(dropped)} gene set(s) with < {min_genes} genes in the data: "
-                      + ", ".join(dropped))
-    return torch.stack(rows), names, coverage  # (P, G)
-
-
-def progeny_auto(genes, min_genes: int = 5):
-    """Default pathway weights: PROGENy top-100, or top-500 when top-100 is too thin for these genes.
-
-    Rule: top-100 is used when at least 3/4 of its pathways keep >= min_genes of the data's genes;
-    otherwise the top-500 table (superset, more genes per pathway): with 500 HVGs of a real screen,
-    top-100 keeps only 7 of the 14 pathways. Prints which table was chosen.
-    """
-    upper = {str(g).upper() for g in genes}
-    for top in (100, 500):
-        sets = load_progeny(top=top)
-        n_ok = sum(len({g.upper() for g in s} & upper) >= min_genes for s in sets.values())
-        if 4 * n_ok >= 3 * len(sets) or top == 500:
-            print(f"verifiers: pathway gene sets = PROGENy top-{top} "
-                  f"({n_ok}/{len(sets)} pathways with >= {min_genes} of the {len(genes)} genes)")
-            return align_gene_sets(sets, genes, min_genes)
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers
 
@@ -496,34 +332,10 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
     names = [*verifier.weights, "sum"]
     scores = {name: {g: [] for g in GROUPS} for name in names}
     for key in keys:                                                   # a loop over conditions, batched cells
-        rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
-        others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
-        if len(rows) < 4 or len(ctrl) < 4:
-            continue
-        perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
-        n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
-        mean, var = data.sample_stats(ds.X[cperm[m:]])                # controls left after the scored ones
-        ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
-        x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
-        if others:
-            pool = np.concatenate(others)
-            x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
-        c = ref.ctrl_mean.numpy()
-        x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
-        x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
-        comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
-        real = torch.from_numpy(x["real"])
-        parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
-        scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
-                 for name in verifier.weights}                        # pooled within-group std, as GRPO sees it
-        for g in GROUPS:
-            if g not in comps:
-                for name in names:
-                    scores[name][g].append(np.nan)
-                continue
-            comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+        comps = check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group)
+        for g in GROUPS if comps is not None else ():
             for name in names:
-                scores[name][g].append(float(comps[g][name].mean()))
+                scores[name][g].append(float(comps[g][name].mean()) if g in comps else np.nan)
     n_scored = len(scores["sum"]["real"])
     if not n_scored:
         raise UserError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
@@ -540,6 +352,34 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
                          vs_collapsed=float(beats["collapsed"].mean()),
                          n=n_scored, n_other=int((~np.isnan(a["other"])).sum()))
     return out
+
+
+def check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group):
+    """check() for one key: {group: {reward | 'sum': (n,) scores}} of its real, control, other, exaggerated and
+    collapsed cells against a Reference of the rest, or None when it has too few cells."""
+    rows, ctrl = ds.cell_idx[key], ds.ctrl_idx[key[1]]
+    others = [ds.cell_idx[k] for k in keys if k[1] == key[1] and k != key]
+    if len(rows) < 4 or len(ctrl) < 4:
+        return None
+    perm, cperm = rng.permutation(rows), rng.permutation(ctrl)
+    n, m = min(n_cells, len(rows) // 2), min(n_cells, len(rows) // 2, len(ctrl) // 2)
+    mean, var = data.sample_stats(ds.X[cperm[m:]])                    # controls left after the scored ones
+    ref = data.reference(ds.X[perm[n:]], cperm[m:], mean, np.sqrt(var), len(ds.refs[key].de_idx), std_floor)
+    x = {"real": ds.X[perm[:n]], "control": ds.X[cperm[:m]]}
+    if others:
+        pool = np.concatenate(others)
+        x["other"] = ds.X[rng.choice(pool, min(n, len(pool)), replace=False)]
+    c = ref.ctrl_mean.numpy()
+    x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
+    x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
+    comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
+    real = torch.from_numpy(x["real"])
+    parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
+    scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
+             for name in verifier.weights}                            # pooled within-group std, as GRPO sees it
+    for g in comps:
+        comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
+    return comps
 
 
 def main(argv=None):
@@ -565,6 +405,172 @@ def main(argv=None):
         print(f"{name:<10}{weight:>7}{vals}{r['wins']:>11.0%}{r['vs_exaggerated']:>10.0%}{r['vs_collapsed']:>12.0%}")
     print(f"sum: the weighted sum of the rewards, each divided by its std within groups of {cfg.group} real cells "
           "(GRPO's scale)")
+
+
+# ---------------------------------------------------------------------------------------------- gene sets
+# The pathway reward's tables (read by Verifier): name -> {gene: weight}, insertion-ordered. Below the rewards:
+# file reading, which no reader of the method needs.
+PATHWAY_DIR = Path(__file__).resolve().parent / "pathways"
+GENE_SETS = {"progeny": None, "hallmark": PATHWAY_DIR / "h.all.v7.0.symbols.gmt"}  # --gene-sets names; None: PROGENy auto
+
+
+def _add(sets: dict, seen: dict, name: str, gene: str, weight: float) -> None:
+    """Add one (set, gene, weight); a gene seen before in the same set (any case) keeps its FIRST weight."""
+    if gene.upper() not in seen.setdefault(name, set()):
+        seen[name].add(gene.upper())
+        sets.setdefault(name, {})[gene] = weight
+
+
+def _text(path: Path) -> str:
+    """A gene-set file's text, UTF-8 (with or without a byte-order mark); anything else is one line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"gene-set file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8, or check it is a .gmt/.csv/.tsv text file (not compressed)") from None
+
+
+def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
+    """Read a long table `gene,pathway,weight[,p_value]` (CSV, or TSV by extension) -> {pathway: {gene: weight}}.
+
+    path=None reads the bundled PROGENy table pathways/progeny_human_top{top}.csv (top = 100 or 500).
+    Column aliases `target` (gene) and `source` (pathway) are accepted (decoupler's naming).
+    """
+    if path is None:
+        if top not in (100, 500):
+            raise UserError(f"no bundled PROGENy table for top={top}: use 100 or 500, or pass a path")
+        path = PATHWAY_DIR / f"progeny_human_top{top}.csv"
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gene-set file {path} not found")
+    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    rows = list(csv.reader(_text(path).splitlines(), delimiter=delim))
+    if not rows:
+        raise UserError(f"gene-set file {path} is empty")
+    head = [c.strip().lower() for c in rows[0]]
+    head = [{"target": "gene", "source": "pathway"}.get(c, c) for c in head]
+    if not {"gene", "pathway", "weight"} <= set(head):
+        raise UserError(f"gene-set table {path} needs columns gene,pathway,weight; found {rows[0]} "
+                        "(for a .gmt file keep the .gmt extension)")
+    ig, ip, iw = head.index("gene"), head.index("pathway"), head.index("weight")
+    sets: dict[str, dict[str, float]] = {}
+    seen: dict[str, set] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in row):
+            continue
+        try:
+            _add(sets, seen, row[ip].strip(), row[ig].strip(), float(row[iw]))
+        except (IndexError, ValueError):
+            raise UserError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
+    if not sets:
+        raise UserError(f"gene-set table {path} has a header but no rows")
+    return sets
+
+
+def load_gmt(path) -> dict[str, dict[str, float]]:
+    """Read a GMT file (tab-separated: set name, description, genes...) -> {set: {gene: 1.0}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"gene-set file {path} not found")
+    sets: dict[str, dict[str, float]] = {}
+    seen: dict[str, set] = {}
+    for n, line in enumerate(_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = [c.strip() for c in line.split("\t")]
+        genes = [g for g in fields[2:] if g]
+        if len(fields) < 3 or not fields[0] or not genes:
+            raise UserError(f"{path} line {n}: a GMT line is 'name<TAB>description<TAB>gene<TAB>gene...'")
+        for g in genes:
+            _add(sets, seen, fields[0], g, 1.0)
+    if not sets:
+        raise UserError(f"GMT file {path} holds no gene sets")
+    return sets
+
+
+def gene_set_path(spec):
+    """--gene-sets -> None (bundled PROGENy, top-100 or top-500: progeny_auto), the bundled MSigDB Hallmark GMT
+    ('hallmark'), or the given file. A bare name that is neither bundled nor an existing file is one line."""
+    if spec is None or str(spec).lower() in GENE_SETS:
+        return GENE_SETS[str(spec).lower()] if spec is not None else None
+    if not Path(spec).suffix and not Path(spec).exists():
+        raise UserError(f"--gene-sets {spec!r}: unknown gene-set table; use progeny (default), hallmark, or the "
+                        "path of a .gmt / .csv / .tsv file")
+    return Path(spec)
+
+
+def load_gene_sets(path) -> dict[str, dict[str, float]]:
+    """Load gene sets by extension: .gmt -> load_gmt; .csv / .tsv / .txt -> load_progeny (long table)."""
+    ext = Path(path).suffix.lower()
+    if ext == ".gmt":
+        return load_gmt(path)
+    if ext in (".csv", ".tsv", ".txt"):
+        return load_progeny(path)
+    raise UserError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
+                    ".csv/.tsv table with columns gene,pathway,weight")
+
+
+def align_gene_sets(sets: dict, genes, min_genes: int = 5):
+    """Gene sets -> weight matrix over the data's genes.
+
+    Returns W (P, G) float32 with W[p, g] = weight of gene g in set p (0 if absent), the P kept set
+    names, and coverage {set: (n_genes_covered, n_genes_in_set)} for EVERY set (dropped ones too).
+    Symbols match case-insensitively. Duplicates keep the first occurrence: a gene listed twice in
+    a set keeps its first weight; a symbol appearing twice in `genes` maps to its first column.
+    Sets with fewer than `min_genes` covered genes are dropped with a warning naming them.
+    """
+    col: dict[str, int] = {}
+    for j, g in enumerate(genes):
+        col.setdefault(str(g).upper(), j)
+    rows, names, coverage, dropped = [], [], {}, []
+    for name, members in sets.items():
+        hit: dict[int, float] = {}
+        seen = set()
+        for g, w in members.items():
+            u = g.upper()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in col:
+                hit[col[u]] = float(w)
+        coverage[name] = (len(hit), len(seen))
+        if len(hit) < min_genes:
+            dropped.append(name)
+            continue
+        w = torch.zeros(len(genes))
+        w[list(hit)] = torch.tensor(list(hit.values()))
+        rows.append(w)
+        names.append(name)
+    if not rows:
+        head = [str(g) for g in list(genes)[:200]]
+        ensembl = 2 * sum(bool(re.match(r"ENS[A-Z]*G\d{6,}", g)) for g in head) > len(head)
+        n_in = len(set(col) & {g.upper() for s in sets.values() for g in s})
+        raise UserError(f"no gene set has >= {min_genes} genes among the data's {len(genes)} genes (first genes: "
+                        f"{head[:3]}); " + ("they look like Ensembl IDs: pass the var column with gene symbols via "
+                        "--gene-symbols" if ensembl else f"{n_in} of them are in any set, too few: keep more genes "
+                        "(raise --n-genes; 0 keeps all) or drop pathway from --rewards"))
+    if dropped:
+        warnings.warn(f"dropped {len(dropped)} gene set(s) with < {min_genes} genes in the data: "
+                      + ", ".join(dropped))
+    return torch.stack(rows), names, coverage  # (P, G)
+
+
+def progeny_auto(genes, min_genes: int = 5):
+    """Default pathway weights: PROGENy top-100, or top-500 when top-100 is too thin for these genes.
+
+    Rule: top-100 is used when at least 3/4 of its pathways keep >= min_genes of the data's genes;
+    otherwise the top-500 table (superset, more genes per pathway): with 500 HVGs of a real screen,
+    top-100 keeps only 7 of the 14 pathways. Prints which table was chosen.
+    """
+    upper = {str(g).upper() for g in genes}
+    for top in (100, 500):
+        sets = load_progeny(top=top)
+        n_ok = sum(len({g.upper() for g in s} & upper) >= min_genes for s in sets.values())
+        if 4 * n_ok >= 3 * len(sets) or top == 500:
+            print(f"verifiers: pathway gene sets = PROGENy top-{top} "
+                  f"({n_ok}/{len(sets)} pathways with >= {min_genes} of the {len(genes)} genes)")
+            return align_gene_sets(sets, genes, min_genes)
+
 
 
 if __name__ == "__main__":

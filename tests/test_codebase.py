@@ -54,3 +54,14 @@ def test_the_readme_line_ranges_point_at_what_they_name():
     rewards = re.findall(r"`REWARDS` table[^()]*\(`verifiers\.py` (\d+)-(\d+)[);]", readme)     # the fork point
     lines = (ROOT / "verifiers.py").read_text().splitlines()
     assert rewards and all(lines[int(a) - 1].startswith("REWARDS = {") and lines[int(b) - 1] == "}" for a, b in rewards)
+
+
+def test_the_reading_order_of_the_method_is_short():
+    """README's "Where to start reading" cites the method (generator, prior, rewards, GRPO, evaluation) in under 800
+    lines of code, counted from its own line ranges (which test_the_readme_line_ranges_point_at_what_they_name
+    holds to the code)."""
+    readme = (ROOT / "README.md").read_text()
+    part = readme.split("## Where to start reading")[1].split("\n## ")[0]
+    ranges = [(int(a), int(b)) for a, b in re.findall(r"\(`\w+\.py` (\d+)-(\d+)[);]", part)]
+    assert len(ranges) >= 20 and all(a <= b for a, b in ranges), ranges
+    assert sum(b - a + 1 for a, b in ranges) < 800

@@ -738,3 +738,46 @@ def test_summary_of_an_anndata07_file_with_target_gene_and_non_targeting(tmp_pat
     assert "3 (condition, covariate) pairs: 2 singles, 1 combinations" in out and "cannot be used" not in err
     ds = load(p)
     assert sorted(k[0] for k in ds.keys) == ["G1", "G1+G2", "G2"] and ds.is_ctrl.sum() == 40
+
+
+def test_held_out_keys_the_validation_keys_say_nothing_about_are_unvalidated(sim_ds):
+    """Dataset.unvalidated: a held-out combination whose singles are seen is unvalidated when no validation key has
+    its prior kind (so the network's change is not applied to it: flow.calibrate), validated once one has; a novel
+    key (no component trained) always is; training keys never are."""
+    import dataclasses
+    train = sim_ds.split["train"]
+    singles = [k for k in train if "+" not in k[0]]
+    combos = [k for k in sim_ds.split["test"] if sim_ds.prior_kind(k) == "additive"]
+    val = [k for k in train if "+" in k[0]][:2]                                   # validation: combinations
+    rest = [k for k in train if k not in val]
+    only_singles = dataclasses.replace(sim_ds, split={"train": [k for k in rest if k not in singles[:2]],
+                                                      "val": singles[:2], "test": combos})
+    assert {only_singles.prior_kind(k) for k in only_singles.split["val"]} == {"none"}
+    assert combos and all(only_singles.unvalidated(k) for k in combos)
+    assert not any(only_singles.unvalidated(k) for k in only_singles.split["train"])
+    assert only_singles.key_table(combos)["unvalidated"].all()
+    with_combos = dataclasses.replace(sim_ds, split={"train": rest, "val": val, "test": combos})
+    assert not any(with_combos.unvalidated(k) for k in combos)
+    novel = ("NOTAGENE", combos[0][1])
+    assert with_combos.unvalidated(novel) and with_combos.novel(novel)
+
+
+def test_a_training_step_sees_the_prior_of_the_other_fold(sim_path):
+    """data.training_rows with every combination held out: a training single's cell of fold f is paired with the
+    table row whose prior is the mean change of fold 1 - f only (recomputed here from the cells), never of its own
+    fold; that row's start is c x prior with c = 1 (the untested kind's plain prior) and its condition the single's."""
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, split="additive", test_frac=0.85, val_frac=0.15))
+    keys = ds.split["train"]
+    table, cells = data.training_rows(ds, keys, self_prior=0.5, seed=4)
+    X, k = np.asarray(ds.X), keys[0]
+    fold, _ = ds.fold_deltas(k, 4)
+    rows = ds.cell_idx[k]
+    at = {r: i for i, r in enumerate(cells["row"])}
+    for f in (0, 1):
+        other = X[rows[fold == 1 - f]].mean(0) - ds.refs[k].ctrl_mean.numpy()
+        own_rows = {int(cells["own"][at[r]]) for r in rows[fold == f]}
+        assert len(own_rows) == 1
+        j = own_rows.pop()
+        np.testing.assert_allclose(table["prior"][j].numpy(), other, atol=1e-5)
+        np.testing.assert_allclose(table["start"][j].numpy(), other, atol=1e-5)     # c = 1
+        assert torch.equal(table["comps"][j], table["comps"][keys.index(k)]) and table["cov"][j] == table["cov"][0]

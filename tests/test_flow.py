@@ -235,7 +235,7 @@ def test_a_zero_network_generates_the_start_predictor_exactly():
     torch.manual_seed(0)
     G = 6
     table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
-             "prior": torch.randn(1, G), "novel": torch.tensor([False])}
+             "prior": torch.randn(1, G), "unvalidated": torch.tensor([False])}
     table["start"] = 0.6 * table["prior"]                                  # c = 0.6
     ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
     for source, sigma, shift, method in [("noise", 1.0, True, "midpoint"), ("ctrl", 0.5, True, "sde"),
@@ -298,7 +298,7 @@ def test_encode_decode_and_make_cond():
     assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.1, 0.41, 1.0, 2.0]]), atol=1e-5)
     table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
              "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6), "start": torch.randn(2, 6),
-             "novel": torch.tensor([False, True])}
+             "unvalidated": torch.tensor([False, True])}
     cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
     assert torch.equal(cond["comps"][0], table["comps"][1]) and torch.equal(cond["cov"], torch.tensor([1, 0, 1, 1]))
     assert torch.allclose(cond["prior"][1], table["prior"][0] / m.std)  # a delta: no mean shift

@@ -309,14 +309,23 @@ def test_checkpoints_carry_the_format_version(sim):
 
 
 def test_checkpoint_with_zero_thresholds_still_loads(sim, tmp_path):
-    """Checkpoints written before paired generation carry a per-gene zero-threshold buffer (zero_below) and a
-    shift_mean option: both are dropped at load, and decoding is max(x, 0)."""
+    """Checkpoints written before paired generation carry a per-gene zero-threshold buffer (zero_below), no
+    residual trust, a shift_mean option and the earlier names (prior_feat, prior_dim, shift, n_genes, ...): they
+    load as the same model (the thresholds dropped, decoding max(x, 0)), and a flow run resumes from one."""
+    old_names = {"gene_feat_dim": "prior_dim", "use_start": "shift", "G": "n_genes", "n_comp": "n_components",
+                 "n_cov": "n_covariates"}
+
     def add(ck):
         for part in ("model", "ema"):
             ck[part]["zero_below"] = torch.full_like(ck[part]["mean"], 0.3)
+            ck[part]["prior_feat"] = ck[part].pop("gene_feat")
+            del ck[part]["trust"]
+        ck["config"]["model"] = {old_names.get(k, k): v for k, v in ck["config"]["model"].items()}
         ck["config"]["model"]["shift_mean"] = False
     path = edited(sim, tmp_path, "old.pt", add)
     model, _ = flow.load_checkpoint(path)
+    new, _ = flow.load_checkpoint(sim["ckpt"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new.state_dict().values()))
     z = torch.randn(50, model.mean.shape[0])
     assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
     flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, gene_feat_dim=32, batch_size=64))
