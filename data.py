@@ -5,16 +5,15 @@
 
 A `Dataset` holds the log1p expression of the selected genes (CSR, one row per cell, rows grouped by
 (condition, covariate) key), the split, a `Reference` of real statistics per key (what verifiers and metrics
-compare generated cells to) and the additive prior of every key (`Dataset.shift`: where the generator starts).
+compare generated cells to) and the prior of every key (`Dataset.start`: where the generator starts).
 Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug screens 'A@0.1+B@1' (doses in uM;
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections, in reading order: the dataset (config, Reference, Dataset with its priors, gene_features,
-control_rows, load_dataset), perturbation
-labels, splits, preprocessing, h5ad I/O, then what every stage shares (devices and torchrun, checkpoint I/O, the
-CLI helpers), and last a simulator with known ground truth (the built-in benchmark). A first reading can stop after
-the splits.
+Sections, in reading order: the method first (config, Reference, Dataset with its priors and the helpers they
+call, what flow.train draws and the comparisons every stage makes, load_dataset with the reference statistics,
+labels, splits, preprocessing); then a fence, and after it what no reader comes for: h5ad I/O, devices and
+torchrun, checkpoints, the CLI, the simulators (the built-in benchmarks).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -47,27 +46,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso",
-                  "vehicle", "nt", "negative_control", "safe-targeting", "untreated"]
-PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name",
-             "product_name", "treatment", "guide_identity", "target", "drug", "compound"]
-COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
-DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
-DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
-DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
-DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
-DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
-SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
-PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
-
 
 class UserError(ValueError):
     """An expected problem with what the user gave (data, options, checkpoints, devices): CLIs print the message as
     one `error:` line and exit 2, no traceback."""
 
 
-# ----------------------------------------------------------------------------- dataset
+# ---------------------------------------- the dataset: config, real statistics, priors
 @dataclass
 class DataConfig:
     data: str | None = None         # h5ad path; None -> the built-in simulator (cached)
@@ -110,20 +95,16 @@ class Reference:
         """(N, G) the real cells, dense, on X's device; a sparse X is densified at every access (see dense)."""
         return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
 
-    def dense(self) -> "Reference":
-        """This reference with its cells densified once (for code that reads them several times)."""
+    def dense(self) -> "Reference":                    # its cells densified once, for code that reads them often
         return replace(self, X=self.cells)
 
-    def to(self, device) -> "Reference":
-        """On `device`; sparse cells stay sparse (moved once, densified there on access)."""
+    def to(self, device) -> "Reference":               # sparse cells stay sparse (densified there on access)
         return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 class SparseRows:
-    """The expression matrix of the selected genes, (n_cells, G) float32 log1p, stored as CSR: memory grows with the
-    non-zeros, not cells x genes. Indexing densifies only what it selects: X[rows] -> (len(rows), G) ndarray (a
-    training batch, a reference's cells, the control cells of a prediction). `csr` is the matrix itself;
-    np.asarray(X) densifies all of it (small data, tests)."""
+    """The expression matrix of the selected genes, (n_cells, G) float32 log1p, stored as CSR (`csr`): memory grows
+    with the non-zeros. X[rows] densifies only what it selects ((len(rows), G) ndarray); np.asarray(X) all of it."""
 
     def __init__(self, csr: sp.csr_matrix):
         self.csr, self.shape, self.dtype = csr, csr.shape, csr.dtype
@@ -134,6 +115,9 @@ class SparseRows:
 
     def __array__(self, dtype=None, copy=None):
         return self.csr.toarray() if dtype is None else self.csr.toarray().astype(dtype)
+
+
+PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least this well with training deltas
 
 
 @dataclass
@@ -153,11 +137,10 @@ class Dataset:
     meta: dict = field(default_factory=dict)  # keys and labels found, for writing predictions
 
     def component_deltas(self, key) -> list:
-        """Per component of `key`, its training single-perturbation mean delta (G,): the single of the same drug
-        at the same dose in the same covariate, or interpolated in log-dose between that drug's neighbouring seen
-        doses there (interpolate_log_dose), else the mean over the other covariates of the same, else None. A key
-        is never its own prior: a training single gets its delta from the drug's other doses or the other
-        covariates (or none), exactly what a held-out one would get, so training conditions look like test ones."""
+        """Per component of `key`, its training single-perturbation mean delta (G,): the single of the same drug at
+        the same dose in the same covariate, or interpolated in log-dose between that drug's neighbouring seen doses
+        there (interpolate_log_dose), else the mean over the other covariates of the same, else None. A key is never
+        its own prior: a training single gets what a held-out one would get, so training keys look like test ones."""
         index = self.single_index()
 
         def at(name, dose, c):                       # the drug's delta at `dose` from its singles in covariate c
@@ -172,15 +155,13 @@ class Dataset:
             out.append(own if own is not None else np.mean(other, axis=0) if other else None)
         return out
 
-    def single_index(self) -> dict:
-        """single_index of the training keys, cached while the split stays the same."""
+    def single_index(self) -> dict:                    # single_index of the training keys, cached per split
         train = tuple(map(tuple, self.split["train"]))
         if getattr(self, "_index", (None,))[0] != train:
             self._index = (train, single_index(train))
         return self._index[1]
 
-    def additive_delta(self, key) -> np.ndarray:
-        """The additive prior of `key`: the sum of its component_deltas (a missing one counts zero)."""
+    def additive_delta(self, key) -> np.ndarray:       # the additive prior: the sum of component_deltas (None: 0)
         return sum((d for d in self.component_deltas(key) if d is not None),
                    np.zeros(len(self.genes), np.float32)).astype(np.float32)
 
@@ -188,16 +169,14 @@ class Dataset:
         return prior_kind(key, self.split["train"], self.single_index())
 
     def mean_delta(self, key, sums=None) -> np.ndarray:
-        """The mean delta of the training perturbations of key's covariate, key itself left out (the
-        training-mean baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: the
-        {covariate: (sum of training deltas, count)} of _delta_sums, when the caller has it."""
+        """The mean delta of the training perturbations of key's covariate, key itself left out (the training-mean
+        baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: _delta_sums(), if known."""
         total, n = (sums or self._delta_sums())[key[1]]
         if tuple(key) in set(map(tuple, self.split["train"])):          # leave the key itself out
             total, n = total - self.refs[tuple(key)].delta.numpy().astype(np.float64), n - 1
         return (total / n).astype(np.float32) if n > 0 else np.zeros(len(self.genes), np.float32)
 
-    def _delta_sums(self) -> dict:
-        """{covariate: (sum of its training keys' deltas (G,) float64, count)}."""
+    def _delta_sums(self) -> dict:                     # {covariate: (sum of its training deltas (G,) float64, count)}
         out = {c: (np.zeros(len(self.genes)), 0) for c in self.covariates}
         for k in self.split["train"]:
             total, n = out[k[1]]
@@ -213,16 +192,15 @@ class Dataset:
         i.e. a prior whose direction carries information, scaled to the size of the real deltas. A kind that no
         training key has (untested_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
         prior (for combinations the plain sum, which no published deep model beats on Norman's doubles), never a
-        silent 0. Why not the least-squares slope, and the measured values: README, "Where the generator starts"."""
-        cache = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust"))
+        silent 0."""
+        cache, kinds = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust")), \
+            ("additive", "dose", "transfer", "mean")
         if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
             return dict(self._trust[1])
-        kinds = ("additive", "dose", "transfer", "mean")
         if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
             out = {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
         else:
-            sums = {kind: np.zeros(3) for kind in kinds}          # sum <d, p>, |d|^2, |p|^2
-            totals = self._delta_sums()
+            sums, totals = {kind: np.zeros(3) for kind in kinds}, self._delta_sums()  # sum <d, p>, |d|^2, |p|^2
             for k in self.split["train"]:
                 d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
                 for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
@@ -240,9 +218,8 @@ class Dataset:
     def untested_kinds(self) -> set:
         """Prior kinds of held-out (validation or test) keys that no training key has, so prior_trust cannot fit
         them and the generator never saw one in training (flow.train then makes training examples of them)."""
-        train = {self.prior_kind(k) for k in self.split["train"]}
-        held = {self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
-        return held - train - {"none"}
+        return ({self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
+                - {self.prior_kind(k) for k in self.split["train"]} - {"none"})
 
     def novel(self, key) -> bool:
         """No component of `key` is in any training key: the generator knows it only by its gene features."""
@@ -263,14 +240,13 @@ class Dataset:
 
     def unseen_components(self) -> set:
         """Components of held-out keys that no training key contains: their learned embedding is never trained."""
-        seen = {n for k in self.split["train"] for n, _ in components_of(k[0])}
-        return {n for k in self.split["val"] + self.split["test"] for n, _ in components_of(k[0])} - seen
+        return {n for k in self.split["val"] + self.split["test"] for n, _ in components_of(k[0]) if self.novel((n,))}
 
     def start(self, key, trust=None) -> np.ndarray:
         """Where the generator starts for `key` (G,): the best trusted simple predictor. c * its additive prior when
         that kind is trusted, else c_mean * the training-mean delta (mean_delta) when that is trusted, else zero
         (the control cell). With paired generation (flow.sample) a network that outputs zero generates exactly
-        control cell + shift."""
+        control cell + start."""
         trust = trust or self.prior_trust()
         c = trust[self.prior_kind(key)]
         return (c * self.additive_delta(key) if c > 0 else trust["mean"] * self.mean_delta(key)).astype(np.float32)
@@ -289,8 +265,8 @@ class Dataset:
         fold = np.zeros(len(rows), np.int64)
         fold[np.random.default_rng([seed, self.keys.index(tuple(key))]).permutation(len(rows))[len(rows) // 2:]] = 1
         ctrl = self.refs[tuple(key)].ctrl_mean.numpy()
-        deltas = np.stack([np.asarray(self.X.csr[rows[fold == f]].mean(0)).ravel() - ctrl for f in (0, 1)])
-        return fold, deltas.astype(np.float32)
+        return fold, np.stack([np.asarray(self.X.csr[rows[fold == f]].mean(0)).ravel() - ctrl for f in (0, 1)]
+                              ).astype(np.float32)
 
     def key_table(self, keys) -> dict:
         """Padded tensors describing each key: comps (K, C) 1 + index into components (0 = padding), dose (K, C)
@@ -298,124 +274,77 @@ class Dataset:
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
         e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, start (K, G), where the
         generator starts (Dataset.start), and unvalidated (K,) bool (Dataset.unvalidated)."""
-        parsed = [components_of(k[0]) for k in keys]
-        C = max(len(p) for p in parsed)
-        index = {c: i + 1 for i, c in enumerate(self.components)}
+        parsed, index = [components_of(k[0]) for k in keys], {c: i + 1 for i, c in enumerate(self.components)}
         lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
-        span = max(np.log10(hi / lo), 1.0)
-        comps = torch.zeros(len(keys), C, dtype=torch.long)
-        dose = torch.zeros(len(keys), C)
+        span, trust = max(np.log10(hi / lo), 1.0), self.prior_trust()
+        comps = torch.zeros(len(keys), max(map(len, parsed)), dtype=torch.long)
+        dose = torch.zeros(comps.shape)
         for i, p in enumerate(parsed):
             for j, (name, d) in enumerate(p):
-                comps[i, j] = index.get(name, 0)
-                dose[i, j] = 1.0 if d is None else float(1 + np.log10(d / hi) / span)
-        cov = torch.tensor([self.covariates.index(k[1]) for k in keys])
-        prior = torch.from_numpy(np.stack([self.additive_delta(k) for k in keys]))   # (K, G)
-        trust = self.prior_trust()
-        start = torch.from_numpy(np.stack([self.start(k, trust) for k in keys]))                    # (K, G)
-        unvalidated = torch.tensor([self.unvalidated(k) for k in keys], dtype=torch.bool)
-        return {"comps": comps, "dose": dose, "cov": cov, "prior": prior, "start": start, "unvalidated": unvalidated}
+                comps[i, j], dose[i, j] = index.get(name, 0), 1.0 if d is None else float(1 + np.log10(d / hi) / span)
+        return {"comps": comps, "dose": dose, "cov": torch.tensor([self.covariates.index(k[1]) for k in keys]),
+                "prior": torch.from_numpy(np.stack([self.additive_delta(k) for k in keys])),            # (K, G)
+                "start": torch.from_numpy(np.stack([self.start(k, trust) for k in keys])),              # (K, G)
+                "unvalidated": torch.tensor([self.unvalidated(k) for k in keys], dtype=torch.bool)}
 
 
-def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X: an ndarray, a scipy CSR matrix or a
-    torch sparse CSR tensor, sums of x and x^2 accumulated in float64 over blocks of rows; sparse X is never
-    densified (per block, bincount of the stored values by gene)."""
-    n, G = X.shape
-    if isinstance(X, torch.Tensor):
-        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
-    elif sp.issparse(X):
-        X = X.tocsr()
-        X = (X.data, X.indices, X.indptr)
-    s1, s2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, BLOCK):                                       # blocks of cells, not a cell loop
-        if isinstance(X, tuple):
-            data, idx, ptr = X
-            a, b = ptr[s], ptr[min(s + BLOCK, n)]
-            v = data[a:b].astype(np.float64)
-            s1, s2 = s1 + np.bincount(idx[a:b], v, G), s2 + np.bincount(idx[a:b], v * v, G)
-        else:
-            B = X[s:s + BLOCK].astype(np.float64)
-            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
-    mean = s1 / n
-    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+# ---------------------------------------- what the priors are made of
+def components_of(label: str):
+    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
+    return [(name, float(dose) if dose else None) for name, _, dose in (p.partition("@") for p in label.split("+"))]
 
 
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
-    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
-    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
-    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
-    n = cells.shape[0]
-    mean, var = sample_stats(cells)
-    ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
-    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if isinstance(cells, np.ndarray):
-        cells = torch.from_numpy(cells if keep is None else cells[keep])
-    elif keep is not None:                                             # a copy of the kept rows
-        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
-                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
-    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
-                     torch.from_numpy(de.astype(np.int64)), cells)
+def single_index(train) -> dict:
+    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
+    out = {}
+    for k, comps in ((k, components_of(k[0])) for k in train):
+        if len(comps) == 1:
+            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
+    return out
 
 
-def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
-    copies them, and so does a scipy matrix built on a slice of them)."""
-    p0, p1 = X.indptr[a], X.indptr[b]
-    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
-                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
-                                       (b - a, X.shape[1]), check_invariants=False)
+def _available(index, key, name, cov) -> list:
+    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
+    own = components_of(key[0])
+    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
+    return [d for d in index.get((name, cov), ()) if d != skip]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+def prior_kind(key, train, index=None) -> str:
+    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
+    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
+    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
+    has one in some covariate, else 'none'. The key itself never counts. index: single_index(train), if known."""
+    index = single_index(train) if index is None else index
+    comps = components_of(key[0])
+    if all(_available(index, key, n, key[1]) for n, _ in comps):
+        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
+    transfer = all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps)
+    return "transfer" if transfer else "none"
 
 
-def builtin_path(kind: str = "genetic") -> str:
-    """The built-in synthetic benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated
-    once and cached."""
-    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
-    if kind not in sims:
-        raise UserError(f"--kind {kind!r}: use genetic or chemical")
-    path = cache_dir() / sims[kind][0]
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_h5ad(path, sims[kind][1](seed=0))
-    return str(path)
+def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
+    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
+    log-dose between the two neighbouring seen doses,
+        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
+    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
+    order = np.argsort(doses)
+    x = np.asarray(doses, dtype=np.float64)[order]
+    j = int(np.searchsorted(x, d))
+    if j < len(x) and x[j] == d or j == 0 or j == len(x):
+        return deltas[order[min(j, len(x) - 1)]]
+    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
+    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
 
 
-def gene_features(ds, p: int = 32) -> torch.Tensor:
-    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
-    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
-    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
-    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
-    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
-    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
-    p = min(p, *Z.shape)
-    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
-        torch.manual_seed(0)
-        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
-    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
-    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
-    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
-    feat = feat / feat.std().clamp_min(1e-8)
-    pos = {g: i for i, g in enumerate(ds.genes)}
-    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
-
-
+# ---------------------------------------- what flow.train draws; comparisons every stage makes
 def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
     """What flow.train draws from: (table, cells). The key table holds the training keys, one empty-perturbation row
     per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a prior
     kind no training key has (Dataset.untested_kinds, e.g. every combination held out), two rows per training single
     with its cross-fitted own prior as that kind (Dataset.fold_deltas: the prior of fold f serves the cells of fold
-    1 - f, trusted like that kind), so the network learns what to add when a prior is present. cells: numpy arrays
-    over every usable cell: row (its row of ds.X), kid (its table row), own (its cross-fitted prior's table row, -1
-    if none); the control cells left out for control_check are not among them."""
+    1 - f), so the network learns what to add when a prior is present. cells: arrays over every usable cell (not the
+    control_check ones): row (of ds.X), kid (its table row), own (its cross-fitted prior's table row, -1 if none)."""
     n_cov, table = len(ds.covariates), ds.key_table(keys)
     own_rows, extra, c = {}, [], 0.0
     if ds.untested_kinds() and self_prior > 0:
@@ -439,9 +368,9 @@ def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
 
 
 def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
-    """n cells for one flow.train step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows, control-cell
-    rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training single with
-    a cross-fitted own prior uses it with probability self_prior."""
+    """n cells for one flow.train step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows,
+    control-cell rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training
+    single with a cross-fitted own prior uses it with probability self_prior."""
     pert, ctrl = np.flatnonzero(cells["kid"] < cells["n_keys"]), cells["ctrl"]
     i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
     pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
@@ -458,8 +387,7 @@ def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
 
 
 def describe_start(ds, cells) -> str:
-    """One line: where the generator starts (the prior trust) and what flow.train simulates of the held-out situation
-    (cells: training_rows')."""
+    """One line: the prior trust and what flow.train simulates of the held-out situation (cells: training_rows')."""
     trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
     val = ds.split["val"]
     r = pearson_rows(ds.key_table(val)["start"], torch.stack([ds.refs[k].delta for k in val])).mean() if val else np.nan
@@ -478,9 +406,45 @@ def control_rows(ds, keys, n, generator) -> list:
             for k, m in zip(keys, n)]
 
 
+def gene_features(ds, p: int = 32) -> torch.Tensor:
+    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
+    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
+    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
+    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
+    Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
+    Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
+    p = min(p, *Z.shape)
+    with torch.random.fork_rng():  # C = Z^T Z / (n - 1) = V diag(S^2 / (n - 1)) V^T from a randomised SVD of Z
+        torch.manual_seed(0)
+        _, S, V = torch.svd_lowrank(Z, q=p + 8, niter=6)  # (q,), (G, q)
+    lam, V = S[:p] ** 2 / max(len(Z) - 1, 1), V[:, :p]  # (p,), (G, p) top-p eigenpairs of C
+    V = V * torch.sign(V[V.abs().argmax(0), torch.arange(p)])  # fix the eigenvector sign
+    feat = V * lam  # (G, p) PCA coordinates of each gene's correlation profile
+    feat = feat / feat.std().clamp_min(1e-8)
+    pos = {g: i for i, g in enumerate(ds.genes)}
+    return torch.stack([feat[pos[c]] if c in pos else feat.new_zeros(p) for c in ds.components]).float()
+
+
+def pearson_rows(a, b):
+    """Row-wise Pearson correlation of (K, G) tensors."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+
+
+def energy_distance(x, y) -> float:
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
+    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
+    (U-statistics). >= 0 up to sampling error; 0 for equal distributions (evaluate.py, flow.control_check)."""
+    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+                     for a, b in [(x, y), (x, x), (y, y)])
+    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
+    return float(2 * dxy.mean() - u(dxx) - u(dyy))
+
+
+# ---------------------------------------- loading: from a file to the Dataset and its reference statistics
 def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
-    """Read, parse labels, split, select genes, compute references. `genes` and `split` (from a checkpoint)
-    override the selection and the split, so every stage sees the same ones."""
+    """Read, parse labels, split, select genes, compute references. `genes` and `split` (a checkpoint's) override
+    the selection and the split, so every stage sees the same ones."""
     path = cfg.data or builtin_path(cfg.kind)
     h = read_h5ad(path, layer=cfg.layer, lazy=cfg.lazy)
     if min(h.X.shape) == 0 or h.X.shape[1] < 2:    # one gene: its CP10k is 10,000 in every cell, no Pearson, no DE
@@ -489,18 +453,16 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
             "least 2") + "; check that it is the right file (or --layer)")
     symbols = gene_symbols(h, cfg.gene_symbols)
     lab = read_labels(h, cfg, symbols)
-    keys = lab["keys"]
+    keys, test = lab["keys"], cfg.test
     if split is not None:
         split = {k: [tuple(x) for x in v] for k, v in split.items()}
         unknown = [k for v in split.values() for k in v if k not in set(keys)]
         if unknown:
             raise UserError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
                             f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
-    else:
-        test = cfg.test
-        if test:   # canonical spelling of user labels: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
-            test = ",".join(test_label(l, lab["control"], lab["sep"], lab["case"]) + (":" + cv if cv else "")
-                            for l, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
+    else:      # --test in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
+        test = test and ",".join(test_label(l, lab["control"], lab["sep"], lab["case"]) + (":" + cv if cv else "")
+                                 for l, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
         split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
     cond, covs, is_ctrl, keep = lab["cond"], lab["cov"], lab["is_ctrl"], lab["keep"]
     in_train = np.isin((cond + "\x1f" + covs).astype(str), [f"{l}\x1f{c}" for l, c in split["train"]])
@@ -517,8 +479,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
     refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
     for k in keys:                                                     # one pass per condition
-        m, v, ci = ctrl_stats[k[1]]
-        n = len(cell_idx[k])
+        (m, v, ci), n = ctrl_stats[k[1]], len(cell_idx[k])
         kept = np.sort(rng.choice(n, cfg.ref_cells, replace=False)) if 0 < cfg.ref_cells < n else None
         refs[k] = reference(csr_rows(X, cell_idx[k][0], cell_idx[k][-1] + 1), ci, m, np.sqrt(v), cfg.n_de,
                             cfg.std_floor, kept)
@@ -532,24 +493,127 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 
 
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
+    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
+    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
+    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
+    n = cells.shape[0]
+    mean, var = sample_stats(cells)
+    ctrl_std = np.maximum(ctrl_std, std_floor)
+    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if isinstance(cells, np.ndarray):
+        cells = torch.from_numpy(cells if keep is None else cells[keep])
+    elif keep is not None:                                             # a copy of the kept rows
+        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
+                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
+                     torch.from_numpy(de.astype(np.int64)), cells)
+
+
+BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+
+
+def moment_sums(X, blocks, w=None):
+    """The per-gene moment accumulator: (S1, S2) = (sum_i w_i x_i, sum_i w_i x_i^2) in float64 over `blocks` of rows
+    of X (an int: contiguous blocks of that size; or slices; or index arrays for a non-CSR X); w (n_cells,) weights
+    (None: 1; a block of zero weight is skipped). A CSR X (scipy, torch sparse CSR) is never densified: per block, a
+    bincount of its stored values by gene; any other X (ndarray, CSC, DiskX, SparseRows) one dense block at a time."""
+    n, G = X.shape
+    if isinstance(blocks, int):
+        blocks = [slice(s, min(s + blocks, n)) for s in range(0, n, blocks)]
+    if isinstance(X, torch.Tensor):
+        X = (X.values().numpy(), X.col_indices().numpy(), X.crow_indices().numpy())
+    elif sp.isspmatrix_csr(X):
+        X = (X.data, X.indices, X.indptr)
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for blk in blocks:
+        wb = 1.0 if w is None else w[blk]
+        if w is not None and not wb.any():
+            continue
+        if isinstance(X, tuple):                                       # the block's stored values, no copy of it
+            (data, idx, ptr), (a, b) = X, (X[2][blk.start], X[2][blk.stop])
+            v = data[a:b].astype(np.float64)
+            wv = 1.0 if w is None else np.repeat(wb, np.diff(ptr[blk.start:blk.stop + 1]))
+            s1, s2 = s1 + np.bincount(idx[a:b], v * wv, G), s2 + np.bincount(idx[a:b], v * v * wv, G)
+            continue
+        B = X[blk].astype(np.float64)
+        if w is None:
+            s1, s2 = s1 + B.sum(0), s2 + (B * B).sum(0)
+        else:
+            s1 = s1 + np.asarray(B.T @ wb).ravel()
+            s2 = s2 + np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
+    return s1, s2
+
+
+def sample_stats(X):
+    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X (ndarray, scipy sparse or torch
+    sparse CSR; moment_sums over blocks of BLOCK rows)."""
+    n, G = X.shape
+    s1, s2 = moment_sums(X.tocsr() if sp.issparse(X) else X, BLOCK)
+    mean = s1 / n
+    return mean, np.maximum(s2 - n * mean ** 2, 0) / (n - 1) if n > 1 else np.zeros(G)
+
+
+def gene_stats(X, rows: np.ndarray, chunk=None):
+    """Mean and (population) variance per gene over the given rows, for gene selection: moment_sums with weights
+    1 / len(rows) over blocks of `chunk` (BLOCK) cells; X may be a DiskX (a Norman-sized X is ~1.7 GB)."""
+    w = np.zeros(X.shape[0], np.float64)
+    w[rows] = 1.0 / max(len(rows), 1)
+    mean, ex2 = moment_sums(X, chunk or BLOCK, w)
+    return mean, np.maximum(ex2 - mean ** 2, 0.0)
+
+
+def fit_scaler(X, rows, chunk=16384):
+    """Per-gene mean and std (floored at 1e-2) of X[rows] (the model's scaler): moment_sums over row chunks."""
+    s1, s2 = moment_sums(X, [rows[i:i + chunk] for i in range(0, len(rows), chunk)])
+    mean = s1 / len(rows)
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
+                                                            ).float().clamp_min(1e-2)
+
+
+def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
+    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
+    copies them, and so does a scipy matrix built on a slice of them)."""
+    p0, p1 = X.indptr[a], X.indptr[b]
+    with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy((X.indptr[a:b + 1] - p0).astype(X.indices.dtype)),
+                                       torch.from_numpy(X.indices[p0:p1]), torch.from_numpy(X.data[p0:p1]),
+                                       (b - a, X.shape[1]), check_invariants=False)
+
+
+# ---------------------------------------- perturbation labels
+CONTROL_LABELS = ["ctrl", "control", "non-targeting", "non_targeting", "nontargeting", "dmso", "vehicle", "nt",
+                  "negative_control", "safe-targeting", "untreated"]
+PERT_KEYS = ["condition", "perturbation", "target_gene", "gene", "perturbation_name", "product_name", "treatment",
+             "guide_identity", "target", "drug", "compound"]
+COV_KEYS = ["cell_type", "cell_line", "celltype", "cell_line_name", "cell_type_name"]
+DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration"]
+DOSE_UNIT_KEY = re.compile(r"^(dose|dose_value|dose_val|conc|concentration)[ _]?[(\[]?[nuµμm]m[)\]]?$", re.I)  # dose_nM
+DRUG_SLOT = re.compile(r"^(drug|compound|product_name|treatment|perturbation|condition)[ _]?(\d+)$", re.I)  # Drug1
+DOSE_SLOT = re.compile(r"^(dose|dose_val|dose_value|concentration)[ _]?(\d+)$", re.I)                      # Dose1
+DOSE_UNITS = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3}    # -> uM, the unit of every label
+
+
 def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
-    """The label side of a file: read_conditions' canonical condition per cell, the covariate per cell, and the
-    keys (condition, covariate) with at least --min-cells cells; keep (n_cells,) marks the cells used (controls and
-    cells of those keys)."""
+    """The label side of a file: read_conditions' canonical condition per cell, the covariate per cell, and the keys
+    (condition, covariate) with at least --min-cells cells; keep (n_cells,) marks the cells used (controls, keys)."""
     rc = read_conditions(h, cfg, symbols)
     cond, missing, control = rc["cond"], rc["missing"], rc["control"]
     cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
                                                                 "covariate", "--covariate-key")
-    covs = np.array([str(v) for v in h.obs[cov_key]], dtype=object) if cov_key else \
-        np.full(len(cond), "all", dtype=object)
+    covs = np.array([str(v) for v in h.obs[cov_key]] if cov_key else ["all"] * len(cond), dtype=object)
     is_ctrl = cond == "ctrl"
     for cv in np.unique(covs):
         if not is_ctrl[covs == cv].any():
             raise UserError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
                             f"cells or choose another --covariate-key (or 'none')")
     uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
-    uniq = [tuple(u.split("\x1f")) for u in uniq]
-    perturbed = [((l, c), n) for (l, c), n in zip(uniq, counts) if l not in ("ctrl", "<missing>")]
+    perturbed = [((l, c), n) for (l, c), n in zip((tuple(u.split("\x1f")) for u in uniq), counts)
+                 if l not in ("ctrl", "<missing>")]
     small = [f"{l}|{c} ({n})" for (l, c), n in perturbed if n < cfg.min_cells]
     if small:
         warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
@@ -563,67 +627,127 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     return {**rc, "cov": covs, "cov_key": cov_key, "is_ctrl": is_ctrl, "keep": keep, "keys": keys}
 
 
-def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
-    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is
-    read), select genes on the training rows (perturbation targets always kept; `genes` from a checkpoint win),
-    and return (the selected columns of `rows`, in that order, as float32 CSR, the column indices, raw counts?)."""
-    X = h.X
-    if cfg.lazy:
-        counts_in = X.counts
-    else:
-        check_values(X)
-        counts_in = is_counts(X)
-        if counts_in:
-            X = log_normalise(X)
-    if genes is not None:
-        pos = {g: i for i, g in enumerate(symbols)}
-        missing = [g for g in genes if g not in pos]
-        if missing:
-            raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
-                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
-        cols = np.array([pos[g] for g in genes])
-    else:
-        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
-        if len(cols) < 2:
-            raise UserError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
-                            "which needs at least 2 (0 keeps all)")
-    if cfg.lazy:                                                       # from disk, block by block
-        Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr")
-    else:
-        Xs = sp.csr_matrix(X[:, cols])                                 # columns first: the smaller copy
-    h.X = X = None                                                     # free the full matrix
-    return Xs[rows].astype(np.float32, copy=False), cols, counts_in
+def read_conditions(h: H5AD, cfg, symbols) -> dict:
+    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
+
+    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
+    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
+    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
+    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
+    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
+    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
+    (label, dose)."""
+    labels, missing, control, pert_key, dk = read_perturbations(h.obs, cfg)
+    if missing.any():
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
+    dose_cols, dstr = read_doses(h.obs, dk, missing)
+    dose_key, distinct = ",".join(dose_cols) or None, np.unique(labels[~missing].astype(str))
+    sep = detect_sep(distinct, control, symbols)
+    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
+    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
+    pairs, where = [u.split("\x1f") for u in uniq], f"columns {pert_key!r}/{dose_key!r}"
+    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
+    doses = [None if not dose_key or not parse_condition(l, control, sep) else
+             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
+    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
+                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
+    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
+        l, d = pairs[inv.ravel()[rows[0]]]
+        raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
+            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
+            "(0 = vehicle), drop those cells, or --dose-key none")
+    unit = dose_unit(cfg.dose_unit, dose_cols, doses)
+    f = DOSE_UNITS[unit]
+    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
+    canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) or "ctrl" for (l, _), d in zip(pairs, doses)]
+    cond = np.array(canon, dtype=object)[inv.ravel()]
+    cond[missing] = "<missing>"                      # dropped later, never a key
+    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
+                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
+                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
 
 
-# ----------------------------------------------------------------------------- perturbations
+def _text(col) -> np.ndarray:                           # an obs column as strings, missing -> 'nan'
+    return np.array(["nan" if v is None else str(v) for v in col], dtype=object)
+
+
+def read_perturbations(obs, cfg):
+    """The raw perturbation label of every cell, from one column or from one per combination slot (joined with '+',
+    an empty slot the control): (labels, missing (n,) bool, control, pert_key, the dose column(s) given or paired)."""
+    pk, dk = cfg.pert_key, cfg.dose_key
+    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
+    if pk is None:                                   # numbered drug columns with numbered dose columns
+        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
+        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
+        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
+            slots = [drugs[i] for i in sorted(drugs)]
+            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
+    if not slots:
+        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+        if pert_key is None:
+            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                            f"name it with --pert-key")
+        labels = _text(obs[pert_key])
+        return labels, np.array([v is None for v in obs[pert_key]]), find_control(labels, cfg.control), pert_key, dk
+    if absent := [c for c in slots if c not in obs]:
+        raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
+    cols = [_text(obs[c]) for c in slots]
+    empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+    control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
+    labels = np.where(empty[0], control, cols[0])
+    for c, e in zip(cols[1:], empty[1:]):
+        labels = labels + "+" + np.where(e, control, c)
+    return labels, np.logical_and.reduce(empty), control, "condition", dk
+
+
+def read_doses(obs, dk, missing):
+    """(dose columns, the dose string of every cell in the input unit, 'nan' = none; parts joined with '+')."""
+    n = len(missing)
+    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
+        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
+    if absent := [c for c in dose_cols if c not in obs]:
+        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
+    dstr = np.full(n, "nan", dtype=object)
+    for i, col in enumerate(obs[c] for c in dose_cols):
+        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else _text(col)
+        dstr = s if i == 0 else dstr + "+" + s
+    if dose_cols and len({p for s in np.unique(dstr[~missing].astype(str)) for p in s.split("+")}) < 2:
+        if dk:
+            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
+        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # a constant '1' (or GEARS' '1' / '1+1') of CRISPR
+    return dose_cols, dstr
+
+
+def dose_unit(given, dose_cols, doses) -> str:
+    """The unit of the input doses (a DOSE_UNITS key): --dose-unit, else the column name's, else nM above 1000."""
+    unit = (given or "auto").lower().replace("μ", "µ")
+    if unit == "auto":
+        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
+        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
+        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
+    if unit not in DOSE_UNITS:
+        raise UserError(f"--dose-unit {given!r}: use uM, nM, mM or auto")
+    return unit
+
+
 def find_key(columns, wanted, given, what, flag, pattern=None):
     """The obs column named by `flag` (given), else the first of `wanted` present (any case), else the first column
     matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
-    if given is not None:
-        if given not in columns:
-            raise UserError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
-        return given
-    for k in wanted:
-        for c in columns:
-            if c.lower() == k:
-                return c
-    return next((c for c in columns if pattern is not None and pattern.match(c)), None)
+    if given is not None and given not in columns:
+        raise UserError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
+    return given if given is not None else next((c for k in wanted for c in columns if c.lower() == k), None) or \
+        next((c for c in columns if pattern is not None and pattern.match(c)), None)
 
 
 def find_control(labels: np.ndarray, given=None) -> str:
     uniq, counts = np.unique(labels.astype(str), return_counts=True)
-    if given is not None:
-        if given not in uniq:
-            top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-            raise UserError(f"control label {given!r} not found; most frequent labels: {list(top)}")
-        return str(given)
-    lower = {u.lower(): u for u in uniq}
-    for c in CONTROL_LABELS:
-        if c in lower:
-            return str(lower[c])
-    top = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]]
-    raise UserError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: "
-                    f"{list(top)}; name it with --control")
+    top, lower = [str(u) for u in uniq[np.argsort(-counts, kind="stable")[:8]]], {u.lower(): u for u in uniq}
+    if given is not None and given not in uniq:
+        raise UserError(f"control label {given!r} not found; most frequent labels: {top}")
+    if given is None and not any(c in lower for c in CONTROL_LABELS):
+        raise UserError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: {top}; name it "
+                        "with --control")
+    return str(given) if given is not None else str(next(lower[c] for c in CONTROL_LABELS if c in lower))
 
 
 def fmt_dose(d) -> str:
@@ -632,25 +756,20 @@ def fmt_dose(d) -> str:
 
 
 def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
-    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> ().
-    dose: None, one number for every component, or one per part of the label (in order); a dose is attached as
-    'A@10' (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: {component: name}
-    (see match_case)."""
+    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> (). dose: None,
+    one number for every component, or one per part of the label (in order); a dose is attached as 'A@10'
+    (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: match_case's."""
     ctrl = {control.lower(), "ctrl", "control"}
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
     parts = [p.strip() for p in split_label(label, sep)]
     doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
-    comps = []
-    for p, d in zip(parts, doses):
-        if p and p.lower() not in ctrl and not (d is not None and d == 0):
-            p = (rename or {}).get(p, p)
-            comps.append(p if d is None or not np.isfinite(d) else f"{p}@{fmt_dose(d)}")
-    return tuple(sorted(comps))
+    return tuple(sorted((rename or {}).get(p, p) + ("" if d is None or not np.isfinite(d) else f"@{fmt_dose(d)}")
+                        for p, d in zip(parts, doses)
+                        if p and p.lower() not in ctrl and not (d is not None and d == 0)))   # dose 0: vehicle
 
 
-def split_label(label, sep: str) -> list:
-    """The parts of a label, split at every separator character in `sep` ('+|': at '+' and at '|')."""
+def split_label(label, sep: str) -> list:                # split at every separator character in sep ('+|')
     return re.split(f"[{re.escape(sep)}]", str(label))
 
 
@@ -687,9 +806,7 @@ def detect_sep(labels, control, genes=()) -> str:
 def match_case(components, genes) -> dict:
     """{component: gene} for perturbation components that name a gene only in another case ('tmsb4x' ->
     'TMSB4X'), with a warning: the target is then kept in gene selection and gets its gene's prior features."""
-    exact, upper = set(genes), {}
-    for g in genes:
-        upper.setdefault(g.upper(), g)
+    exact, upper = set(genes), {g.upper(): g for g in reversed(list(genes))}       # the first of a case wins
     fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
     if fix:
         warnings.warn(f"{len(fix)} perturbation label(s) name a gene in another case; using the gene names: "
@@ -697,17 +814,7 @@ def match_case(components, genes) -> dict:
     return fix
 
 
-def components_of(label: str):
-    """Canonical label 'A@10+B@1' -> [('A', 10.0), ('B', 1.0)]; no dose -> None."""
-    out = []
-    for p in label.split("+"):
-        name, _, dose = p.partition("@")
-        out.append((name, float(dose) if dose else None))
-    return out
-
-
-def names_of(label: str) -> str:
-    """'A@10+B@1' -> 'A+B': the drugs of a condition, without doses."""
+def names_of(label: str) -> str:                         # 'A@10+B@1' -> 'A+B': the drugs, without doses
     return "+".join(sorted(n for n, _ in components_of(label)))
 
 
@@ -720,8 +827,7 @@ def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
         names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
         names = sep[0].join(names)
     elif "@" in lab:
-        names, _, doses = lab.partition("@")
-        doses = doses.split("+")
+        names, doses = lab.partition("@")[0], lab.partition("@")[2].split("+")
     try:
         d = [float(x) for x in doses] or [None]
     except ValueError:
@@ -737,162 +843,25 @@ def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
 
 def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
     """The dose string of one cell -> None (none), a float (every component) or a list (one per part, combo=True:
-    the column writes combinations as 'dA+dB', so every value has as many parts as its label). One clear line
-    for text, negative values or a part count that differs from the label's."""
+    the column writes combinations as 'dA+dB'). One line for text, negative values or a wrong part count."""
     if text.strip().lower() in ("nan", "none", ""):
         return None
     try:
         vals = [float(v) for v in text.split("+")]
     except ValueError:
         raise UserError(f"{where}: dose {text!r} of {label!r} is not a number; doses are numbers ('dA+dB' for a "
-                        "combination): fix the column, name the dose column with --dose-key, or --dose-key none") from None
+                        "combination): fix the column, name the dose column with --dose-key, or --dose-key none"
+                        ) from None
     if any(v < 0 for v in vals):
-        raise UserError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the column")
+        raise UserError(f"{where}: dose {text!r} of {label!r} is negative; doses are >= 0 (0 = vehicle): fix the "
+                        "column")
     if combo and len(vals) != n_parts:
         raise UserError(f"{where}: {label!r} has {n_parts} part(s) but its dose {text!r} has {len(vals)}; give one "
                         "dose per drug, 'dA+dB' for 'A+B', in the same order")
     return vals if combo else vals[0]
 
 
-def read_conditions(h: H5AD, cfg, symbols) -> dict:
-    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
-
-    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
-    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
-    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
-    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
-    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
-    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
-    (label, dose)."""
-    obs, pk, dk = h.obs, cfg.pert_key, cfg.dose_key
-    n = len(h.obs_names)
-    slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
-    if pk is None:                                   # numbered drug columns with numbered dose columns
-        drugs = {int(m[2]): c for c in obs if (m := DRUG_SLOT.match(c))}
-        doses = {int(m[2]): c for c in obs if (m := DOSE_SLOT.match(c))}
-        if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
-            slots = [drugs[i] for i in sorted(drugs)]
-            dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
-    strs = lambda col: np.array(["nan" if v is None else str(v) for v in col], dtype=object)  # noqa: E731
-    if slots:
-        absent = [c for c in slots if c not in obs]
-        if absent:
-            raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
-        cols = [strs(obs[c]) for c in slots]
-        empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
-        control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
-        labels = cols[0].copy()
-        labels[empty[0]] = control
-        for c, e in zip(cols[1:], empty[1:]):
-            labels = labels + "+" + np.where(e, control, c)
-        missing, pert_key = np.logical_and.reduce(empty), "condition"
-    else:
-        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
-        if pert_key is None:
-            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
-                            f"name it with --pert-key")
-        labels, missing = strs(obs[pert_key]), np.array([v is None for v in obs[pert_key]])
-        control = find_control(labels, cfg.control)
-    if missing.any():
-        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
-    # doses: one string per cell ('nan' = none), in the input unit
-    dose_cols = [] if dk == "none" else [c.strip() for c in dk.split(",")] if dk else \
-        [c for c in [find_key(obs, DOSE_KEYS, None, "dose", "--dose-key", DOSE_UNIT_KEY)] if c]
-    absent = [c for c in dose_cols if c not in obs]
-    if absent:
-        raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
-    dstr = np.full(n, "nan", dtype=object)
-    for i, c in enumerate(dose_cols):
-        col = obs[c]
-        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else strs(col)
-        dstr = s if i == 0 else dstr + "+" + s
-    if dose_cols and len({p for s in np.unique(dstr[~missing].astype(str)) for p in s.split("+")}) < 2:
-        if dk:
-            raise UserError(f"dose column {dk!r} has a single value; it cannot be a dose: drop --dose-key")
-        dose_cols, dstr = [], np.full(n, "nan", dtype=object)     # a constant '1' (or GEARS' '1' / '1+1') of CRISPR
-    dose_key = ",".join(dose_cols) or None
-    distinct = np.unique(labels[~missing].astype(str))
-    sep = detect_sep(distinct, control, symbols)
-    case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
-    uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
-    pairs = [u.split("\x1f") for u in uniq]
-    combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
-    where = f"columns {pert_key!r}/{dose_key!r}"
-    doses = [None if not dose_key or not parse_condition(l, control, sep) else
-             dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
-    rows = np.flatnonzero(np.isin(inv.ravel(), [j for j, ((l, _), d) in enumerate(zip(pairs, doses))
-                                                if dose_key and undosed(l, d, control, sep)]) & ~missing)
-    if len(rows):                                    # a perturbed cell without a dose is not a dose-less condition
-        l, d = pairs[inv.ravel()[rows[0]]]
-        raise UserError(f"{where}: {len(rows)} perturbed cell(s) have a NaN, Inf or missing dose, e.g. " + ", ".join(
-            f"{h.obs_names[i]} (row {i})" for i in rows[:3]) + f": {l!r} at {d!r}; give each a finite dose "
-            "(0 = vehicle), drop those cells, or --dose-key none")
-    unit = (cfg.dose_unit or "auto").lower().replace("μ", "µ")
-    if unit == "auto":
-        m = re.search(r"(?i)(?:^|[_ (\[])([nuµμm]m)[)\]]?$", dose_cols[0]) if dose_cols else None
-        top = max([v for d in doses if d is not None for v in np.atleast_1d(d) if np.isfinite(v)], default=0)
-        unit = m[1].lower().replace("μ", "µ") if m else "nm" if top > 1000 else "um"
-    if unit not in DOSE_UNITS:
-        raise UserError(f"--dose-unit {cfg.dose_unit!r}: use uM, nM, mM or auto")
-    f = DOSE_UNITS[unit]
-    scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
-    canon = ["+".join(c) or "ctrl" for c in (parse_condition(l, control, sep, scale(d), case)
-                                              for (l, _), d in zip(pairs, doses))]
-    cond = np.array(canon, dtype=object)[inv.ravel()]
-    cond[missing] = "<missing>"                      # dropped later, never a key
-    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
-                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
-                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
-
-
-# ----------------------------------------------------------------------------- splits
-
-def single_index(train) -> dict:
-    """{(drug, covariate): {dose: key}} of the single-component keys in `train` (dose None without one)."""
-    out = {}
-    for k in train:
-        comps = components_of(k[0])
-        if len(comps) == 1:
-            out.setdefault((comps[0][0], k[1]), {})[comps[0][1]] = tuple(k)
-    return out
-
-
-def _available(index, key, name, cov) -> list:
-    """Doses of drug `name` seen as singles in `cov`, the key itself left out (a key is never its own prior)."""
-    own = components_of(key[0])
-    skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else "-"
-    return [d for d in index.get((name, cov), ()) if d != skip]
-
-
-def prior_kind(key, train, index=None) -> str:
-    """What the additive prior of `key` is made of, given the training keys: 'additive' when every component's
-    drug has a training single in the key's covariate (at that dose, or at other doses it is interpolated from;
-    'dose' for a single drug, whose prior is then its own response at other doses), 'transfer' when every one
-    has one in some covariate, else 'none'. The key itself never counts (a training
-    single is not its own prior). index: single_index(train), when the caller has it."""
-    index = single_index(train) if index is None else index
-    comps = components_of(key[0])
-    if all(_available(index, key, n, key[1]) for n, _ in comps):
-        return "additive" if len(comps) > 1 else "dose"                # 'dose': a drug at another dose
-    return "transfer" if all(any(_available(index, key, n, c) for m, c in index if m == n) for n, _ in comps) else "none"
-
-
-def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
-    """The delta of a drug at dose d from its deltas at other doses (doses (n,) > 0, deltas n x (G,)): linear in
-    log-dose between the two neighbouring seen doses,
-        delta(d) = (1 - w) delta(d_lo) + w delta(d_hi),   w = log(d / d_lo) / log(d_hi / d_lo),
-    and the nearest seen dose outside their range (no extrapolation: a Hill curve flattens at both ends)."""
-    order = np.argsort(doses)
-    x = np.asarray(doses, dtype=np.float64)[order]
-    j = int(np.searchsorted(x, d))
-    if j < len(x) and x[j] == d or j == 0:
-        return deltas[order[j]]
-    if j == len(x):
-        return deltas[order[-1]]
-    w = np.log(d / x[j - 1]) / np.log(x[j] / x[j - 1])
-    return ((1 - w) * deltas[order[j - 1]] + w * deltas[order[j]]).astype(np.float32)
-
-
+# ---------------------------------------- splits
 def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
     """Split (condition, covariate) keys by condition. additive: every single in training; combinations
     whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
@@ -900,11 +869,8 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
     lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
     held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
     'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
-    keys = sorted(keys)
-    rng = np.random.default_rng(seed)
+    keys, rng, mode = sorted(keys), np.random.default_rng(seed), "explicit" if test else mode  # a list wins
     index = single_index(keys)
-    if test:                                         # an explicit list wins over any mode
-        mode = "explicit"
     additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
     if mode == "auto":
         mode = "additive" if additive_cand else "random"
@@ -912,8 +878,7 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
                           "using a random split")
 
-    def take(pool, frac, least=3):
-        """A random fraction of pool (at least one when pool has >= least entries)."""
+    def take(pool, frac, least=3):                   # a random fraction of pool (>= 1 when it has >= least entries)
         pool = [pool[i] for i in rng.permutation(len(pool))]
         n = int(round(frac * len(pool)))
         n = max(n, 1) if len(pool) >= least and frac > 0 else n
@@ -929,19 +894,9 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
             warnings.warn("split additive: no combination left for validation; there is no validation set "
                           "(the last checkpoint is the result): lower --test-frac or add combinations")
     elif mode == "random":
-        test_keys, val_keys, used = [], [], set()
-        for cov in sorted({c for _, c in keys}):     # a condition is held out in one covariate at most
-            mine = [k for k in keys if k[1] == cov]
-            fresh = [k for k in mine if k[0] not in used]
-            t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
-            rest = [k for k in mine if k not in t]
-            fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
-            v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
-            test_keys += t
-            val_keys += v
-            used |= {k[0] for k in t + v}
+        test_keys, val_keys = _random_split(keys, take, test_frac, val_frac)
     elif mode == "dose":
-        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}   # (drug, cov) -> [(d, key)]
+        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}  # (drug, cov): [(d, key)]
         test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
         if not test_keys:
             raise UserError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
@@ -956,41 +911,80 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         test_keys = [k for k in keys if has(k, test_d)]
         val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
     elif mode == "explicit":
-        if not test:
-            raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
-        wanted = [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]
-        test_keys = []
-        for w in wanted:
-            lab, _, cov = w.partition(":")
-            lab = "+".join(sorted(lab.split("+")))
-            hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab) and (not cov or k[1] == cov)]
-            if not hit:
-                raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
-            test_keys += hit
-        # validation like the test: keys whose prior is of the same kind once the test keys are out
-        rest = [k for k in keys if k not in test_keys]
-        idx = single_index(rest)
-        kinds = {prior_kind(k, rest, idx) for k in test_keys}
-        n_comp = {len(k[0].split("+")) for k in test_keys}
-        pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
-        if not pool:
-            pool = [k for k in rest if len(k[0].split("+")) in n_comp]
-            warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
-                          f"on {len(pool)} other conditions with as many components instead")
-        val_keys, _ = take(pool, val_frac)
+        test_keys, val_keys = _explicit_split(keys, test, take, val_frac)
     else:
         raise UserError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
     held = set(test_keys) | set(val_keys)
     return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
 
 
-# ----------------------------------------------------------------------------- preprocessing
-BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
+def _random_split(keys, take, test_frac, val_frac):
+    """A fraction of the conditions of each covariate; a condition is held out in one covariate at most."""
+    test_keys, val_keys, used = [], [], set()
+    for cov in sorted({c for _, c in keys}):
+        mine = [k for k in keys if k[1] == cov]
+        fresh = [k for k in mine if k[0] not in used]
+        t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
+        rest = [k for k in mine if k not in t]
+        fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
+        v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
+        test_keys, val_keys, used = test_keys + t, val_keys + v, used | {k[0] for k in t + v}
+    return test_keys, val_keys
+
+
+def _explicit_split(keys, test, take, val_frac):
+    """The --test conditions held out; validation: keys whose prior is of the test's kind once they are out."""
+    if not test:
+        raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
+    test_keys = []
+    for w in [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]:
+        lab, _, cov = w.partition(":")
+        lab = "+".join(sorted(lab.split("+")))
+        hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab)
+               and (not cov or k[1] == cov)]
+        if not hit:
+            raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+        test_keys += hit
+    rest = [k for k in keys if k not in test_keys]
+    idx = single_index(rest)
+    kinds, n_comp = {prior_kind(k, rest, idx) for k in test_keys}, {len(k[0].split("+")) for k in test_keys}
+    pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
+    if not pool:
+        pool = [k for k in rest if len(k[0].split("+")) in n_comp]
+        warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
+                      f"on {len(pool)} other conditions with as many components instead")
+    return test_keys, take(pool, val_frac)[0]
+
+
+# ---------------------------------------- preprocessing
+def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
+    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is read),
+    select genes on the training rows (perturbation targets always kept; a checkpoint's `genes` win); returns (the
+    selected columns of `rows`, in that order, as float32 CSR, the column indices, whether X held raw counts)."""
+    X = h.X
+    if not cfg.lazy:
+        check_values(X)
+    counts_in = X.counts if cfg.lazy else is_counts(X)
+    X = log_normalise(X) if counts_in and not cfg.lazy else X
+    if genes is not None:
+        pos = {g: i for i, g in enumerate(symbols)}
+        if missing := [g for g in genes if g not in pos]:
+            raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
+                            f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
+        cols = np.array([pos[g] for g in genes])
+    else:
+        cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
+        if len(cols) < 2:
+            raise UserError(f"--n-genes {cfg.n_genes} keeps {len(cols)} gene; cells are compared over their genes, "
+                            "which needs at least 2 (0 keeps all)")
+    Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr") \
+        if cfg.lazy else sp.csr_matrix(X[:, cols])                     # (lazy: block by block) columns first
+    h.X = X = None                                                     # free the full matrix
+    return Xs[rows].astype(np.float32, copy=False), cols, counts_in
 
 
 def check_values(X, offset=0) -> None:
-    """Fail on negative, NaN or Inf entries, saying how many and where the first one is (X's rows start at cell
-    `offset` of the file)."""
+    """Fail on negative, NaN or Inf entries: how many, where the first is (X's rows start at cell `offset`)."""
     data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
     for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
         n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
@@ -1001,9 +995,9 @@ def check_values(X, offset=0) -> None:
                 row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
             else:
                 row, col = divmod(flat, X.shape[1])
-            raise UserError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression "
-                            f"must be raw counts or log1p-normalised (>= 0, finite); pick another layer "
-                            f"with --layer or clean the file")
+            raise UserError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression must "
+                            "be raw counts or log1p-normalised (>= 0, finite); pick another layer with --layer or "
+                            "clean the file")
 
 
 LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, log1p(CPM) 13.8, log2(CPM + 1) 19.9
@@ -1012,9 +1006,8 @@ LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, lo
 def is_counts(X, n_max=200_000) -> bool:
     """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values by two
     signals that survive a few odd values: the maximum (log-normalised values never exceed LOG_MAX) and the fraction
-    of integers (counts: all; log values: almost none). Counts when the maximum is out of reach of log values, or when
-    at least 90% are integers and some exceed 1; a warning when the two disagree (non-integer counts: pseudo-counts,
-    ambient-RNA correction)."""
+    of integers. Counts when the maximum is out of reach of log values, or when at least 90% are integers and some
+    exceed 1; a warning when the two disagree (non-integer counts: pseudo-counts, ambient-RNA correction)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     sample = data[:: max(1, data.size // n_max)]
     sample = sample[sample != 0]
@@ -1033,8 +1026,7 @@ def is_counts(X, n_max=200_000) -> bool:
 def log_normalise(X, target=1e4):
     """x <- log1p(target * counts / total counts of the cell), in place on the stored values."""
     X = X.astype(np.float32, copy=False)
-    total = np.asarray(X.sum(axis=1)).ravel()                          # (n_cells,)
-    scale = (target / np.maximum(total, 1)).astype(np.float32)
+    scale = (target / np.maximum(np.asarray(X.sum(axis=1)).ravel(), 1)).astype(np.float32)   # (n_cells,)
     if sp.isspmatrix_csr(X):
         for s in range(0, X.shape[0], BLOCK):                          # blocks of rows: no (nnz,) temporary
             a, b = X.indptr[s], X.indptr[min(s + BLOCK, X.shape[0])]
@@ -1043,74 +1035,37 @@ def log_normalise(X, target=1e4):
         X.data *= scale[X.indices]
     else:
         X *= scale[:, None]
-    data = X.data if sp.issparse(X) else X
-    np.log1p(data, out=data)
+    np.log1p(X.data if sp.issparse(X) else X, out=X.data if sp.issparse(X) else X)
     return X
 
 
-def gene_stats(X, rows: np.ndarray, chunk=None):
-    """Mean and (population) variance per gene over the given rows. Blocks of rows (chunk, default BLOCK) keep the
-    float64 temporaries small: a sparse X is never densified or copied whole (a Norman-sized X is ~1.7 GB); X may
-    be a DiskX."""
-    chunk, (n, G) = chunk or BLOCK, X.shape
-    w = np.zeros(n, np.float64)
-    w[rows] = 1.0 / max(len(rows), 1)
-    mean, ex2 = np.zeros(G), np.zeros(G)
-    for s in range(0, n, chunk):                                       # blocks of cells, not a cell loop
-        wb = w[s:s + chunk]                                            # (b,)
-        if not wb.any():
-            continue
-        if sp.isspmatrix_csr(X):                                       # the block's stored values, no copy of it
-            a, b = X.indptr[s], X.indptr[min(s + chunk, n)]
-            v, wv = X.data[a:b].astype(np.float64), np.repeat(wb, np.diff(X.indptr[s:s + chunk + 1]))  # (nnz_b,)
-            mean += np.bincount(X.indices[a:b], v * wv, G)
-            ex2 += np.bincount(X.indices[a:b], v * v * wv, G)
-        else:
-            B = X[s:s + chunk].astype(np.float64)                      # (b, G)
-            mean += np.asarray(B.T @ wb).ravel()
-            ex2 += np.asarray((B.multiply(B) if sp.issparse(B) else B * B).T @ wb).ravel()
-    return mean, np.maximum(ex2 - mean ** 2, 0.0)
-
-
-def fit_scaler(X, rows, chunk=16384):
-    """Per-gene mean and std (floored at 1e-2) of X[rows], accumulated in float64 over row chunks."""
-    s1, s2 = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for i in range(0, len(rows), chunk):
-        xb = X[rows[i:i + chunk]].astype(np.float64)  # (chunk, G)
-        s1, s2 = s1 + xb.sum(0), s2 + (xb ** 2).sum(0)
-    mean = s1 / len(rows)
-    std = np.sqrt(np.maximum(s2 / len(rows) - mean ** 2, 0))
-    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(1e-2)
-
-
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
-    """Highly variable genes on the training rows: dispersion log(var/mean), z-scored within 20 bins of mean
-    expression (the normalised dispersion of Seurat v1, but computed here on the log1p values, not on
-    expm1 of them as scanpy's flavor='seurat' does); genes in `keep` (perturbation targets) always kept.
-    Returns sorted column indices."""
+    """Highly variable genes on the training rows (sorted column indices): dispersion log(var/mean), z-scored within
+    20 bins of mean expression (Seurat v1's normalised dispersion, but of the log1p values, not of their expm1 as
+    scanpy's flavor='seurat'); genes in `keep` (perturbation targets) always kept."""
     G = X.shape[1]
     if n_genes <= 0 or n_genes >= G:
         return np.arange(G)
     mean, var = gene_stats(X, rows)
     disp = np.log(var / np.maximum(mean, 1e-12) + 1e-12)
     disp[mean == 0] = -np.inf
-    edges = np.quantile(mean, np.linspace(0, 1, 21)[1:-1])
-    bins = np.searchsorted(edges, mean)
-    score = np.full(G, -np.inf)
+    bins, score = np.searchsorted(np.quantile(mean, np.linspace(0, 1, 21)[1:-1]), mean), np.full(G, -np.inf)
     for b in np.unique(bins):                                          # 20 bins, not a loop over genes
         m = (bins == b) & np.isfinite(disp)
         if m.sum() > 1:
             score[m] = (disp[m] - disp[m].mean()) / (disp[m].std() + 1e-12)
         elif m.any():
             score[m] = 0.0
-    keep = np.asarray(sorted(set(keep)), dtype=int)
-    score[keep] = np.inf
+    score[np.asarray(sorted(set(keep)), dtype=int)] = np.inf
     return np.sort(np.argsort(-score, kind="stable")[:n_genes])
 
 
+SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
+
+
 def gene_symbols(h: H5AD, column=None) -> np.ndarray:
-    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given).
-    Duplicated symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
+    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given); duplicated
+    symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
     names = h.var_names
     if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
         column = next((c for c in SYMBOL_KEYS if c in h.var), None)
@@ -1121,30 +1076,27 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
         if column not in h.var:
             raise UserError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
         names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
-    names = np.array([str(n) for n in names], dtype=object)
-    seen: dict[str, int] = {}
+    names, seen = np.array([str(n) for n in names], dtype=object), {}
     for i, n in enumerate(names):                                      # runs once per gene at load
-        if n in seen:
-            seen[n] += 1
-            names[i] = f"{n}-{seen[n]}"
-        else:
-            seen[n] = 0
+        seen[n] = seen[n] + 1 if n in seen else 0
+        names[i] = f"{n}-{seen[n]}" if seen[n] else n
     return names
 
 
-# ----------------------------------------------------------------------------- h5ad I/O
-# h5ad (AnnData's HDF5 file) reading and writing with h5py only.
-#
-# Layout facts from the anndata on-disk format spec (anndata.readthedocs.io, "On-disk format"):
-# elements carry `encoding-type`/`encoding-version` attributes; sparse = group data/indices/indptr +
-# `shape`; dataframe = group whose `_index` attribute names the index dataset, `column-order` lists
-# columns; categorical = codes + categories (code -1 = missing). Older files: anndata 0.7 categorical
-# = codes dataset whose `categories` attribute references `__categories/<col>`; before 0.7, sparse X
-# had `h5sparse_format`/`h5sparse_shape` and obs/var were compound datasets.
+# =====================================================================================================================
+# Below this line is what no reader comes for: file formats (h5ad), the plumbing every stage shares (devices and
+# torchrun, checkpoints, the CLI) and the simulators. A first reading stops here.
+# =====================================================================================================================
 
+
+# ---------------------------------------- h5ad I/O
+# h5ad (AnnData's HDF5 file) read and written with h5py only. The layout (anndata's "On-disk format" spec): elements
+# carry `encoding-type`/`encoding-version` attributes; sparse = group data/indices/indptr + `shape`; dataframe = group
+# whose `_index` attribute names the index dataset, `column-order` lists columns; categorical = codes + categories
+# (code -1 = missing). Older files: anndata 0.7 categorical = codes dataset whose `categories` attribute references
+# `__categories/<col>`; before 0.7, sparse X had `h5sparse_format`/`h5sparse_shape`, obs/var were compound datasets.
 @dataclass
-class H5AD:
-    """What read_h5ad returns and write_h5ad takes."""
+class H5AD:                                            # what read_h5ad returns and write_h5ad takes
     X: np.ndarray | sp.csr_matrix | sp.csc_matrix  # (n_obs, n_vars)
     obs: dict            # column -> (n_obs,) array; strings/categoricals: object array of str, missing None
     var: dict            # column -> (n_vars,) array, same kinds as obs
@@ -1153,8 +1105,7 @@ class H5AD:
     uns: dict = field(default_factory=dict)  # nested dict of arrays / str / numbers
 
 
-def _attr(obj, key, default=None):
-    """An HDF5 attribute, bytes decoded to str."""
+def _attr(obj, key, default=None):                     # an HDF5 attribute, bytes decoded to str
     v = obj.attrs.get(key, default)
     return v.decode() if isinstance(v, bytes) else v
 
@@ -1172,20 +1123,14 @@ def _strings(a):
     return a.astype(str).astype(object)
 
 
-def _categorical(codes, categories):
-    """codes (n,) int + categories (k,) -> (n,) object array of str; code -1 -> None."""
-    lut = np.append(_strings(categories), None)  # (k + 1,) last entry serves code -1
-    return lut[np.asarray(codes, dtype=np.int64)]
+def _categorical(codes, categories):                   # -> (n,) object array of str; code -1 -> None
+    return np.append(_strings(categories), None)[np.asarray(codes, dtype=np.int64)]
 
 
 def _read_array(obj):
-    """One obs/var column or uns leaf.
-
-    numeric/bool -> its numpy dtype; strings and categoricals -> object array of str (missing None);
-    nullable-integer -> float64 with NaN where masked (its int dtype when nothing is masked);
-    nullable-boolean / nullable-string-array -> object array with None where masked (the plain
-    values when nothing is masked); 0-d datasets -> python str / number.
-    """
+    """One obs/var column or uns leaf: numeric/bool -> its numpy dtype; strings and categoricals -> object array of
+    str (missing None); nullable-integer -> float64 with NaN where masked; nullable-boolean / nullable-string-array
+    -> object array with None where masked (both: the plain values when nothing is masked); 0-d -> str / number."""
     enc = _attr(obj, "encoding-type", "")
     if isinstance(obj, h5py.Dataset):
         if obj.shape == ():
@@ -1201,10 +1146,9 @@ def _read_array(obj):
         return _categorical(obj["codes"][...], obj["categories"][...])
     if enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
         v, mask = _read_array(obj["values"]), obj["mask"][...].astype(bool)
-        if not mask.any():
-            return v
-        v = v.astype(np.float64 if enc == "nullable-integer" else object)
-        v[mask] = np.nan if enc == "nullable-integer" else None
+        if mask.any():
+            v = v.astype(np.float64 if enc == "nullable-integer" else object)
+            v[mask] = np.nan if enc == "nullable-integer" else None
         return v
     raise UserError(f"{obj.name}: unsupported encoding-type {enc!r}; store it as a plain, categorical "
                     "or nullable column")
@@ -1218,25 +1162,25 @@ def _read_X(x):
                             "dense arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
         return _f32(x[...])
     enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
-    fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix,
-           "csc_matrix": sp.csc_matrix, "csc": sp.csc_matrix}.get(enc)
-    if fmt is None:
+    fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix, "csc_matrix": sp.csc_matrix, "csc": sp.csc_matrix}
+    if enc not in fmt:
         raise UserError(f"{x.name}: unsupported matrix encoding-type {enc!r}; this reader takes dense "
                         "arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
-    shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
-    return fmt((_f32(x["data"][...]), x["indices"][...], x["indptr"][...]), shape=shape)
+    return fmt[enc]((_f32(x["data"][...]), x["indices"][...], x["indptr"][...]), shape=_shape(x))
 
 
-def _f32(a):
-    """float16 values -> float32 (scipy's sparse products and gene statistics do not take float16)."""
+def _shape(x):                                         # a sparse group's shape, current or legacy attribute
+    return tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
+
+
+def _f32(a):                                           # float16 -> float32 (scipy's sparse products lack float16)
     return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
 class DiskX:
-    """X (or a layer) left on disk (--lazy). X[a:b] reads those cells (a CSR block for a CSR X, dense rows for a
-    dense one), checks them (check_values) and log-normalises raw counts, which are detected once on a strided
-    sample of the stored values. gene_stats and load_dataset's column selection read it block by block, so the
-    whole matrix is never in memory. CSC cannot be read by cells: convert it, or drop --lazy."""
+    """X (or a layer) left on disk (--lazy). X[a:b] reads those cells (CSR or dense rows), checks them (check_values)
+    and log-normalises raw counts, detected once on a strided sample of the stored values. gene_stats and
+    read_expression read it block by block, never the whole matrix. CSC cannot be read by cells."""
 
     def __init__(self, path, layer=None):
         self.path, self.key = path, f"layers/{layer}" if layer is not None else "X"
@@ -1247,23 +1191,17 @@ class DiskX:
                 raise UserError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is {enc}: "
                                 "drop --lazy or rewrite it as CSR")
             self.sparse = isinstance(x, h5py.Group)
-            self.shape = tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape"))) if self.sparse \
-                else x.shape
+            self.shape = _shape(x) if self.sparse else x.shape
             v, per = (x["data"], 1) if self.sparse else (x, self.shape[1])
-            sample = v[:: max(1, len(v) * per // 200_000)]                  # a strided read of <= ~200k values
-        self.counts = is_counts(sample)
+            self.counts = is_counts(v[:: max(1, len(v) * per // 200_000)])  # a strided read of <= ~200k values
         self.dtype = np.dtype(np.float32)
 
     def __getitem__(self, rows: slice):
         a, b = rows.start or 0, min(rows.stop, self.shape[0])
         with h5py.File(self.path, "r") as f:
-            x = f[self.key]
-            if self.sparse:
-                p = x["indptr"][a:b + 1]
-                B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
-                                  shape=(b - a, self.shape[1]))
-            else:
-                B = _f32(x[a:b])
+            x, p = f[self.key], f[self.key]["indptr"][a:b + 1] if self.sparse else None
+            B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
+                              shape=(b - a, self.shape[1])) if self.sparse else _f32(x[a:b])
         check_values(B, a)
         return log_normalise(B) if self.counts else B
 
@@ -1272,21 +1210,15 @@ def _read_frame(g, uns=None):
     """obs/var -> (names (n,) object array of str, {column: (n,) array})."""
     if isinstance(g, h5py.Dataset):  # anndata < 0.7: compound dataset, categories in uns/<col>_categories
         rec = g[...]
-        idx = "index" if "index" in rec.dtype.names else rec.dtype.names[0]
-        cols = {}
-        for c in rec.dtype.names:
-            cat = f"{c}_categories"
-            if c != idx:
-                a = np.ascontiguousarray(rec[c])
-                cols[c] = (_categorical(a, uns[cat][...]) if uns is not None and cat in uns
-                           else _strings(a) if a.dtype.kind == "S" else a)
+        idx, cols = "index" if "index" in rec.dtype.names else rec.dtype.names[0], {}
+        for c in (c for c in rec.dtype.names if c != idx):
+            a, cat = np.ascontiguousarray(rec[c]), f"{c}_categories"
+            cols[c] = (_categorical(a, uns[cat][...]) if uns is not None and cat in uns
+                       else _strings(a) if a.dtype.kind == "S" else a)
         return _strings(rec[idx]), cols
-    idx = _attr(g, "_index", "_index")
-    order = g.attrs.get("column-order")
-    if order is None:
-        keys = [k for k in g if k not in (idx, "__categories")]
-    else:
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in np.atleast_1d(order)]
+    idx, order = _attr(g, "_index", "_index"), g.attrs.get("column-order")
+    keys = [k for k in g if k not in (idx, "__categories")] if order is None else \
+        [k.decode() if isinstance(k, bytes) else str(k) for k in np.atleast_1d(order)]
     return _strings(g[idx][...]), {k: _read_array(g[k]) for k in keys}
 
 
@@ -1296,22 +1228,16 @@ def _read_dict(g):
     for k, obj in g.items():
         enc = _attr(obj, "encoding-type", "")
         try:
-            if isinstance(obj, h5py.Group) and enc in ("", "dict"):
-                out[k] = _read_dict(obj)
-            elif enc == "dataframe":
-                out[k] = _read_frame(obj)[1]
-            elif enc in ("csr_matrix", "csc_matrix"):
-                out[k] = _read_X(obj)
-            else:
-                out[k] = _read_array(obj)
+            out[k] = (_read_dict(obj) if isinstance(obj, h5py.Group) and enc in ("", "dict") else
+                      _read_frame(obj)[1] if enc == "dataframe" else
+                      _read_X(obj) if enc in ("csr_matrix", "csc_matrix") else _read_array(obj))
         except Exception:  # e.g. awkward arrays, broken references: uns is optional metadata
             continue
     return out
 
 
 def read_h5ad(path, layer=None, lazy=False) -> H5AD:
-    """Read an .h5ad file written by any anndata version; `layer` reads layers/<layer> as X; lazy: X stays on
-    disk (a DiskX read in blocks of cells)."""
+    """An .h5ad file of any anndata version; `layer`: layers/<layer> as X; lazy: X stays on disk (a DiskX)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
@@ -1332,8 +1258,7 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
                 raise UserError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
             X = DiskX(path, layer) if lazy else _read_X(f["layers"][layer] if layer is not None else f["X"])
             uns_g = f["uns"] if isinstance(f.get("uns"), h5py.Group) else None
-            obs_names, obs = _read_frame(f["obs"], uns_g)
-            var_names, var = _read_frame(f["var"], uns_g)
+            (obs_names, obs), (var_names, var) = _read_frame(f["obs"], uns_g), _read_frame(f["var"], uns_g)
             uns = _read_dict(uns_g) if uns_g is not None else {}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
@@ -1343,8 +1268,7 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     return H5AD(X, obs, var, obs_names, var_names, uns)
 
 
-def _enc(obj, kind, version):
-    """Set the anndata encoding attributes; returns obj."""
+def _enc(obj, kind, version):                          # set the anndata encoding attributes; returns obj
     obj.attrs["encoding-type"], obj.attrs["encoding-version"] = kind, version
     return obj
 
@@ -1352,7 +1276,7 @@ def _enc(obj, kind, version):
 def _write_array(g, key, a, compression):
     """ndarray -> dataset: 'array' (numeric/bool) or 'string-array' (vlen UTF-8)."""
     a = np.asarray(a)
-    comp = compression if a.size else None  # HDF5 cannot chunk empty datasets
+    comp = compression if a.size else None   # HDF5 cannot chunk empty datasets
     if a.dtype.kind in "OUS":
         return _enc(g.create_dataset(key, data=_strings(a), dtype=h5py.string_dtype(), compression=comp),
                     "string-array", "0.2.0")
@@ -1383,13 +1307,10 @@ def _write_column(g, key, c, compression):
 
 
 def _write_frame(g, names, cols, n, compression):
-    _enc(g, "dataframe", "0.2.0")
-    g.attrs["_index"] = "_index"
-    g.attrs["column-order"] = (np.array(list(cols), dtype=h5py.string_dtype()) if cols
-                               else np.zeros(0))
+    _enc(g, "dataframe", "0.2.0").attrs["_index"] = "_index"
+    g.attrs["column-order"] = np.array(list(cols), dtype=h5py.string_dtype()) if cols else np.zeros(0)
     _write_array(g, "_index", _strings(names), compression)
-    for k, c in cols.items():
-        c = np.asarray(c)
+    for k, c in ((k, np.asarray(c)) for k, c in cols.items()):
         if k == "_index" or "/" in k or c.shape != (n,):
             raise UserError(f"{g.name} column {k!r} (shape {c.shape}) is not a 1-D column of {n} values "
                             "with a name free of '/' and '_index'; fix that column")
@@ -1399,8 +1320,7 @@ def _write_frame(g, names, cols, n, compression):
 def _write_dict(g, d, compression):
     """uns dict -> dict groups; str -> 'string', number -> 'numeric-scalar', array/list -> array."""
     _enc(g, "dict", "0.1.0")
-    for k, v in d.items():
-        k = str(k)
+    for k, v in ((str(k), v) for k, v in d.items()):
         if isinstance(v, dict):
             _write_dict(g.create_group(k), v, compression)
         elif isinstance(v, str):
@@ -1417,29 +1337,22 @@ def _write_dict(g, d, compression):
 
 
 def write_h5ad(path, h: H5AD, compression=None) -> None:
-    """Write `h` in the current anndata layout, atomically (atomic_write).
-
-    compression: None or "gzip" (applied to every non-empty array)."""
+    """Write `h` in the current anndata layout, atomically (atomic_write); compression: None or "gzip"."""
     n_obs, n_vars = h.X.shape
     if (len(h.obs_names), len(h.var_names)) != (n_obs, n_vars):
         raise UserError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
                         f"{len(h.var_names)} var_names; give one name per row and per column")
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         _enc(f, "anndata", "0.1.0")
-        if sp.issparse(h.X):
-            _write_sparse(f, "X", h.X, compression)
-        else:
-            _write_array(f, "X", h.X, compression)
-        _write_frame(f.create_group("obs"), h.obs_names, h.obs, n_obs, compression)
-        _write_frame(f.create_group("var"), h.var_names, h.var, n_vars, compression)
+        (_write_sparse if sp.issparse(h.X) else _write_array)(f, "X", h.X, compression)
+        for k, names, cols, n in (("obs", h.obs_names, h.obs, n_obs), ("var", h.var_names, h.var, n_vars)):
+            _write_frame(f.create_group(k), names, cols, n, compression)
         for k in ("layers", "obsm", "obsp", "varm", "varp"):
             _enc(f.create_group(k), "dict", "0.1.0")
         _write_dict(f.create_group("uns"), h.uns or {}, compression)
 
 
-# ----------------------------------------------------------------------------- devices and checkpoints
-# Shared by every stage: the device (and torchrun's process group) is chosen once, checkpoints are written
-# atomically and read with one clear line for whatever makes one unusable. flow.pt and rl.pt share the format.
+# ---------------------------------------- devices and torchrun
 def pick_device(name: str = "auto") -> torch.device:
     """The one place that picks a device: auto is cuda, then mps, then cpu; a named device must exist here, else
     one line (an unknown name, mps without MPS, cuda:N beyond the GPUs visible)."""
@@ -1450,13 +1363,12 @@ def pick_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
         dev = None
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    bad = ("unknown device; use cpu, cuda, cuda:N, mps or auto" if dev is None or dev.type not in
-           ("cpu", "cuda", "mps", "meta") else  # meta: tests of device placement
-           "no CUDA device visible to torch; use --device cpu or auto" if dev.type == "cuda" and
-           not torch.cuda.is_available() else
-           f"{n} GPU(s) visible to torch: cuda:0 to cuda:{n - 1}" if dev.type == "cuda" and (dev.index or 0) >= n > 0 else
-           "MPS (Apple GPU) is not available here; use --device cpu or auto" if dev.type == "mps" and not mps else None)
+    n, kind = torch.cuda.device_count() if torch.cuda.is_available() else 0, dev and dev.type
+    bad = ("unknown device; use cpu, cuda, cuda:N, mps or auto" if kind not in ("cpu", "cuda", "mps", "meta") else
+           "no CUDA device visible to torch; use --device cpu or auto" if kind == "cuda" and
+           not torch.cuda.is_available() else       # (meta: tests of device placement)
+           f"{n} GPU(s) visible to torch: cuda:0 to cuda:{n - 1}" if kind == "cuda" and (dev.index or 0) >= n > 0 else
+           "MPS (Apple GPU) is not available here; use --device cpu or auto" if kind == "mps" and not mps else None)
     if bad:
         raise UserError(f"--device {name}: {bad}")
     return dev
@@ -1471,7 +1383,7 @@ def autocast(device):
 def distributed(device: str = "cpu", timeout: float = 1800):
     """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
     process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
-    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1), nothing started."""
+    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     dev = pick_device(device)
     if world == 1:
@@ -1497,6 +1409,22 @@ def distributed(device: str = "cpu", timeout: float = 1800):
     return dev, rank, world
 
 
+def noise_source(generator, device, part=None):
+    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
+    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
+    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
+    gdev = generator.device if generator is not None else device
+
+    def draw(shape, uniform=False, dtype=torch.float32):
+        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
+                                                     generator=generator, device=gdev, dtype=dtype)
+        return (x if part is None else x[part[0]]).to(device)
+    return draw
+
+
+# ---------------------------------------- checkpoints
+# Checkpoints are written atomically and read with one clear line for whatever makes one unusable; flow.pt and rl.pt
+# share the format.
 FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
 NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
          "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
@@ -1510,17 +1438,18 @@ def dataset_meta(ds) -> dict:
 
 def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
                     rng: dict | None = None) -> dict:
-    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot). cfg["model"] holds
-    the model's constructor arguments."""
+    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot); cfg["model"] holds the
+    model's constructor arguments, the scaler is in the state dicts (model.mean / std)."""
     return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
-            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta,
-            "scaler": {"mean": model.mean.cpu(), "std": model.std.cpu()},
-            "rng": rng or {}, "extra": extra or {}}
+            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta, "rng": rng or {}, "extra": extra or {}}
 
 
-def write_checkpoint(path, ckpt: dict) -> None:
-    """torch.save, atomically (atomic_write): a crash, Ctrl-C or SIGTERM never leaves a half-written checkpoint."""
+def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
+    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
+
+
+def write_checkpoint(path, ckpt: dict) -> None:     # atomic: a crash, Ctrl-C or SIGTERM leaves no half checkpoint
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp)
 
@@ -1535,8 +1464,7 @@ def atomic_write(path):
     (tempfile.mkstemp: it can never be an input or another run's file) for the caller to write and close; then
     renames it to `path`, the only step that touches `path`. Any failure or signal removes it; a failed write (a
     full disk: torch.save's "unexpected pos", OSError ENOSPC) is one line, and `path` stays as it was."""
-    path, tmp = os.fspath(path), None
-    folder = os.path.dirname(os.path.abspath(path))
+    path, tmp, folder = os.fspath(path), None, os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         os.close(fd)
@@ -1558,14 +1486,8 @@ def file_identity(path) -> str | None:
     MiB; None for a path that is not a file (the load that follows says why)."""
     if not os.path.isfile(path):
         return None
-    st = os.stat(path)
     with open(path, "rb") as f:
-        return f"{st.st_size}:{st.st_mtime_ns}:{hashlib.sha1(f.read(2 ** 20)).hexdigest()}"
-
-
-def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
-    """make_checkpoint(...) written atomically (write_checkpoint)."""
-    write_checkpoint(path, make_checkpoint(model, ema, opt, step, cfg, ds_meta, extra, rng))
+        return f"{(st := os.stat(path)).st_size}:{st.st_mtime_ns}:{hashlib.sha1(f.read(2 ** 20)).hexdigest()}"
 
 
 def read_checkpoint(path, resume=None, genes=None) -> dict:
@@ -1594,11 +1516,8 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         raise UserError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
                         f"`python rl.py --ckpt {path}` (no --resume)")
 
-    def has(key):
-        a, _, b = key.partition(".")
-        return a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])
-    missing = [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(k)]
-    if missing:
+    has = lambda a, _, b: a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])  # noqa: E731
+    if missing := [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(*k.partition("."))]:
         raise UserError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
                         "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
                                                          "retrain it with flow.py (and rl.py)"))
@@ -1608,8 +1527,7 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
             ckpt[part].setdefault("trust", torch.ones(2))
             if "prior_feat" in ckpt[part]:                             # renamed: the genes' correlation features
                 ckpt[part]["gene_feat"] = ckpt[part].pop("prior_feat")
-    ref = list(ckpt["genes"])
-    if genes is not None and list(genes) != ref:                     # e.g. ds.genes: the data loaded for it
+    if genes is not None and list(genes) != (ref := list(ckpt["genes"])):  # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]
         raise UserError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
                         f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
@@ -1632,14 +1550,12 @@ def restore_run(ckpt, opt, gen, rng, seed) -> None:
         gen.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ---------------------------------------- CLI
 def field_help(cls) -> dict:
     """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
     and a comment line alone above fields names their group (fields before any such line: group 'data')."""
     out = {}
-    for klass in reversed(cls.__mro__):
-        if "__dataclass_fields__" not in vars(klass):
-            continue
+    for klass in (k for k in reversed(cls.__mro__) if "__dataclass_fields__" in vars(k)):
         group = "data"
         for line in inspect.getsource(klass).splitlines()[1:]:
             if m := re.match(r"^    #\s*(.+)$", line):
@@ -1655,9 +1571,9 @@ OLD_NAMES = {"sde_noise": "noise", "gene_feat_dim": "prior_dim", "use_start": "s
 
 
 def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
-    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown,
-    grouped as the dataclass groups them; other stages call this with their config. A renamed option (OLD_NAMES)
-    also answers to its old flag, unless that is another option of the stage."""
+    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown, grouped as
+    the dataclass groups them; other stages call this with their config. A renamed option (OLD_NAMES) also answers
+    to its old flag, unless that is another option of the stage."""
     docs, groups, names = field_help(cls), {}, {f.name for f in fields(cls)}
     for f in fields(cls):
         group, text = docs.get(f.name, ("other", ""))
@@ -1668,13 +1584,10 @@ def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
         for flag, help in [("--" + f.name.replace("_", "-"), text)] + ([("--" + old.replace("_", "-"),
                                                                           argparse.SUPPRESS)] if old else []):
             typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
-            if f.type in ("bool",) or isinstance(f.default, bool):
-                act = g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help,
-                                     dest=f.name)
-            elif f.type == "list":                          # one or more values: --ckpt a.pt b.pt
-                act = g.add_argument(flag, nargs="+", default=[], help=help, dest=f.name)
-            else:
-                act = g.add_argument(flag, type=typ, default=f.default, help=help, dest=f.name)
+            kw = (dict(action=argparse.BooleanOptionalAction, default=f.default) if f.type in ("bool",) or
+                  isinstance(f.default, bool) else dict(nargs="+", default=[]) if f.type == "list"  # --ckpt a.pt b.pt
+                  else dict(type=typ, default=f.default))
+            act = g.add_argument(flag, help=help, dest=f.name, **kw)
             if help is not argparse.SUPPRESS and "%(default)" not in act.help:  # some Pythons' Boolean... add it
                 act.help += " (default: %(default)s)"
 
@@ -1687,8 +1600,8 @@ LIMITS = {name: (test, what) for names, test, what in [
     ("n_genes min_cells gene_feat_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
     ("lr clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
-    ("test_frac val_frac prior_dropout unseen_dropout self_prior ctrl_frac min_lr_frac ema_decay", lambda v: 0 <= v <= 1,
-     "a number in [0, 1]"),
+    ("test_frac val_frac prior_dropout unseen_dropout self_prior ctrl_frac min_lr_frac ema_decay",
+     lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
     ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
@@ -1698,11 +1611,11 @@ CHOICES = {"t_dist": ("uniform", "logit_normal"), "source": ("noise", "ctrl"), "
 
 
 def check_args(args) -> None:
-    """Every numeric option of a config or argparse namespace within its LIMITS and finite, and every option with
+    """Every numeric option of a config or argparse namespace finite and within its LIMITS, and every option with
     CHOICES one of them, else one line."""
     for name, v in vars(args).items():
-        rule = LIMITS.get(name)
-        if rule and isinstance(v, (int, float)) and not ((isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
+        if (rule := LIMITS.get(name)) and isinstance(v, (int, float)) and not (
+                (isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
             raise UserError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
         if name in CHOICES and v not in CHOICES[name]:
             raise UserError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
@@ -1710,21 +1623,17 @@ def check_args(args) -> None:
 
 def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
     """A checkpoint fixes the options it was trained with: one line for an option in `names` given on the command
-    line (not its default) whose value differs from the one stored (a stored config dict): "--NAME value: {source}
-    name = stored; {fix}"."""
+    line (not its default) whose value differs from the stored config's: "--NAME value: {source} name = stored;
+    {fix}"."""
     defaults = {f.name: f.default for f in fields(cfg)}
-    bad = [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]
-    if bad:
+    if bad := [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]:
         raise UserError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
                         f"{stored[bad[0]]!r}; {fix}")
 
 
-def _same_file(a, b) -> bool:
-    """a and b name one file: equal once links are resolved, or the same inode (hard links)."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
+def _same_file(a, b) -> bool:                          # equal once links are resolved, or the same inode (hard links)
     try:
-        return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b) or os.path.samefile(a, b)
     except OSError:
         return False
 
@@ -1732,9 +1641,8 @@ def _same_file(a, b) -> bool:
 def check_output(what, path) -> None:
     """One line for an output path that cannot name a file: empty, ending in a slash, or an existing folder."""
     path = os.fspath(path)
-    bad = "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
-        path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None
-    if bad:
+    if bad := "is empty" if not path.strip() else "is a folder" if os.path.isdir(path) else "names a folder" if \
+            path.endswith(("/", os.sep)) or os.path.basename(path) in (".", "..") else None:
         raise UserError(f"{what} {path!r} {bad}; an output is a file: give the path of the file to write")
 
 
@@ -1743,13 +1651,10 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
     output, or exists write-protected (a rename would replace it all the same); create its folder, and fail now if
     that folder cannot be written. {what: path, list of paths or None} each."""
     ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
-    for what, path in outputs.items():
-        if path is None:
-            continue
+    for what, path in ((w, p) for w, p in outputs.items() if p is not None):
         check_output(what, path)
         path = os.fspath(path)
-        clash = next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None)
-        if clash:
+        if clash := next((f"{k} {p}" for k, p in ins if _same_file(path, p)), None):
             raise UserError(f"{what} {path} is the same file as {clash}; writing it would destroy that file: "
                             "choose another output path")
         if os.path.exists(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
@@ -1765,65 +1670,13 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
         ins.append((what, path))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_args(p)
-    p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
-    for name, default, what in [("cells", 6000, "cells"), ("genes", 1000, "genes"), ("covariates", 1, "cell lines")]:
-        p.add_argument(f"--sim-{name}", type=int, default=default, help=f"with --simulate: number of {what}")
-        p.add_argument(f"--{name}", type=int, dest=f"sim_{name}", help=argparse.SUPPRESS)  # the old name (OLD_NAMES)
-    args = p.parse_args(argv)
-    check_args(args)
-    if args.simulate is not None and args.sim_genes < 50:
-        raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)")
-    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
-    if args.simulate:
-        write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
-            n_cells=args.sim_cells, n_genes=args.sim_genes, seed=args.seed, n_covariates=args.sim_covariates))
-        print(f"wrote {args.simulate}")
-        return
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    problem = None
-    try:
-        ds = load_dataset(cfg)
-    except UserError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
-        relaxed = dict(min_cells=1, split="random", test=None, val_frac=0.0)
-        try:
-            ds = load_dataset(DataConfig(**{**cfg.__dict__, **relaxed}))
-        except UserError:
-            raise e from None
-        problem = f"{e} (the summary above is with --min-cells 1 --split random)"
-    m = ds.meta
-    n_single = sum("+" not in l for l, _ in ds.keys)
-    sizes = np.array([len(ds.cell_idx[k]) for k in ds.keys])
-    print(f"file        {describe(ds)}")
-    print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
-          f"dose={m['dose_key']!r} separator={m['sep']!r}")
-    print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
-          f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
-    if m["dose_key"]:
-        per = {}
-        for l, _ in ds.keys:
-            for n, d in components_of(l):
-                per.setdefault(n, set()).add(d)
-        print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
-            f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
-            + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
-    print("covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
-    print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
-    print("split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
-          f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
-    if problem:
-        print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
+def say(msg: str) -> None:                             # one log line on stdout, above a progress bar if one is drawn
+    tqdm.write(msg)
 
 
-def describe(ds) -> str:
-    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
-    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
-    m = ds.meta
-    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
-            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
-            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
+def progress(enabled: bool, **kw) -> tqdm:
+    """A tqdm progress bar, drawn only when `enabled` and on a terminal (tqdm's disable=None): no redraws in a log."""
+    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kw)
 
 
 @contextmanager
@@ -1839,45 +1692,6 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-def noise_source(generator, device, part=None):
-    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
-    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
-    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
-    gdev = generator.device if generator is not None else device
-
-    def draw(shape, uniform=False, dtype=torch.float32):
-        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
-                                                     generator=generator, device=gdev, dtype=dtype)
-        return (x if part is None else x[part[0]]).to(device)
-    return draw
-
-
-def pearson_rows(a, b):
-    """Row-wise Pearson correlation of (K, G) tensors."""
-    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
-
-
-def energy_distance(x, y) -> float:
-    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
-    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
-    (U-statistics). >= 0 up to sampling error; 0 for equal distributions. evaluate.py's energy metric and flow.control_check's."""
-    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist") for a, b in [(x, y), (x, x), (y, y)])
-    u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
-    return float(2 * dxy.mean() - u(dxx) - u(dyy))
-
-
-def say(msg: str) -> None:
-    """One log line on stdout, printed above a progress bar if one is drawn."""
-    tqdm.write(msg)
-
-
-def progress(enabled: bool, **kw) -> tqdm:
-    """A tqdm progress bar, drawn only when `enabled` and on a terminal (tqdm's disable=None): a log written to a
-    file holds no redraws."""
-    return tqdm(disable=None if enabled else True, dynamic_ncols=True, **kw)
 
 
 def cli(main) -> None:
@@ -1905,7 +1719,83 @@ def cli(main) -> None:
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- simulator
+def describe(ds) -> str:
+    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
+    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
+    m = ds.meta
+    return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
+            f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
+            f"{ds.X.shape[0]} cells x {len(ds.genes)} genes")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_args(p)
+    p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
+    for name, default, what in [("cells", 6000, "cells"), ("genes", 1000, "genes"), ("covariates", 1, "cell lines")]:
+        p.add_argument(f"--sim-{name}", type=int, default=default, help=f"with --simulate: number of {what}")
+        p.add_argument(f"--{name}", type=int, dest=f"sim_{name}", help=argparse.SUPPRESS)  # the old name (OLD_NAMES)
+    args = p.parse_args(argv)
+    check_args(args)
+    if args.simulate is not None and args.sim_genes < 50:
+        raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)")
+    check_outputs({"--simulate": args.simulate}, {"--data": args.data})
+    if args.simulate:
+        write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
+            n_cells=args.sim_cells, n_genes=args.sim_genes, seed=args.seed, n_covariates=args.sim_covariates))
+        print(f"wrote {args.simulate}")
+        return
+    cfg, problem = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)}), None
+    try:
+        ds = load_dataset(cfg)
+    except UserError as e:  # a summary still describes data that cannot be trained on as it is: relax, then warn
+        try:
+            ds = load_dataset(replace(cfg, min_cells=1, split="random", test=None, val_frac=0.0))
+        except UserError:
+            raise e from None
+        problem = f"{e} (the summary above is with --min-cells 1 --split random)"
+    m, sizes = ds.meta, np.array([len(ds.cell_idx[k]) for k in ds.keys])
+    n_single = sum("+" not in l for l, _ in ds.keys)
+    print(f"file        {describe(ds)}")
+    print(f"keys        perturbation={m['pert_key']!r} control={m['control']!r} covariate={m['cov_key']!r} "
+          f"dose={m['dose_key']!r} separator={m['sep']!r}")
+    print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
+          f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
+    if m["dose_key"]:
+        per = {}
+        for n, d in (c for l, _ in ds.keys for c in components_of(l)):
+            per.setdefault(n, set()).add(d)
+        print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
+            f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
+            + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
+    print("covariates  " + ", ".join(f"{c} ({len(ds.ctrl_idx[c])} controls)" for c in ds.covariates))
+    print(f"cells/cond  min {sizes.min()}  median {int(np.median(sizes))}  max {sizes.max()}")
+    print("split       " + "  ".join(f"{s}={len(v)}" for s, v in ds.split.items()) +
+          f"   test e.g. {[k[0] for k in ds.split['test'][:5]]}")
+    if problem:
+        print(f"warning: this data cannot be used as it is: {problem}", file=sys.stderr)
+
+
+# ---------------------------------------- simulators
+ROOT = Path(__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
+
+
+def builtin_path(kind: str = "genetic") -> str:
+    """The built-in benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once, cached."""
+    sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
+    if kind not in sims:
+        raise UserError(f"--kind {kind!r}: use genetic or chemical")
+    path = cache_dir() / sims[kind][0]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_h5ad(path, sims[kind][1](seed=0))
+    return str(path)
+
+
 def _footprints(n_genes):
     """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus
     background genes SIM00000... Returns genes (G,), pathways (P,), W (P, G) signed footprints scaled to max
@@ -1931,14 +1821,23 @@ def _footprints(n_genes):
     return genes, paths, W, {g: p for g, p in fp_path.items() if g in gidx}
 
 
-def _interact(rng, e, ea, eb, interaction_frac, G, on_b=None):
+def _pairs(rng, pool, n, doses=None):
+    """n distinct pairs (a, b), a < b, of `pool`, sorted; with doses (a list per item), one of each: (a, b, da, db)."""
+    pairs = set()
+    while len(pairs) < n:
+        a, b = sorted(rng.choice(pool, 2, replace=False))
+        pairs.add((a, b) if doses is None else (a, b, rng.choice(doses[a]), rng.choice(doses[b])))
+    return sorted(pairs)
+
+
+def _interact(rng, ea, eb, interaction_frac, G, on_b=None):
     """A combination's effect e = ea + eb plus, for a fraction of pairs, an interaction: synergy (+50% of the sum),
     buffering (-50%), epistasis (B's effect masked; on_b(e) adds back B's own-gene change) or neomorphic (new genes)."""
-    kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) if rng.random() < interaction_frac else "none"
-    if kind == "synergy":
-        e = e + 0.5 * (ea + eb)
-    elif kind == "buffering":
-        e = e - 0.5 * (ea + eb)
+    e = ea + eb
+    kinds = ["synergy", "buffering", "epistasis", "neomorphic"]
+    kind = rng.choice(kinds) if rng.random() < interaction_frac else "none"
+    if kind in ("synergy", "buffering"):
+        e = e + 0.5 * (ea + eb) if kind == "synergy" else e - 0.5 * (ea + eb)
     elif kind == "epistasis":
         e = e - eb
         if on_b is not None:
@@ -1948,14 +1847,15 @@ def _interact(rng, e, ea, eb, interaction_frac, G, on_b=None):
     return e, kind
 
 
-def _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk):
-    """Counts for conditions with effects E (K, G). A cell's log-rate is
+def _screen(rng, genes, effects, labels, truth, n_cells, n_covariates, ctrl_frac, responder_frac, chunk,
+            lines=True) -> H5AD:
+    """The h5ad of a screen of conditions with effects E (K, G). A cell's log-rate is
         log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
     with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for responders
     (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g). Cell lines
-    shift baselines and scale effects. Returns X (CSR), condition index per cell (-1 = control), line per cell,
-    line scales."""
-    G = E.shape[1]
+    shift baselines and scale effects. obs: labels {column: (value per condition, the controls' value)}, and
+    cell_type when `lines`; uns['truth'] = truth(E, line scales)."""
+    E, G = np.stack(effects), len(genes)                               # (K, G)
     mu = rng.normal(0.0, 1.0, G)
     L = np.zeros((2, G))
     L[0, rng.choice(G, 50, replace=False)] = rng.uniform(0.5, 1.0, 50)  # cell-cycle-like program
@@ -1963,24 +1863,25 @@ def _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk):
     theta = np.exp(rng.normal(np.log(5.0), 0.5, G))
     mu_line = mu + rng.normal(0, 0.3, (n_covariates, G)) * (n_covariates > 1)
     scale_line = rng.uniform(0.7, 1.3, n_covariates) if n_covariates > 1 else np.ones(1)
-    # cell assignment: controls, then an even share per condition and line
-    n_ctrl = int(ctrl_frac * n_cells)
+    n_ctrl = int(ctrl_frac * n_cells)                                  # controls, then an even share per condition
     k_of = np.r_[np.full(n_ctrl, -1), rng.permutation(np.arange(n_cells - n_ctrl) % len(E))]
     line_of = rng.integers(0, n_covariates, n_cells)
     blocks = []
     for s in range(0, n_cells, chunk):                                 # chunks bound memory, not a cell loop
         k, ln = k_of[s:s + chunk], line_of[s:s + chunk]
-        n = len(k)
-        u = rng.normal(0, 1, (n, 2))
-        resp = (rng.random(n) < responder_frac) & (k >= 0)
-        eff = np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
-        logit = mu_line[ln] + u @ L + eff                              # (n, G)
+        u = rng.normal(0, 1, (len(k), 2))
+        resp = (rng.random(len(k)) < responder_frac) & (k >= 0)
+        logit = mu_line[ln] + u @ L + np.where(resp[:, None], E[np.maximum(k, 0)] * scale_line[ln][:, None], 0.0)
         lam = np.exp(logit - logit.max(1, keepdims=True))
         lam /= lam.sum(1, keepdims=True)
-        lib = np.exp(rng.normal(np.log(4000), 0.35, n))[:, None]
+        lib = np.exp(rng.normal(np.log(4000), 0.35, len(k)))[:, None]
         rate = rng.gamma(theta, lib * lam / theta)                     # NB as a gamma-Poisson mixture
         blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
-    return sp.vstack(blocks, format="csr"), k_of, line_of, scale_line
+    obs = {c: np.array([ctl if k < 0 else v[k] for k in k_of], dtype=object) for c, (v, ctl) in labels.items()}
+    if lines:
+        obs["cell_type"] = np.array([f"line{i}" for i in line_of], dtype=object)
+    return H5AD(sp.vstack(blocks, format="csr"), obs, {}, np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
+                genes, {"truth": truth(E, scale_line)})
 
 
 def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
@@ -1988,49 +1889,33 @@ def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates
     """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels).
 
     Genes: real PROGENy footprint genes (about 60%) plus background genes (_footprints); cells and counts as in
-    _cells. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
+    _screen. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
     (CRISPRi, 'i'), the footprint of P moves by strength * sign * PROGENy weight / max|weight|, and about
-    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs:
-    synergy (+50% of the sum), buffering (-50%), epistasis (B's footprint masked) or neomorphic (new genes).
-    Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
+    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs
+    (_interact). Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, fp_path = _footprints(n_genes)
-    G = len(genes)
-    gidx = {g: i for i, g in enumerate(genes)}
-    # singles: targets spread over pathways
-    targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))
-    effects, names, kinds, tpath = [], [], [], []
+    G, gidx = len(genes), {g: i for i, g in enumerate(genes)}
+    targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))  # across pathways
+    effects, names, kinds, tpath, single = [], [], [], [], {}
     own = 2.0 if mode == "a" else -2.0
-    single = {}
     for a in targets:
         e = np.zeros(G)
-        p = paths.index(fp_path[a])
-        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[p]
+        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[paths.index(fp_path[a])]
         e[rng.choice(G, 15, replace=False)] += rng.normal(0, 0.4, 15)
         e[gidx[a]] = own
         single[a] = e
         names.append(f"{a}+ctrl"), effects.append(e), kinds.append("single"), tpath.append(fp_path[a])
-    # combinations with interactions
-    pairs = set()
-    while len(pairs) < min(n_combos, len(targets) * (len(targets) - 1) // 2):
-        a, b = sorted(rng.choice(targets, 2, replace=False))
-        pairs.add((a, b))
-    for a, b in sorted(pairs):
-        e, kind = _interact(rng, single[a] + single[b], single[a], single[b], interaction_frac, G,
+    for a, b in _pairs(rng, targets, min(n_combos, len(targets) * (len(targets) - 1) // 2)):
+        e, kind = _interact(rng, single[a], single[b], interaction_frac, G,
                             lambda e: e.__setitem__(gidx[b], e[gidx[b]] + own))
         names.append(f"{a}+{b}"), effects.append(e), kinds.append(kind), tpath.append("")
-    E = np.stack(effects)                                              # (K, G)
-    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
-    cond = np.array(["ctrl" if k < 0 else names[k] for k in k_of], dtype=object)
-    obs = {"condition": cond}
-    if n_covariates > 1:
-        obs["cell_type"] = np.array([f"line{i}" for i in line_of], dtype=object)
-    truth = {"conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
-             "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
-             "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
-             "line_scale": scale_line.astype(np.float32), "responder_frac": float(responder_frac)}
-    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
-                var_names=genes, uns={"truth": truth})
+    return _screen(rng, genes, effects, {"condition": (names, "ctrl")}, lambda E, scale: {
+        "conditions": np.array(names, dtype=object), "effects": E.astype(np.float32),
+        "interaction": np.array(kinds, dtype=object), "pathway": np.array(tpath, dtype=object),
+        "pathways": np.array(paths, dtype=object), "footprints": W.astype(np.float32),
+        "line_scale": scale.astype(np.float32), "responder_frac": float(responder_frac)},
+        n_cells, n_covariates, ctrl_frac, responder_frac, chunk, lines=n_covariates > 1)
 
 
 DOSE_GRID = np.array([0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])   # uM, half-log steps (sci-Plex: 0.01-10 uM)
@@ -2055,16 +1940,14 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
     (epistasis: A masks B). Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, _ = _footprints(n_genes)
-    G = len(genes)
-    drugs = [f"drug{i:02d}" for i in range(n_drugs)]
+    G, drugs = len(genes), [f"drug{i:02d}" for i in range(n_drugs)]
     pw = rng.choice(len(paths), n_drugs, replace=n_drugs > len(paths))
     on = rng.uniform(1.0, 2.0, n_drugs)[:, None] * rng.choice([-1, 1], n_drugs)[:, None] * W[pw]    # (D, G)
     off = np.zeros((n_drugs, G))
     for i in range(n_drugs):                                            # a loop over drugs
         off[i, rng.choice(G, 20, replace=False)] = rng.normal(0, 0.8, 20)
     n_dose = rng.integers(4, 7, n_drugs)
-    start = rng.integers(0, len(DOSE_GRID) - n_dose + 1)
-    doses = [DOSE_GRID[s:s + m] for s, m in zip(start, n_dose)]
+    doses = [DOSE_GRID[s:s + m] for s, m in zip(rng.integers(0, len(DOSE_GRID) - n_dose + 1), n_dose)]
     ec50 = np.exp(rng.uniform(np.log([d[1] for d in doses]), np.log([d[-2] for d in doses])))
     slope = rng.uniform(0.8, 3.0, n_drugs)
     effect = lambda i, d: hill(d, ec50[i], slope[i]) * on[i] + hill(d, 3 * ec50[i], slope[i]) * off[i]  # noqa: E731
@@ -2072,30 +1955,19 @@ def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_cova
     for i, D in enumerate(drugs):
         for d in doses[i]:
             names.append(D), dose_txt.append(fmt_dose(d)), effects.append(effect(i, d)), kinds.append("single")
-    pairs = set()
-    while len(pairs) < n_pairs:
-        a, b = sorted(rng.choice(n_drugs, 2, replace=False))
-        pairs.add((a, b, rng.choice(doses[a]), rng.choice(doses[b])))
-    for a, b, da, db in sorted(pairs):
-        e, kind = _interact(rng, effect(a, da) + effect(b, db), effect(a, da), effect(b, db), interaction_frac, G)
+    for a, b, da, db in _pairs(rng, n_drugs, n_pairs, doses):
+        e, kind = _interact(rng, effect(a, da), effect(b, db), interaction_frac, G)
         names.append(f"{drugs[a]}+{drugs[b]}"), dose_txt.append(f"{fmt_dose(da)}+{fmt_dose(db)}")
         effects.append(e), kinds.append(kind)
-    E = np.stack(effects)                                              # (K, G)
-    X, k_of, line_of, scale_line = _cells(rng, E, n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
-    obs = {"product_name": np.array(["Vehicle" if k < 0 else names[k] for k in k_of], dtype=object),
-           "dose": np.array(["0" if k < 0 else dose_txt[k] for k in k_of], dtype=object),
-           "cell_type": np.array([f"line{i}" for i in line_of], dtype=object)}
     canon = ["+".join(f"{n}@{d}" for n, d in zip(l.split("+"), t.split("+"))) for l, t in zip(names, dose_txt)]
-    truth = {"conditions": np.array(canon, dtype=object),                    # canonical labels 'A@0.1+B@1'
-
-             "effects": E.astype(np.float32), "interaction": np.array(kinds, dtype=object),
-             "drugs": np.array(drugs, dtype=object), "pathway": np.array(paths, dtype=object)[pw],
-             "ec50": ec50.astype(np.float32), "hill": slope.astype(np.float32), "on_target": on.astype(np.float32),
-             "off_target": off.astype(np.float32), "line_scale": scale_line.astype(np.float32)}
-    return H5AD(X=X, obs=obs, var={}, obs_names=np.array([f"cell{i}" for i in range(n_cells)], dtype=object),
-                var_names=genes, uns={"truth": truth})
-
-
+    labels = {"product_name": (names, "Vehicle"), "dose": (dose_txt, "0")}
+    return _screen(rng, genes, effects, labels, lambda E, scale: {
+        "conditions": np.array(canon, dtype=object), "effects": E.astype(np.float32),  # canonical labels 'A@0.1+B@1'
+        "interaction": np.array(kinds, dtype=object), "drugs": np.array(drugs, dtype=object),
+        "pathway": np.array(paths, dtype=object)[pw], "ec50": ec50.astype(np.float32),
+        "hill": slope.astype(np.float32), "on_target": on.astype(np.float32), "off_target": off.astype(np.float32),
+        "line_scale": scale.astype(np.float32)},
+        n_cells, n_covariates, ctrl_frac, responder_frac, chunk)
 
 
 if __name__ == "__main__":

@@ -359,7 +359,10 @@ def test_checkpoint_round_trip(tmp_path):
     m2, ckpt = flow.load_checkpoint(path, genes=meta["genes"])
     cond, x, t = rand_cond(2, 6, [[1, 2]] * 2, [[1.0, 1.0]] * 2), torch.randn(2, 6), torch.rand(2)
     assert torch.equal(m.eval()(x, t, cond), m2(x, t, cond)) and ckpt["step"] == 7 and ckpt["config"]["lr"] == 1.0
-    assert torch.equal(ckpt["scaler"]["std"], m.std) and os.listdir(os.path.dirname(path)) == ["m.pt"]
+    assert torch.equal(ckpt["ema"]["std"], m.std) and os.listdir(os.path.dirname(path)) == ["m.pt"]
+    assert "scaler" not in ckpt                      # the scaler lives in the state dicts; an old copy still loads:
+    data.write_checkpoint(path, {**ckpt, "scaler": {"mean": m.mean, "std": m.std}})
+    assert torch.equal(m.eval()(x, t, cond), flow.load_checkpoint(path, genes=meta["genes"])[0](x, t, cond))
     with pytest.raises(data.UserError, match="2 positions differ"):
         flow.load_checkpoint(path, genes=["g1", "g0"] + meta["genes"][2:])
     with pytest.raises(data.UserError, match="checkpoint not found"):
