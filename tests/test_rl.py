@@ -144,6 +144,25 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
         torch.testing.assert_close(logp_leaf.grad, -adv / 8, atol=1e-3, rtol=0)
 
 
+def test_rollout_cells_are_their_control_cells_plus_the_change(sim):
+    """A rollout's cells are generated like every cell (paired): with a zero output layer, each is its own control cell
+    plus its own key's shift, whatever the SDE noise; the states and log-probabilities are the key path's."""
+    ds = sim["ds"]
+    model = copy.deepcopy(sim["model"])
+    torch.nn.init.zeros_(model.out.weight)
+    torch.nn.init.zeros_(model.out.bias)
+    keys = ds.split["test"] + ds.split["val"]
+    kid = torch.arange(len(keys)).repeat_interleave(4)                                 # (12,)
+    rows = np.random.default_rng(0).choice(ds.ctrl_idx["all"], len(kid))
+    cond = flow.make_cond(model, ds.key_table(keys), kid, ds.X[rows])
+    T = 3
+    cells, xs, logp = rl.rollout(model, cond, T, 0.7, torch.Generator().manual_seed(0))
+    want = np.maximum(ds.X[rows] + np.stack([ds.shift(keys[i]) for i in kid.tolist()]), 0)
+    np.testing.assert_allclose(cells.numpy(), want, atol=1e-4, rtol=0)
+    assert xs.shape == (T + 1, len(kid), len(ds.genes)) and logp.shape == (T, len(kid)) and torch.isfinite(logp).all()
+    assert float((xs[-1] - xs[0]).abs().mean()) > 0.1                                # the noise moves the state
+
+
 # ----------------------------------------------------------------------------- learning on a toy
 class Toy(torch.nn.Module):
     """v(x, t) = c + W [x, t] in D dims (the VelocityField call signature; cond is ignored); decode = identity."""
