@@ -1,5 +1,6 @@
 """Issue 10: Best-of-N selection at test time (a training-only pseudo-reference), the bundled Hallmark gene sets
 and --gene-sets names, and the bad-input rows for --best-of and --gene-sets."""
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -31,35 +32,58 @@ def guarded(ds):
     return dataclasses.replace(ds, refs=keep(ds.refs), cell_idx=keep(ds.cell_idx))
 
 
+def trusted(ds, c=1.0):
+    """ds with every prior kind trusted by a fixed c (the --trust option), so the shift has a closed form."""
+    return dataclasses.replace(ds, meta={**ds.meta, "trust": c})
+
+
+def additive_shift(ds, key, c=1.0):
+    """c x the sum of the key's singles' mean deltas, from ds.X rows: each single's cells' mean minus the mean of
+    the covariate's control cells (every single must be a training key: an additive split's held-out pair)."""
+    ctrl = ds.X[ds.ctrl_idx[key[1]]].mean(0)
+    singles = [(g, key[1]) for g in key[0].split("+")]
+    assert len(singles) > 1 and all(s in ds.split["train"] for s in singles)
+    return c * sum(ds.X[ds.cell_idx[s]].mean(0) - ctrl for s in singles)
+
+
+def shifted_reference(ds, key, n_de=50, std_floor=0.1):
+    """The pseudo-reference built here: the covariate's control cells plus additive_shift, clamped at 0, with its
+    statistics against those control cells (a Reference: data.reference)."""
+    rows = ds.ctrl_idx[key[1]]
+    ctrl = ds.X[rows]
+    cells = np.maximum(ctrl + additive_shift(ds, key), 0).astype(np.float32)
+    return data.reference(cells, rows, ctrl.mean(0), ctrl.std(0, ddof=1), n_de, std_floor)
+
+
 def test_pseudo_reference_is_control_plus_trusted_shift(tiny_screen):
-    ds = tiny_screen["ds"]
+    """Against the shifted control cells built from ds.X here: the cells, their control mean and delta, and the DE
+    genes (top |Welch t| against the control cells, control std floored at 0.1, computed in numpy)."""
+    ds = trusted(tiny_screen["ds"])
     key = ds.split["test"][0]
-    trust = ds.prior_trust()
-    ref = evaluate.pseudo_reference(guarded(ds), key, trust, n_de=20)
-    ctrl = ds.X[ds.ctrl_idx[key[1]]]
-    want = np.maximum(ctrl + ds.start(key, trust), 0)
-    np.testing.assert_allclose(ref.cells.numpy(), want, atol=1e-6)
+    ref = evaluate.pseudo_reference(guarded(ds), key, ds.prior_trust(), n_de=20)
+    ctrl = ds.X[ds.ctrl_idx[key[1]]].astype(np.float64)
+    want = np.maximum(ctrl + additive_shift(ds, key), 0)
+    np.testing.assert_allclose(ref.cells.numpy(), want, atol=1e-5)
     np.testing.assert_allclose(ref.ctrl_mean.numpy(), ctrl.mean(0), atol=1e-5)
     np.testing.assert_allclose(ref.delta.numpy(), want.mean(0) - ctrl.mean(0), atol=1e-5)
-    assert len(ref.de_idx) == 20
-    # the additive prior of this combination is trusted: its shift is c * (sum of the singles' deltas)
-    c = trust[ds.prior_kind(key)]
-    assert c > 0 and np.allclose(ds.start(key, trust), c * sum(ds.component_deltas(key)), atol=1e-6)
+    t = (want.mean(0) - ctrl.mean(0)) / np.sqrt(want.var(0, ddof=1) / len(want)
+                                                 + np.maximum(ctrl.std(0, ddof=1), 0.1) ** 2 / len(ctrl))
+    assert set(ref.de_idx.tolist()) == set(np.argsort(-np.abs(t))[:20].tolist())
     # nothing trusted to build on: no pseudo-reference, so no selection
-    assert evaluate.pseudo_reference(ds, ("UNSEEN", key[1]), dict.fromkeys(trust, 0.0)) is None
+    assert evaluate.pseudo_reference(ds, ("UNSEEN", key[1]), dict.fromkeys(ds.prior_trust(), 0.0)) is None
 
 
 def test_best_of_n_raises_the_selected_reward_without_reading_held_out_cells(tiny_screen):
-    """The pseudo-reference is the truth here; best-of-16 must beat best-of-1 on the reward it selects on
-    (per cell, so the comparison does not depend on the group), for every held-out condition."""
-    ds, model = tiny_screen["ds"], tiny_screen["model"]
+    """Scored against the pseudo-reference built here (shifted_reference), best-of-16 beats best-of-1 on the
+    reward it selects on (per cell, so the comparison does not depend on the group), for every held-out
+    condition; held-out cells are never read."""
+    ds, model = trusted(tiny_screen["ds"]), tiny_screen["model"]
     gds, keys = guarded(ds), ds.split["test"]
     ver = V.Verifier(ds.genes, {"pearson": 1.0, "rmse": 1.0})
     one = evaluate.best_of_n(model, gds, keys, 1, ver, n_cells=32, steps=8, seed=3)
     best = evaluate.best_of_n(model, gds, keys, 16, ver, n_cells=32, steps=8, seed=3)
-    trust = ds.prior_trust()
     for k in keys:
-        truth = evaluate.pseudo_reference(ds, k, trust)
+        truth = shifted_reference(ds, k)
         r1, r16 = (ver(x, truth)[1] for x in (one[k], best[k]))
         z = lambda r: sum((r[n] - r1[n].mean()) / r1[n].std() for n in r)  # noqa: E731  same scale for both
         assert one[k].shape == best[k].shape == (32, len(ds.genes))
@@ -68,6 +92,55 @@ def test_best_of_n_raises_the_selected_reward_without_reading_held_out_cells(tin
     # N = 1 is the plain sampler, cell for cell
     plain = evaluate.predict(model, ds, keys, 32, 8, seed=3)
     assert all(torch.equal(plain[k], one[k]) for k in keys)
+
+
+def test_best_of_n_keeps_the_one_candidate_that_matches_the_pseudo_reference(tiny_screen, monkeypatch):
+    """Candidates constructed here (evaluate.predict patched): of every cell's 4, exactly one is a control cell plus
+    its key's shift (additive_shift), at a random place; the others are a control cell, a control cell minus the
+    shift, and a control cell plus the OTHER held-out key's shift. Selection must keep the matching one, for every
+    cell of both keys."""
+    ds = trusted(tiny_screen["ds"])
+    keys, N, n = ds.split["test"], 4, 6
+    assert len(keys) == 2
+    shift = {k: additive_shift(ds, k) for k in keys}
+    rng = np.random.default_rng(0)
+    cand, match = {}, {}
+    for k, other in zip(keys, keys[::-1]):
+        c = ds.X[rng.choice(ds.ctrl_idx[k[1]], n * N)].reshape(n, N, -1)          # (n, N, G) control cells
+        kinds = np.stack([c[:, 0] + shift[k], c[:, 1], c[:, 2] - shift[k], c[:, 3] + shift[other]], 1)
+        order = np.stack([rng.permutation(N) for _ in range(n)])                  # kind order[i, j] at place j
+        x = np.maximum(np.take_along_axis(kinds, order[:, :, None], 1), 0)       # (n, N, G)
+        cand[k] = torch.from_numpy(x.reshape(n * N, -1).astype(np.float32))      # consecutive rows: one cell's N
+        match[k] = x[np.arange(n), np.argmax(order == 0, 1)]                      # (n, G) the matching candidates
+
+    def predict(model, ds_, keys_, n_cells, steps, method, noise, seed, repeat=1, **kw):
+        assert list(keys_) == keys and n_cells == n and repeat == N
+        return {k: cand[k] for k in keys_}
+    monkeypatch.setattr(evaluate, "predict", predict)
+    ver = V.Verifier(ds.genes, {"pearson": 1.0, "rmse": 1.0})
+    got = evaluate.best_of_n(None, guarded(ds), keys, N, ver, n_cells=n)
+    for k in keys:
+        np.testing.assert_allclose(got[k].numpy(), match[k], atol=1e-6, err_msg=str(k))
+
+
+def test_best_of_n_keeps_each_key_with_its_own_condition(tiny_screen):
+    """With a zero output layer every candidate is its control cell plus its key's shift, so every selected cell must
+    be one of ITS N candidates: the control cells drawn for it (data.control_rows' draw, N per cell, seeded) plus
+    its own key's shift."""
+    ds = tiny_screen["ds"]
+    model = copy.deepcopy(tiny_screen["model"])
+    torch.nn.init.zeros_(model.out.weight)
+    torch.nn.init.zeros_(model.out.bias)
+    keys, N, n = ds.split["test"] + ds.split["val"], 3, 5
+    S = np.stack([ds.start(k) for k in keys])
+    assert min(np.abs(S[i] - S[j]).max() for i in range(len(keys)) for j in range(i)) > 0.1
+    got = evaluate.best_of_n(model, ds, keys, N, V.Verifier(ds.genes, {"pearson": 1.0}), n_cells=n, steps=3, seed=2)
+    g = torch.Generator().manual_seed(2)
+    for k in keys:
+        rows = ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (n * N,), generator=g).numpy()]
+        cands = np.maximum(ds.X[rows] + ds.start(k), 0).reshape(n, N, -1)          # (n, N, G)
+        err = np.abs(cands - got[k].numpy()[:, None]).max(-1).min(1)              # (n,) nearest own candidate
+        assert err.max() < 1e-4, (k, err)
 
 
 @pytest.mark.parametrize("argv, match", [

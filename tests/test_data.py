@@ -6,7 +6,6 @@ comes from a direct numpy computation or a property a wrong implementation fails
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -66,10 +65,8 @@ def sim_ds(sim_path):
 
 @pytest.fixture(scope="module")
 def default_sim():
-    """The default-size simulation, timed once (also reused as the CLI's cached built-in benchmark)."""
-    t0 = time.perf_counter()
-    h = data.simulate()
-    return h, time.perf_counter() - t0
+    """The default-size simulation (also reused as the CLI's cached built-in benchmark)."""
+    return data.simulate()
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -456,9 +453,16 @@ def test_simulator_combinations_additive_without_interaction(sim_path, sim_ds):
         assert np.abs(E[c] - E[f"{a}+ctrl"] - E[f"{b}+ctrl"]).max() > 0.1
 
 
-def test_simulator_default_time(default_sim):
-    h, t = default_sim
-    assert h.X.shape == (6000, 1000) and t < 30
+def test_simulator_default_size(default_sim):
+    """The defaults: 6000 cells x 1000 genes of raw counts (sparse), int(0.15 x 6000) = 900 controls, 40 singles
+    (GEARS 'A+ctrl') and 30 pairs sharing the other cells evenly (5100 / 70: 72 or 73 each)."""
+    h = default_sim
+    assert h.X.shape == (6000, 1000) and sp.issparse(h.X) and np.array_equal(h.X.data, np.round(h.X.data))
+    labels, counts = np.unique(h.obs["condition"].astype(str), return_counts=True)
+    n = dict(zip(labels, counts))
+    assert n.pop("ctrl") == 900
+    assert sum(l.endswith("+ctrl") for l in n) == 40 and sum(not l.endswith("+ctrl") for l in n) == 30
+    assert set(n.values()) == {72, 73}
 
 
 # ----------------------------------------------------------------------------- errors
@@ -551,7 +555,7 @@ def test_cli_summary_and_error_exit(tmp_path, default_sim):
     """`python data.py` prints the summary of the built-in benchmark; a bad --data exits 2 with one line."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    data.write_h5ad(cache / "simulated_v1_seed0.h5ad", default_sim[0])    # pre-seed the built-in cache
+    data.write_h5ad(cache / "simulated_v1_seed0.h5ad", default_sim)       # pre-seed the built-in cache
     env = dict(os.environ, PERTURBCELLRL_CACHE=str(cache))
     run = lambda *a: subprocess.Popen([sys.executable, str(ROOT / "data.py"), *a], env=env, cwd=tmp_path,  # noqa: E731
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -559,8 +563,17 @@ def test_cli_summary_and_error_exit(tmp_path, default_sim):
     (out, err), (bout, berr) = ok.communicate(timeout=120), bad.communicate(timeout=120)
     assert ok.returncode == 0, err
     assert "6000 cells x 1000 genes" in out and "raw counts" in out
-    assert "70 (condition, covariate) pairs: 40 singles, 30 combinations" in out
-    assert "split       train=58  val=4  test=8" in out
+    # the counts derived from the labels and the additive split's rule (make_split): test = round(test_frac x the
+    # pairs whose singles are both in the data), validation = round(val_frac / (1 - test_frac) x the pairs left)
+    labels = set(default_sim.obs["condition"].astype(str)) - {"ctrl"}
+    singles = {l.split("+")[0] for l in labels if l.endswith("+ctrl")}
+    pairs = [l for l in labels if not l.endswith("+ctrl")]
+    ready = [l for l in pairs if set(l.split("+")) <= singles]
+    cfg = DataConfig()
+    n_test = round(cfg.test_frac * len(ready))
+    n_val = round(cfg.val_frac / (1 - cfg.test_frac) * (len(ready) - n_test))
+    assert f"{len(labels)} (condition, covariate) pairs: {len(singles)} singles, {len(pairs)} combinations" in out
+    assert f"split       train={len(labels) - n_test - n_val}  val={n_val}  test={n_test}" in out
     assert os.listdir(cache) == ["simulated_v1_seed0.h5ad"]                 # the cache was used
     assert bad.returncode == 2 and bout == ""
     lines = berr.strip().splitlines()

@@ -2,6 +2,7 @@
 every metric for identical prediction and truth, the discrimination score on constructed cases with a
 known rank, the baselines (the additive one is exact without interactions), predict(), the table, the CLI
 and its --write-pred h5ad (read back with anndata), and a cross-check of pearson_delta / mae with cell-eval."""
+import copy
 import json
 import os
 import subprocess
@@ -185,7 +186,8 @@ def test_metrics_against_numpy_and_scipy():
     assert 0 < m["de_overlap"] < 1                                           # a case that can be wrong
     assert m["effect_ratio"] == pytest.approx(np.linalg.norm(pd) / np.linalg.norm(rd), rel=1e-5)
     assert m["spread_ratio"] == pytest.approx(x.std(0, ddof=1).mean() / cells.std(0, ddof=1).mean(), rel=1e-5)
-    # float32 torch.cdist (matrix-product path for > 25 rows) is off by ~1e-2 per distance: see the xfail below
+    # float32 torch.cdist's matrix-product path (> 25 rows) is off by ~1e-2 per distance, so energy_distance uses the
+    # exact path (test_energy_distance_float32_is_accurate); what is left is float32 rounding
     assert m["energy"] == pytest.approx(energy_loop(x.astype(np.float64), cells.astype(np.float64)), rel=5e-3)
     assert m["mmd"] == pytest.approx(mmd_numpy(x.astype(np.float64), cells.astype(np.float64)), rel=1e-3, abs=1e-6)
 
@@ -358,6 +360,50 @@ def test_predict_counts_determinism_and_sde(sim):
     assert all(c[k].shape == p[k].shape and (c[k] >= 0).all() for k in keys)
 
 
+def zero_network(model):
+    """A copy of `model` whose output layer is zero: paired generation then gives control cell + shift exactly."""
+    z = copy.deepcopy(model)
+    torch.nn.init.zeros_(z.out.weight)
+    torch.nn.init.zeros_(z.out.bias)
+    return z
+
+
+def keys_with_distinct_shifts(ds, n=4):
+    """n keys whose start predictors (Dataset.shift) all differ, so cells given another key's shift are seen."""
+    keys = [k for k in ds.split["test"] + ds.split["val"] + ds.split["train"] if np.abs(ds.start(k)).max() > 0.1]
+    keys = keys[:n]
+    S = np.stack([ds.start(k) for k in keys])
+    assert len(keys) == n and min(np.abs(S[i] - S[j]).max() for i in range(n) for j in range(i)) > 0.1
+    return keys
+
+
+def drawn_control_rows(ds, keys, n, seed):
+    """The control-cell rows generation draws: n[i] rows per key, with replacement, from one seeded torch generator,
+    key after key (data.control_rows)."""
+    g = torch.Generator().manual_seed(seed)
+    return [ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=g).numpy()] for k, m in zip(keys, n)]
+
+
+@pytest.mark.parametrize("method, noise", [("midpoint", 0.0), ("euler", 0.7)], ids=["ODE", "SDE"])
+def test_predict_keeps_each_key_with_its_own_condition(sim, method, noise):
+    """With a zero network every generated cell is exactly its control cell plus its OWN key's shift, row for row
+    (ODE and the RL SDE, several chunks, unequal counts), so a key paired with another key's condition, or with
+    another key's control cells, fails."""
+    ds = sim["ds"]
+    model = zero_network(sim["model"])
+    keys = keys_with_distinct_shifts(ds)
+    n = [5, 7, 3, 6]
+    got = evaluate.predict(model, ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
+    assert list(got) == keys
+    for k, rows in zip(keys, drawn_control_rows(ds, keys, n, seed=4)):
+        want = np.maximum(ds.X[rows] + ds.start(k), 0)
+        np.testing.assert_allclose(got[k].numpy(), want, atol=1e-4, rtol=0, err_msg=str(k))
+    # the trained network adds its own change on top, per key (not zero, not the same for every key)
+    real = evaluate.predict(sim["model"], ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
+    moved = [float((real[k] - got[k]).abs().mean()) for k in keys]
+    assert min(moved) > 1e-3
+
+
 # ----------------------------------------------------------------------------- summary and table
 def test_summarize_and_report_mark_missing_metrics_na(sim):
     """Explicit split holding out the single CTSF and two combinations: the additive baseline has no
@@ -524,6 +570,45 @@ def test_interaction_score_against_lstsq_and_its_zero_for_additive_predictions()
     assert evaluate.interaction(t(real), t(real), S) == pytest.approx(1, abs=1e-6)
     for shrunk in (dA + dB, 0.6 * (dA + dB), 2 * dA - 0.3 * dB):   # any scaled/shrunk additive prediction: 0
         assert abs(evaluate.interaction(t(shrunk), t(real), S)) < 1e-6
+
+
+def typical_sample(rng, mean, s, n):
+    """n cells whose sample mean is `mean` and whose per-gene sample variance (ddof 1) is exactly s^2."""
+    D = rng.normal(size=(n, len(s)))
+    D = (D - D.mean(0)) / D.std(0, ddof=1) * s                       # column means 0, sample std s exactly
+    return mean + D
+
+
+def test_selection_score_against_its_closed_form():
+    """8 generated cells against 200 real ones, both with the true mean change d (centred over genes) plus the
+    sampling error of a typical sample: a mean error e orthogonal to d, to the other sample's and to the constant,
+    with |e|^2 = tr(S) / n exactly, S the cells' sample covariance. Debiased (|d|^2_u = |d|^2 - tr(S)/n) the
+    effect ratio and the Pearson of the deltas are exactly 1; the raw ratio (evaluate.metrics' effect_ratio) is
+    sqrt((|d|^2 + tr(S_x)/8) / (|d|^2 + tr(S_y)/200)) = sqrt(2 / 1.04) here; the energy term is the numpy energy distance
+    over the mean real pairwise distance; score = r - |log ratio| - e_rel."""
+    rng = np.random.default_rng(0)
+    G, n, m = 60, 8, 200
+    ctrl_mean = 5 + rng.random(G)
+    s = 0.5 + rng.random(G)                                            # per-gene std of both samples
+    tr = float((s ** 2).sum())
+    d = rng.normal(size=G)
+    d = (d - d.mean()) / np.linalg.norm(d - d.mean()) * np.sqrt(tr / n)   # |d|^2 = tr(S) / 8: a modest effect
+    basis = np.linalg.qr(np.stack([np.ones(G), d, *rng.normal(size=(2, G))], 1))[0]   # 1, d, e_x, e_y orthogonal
+    e_x, e_y = basis[:, 2] * np.sqrt(tr / n), basis[:, 3] * np.sqrt(tr / m)
+    x = typical_sample(rng, ctrl_mean + d + e_x, s, n)
+    y = typical_sample(rng, ctrl_mean + d + e_y, s, m)
+    ref = data.reference(y.astype(np.float32), np.arange(100), ctrl_mean, np.ones(G), 20, 0.1)
+    got = evaluate.selection_score(torch.tensor(x, dtype=torch.float32), ref)
+    assert got["effect_ratio_u"] == pytest.approx(1.0, abs=1e-4)
+    assert got["pearson_delta_u"] == pytest.approx(1.0, abs=1e-4)
+    raw = np.sqrt((d @ d + tr / n) / (d @ d + tr / m))
+    assert raw == pytest.approx(np.sqrt(2 / 1.04))                      # what the debiasing removes
+    m_raw = evaluate.metrics(torch.tensor(x, dtype=torch.float32), ref, 100)["effect_ratio"]
+    assert m_raw == pytest.approx(raw, rel=1e-4)
+    dyy = scipy.spatial.distance.cdist(y, y)
+    e_rel = energy_loop(x, y) / (dyy.sum() / (m * (m - 1)))
+    assert got["energy_rel"] == pytest.approx(e_rel, rel=1e-3)
+    assert got["score"] == pytest.approx(1.0 - e_rel, abs=1e-3)
 
 
 def test_selection_score_prefers_real_cells_to_collapsed_and_exaggerated(sim):

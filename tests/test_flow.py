@@ -3,6 +3,7 @@
 import math
 import os
 import sys
+import warnings
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads on a shared CPU
 import numpy as np  # noqa: E402
@@ -455,3 +456,42 @@ def test_control_check_measures_the_generators_control_bias(sim_path):
         m.out.bias.copy_(0.5 / m.std)                                 # v = b / std in model space: x1 = x0 + b
     bad = flow.control_check(m, ds, n_cells=400, steps=2)
     assert bad["bias"] == pytest.approx(0.5 * G ** 0.5, rel=0.1) and bad["energy"] > 10 * max(ok["energy"], 0.05)
+
+
+def test_a_training_single_is_trained_with_the_prior_of_the_other_half_of_its_cells(sim_path, tmp_path, monkeypatch):
+    """Every combination held out (the additive prior kind then has no training key): pretraining teaches it on the
+    training singles with their cross-fitted own prior. Spying on the loss's batches: each single's cell that comes
+    with a prior gets the mean delta of the OTHER half of its key's cells (the halves of Dataset.fold_deltas),
+    computed here from ds.X, never the half that holds the cell itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # no validation key like the test's
+        ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))
+        test = ",".join(k[0] for k in ds.keys if "+" in k[0])
+        ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, test=test))
+    assert ds.untested_kinds() == {"additive"}
+    seen, real = [], flow.cfm_loss
+
+    def cfm_loss(model, x1, cond, *a, **kw):
+        seen.append((model.decode(x1).detach(), (cond["prior"] * model.std).detach(), cond["comps"].detach()))
+        return real(model, x1, cond, *a, **kw)
+    monkeypatch.setattr(flow, "cfm_loss", cfm_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flow.train(flow.FlowConfig(data=sim_path, n_genes=0, test=test, steps=3, batch_size=128, width=16, depth=1,
+                                   gene_feat_dim=4, self_prior=1.0, fit_trust=False, eval_every=1000, save_every=1000,
+                                   progress=False, out=str(tmp_path / "f.pt")))
+    X, ctrl = np.asarray(ds.X), ds.ctrl_idx["all"]
+    checked = 0
+    for cells, prior, comps in seen:
+        for x, p, c in zip(cells.numpy(), prior.numpy(), comps.numpy()):
+            if (c > 0).sum() != 1 or not np.abs(p).max() > 0:             # a single trained with a prior
+                continue
+            key = (ds.components[c[c > 0][0] - 1], "all")
+            rows = ds.cell_idx[key]
+            i = np.abs(X[rows] - x).max(1).argmin()                        # the target cell among the key's cells
+            assert np.abs(X[rows[i]] - x).max() < 1e-4
+            fold = ds.fold_deltas(key, 0)[0]
+            other = rows[fold != fold[i]]
+            np.testing.assert_allclose(p, X[other].mean(0) - X[ctrl].mean(0), atol=1e-4, err_msg=str(key))
+            checked += 1
+    assert checked >= 100

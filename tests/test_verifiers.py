@@ -17,8 +17,7 @@ import data  # noqa: E402
 import verifiers as V  # noqa: E402
 from data import UserError, Reference  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-HALLMARK = SHARED / "pathways" / "h.all.v7.0.symbols.gmt"
+HALLMARK = V.GENE_SETS["hallmark"]                                   # bundled in pathways/
 
 
 def make_reference(ctrl, cells, n_de, std_floor=0.1):
@@ -266,7 +265,6 @@ def test_gmt_loader_and_errors(tmp_path):
         V.load_gene_sets(nonnum)
 
 
-@pytest.mark.skipif(not HALLMARK.is_file(), reason="../shared Hallmark GMT not present")
 def test_hallmark_gmt():
     sets = V.load_gmt(HALLMARK)
     assert len(sets) == 50 and all(n.startswith("HALLMARK_") for n in sets)
