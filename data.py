@@ -124,7 +124,7 @@ PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least t
 class Dataset:
     X: SparseRows                     # (n_cells, G) float32 log1p expression, CSR (X[rows] dense), rows grouped by key
     genes: list                       # (G,) gene symbols
-    cond: np.ndarray                  # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
+    label: np.ndarray                 # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
     cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
     is_ctrl: np.ndarray               # (n_cells,) bool
     keys: list                        # non-control (condition, covariate) pairs
@@ -464,18 +464,18 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
         test = test and ",".join(test_label(l, lab["control"], lab["sep"], lab["case"]) + (":" + cv if cv else "")
                                  for l, _, cv in (w.strip().partition(":") for w in test.split(",") if w.strip()))
         split = make_split(keys, cfg.split, test, cfg.test_frac, cfg.val_frac, cfg.split_seed)
-    cond, covs, is_ctrl, keep = lab["cond"], lab["cov"], lab["is_ctrl"], lab["keep"]
-    in_train = np.isin((cond + "\x1f" + covs).astype(str), [f"{l}\x1f{c}" for l, c in split["train"]])
+    label, covs, is_ctrl, keep = lab["label"], lab["cov"], lab["is_ctrl"], lab["keep"]
+    in_train = np.isin((label + "\x1f" + covs).astype(str), [f"{l}\x1f{c}" for l, c in split["train"]])
     train_rows = np.flatnonzero(keep & (is_ctrl | in_train))
     targets = {n for l, _ in keys for n, _ in components_of(l)}
-    order = np.lexsort((cond, covs, ~is_ctrl))                         # controls first, then key by key
+    order = np.lexsort((label, covs, ~is_ctrl))                         # controls first, then key by key
     X, cols, counts_in = read_expression(h, cfg, symbols, genes, train_rows, targets, order[keep[order]])
-    cond, covs, is_ctrl = cond[order][keep[order]], covs[order][keep[order]], is_ctrl[order][keep[order]]
+    label, covs, is_ctrl = label[order][keep[order]], covs[order][keep[order]], is_ctrl[order][keep[order]]
     # rows are grouped by key, so each key's cells are one contiguous block (References are views of it)
     covariates = sorted(np.unique(covs).tolist())
     ctrl_idx = {c: np.flatnonzero(is_ctrl & (covs == c)) for c in covariates}
-    bounds = np.flatnonzero(np.r_[True, (cond[1:] != cond[:-1]) | (covs[1:] != covs[:-1]), True])
-    cell_idx = {(cond[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
+    bounds = np.flatnonzero(np.r_[True, (label[1:] != label[:-1]) | (covs[1:] != covs[:-1]), True])
+    cell_idx = {(label[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
     ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
     refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
     for k in keys:                                                     # one pass per condition
@@ -486,10 +486,10 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     dosed = [d for l, _ in keys for _, d in components_of(l) if d is not None]
     meta = dict(pert_key=lab["pert_key"], control=lab["control"], cov_key=lab["cov_key"], dose_key=lab["dose_key"],
                 counts=counts_in, dose_unit=lab["dose_unit"], dose_factor=lab["dose_factor"], sep=lab["sep"],
-                n_cells_in=len(lab["cond"]), dose_range=(min(dosed), max(dosed)) if dosed else None,
+                n_cells_in=len(lab["label"]), dose_range=(min(dosed), max(dosed)) if dosed else None,
                 n_genes_in=len(symbols), path=cfg.data or f"built-in {cfg.kind} simulator", labels=lab["labels"],
                 trust=cfg.trust)
-    return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], cond, covs, is_ctrl, keys, split,
+    return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], label, covs, is_ctrl, keys, split,
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 
 
@@ -602,16 +602,16 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     """The label side of a file: read_conditions' canonical condition per cell, the covariate per cell, and the keys
     (condition, covariate) with at least --min-cells cells; keep (n_cells,) marks the cells used (controls, keys)."""
     rc = read_conditions(h, cfg, symbols)
-    cond, missing, control = rc["cond"], rc["missing"], rc["control"]
+    label, missing, control = rc["label"], rc["missing"], rc["control"]
     cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
                                                                 "covariate", "--covariate-key")
-    covs = np.array([str(v) for v in h.obs[cov_key]] if cov_key else ["all"] * len(cond), dtype=object)
-    is_ctrl = cond == "ctrl"
+    covs = np.array([str(v) for v in h.obs[cov_key]] if cov_key else ["all"] * len(label), dtype=object)
+    is_ctrl = label == "ctrl"
     for cv in np.unique(covs):
         if not is_ctrl[covs == cv].any():
             raise UserError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
                             f"cells or choose another --covariate-key (or 'none')")
-    uniq, inv, counts = np.unique((cond + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
+    uniq, inv, counts = np.unique((label + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
     perturbed = [((l, c), n) for (l, c), n in zip((tuple(u.split("\x1f")) for u in uniq), counts)
                  if l not in ("ctrl", "<missing>")]
     small = [f"{l}|{c} ({n})" for (l, c), n in perturbed if n < cfg.min_cells]
@@ -660,9 +660,9 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
     f = DOSE_UNITS[unit]
     scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
     canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) or "ctrl" for (l, _), d in zip(pairs, doses)]
-    cond = np.array(canon, dtype=object)[inv.ravel()]
-    cond[missing] = "<missing>"                      # dropped later, never a key
-    return dict(cond=cond, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
+    label = np.array(canon, dtype=object)[inv.ravel()]
+    label[missing] = "<missing>"                      # dropped later, never a key
+    return dict(label=label, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
                 dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
                 dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
 

@@ -106,18 +106,16 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
 
 
 def baselines(ds, keys, n_cells=None, seed=0) -> dict:
-    """{name: {key: cells or None}}: control cells of the covariate; control + mean delta of the training
-    perturbations (same covariate); control + additive prior (None where a component has no training single)."""
+    """{name: {key: cells or None}}: control cells of the covariate; control + the mean delta of the covariate's
+    training perturbations (Dataset.mean_delta); control + additive prior (None where a component has no training
+    single)."""
     g = torch.Generator().manual_seed(seed)
     n = [n_cells or len(ds.cell_idx[k]) for k in keys]
     ctrl = [torch.from_numpy(ds.X[r]) for r in data.control_rows(ds, keys, n, g)]  # as predict's, same seed
-    train = ds.split["train"]
-    mean_delta = {c: torch.stack([ds.refs[k].delta for k in train if k[1] == c] or
-                                 [ds.refs[k].delta for k in train]).mean(0) for c in ds.covariates}
     out = {"control": {}, "train_mean": {}, "additive": {}}
     for k, x in zip(keys, ctrl):
         out["control"][k] = x
-        out["train_mean"][k] = (x + mean_delta[k[1]]).clamp(min=0)
+        out["train_mean"][k] = (x + torch.from_numpy(ds.mean_delta(k))).clamp(min=0)   # the key itself left out
         ok = all(d is not None for d in ds.component_deltas(k))   # every drug has a training single (any dose)
         out["additive"][k] = (x + torch.from_numpy(ds.additive_delta(k))).clamp(min=0) if ok else None
     return out
@@ -417,9 +415,14 @@ def main(argv=None):
     summary = summarize(rows)
     print(f"{len(keys)} {a.split} conditions of {ds.meta['path']}; ODE {a.sampler} {a.ode_steps} steps\n")
     print(report(summary))
+    control = {c: flow.control_check(model, ds, seed=a.seed) for c, (model, _) in zip(a.ckpt, models)}
+    print("\ncontrol condition vs held-out control cells (the generator alone; paired generation cancels it): "
+          + "; ".join(f"{c}: bias {v['bias']:.2f} ({v['bias_ratio']:.2f} x the mean real effect), energy "
+                      f"{v['energy']:.3f}" for c, v in control.items()))
     if a.out:
         with data.atomic_write(a.out) as tmp, open(tmp, "w") as f:
-            json.dump(strict({"summary": summary, "rows": rows, "args": vars(a)}), f, indent=1, allow_nan=False)
+            json.dump(strict({"summary": summary, "rows": rows, "control_check": control, "args": vars(a)}), f,
+                      indent=1, allow_nan=False)
     if a.write_pred:
         write_pred(a.write_pred, ds, preds[a.ckpt[0]])
         print(f"wrote predictions to {a.write_pred}")

@@ -535,7 +535,7 @@ def test_min_cells_dropped_with_warning(tmp_path):
     p = write_ad(tmp_path / "mc.h5ad", X, {"condition": labels})
     with pytest.warns(UserWarning, match="RARE"):
         ds = load_dataset(DataConfig(data=p, n_genes=0))
-    assert [k[0] for k in ds.keys] == ["A", "B"] and "RARE" not in set(ds.cond)
+    assert [k[0] for k in ds.keys] == ["A", "B"] and "RARE" not in set(ds.label)
     assert ds.X.shape[0] == 43
     with pytest.warns(UserWarning, match="'A|all \\(12\\)'|B"):
         ds = load_dataset(DataConfig(data=p, n_genes=0, min_cells=12))

@@ -456,6 +456,9 @@ def test_cli_table_json_and_write_pred_roundtrip(sim):
     ck_rows = [r for r in res_json["rows"] if r["method"] == sim["ckpt"]]
     assert sorted((r["condition"], r["covariate"]) for r in ck_rows) == sorted(keys)
     assert set(res_json["summary"]) == set(names)
+    model, _ = flow.load_checkpoint(sim["ckpt"])                         # the control check, as flow.py logs it
+    assert res_json["control_check"][sim["ckpt"]] == pytest.approx(flow.control_check(model, ds, seed=0), rel=1e-6)
+    assert "control condition vs held-out control cells" in res.stdout
     # the prediction file: read back with anndata
     a = ad.read_h5ad(pred)
     assert list(a.var_names) == ds.genes
