@@ -234,9 +234,11 @@ class Dataset:
         or its prior kind is one no validation key has (--test doubles with seen singles when no validation double
         has its singles). Training keys never are. The network's change is trusted for these only as far as the
         novel validation keys show (flow.calibrate): none without such keys, leaving the start predictor."""
-        if tuple(key) in set(map(tuple, self.split["train"])):
-            return False
-        return self.novel(key) or self.prior_kind(key) not in {self.prior_kind(k) for k in self.split["val"]}
+        split = (tuple(map(tuple, self.split["train"])), tuple(map(tuple, self.split["val"])))
+        if getattr(self, "_val_kinds", (None,))[0] != split:             # once per split: key_table asks per key
+            self._val_kinds = (split, set(split[0]), {self.prior_kind(k) for k in split[1]})
+        _, train, kinds = self._val_kinds
+        return tuple(key) not in train and (self.novel(key) or self.prior_kind(key) not in kinds)
 
     def unseen_components(self) -> set:
         """Components of held-out keys that no training key contains: their learned embedding is never trained."""
@@ -364,24 +366,24 @@ def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
                          [np.full(len(r), len(keys) + j) for j, r in enumerate(ctrl)])
     own = np.concatenate([own_rows[k][1] + 1 - own_rows[k][0] if k in own_rows else np.full(len(ds.cell_idx[k]), -1)
                           for k in keys] + [np.full(len(r), -1) for r in ctrl])  # fold f -> the prior of fold 1 - f
-    return table, {"row": row, "kid": kid, "own": own, "ctrl": np.flatnonzero(kid >= len(keys)), "n_keys": len(keys)}
+    ctrl_at = np.flatnonzero(kid >= len(keys))                         # positions of the control cells
+    return table, {"row": row, "kid": kid, "own": own, "ctrl": ctrl_at, "pert": np.flatnonzero(kid < len(keys)),
+                   "ctrl_cov": table["cov"].numpy()[kid[ctrl_at]], "cov": table["cov"].numpy()}
 
 
-def draw_batch(cells, table, rng, n, ctrl_frac, self_prior):
+def draw_batch(cells, rng, n, ctrl_frac, self_prior):
     """n cells for one flow.train step, drawn like nanoGPT's get_batch: (target rows of ds.X, their key-table rows,
     control-cell rows of the same covariate as inputs). A fraction ctrl_frac are control cells as targets; a training
     single with a cross-fitted own prior uses it with probability self_prior."""
-    pert, ctrl = np.flatnonzero(cells["kid"] < cells["n_keys"]), cells["ctrl"]
+    pert, ctrl = cells["pert"], cells["ctrl"]  # computed once by training_rows, not per step
     i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
     pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
     kid = cells["kid"][pick]
     if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (the same draws as before otherwise)
         kid = np.where((rng.random(n) < self_prior) & (cells["own"][pick] >= 0), cells["own"][pick], kid)
-    cov = table["cov"].numpy()[kid]
-    ccov = table["cov"].numpy()[cells["kid"][ctrl]]  # (n_ctrl,) covariate of each control cell
-    src = np.empty(n, np.int64)
+    cov, src = cells["cov"][kid], np.empty(n, np.int64)
     for c in np.unique(cov):  # a loop over covariates: a random control cell of the target's covariate
-        mine, pool = np.flatnonzero(cov == c), ctrl[ccov == c]
+        mine, pool = np.flatnonzero(cov == c), ctrl[cells["ctrl_cov"] == c]
         src[mine] = cells["row"][pool[rng.integers(len(pool), size=len(mine))]]
     return cells["row"][pick], kid, src
 

@@ -542,7 +542,7 @@ def train(cfg: FlowConfig) -> str:
     pbar = data.progress(cfg.progress and rank == 0, total=end, initial=st["step"], desc="flow")
     t0 = time.time()
     while st["step"] < end:
-        rows, kid, src = (a[rank::world] for a in data.draw_batch(cells, table, rng, B * world, cfg.ctrl_frac,
+        rows, kid, src = (a[rank::world] for a in data.draw_batch(cells, rng, B * world, cfg.ctrl_frac,
                                                               cfg.self_prior))  # (B,) each: this rank's rows
         x1 = model.encode(torch.from_numpy(ds.X[rows]).to(device))  # (B, G) densified from the sparse X
         cond = make_cond(model, dev_table, torch.from_numpy(kid).to(device), ds.X[src])
