@@ -86,7 +86,7 @@ MUTATIONS = [
     # the prior, its trust and the dataset
     M("data.py", "for p in s.split(\"+\")}) < 2:", "for p in [s]}) < 2:",
       "read_doses: GEARS' dose_val ('1' / '1+1') taken for a dose", ("tests/test_layouts.py",)),
-    M("data.py", "return self.novel(key) or self.prior_kind(key) not in", "return self.novel(key) and self.prior_kind(key) not in",
+    M("data.py", "(self.novel(key) or self.prior_kind(key) not in kinds)", "(self.novel(key) and self.prior_kind(key) not in kinds)",
       "Dataset.unvalidated: a prior kind no validation key has is treated as validated", ("tests/test_data.py",)),
     M("data.py", "skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else \"-\"", "skip = \"-\"",
       "component_deltas: a training single's prior contains itself", ("tests/test_data.py",)),
