@@ -10,10 +10,8 @@ Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug sc
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections, in reading order: the method first (config, Reference, Dataset with its priors and the helpers they
-call, what flow.train draws and the comparisons every stage makes, load_dataset with the reference statistics,
-labels, splits, preprocessing); then a fence, and after it what no reader comes for: h5ad I/O, devices and
-torchrun, checkpoints, the CLI, the simulators (the built-in benchmarks).
+Sections: the method first (config, Reference, Dataset and its priors, what flow.train draws, load_dataset, labels,
+splits, preprocessing), then a fence and what no reader comes for (h5ad I/O, torchrun, checkpoints, CLI, simulators).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -170,8 +168,10 @@ class Dataset:
 
     def mean_delta(self, key, sums=None) -> np.ndarray:
         """The mean delta of the training perturbations of key's covariate, key itself left out (the training-mean
-        baseline, the best simple predictor on mcfaline23's cell-line transfer). sums: _delta_sums(), if known."""
-        total, n = (sums or self._delta_sums())[key[1]]
+        baseline, the best simple predictor on mcfaline23's cell-line transfer); of every covariate's for a covariate
+        with none (a cell line held out whole). sums: _delta_sums(), if known."""
+        sums = sums or self._delta_sums()
+        total, n = sums[key[1]] if sums[key[1]][1] > 0 else map(sum, zip(*sums.values()))
         if tuple(key) in set(map(tuple, self.split["train"])):          # leave the key itself out
             total, n = total - self.refs[tuple(key)].delta.numpy().astype(np.float64), n - 1
         return (total / n).astype(np.float32) if n > 0 else np.zeros(len(self.genes), np.float32)
@@ -275,10 +275,12 @@ class Dataset:
         the log-dose feature u = 1 + log10(d / d_max) / max(log10(d_max / d_min), 1) over the data's doses in uM
         (d_max -> 1, d_min -> 0 or above; an unseen dose falls between its neighbours; a component without dose,
         e.g. a gene, is fixed at 1; padding 0), cov (K,), prior (K, G) expression space, start (K, G), where the
-        generator starts (Dataset.start), and unvalidated (K,) bool (Dataset.unvalidated)."""
+        generator starts (Dataset.start), and evidence (K,) long, what says how far the network's learned change carries
+        to the key: 0 trained on (its own cells), 1 held out like validation keys, 2 held out and unvalidated
+        (Dataset.unvalidated); flow.VelocityField.lam holds the residual trust of each class."""
         parsed, index = [components_of(k[0]) for k in keys], {c: i + 1 for i, c in enumerate(self.components)}
         lo, hi = self.meta.get("dose_range") or (1.0, 1.0)
-        span, trust = max(np.log10(hi / lo), 1.0), self.prior_trust()
+        span, trust, train = max(np.log10(hi / lo), 1.0), self.prior_trust(), set(map(tuple, self.split["train"]))
         comps = torch.zeros(len(keys), max(map(len, parsed)), dtype=torch.long)
         dose = torch.zeros(comps.shape)
         for i, p in enumerate(parsed):
@@ -287,7 +289,7 @@ class Dataset:
         return {"comps": comps, "dose": dose, "cov": torch.tensor([self.covariates.index(k[1]) for k in keys]),
                 "prior": torch.from_numpy(np.stack([self.additive_delta(k) for k in keys])),            # (K, G)
                 "start": torch.from_numpy(np.stack([self.start(k, trust) for k in keys])),              # (K, G)
-                "unvalidated": torch.tensor([self.unvalidated(k) for k in keys], dtype=torch.bool)}
+                "evidence": torch.tensor([0 if tuple(k) in train else 1 + self.unvalidated(k) for k in keys])}
 
 
 # ---------------------------------------- what the priors are made of
@@ -409,10 +411,9 @@ def control_rows(ds, keys, n, generator) -> list:
 
 
 def gene_features(ds, p: int = 32) -> torch.Tensor:
-    """(n_components, p) prior features: for a component that is a measured gene, its correlation profile over
-    control cells, corr(g, .) in R^G, reduced by PCA to p dims; zeros otherwise (drugs, genes not among ds.genes).
-    The profile C[g] = row g of the gene-gene correlation matrix C; with C = V diag(lam) V^T its coordinates on the
-    top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
+    """(n_components, p) prior features: a measured gene's correlation profile over control cells, corr(g, .) in R^G,
+    reduced by PCA to p dims (zeros for drugs, unmeasured genes): with the correlation matrix C = V diag(lam) V^T,
+    row g's coordinates on the top-p principal axes are V[g, :p] * lam[:p] (uncentred PCA)."""
     Xc = torch.from_numpy(ds.X[np.flatnonzero(ds.is_ctrl)[:4096]]).double()  # (n, G), <= 4096 cells suffice
     Z = (Xc - Xc.mean(0)) / Xc.std(0).clamp_min(1e-8)  # constant genes -> zero profile
     p = min(p, *Z.shape)
@@ -434,9 +435,8 @@ def pearson_rows(a, b):
 
 
 def energy_distance(x, y) -> float:
-    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013), Euclidean over all genes, exact pairwise
-    distances (torch's matrix-product path is off by ~1e-2 in float32); the within-sample means exclude i = j
-    (U-statistics). >= 0 up to sampling error; 0 for equal distributions (evaluate.py, flow.control_check)."""
+    """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013) over all genes, exact pairwise distances
+    (torch's matrix-product path is off by ~1e-2 in float32), within-sample means without i = j (U-statistics)."""
     dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
                      for a, b in [(x, y), (x, x), (y, y)])
     u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
@@ -444,10 +444,12 @@ def energy_distance(x, y) -> float:
 
 
 # ---------------------------------------- loading: from a file to the Dataset and its reference statistics
-def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
+def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (a checkpoint's) override
-    the selection and the split, so every stage sees the same ones."""
-    path = cfg.data or builtin_path(cfg.kind)
+    the selection and the split, so every stage sees the same ones; resume: the checkpoint whose run goes on."""
+    path = os.path.abspath(cfg.data) if cfg.data else builtin_path(cfg.kind)
+    if resume and resume.get("data_id") not in (None, file_identity(path)):    # size, time, first MiB: the same file
+        raise UserError(f"--resume: {path} is not the data file the checkpoint was trained on (a run keeps its data)")
     h = read_h5ad(path, layer=cfg.layer, lazy=cfg.lazy)
     if min(h.X.shape) == 0 or h.X.shape[1] < 2:    # one gene: its CP10k is 10,000 in every cell, no Pearson, no DE
         raise UserError(f"{path}: X is {h.X.shape[0]} cells x {h.X.shape[1]} gene(s): " + (
@@ -479,6 +481,8 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     bounds = np.flatnonzero(np.r_[True, (label[1:] != label[:-1]) | (covs[1:] != covs[:-1]), True])
     cell_idx = {(label[a], covs[a]): np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if not is_ctrl[a]}
     ctrl_stats = {c: (*sample_stats(csr_rows(X, i[0], i[-1] + 1)), i) for c, i in ctrl_idx.items()}  # contiguous
+    if zero := [c for c, (m, _, _) in ctrl_stats.items() if not m.any()]:
+        raise UserError(f"the control cells of {zero[0]!r} are all zero over the {len(cols)} genes kept: bad file?")
     refs, rng = {}, np.random.default_rng(cfg.seed)                    # rng: the cells a capped Reference keeps
     for k in keys:                                                     # one pass per condition
         (m, v, ci), n = ctrl_stats[k[1]], len(cell_idx[k])
@@ -489,17 +493,16 @@ def load_dataset(cfg: DataConfig, genes=None, split=None) -> Dataset:
     meta = dict(pert_key=lab["pert_key"], control=lab["control"], cov_key=lab["cov_key"], dose_key=lab["dose_key"],
                 counts=counts_in, dose_unit=lab["dose_unit"], dose_factor=lab["dose_factor"], sep=lab["sep"],
                 n_cells_in=len(lab["label"]), dose_range=(min(dosed), max(dosed)) if dosed else None,
-                n_genes_in=len(symbols), path=cfg.data or f"built-in {cfg.kind} simulator", labels=lab["labels"],
-                trust=cfg.trust)
+                n_genes_in=len(symbols), path=path if cfg.data else f"built-in {cfg.kind} simulator", trust=cfg.trust,
+                labels=lab["labels"], data_id=file_identity(path))
     return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], label, covs, is_ctrl, keys, split,
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 
 
 def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c) with the control std s_c floored (the same
-    floored std the verifiers and metrics use, so a gene constant in controls cannot dominate); top n_de by |t|.
-    cells: (N, G) ndarray, or a sparse CSR tensor (csr_rows), kept as it is in the Reference; keep: the rows kept
-    instead (a sample, --ref-cells: rewards and metrics cost O(N^2) in real cells); the statistics use all N."""
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c), the control std s_c floored (as the verifiers and
+    metrics floor it); top n_de by |t|. cells: (N, G) ndarray, or sparse CSR tensor (csr_rows) kept as it is; keep:
+    the rows kept instead (--ref-cells: rewards and metrics cost O(N^2) in real cells; the statistics use all N)."""
     n = cells.shape[0]
     mean, var = sample_stats(cells)
     ctrl_std = np.maximum(ctrl_std, std_floor)
@@ -519,10 +522,9 @@ BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statis
 
 
 def moment_sums(X, blocks, w=None):
-    """The per-gene moment accumulator: (S1, S2) = (sum_i w_i x_i, sum_i w_i x_i^2) in float64 over `blocks` of rows
-    of X (an int: contiguous blocks of that size; or slices; or index arrays for a non-CSR X); w (n_cells,) weights
-    (None: 1; a block of zero weight is skipped). A CSR X (scipy, torch sparse CSR) is never densified: per block, a
-    bincount of its stored values by gene; any other X (ndarray, CSC, DiskX, SparseRows) one dense block at a time."""
+    """Per-gene (S1, S2) = (sum_i w_i x_i, sum_i w_i x_i^2) in float64 over `blocks` of rows of X (an int: contiguous
+    blocks of that size; slices; or index arrays for a non-CSR X); w (n_cells,) weights (None: 1; zero-weight blocks
+    skipped). A CSR X is never densified (a bincount of its stored values per block); other X one dense block a time."""
     n, G = X.shape
     if isinstance(blocks, int):
         blocks = [slice(s, min(s + blocks, n)) for s in range(0, n, blocks)]
@@ -551,8 +553,7 @@ def moment_sums(X, blocks, w=None):
 
 
 def sample_stats(X):
-    """Mean and sample variance (ddof 1; 0 for one row) per gene of the rows of X (ndarray, scipy sparse or torch
-    sparse CSR; moment_sums over blocks of BLOCK rows)."""
+    """Per-gene mean and sample variance (ddof 1; 0 for one row) of X's rows (moment_sums over blocks of BLOCK rows)."""
     n, G = X.shape
     s1, s2 = moment_sums(X.tocsr() if sp.issparse(X) else X, BLOCK)
     mean = s1 / n
@@ -560,8 +561,7 @@ def sample_stats(X):
 
 
 def gene_stats(X, rows: np.ndarray, chunk=None):
-    """Mean and (population) variance per gene over the given rows, for gene selection: moment_sums with weights
-    1 / len(rows) over blocks of `chunk` (BLOCK) cells; X may be a DiskX (a Norman-sized X is ~1.7 GB)."""
+    """Per-gene mean and (population) variance over `rows`, for gene selection: moment_sums, blocks of `chunk` cells."""
     w = np.zeros(X.shape[0], np.float64)
     w[rows] = 1.0 / max(len(rows), 1)
     mean, ex2 = moment_sums(X, chunk or BLOCK, w)
@@ -577,8 +577,7 @@ def fit_scaler(X, rows, chunk=16384):
 
 
 def csr_rows(X: sp.csr_matrix, a: int, b: int) -> torch.Tensor:
-    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (scipy's X[a:b]
-    copies them, and so does a scipy matrix built on a slice of them)."""
+    """Rows a..b of a CSR matrix as a torch sparse CSR tensor sharing its values and column indices (X[a:b] copies)."""
     p0, p1 = X.indptr[a], X.indptr[b]
     with warnings.catch_warnings():                                    # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
@@ -607,9 +606,18 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
     label, missing, control = rc["label"], rc["missing"], rc["control"]
     cov_key = None if cfg.covariate_key == "none" else find_key(h.obs, COV_KEYS, cfg.covariate_key,
                                                                 "covariate", "--covariate-key")
-    covs = np.array([str(v) for v in h.obs[cov_key]] if cov_key else ["all"] * len(label), dtype=object)
+    covs = _text(h.obs[cov_key], cov_key) if cov_key else np.full(len(label), "all", dtype=object)
+    if cov_key and (none := _blank(covs) & ~missing).any():            # never a cell line named 'None'
+        if none.sum() == (~missing).sum():
+            raise UserError(f"covariate column {cov_key!r} has no value in any cell; name one with --covariate-key")
+        warnings.warn(f"dropping {int(none.sum())} cells with no value (missing, NaN, empty) in {cov_key!r}")
+        label, missing = np.where(none, "<missing>", label), missing | none
     is_ctrl = label == "ctrl"
-    for cv in np.unique(covs):
+    if len(rc["spellings"]) > 1:                                       # every control label found, per cell line
+        warnings.warn(f"{len(rc['spellings'])} control labels in {rc['pert_key']!r}, all read as control: " + "; ".join(
+            f"{cv}: " + ", ".join(f"{str(s)!r} {n}" for s, n in zip(*np.unique(rc["raw"][is_ctrl & (covs == cv)].astype(
+                str), return_counts=True))) for cv in np.unique(covs[is_ctrl])))
+    for cv in np.unique(covs[~missing]):
         if not is_ctrl[covs == cv].any():
             raise UserError(f"covariate {cov_key}={cv!r} has no control cells ({control!r}); drop those "
                             f"cells or choose another --covariate-key (or 'none')")
@@ -626,28 +634,27 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
                         f"perturbed cells: every cell's {rc['pert_key']!r} is the control {control!r} or missing; "
                         "check --pert-key and --control")
     keep = ((counts[inv.ravel()] >= cfg.min_cells) | is_ctrl) & ~missing
-    return {**rc, "cov": covs, "cov_key": cov_key, "is_ctrl": is_ctrl, "keep": keep, "keys": keys}
+    return {**rc, "label": label, "missing": missing, "cov": covs, "cov_key": cov_key, "is_ctrl": is_ctrl, "keep": keep,
+            "keys": keys}
 
 
 def read_conditions(h: H5AD, cfg, symbols) -> dict:
     """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
-
     Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
     --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
     column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
     drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
     Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
-    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Labels are parsed once per distinct
-    (label, dose)."""
-    labels, missing, control, pert_key, dk = read_perturbations(h.obs, cfg)
-    if missing.any():
-        warnings.warn(f"dropping {int(missing.sum())} cells with no value in {pert_key!r}")
+    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Parsed once per distinct (label, dose)."""
+    labels, missing, control, pert_key, dk, raw, spellings = read_perturbations(h.obs, cfg)
+    if missing.any():                                 # never control
+        warnings.warn(f"dropping {int(missing.sum())} cells with no value (missing, NaN, empty) in {pert_key!r}")
     dose_cols, dstr = read_doses(h.obs, dk, missing)
     dose_key, distinct = ",".join(dose_cols) or None, np.unique(labels[~missing].astype(str))
     sep = detect_sep(distinct, control, symbols)
     case = match_case({p for lab in distinct for p in parse_condition(lab, control, sep)}, symbols)
     uniq, inv = np.unique((labels + "\x1f" + dstr).astype(str), return_inverse=True)
-    pairs, where = [u.split("\x1f") for u in uniq], f"columns {pert_key!r}/{dose_key!r}"
+    pairs, where = [u.split("\x1f", 1) for u in uniq], f"columns {pert_key!r}/{dose_key!r}"
     combo = len(dose_cols) > 1 or any("+" in d for _, d in pairs)
     doses = [None if not dose_key or not parse_condition(l, control, sep) else
              dose_values(d, l, len(split_label(l, sep)), combo, where) for l, d in pairs]
@@ -660,22 +667,36 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
             "(0 = vehicle), drop those cells, or --dose-key none")
     unit = dose_unit(cfg.dose_unit, dose_cols, doses)
     f = DOSE_UNITS[unit]
+    if bad := [(l, d) for (l, _), d in zip(pairs, doses) if d is not None and any(     # never dose-less, nor 0
+            not 0 < float(v) * f < np.inf for v in np.atleast_1d(d) if v > 0)]:
+        raise UserError(f"{where}: the dose {bad[0][1]} {unit[0]}M of {bad[0][0]!r} is inf or 0 in uM: --dose-unit?")
     scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
     canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) or "ctrl" for (l, _), d in zip(pairs, doses)]
+    if bad := [(l, c) for c, (l, _) in zip(canon, pairs) if not re.fullmatch(r"[^@+]+(@\d*\.?\d+)?(\+[^@+]+(@\d*"
+                                                                             r"\.?\d+)?)*", c)]:
+        raise UserError(f"{pert_key!r}: {len(bad)} label(s) like {bad[0][0]!r} hold '@', which marks doses ('D@0.1')")
     label = np.array(canon, dtype=object)[inv.ravel()]
     label[missing] = "<missing>"                      # dropped later, never a key
-    return dict(label=label, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key,
-                dose_unit={"um": "uM", "µm": "uM", "nm": "nM", "mm": "mM"}[unit] if dose_key else None,
-                dose_factor=f, sep=sep, case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
+    return dict(label=label, missing=missing, control=control, pert_key=pert_key, dose_key=dose_key, raw=raw, sep=sep,
+                dose_unit=unit[0].replace("µ", "u") + "M" if dose_key else None, dose_factor=f, spellings=spellings,
+                case=case, labels=dict(zip(canon, (l for l, _ in pairs))))
 
 
-def _text(col) -> np.ndarray:                           # an obs column as strings, missing -> 'nan'
-    return np.array(["nan" if v is None else str(v) for v in col], dtype=object)
+def _text(col, name="obs") -> np.ndarray:               # an obs column as strings, missing -> 'nan'; text only
+    out = np.array(["nan" if v is None else str(v) for v in col], dtype=object)
+    if bad := [u for u in set(out) if re.search(r"[\x00-\x1f\x7f]", u)]:   # '\x1f' joins keys (read_labels)
+        raise UserError(f"{name!r}: {len(bad)} label(s) hold a control character, e.g. {bad[0]!r}; fix the column")
+    return out
+
+
+def _blank(a) -> np.ndarray:                            # (n,) bool: no value (missing, NaN, empty or whitespace)
+    return np.isin(np.char.lower(np.char.strip(np.asarray(a).astype(str))), ["", "nan", "none"])
 
 
 def read_perturbations(obs, cfg):
     """The raw perturbation label of every cell, from one column or from one per combination slot (joined with '+',
-    an empty slot the control): (labels, missing (n,) bool, control, pert_key, the dose column(s) given or paired)."""
+    an empty slot the control): (labels, missing (n,) bool (no value, NaN, empty: never control), control, pert_key,
+    the dose column(s) given or paired, the labels as written, the control spellings: CONTROL_LABELS in any case)."""
     pk, dk = cfg.pert_key, cfg.dose_key
     slots = [c.strip() for c in pk.split(",")] if pk and "," in pk else None
     if pk is None:                                   # numbered drug columns with numbered dose columns
@@ -684,22 +705,24 @@ def read_perturbations(obs, cfg):
         if len(drugs) >= 2 and (set(drugs) <= set(doses) or find_key(obs, PERT_KEYS, None, "", "") is None):
             slots = [drugs[i] for i in sorted(drugs)]
             dk = dk or (",".join(doses[i] for i in sorted(drugs)) if set(drugs) <= set(doses) else None)
-    if not slots:
-        pert_key = find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
-        if pert_key is None:
-            raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
-                            f"name it with --pert-key")
-        labels = _text(obs[pert_key])
-        return labels, np.array([v is None for v in obs[pert_key]]), find_control(labels, cfg.control), pert_key, dk
-    if absent := [c for c in slots if c not in obs]:
+    pert_key = "condition" if slots else find_key(obs, PERT_KEYS, pk, "perturbation", "--pert-key")
+    if pert_key is None:
+        raise UserError(f"no perturbation column found (tried {PERT_KEYS}); obs columns: {list(obs)}; "
+                        f"name it with --pert-key")
+    if absent := [c for c in slots or () if c not in obs]:
         raise UserError(f"perturbation column(s) {absent} not in obs; obs columns: {list(obs)}")
-    cols = [_text(obs[c]) for c in slots]
-    empty = [np.isin(np.char.lower(c.astype(str)), ["nan", "none", ""]) for c in cols]
+    cols = [_text(obs[c], c) for c in slots or [pert_key]]
+    empty = [_blank(c) for c in cols]
     control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
-    labels = np.where(empty[0], control, cols[0])
-    for c, e in zip(cols[1:], empty[1:]):
-        labels = labels + "+" + np.where(e, control, c)
-    return labels, np.logical_and.reduce(empty), control, "condition", dk
+    found = sorted({u for c, e in zip(cols, empty) for u in np.unique(c[~e]) if u.strip().lower() in CONTROL_LABELS})
+    spellings = found if cfg.control is None else [control]
+    if like := [u for u in found if u.strip().lower() not in {"ctrl", "control", control.lower()} | set(spellings)]:
+        warnings.warn(f"--control {control!r} names one label; {like[:5]}, spelled like controls, stay perturbations")
+    labels = raw = None
+    for c, e in zip(cols, empty):
+        part = np.where(e | np.isin(c, spellings), control, c)
+        labels, raw = (part, c) if labels is None else (labels + "+" + part, raw + "+" + c)
+    return labels, np.logical_and.reduce(empty), control, pert_key, dk, raw, spellings
 
 
 def read_doses(obs, dk, missing):
@@ -711,7 +734,8 @@ def read_doses(obs, dk, missing):
         raise UserError(f"dose column(s) {absent} not in obs; obs columns: {list(obs)}")
     dstr = np.full(n, "nan", dtype=object)
     for i, col in enumerate(obs[c] for c in dose_cols):
-        s = np.char.mod("%.10g", col.astype(float)).astype(object) if col.dtype.kind in "biuf" else _text(col)
+        s = np.char.replace(np.char.mod("%.10g", col.astype(float)), "e+", "e").astype(object) if col.dtype.kind in \
+            "biuf" else _text(col)                             # '1e+06' is one dose, not two
         dstr = s if i == 0 else dstr + "+" + s
     if dose_cols and len({p for s in np.unique(dstr[~missing].astype(str)) for p in s.split("+")}) < 2:
         if dk:
@@ -733,8 +757,7 @@ def dose_unit(given, dose_cols, doses) -> str:
 
 
 def find_key(columns, wanted, given, what, flag, pattern=None):
-    """The obs column named by `flag` (given), else the first of `wanted` present (any case), else the first column
-    matching `pattern` (a regex: names with a unit, 'dose_nM'), else None."""
+    """The obs column given (by `flag`), else the first of `wanted` (any case), else the first matching `pattern`."""
     if given is not None and given not in columns:
         raise UserError(f"{flag} {given}: {what} column {given!r} not in obs; obs columns: {list(columns)}")
     return given if given is not None else next((c for k in wanted for c in columns if c.lower() == k), None) or \
@@ -747,8 +770,7 @@ def find_control(labels: np.ndarray, given=None) -> str:
     if given is not None and given not in uniq:
         raise UserError(f"control label {given!r} not found; most frequent labels: {top}")
     if given is None and not any(c in lower for c in CONTROL_LABELS):
-        raise UserError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: {top}; name it "
-                        "with --control")
+        raise UserError(f"no control label found (tried {CONTROL_LABELS}); most frequent labels: {top}; --control")
     return str(given) if given is not None else str(next(lower[c] for c in CONTROL_LABELS if c in lower))
 
 
@@ -784,10 +806,9 @@ def undosed(label, dose, control, sep) -> bool:
 
 def detect_sep(labels, control, genes=()) -> str:
     """The characters that separate the components of a combination (parse_condition splits at each): '+' when any
-    label has it, with '|' and ';' when every part of every label holding them is itself a label or a gene name, in
-    any case ('DUSP6|DUSP4' among 'A+B' labels is DUSP4+DUSP6, not one gene of that name); without '+', the first
-    of '|', ';', '_' that passes the same test ('A_B' is A and B, not a gene called A_B); else '+'. Labels holding
-    '|' or ';' that stay whole get a warning."""
+    label has it, with '|' and ';' when every part of every label holding them is a label or a gene, in any case
+    ('DUSP6|DUSP4' among 'A+B' labels is DUSP4+DUSP6); else the first of '|', ';', '_' that passes the same test
+    ('A_B': A and B, not a gene A_B), else '+'. Labels holding '|' or ';' that stay whole get a warning."""
     labels = set(map(str, labels)) - {control}
     known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
 
@@ -806,8 +827,7 @@ def detect_sep(labels, control, genes=()) -> str:
 
 
 def match_case(components, genes) -> dict:
-    """{component: gene} for perturbation components that name a gene only in another case ('tmsb4x' ->
-    'TMSB4X'), with a warning: the target is then kept in gene selection and gets its gene's prior features."""
+    """{component: gene} for components that name a gene in another case ('tmsb4x' -> 'TMSB4X'), with a warning."""
     exact, upper = set(genes), {g.upper(): g for g in reversed(list(genes))}       # the first of a case wins
     fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
     if fix:
@@ -821,9 +841,8 @@ def names_of(label: str) -> str:                         # 'A@10+B@1' -> 'A+B': 
 
 
 def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
-    """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses (uM, as data.py
-    reports them) 'D@0.1', 'A+B@0.1+1' (doses in the order of the drugs) or 'A@0.1+B@1' -> 'A@0.1+B@1'. Without
-    a dose on dosed data it names a drug (or drug pair) at every dose (make_split). The control is one line."""
+    """A --test condition in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B'; with doses in uM 'D@0.1', 'A+B@0.1+1'
+    or 'A@0.1+B@1' -> 'A@0.1+B@1' (no dose on dosed data: every dose, make_split). The control is one line."""
     names, doses = lab, []
     if "@" in lab and all("@" in p for p in lab.split("+")):
         names, doses = zip(*(p.split("@", 1) for p in lab.split("+")))
@@ -865,12 +884,11 @@ def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
 
 # ---------------------------------------- splits
 def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
-    """Split (condition, covariate) keys by condition. additive: every single in training; combinations
-    whose components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates.
-    random: a fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its
-    lowest or highest (the prior interpolates between seen doses). drug: a fraction of the drugs (components)
-    held out with every condition containing them. explicit: `test` lists conditions ('A+B', 'A+B:COV',
-    'D@0.1', 'A@0.1+B@1'; a name without dose on dosed data: every dose). Validation is held out like the test."""
+    """Split (condition, covariate) keys by condition. additive: every single in training; combinations whose
+    components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates. random: a
+    fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its lowest or
+    highest (the prior interpolates). drug: a fraction of the drugs held out with every condition containing them.
+    explicit: `test` lists conditions ('A+B', 'A+B:COV', 'D@0.1', 'A@0.1+B@1'; a drug without dose: every dose)."""
     keys, rng, mode = sorted(keys), np.random.default_rng(seed), "explicit" if test else mode  # a list wins
     index = single_index(keys)
     additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
@@ -960,9 +978,8 @@ def _explicit_split(keys, test, take, val_frac):
 
 # ---------------------------------------- preprocessing
 def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
-    """The expression side: check the values, log-normalise raw counts (a DiskX does both per block as it is read),
-    select genes on the training rows (perturbation targets always kept; a checkpoint's `genes` win); returns (the
-    selected columns of `rows`, in that order, as float32 CSR, the column indices, whether X held raw counts)."""
+    """The expression side: check the values, log-normalise raw counts (a DiskX per block), select genes on the training
+    rows (targets always kept; a checkpoint's `genes` win): (those columns of `rows` as float32 CSR, them, counts?)."""
     X = h.X
     if not cfg.lazy:
         check_values(X)
@@ -974,6 +991,8 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
             raise UserError(f"{len(missing)} of the checkpoint's {len(genes)} genes are not in the data "
                             f"(e.g. {missing[:5]}); use the data the checkpoint was trained on")
         cols = np.array([pos[g] for g in genes])
+        if (j := np.flatnonzero(np.diff(cols) < 0)).size:             # a checkpoint's genes are in its file's order
+            raise UserError(f"the data has the checkpoint's genes in another order ({genes[j[0] + 1]!r} first)")
     else:
         cols = select_genes(X, train_rows, cfg.n_genes, [i for i, g in enumerate(symbols) if g in targets])
         if len(cols) < 2:
@@ -982,6 +1001,8 @@ def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, target
     Xs = sp.vstack([sp.csr_matrix(X[s:s + BLOCK][:, cols]) for s in range(0, X.shape[0], BLOCK)], format="csr") \
         if cfg.lazy else sp.csr_matrix(X[:, cols])                     # (lazy: block by block) columns first
     h.X = X = None                                                     # free the full matrix
+    if not Xs.data.any():
+        raise UserError(f"X is all zeros over the {len(cols)} genes kept: nothing to learn; check the file or --layer")
     return Xs[rows].astype(np.float32, copy=False), cols, counts_in
 
 
@@ -989,27 +1010,22 @@ def check_values(X, offset=0) -> None:
     """Fail on negative, NaN or Inf entries: how many, where the first is (X's rows start at cell `offset`)."""
     data, c = (X.data if sp.issparse(X) else X).reshape(-1), 1 << 24
     for what, test in (("NaN", np.isnan), ("Inf", np.isinf), ("negative", lambda a: a < 0)):
-        n = sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c))   # masks of 16M values, not nnz
-        if n:
-            flat = int(np.flatnonzero(test(data))[0])
-            if sp.issparse(X):                                         # flat indexes X.data
-                major, minor = int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])
-                row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
-            else:
-                row, col = divmod(flat, X.shape[1])
-            raise UserError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression must "
-                            "be raw counts or log1p-normalised (>= 0, finite); pick another layer with --layer or "
-                            "clean the file")
+        if n := sum(int(test(data[i:i + c]).sum()) for i in range(0, data.size, c)):  # masks of 16M values, not nnz
+            flat = int(np.flatnonzero(test(data))[0])                  # sparse: an index into X.data
+            major, minor = (int(np.searchsorted(X.indptr, flat, side="right") - 1), int(X.indices[flat])) if \
+                sp.issparse(X) else divmod(flat, X.shape[1])
+            row, col = (minor, major) if sp.isspmatrix_csc(X) else (major, minor)
+            raise UserError(f"X has {n} {what} value(s), first at cell {row + offset}, gene {col}; expression is raw "
+                            "counts or log1p-normalised (>= 0, finite): pick another --layer or clean the file")
 
 
 LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, log1p(CPM) 13.8, log2(CPM + 1) 19.9
 
 
 def is_counts(X, n_max=200_000) -> bool:
-    """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values by two
-    signals that survive a few odd values: the maximum (log-normalised values never exceed LOG_MAX) and the fraction
-    of integers. Counts when the maximum is out of reach of log values, or when at least 90% are integers and some
-    exceed 1; a warning when the two disagree (non-integer counts: pseudo-counts, ambient-RNA correction)."""
+    """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values: counts
+    when the maximum is out of reach of log values (LOG_MAX), or when at least 90% are integers and some exceed 1; a
+    warning when the two disagree (non-integer counts: pseudo-counts, ambient-RNA correction)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     sample = data[:: max(1, data.size // n_max)]
     sample = sample[sample != 0]
@@ -1042,12 +1058,13 @@ def log_normalise(X, target=1e4):
 
 
 def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
-    """Highly variable genes on the training rows (sorted column indices): dispersion log(var/mean), z-scored within
-    20 bins of mean expression (Seurat v1's normalised dispersion, but of the log1p values, not of their expm1 as
-    scanpy's flavor='seurat'); genes in `keep` (perturbation targets) always kept."""
-    G = X.shape[1]
+    """Highly variable genes on the training rows (sorted column indices): dispersion log(var/mean) of the log1p values,
+    z-scored within 20 bins of mean expression (Seurat v1's, not scanpy's on expm1); `keep` (targets) always kept."""
+    G, keep = X.shape[1], sorted(set(keep))
     if n_genes <= 0 or n_genes >= G:
         return np.arange(G)
+    if len(keep) > n_genes:
+        warnings.warn(f"--n-genes {n_genes} is below the {len(keep)} perturbation targets: keeping all {len(keep)}")
     mean, var = gene_stats(X, rows)
     disp = np.log(var / np.maximum(mean, 1e-12) + 1e-12)
     disp[mean == 0] = -np.inf
@@ -1058,8 +1075,8 @@ def select_genes(X, rows, n_genes, keep=()) -> np.ndarray:
             score[m] = (disp[m] - disp[m].mean()) / (disp[m].std() + 1e-12)
         elif m.any():
             score[m] = 0.0
-    score[np.asarray(sorted(set(keep)), dtype=int)] = np.inf
-    return np.sort(np.argsort(-score, kind="stable")[:n_genes])
+    score[np.asarray(keep, dtype=int)] = np.inf
+    return np.sort(np.argsort(-score, kind="stable")[:max(n_genes, len(keep))])
 
 
 SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene_names", "symbol"]
@@ -1077,8 +1094,12 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
     if column is not None:
         if column not in h.var:
             raise UserError(f"gene-symbol column {column!r} not in var; var columns: {list(h.var)}")
-        names = np.where(h.var[column] == None, names, h.var[column])  # noqa: E711  (missing -> ID)
+        if (none := _blank(h.var[column])).any():                  # never genes named '', '-1', ...
+            warnings.warn(f"{int(none.sum())} gene(s) have no symbol in {column!r}; using their var names")
+        names = np.where(none, names, h.var[column])
     names, seen = np.array([str(n) for n in names], dtype=object), {}
+    if (none := _blank(names)).any():
+        raise UserError(f"{int(none.sum())} gene(s) have no name (e.g. var row {np.flatnonzero(none)[0]})")
     for i, n in enumerate(names):                                      # runs once per gene at load
         seen[n] = seen[n] + 1 if n in seen else 0
         names[i] = f"{n}-{seen[n]}" if seen[n] else n
@@ -1092,11 +1113,10 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
 
 
 # ---------------------------------------- h5ad I/O
-# h5ad (AnnData's HDF5 file) read and written with h5py only. The layout (anndata's "On-disk format" spec): elements
-# carry `encoding-type`/`encoding-version` attributes; sparse = group data/indices/indptr + `shape`; dataframe = group
-# whose `_index` attribute names the index dataset, `column-order` lists columns; categorical = codes + categories
-# (code -1 = missing). Older files: anndata 0.7 categorical = codes dataset whose `categories` attribute references
-# `__categories/<col>`; before 0.7, sparse X had `h5sparse_format`/`h5sparse_shape`, obs/var were compound datasets.
+# h5ad (AnnData's HDF5 file) with h5py only (anndata's "On-disk format" spec): elements carry `encoding-type`/
+# `encoding-version`; sparse = group data/indices/indptr + `shape`; dataframe = group whose `_index` attribute names
+# the index dataset, `column-order` its columns; categorical = codes (-1 = missing) + categories. anndata 0.7: codes
+# whose `categories` attribute references `__categories/<col>`; before: h5sparse_format/_shape, compound obs/var.
 @dataclass
 class H5AD:                                            # what read_h5ad returns and write_h5ad takes
     X: np.ndarray | sp.csr_matrix | sp.csc_matrix  # (n_obs, n_vars)
@@ -1125,14 +1145,17 @@ def _strings(a):
     return a.astype(str).astype(object)
 
 
-def _categorical(codes, categories):                   # -> (n,) object array of str; code -1 -> None
-    return np.append(_strings(categories), None)[np.asarray(codes, dtype=np.int64)]
+def _categorical(codes, categories, name):             # -> (n,) object array of str; code -1 -> None
+    codes, cats = np.asarray(codes, dtype=np.int64), _strings(categories)
+    if codes.size and (codes.min() < -1 or codes.max() >= len(cats)):  # -2 would be the last category, silently
+        raise UserError(f"{name}: categorical code {codes.min() if codes.min() < -1 else codes.max()} is outside [-1, "
+                        f"{len(cats)}) (-1 = missing); rewrite it with anndata")
+    return np.append(cats, None)[codes]
 
 
 def _read_array(obj):
-    """One obs/var column or uns leaf: numeric/bool -> its numpy dtype; strings and categoricals -> object array of
-    str (missing None); nullable-integer -> float64 with NaN where masked; nullable-boolean / nullable-string-array
-    -> object array with None where masked (both: the plain values when nothing is masked); 0-d -> str / number."""
+    """One obs/var column or uns leaf: numbers as stored; strings, categoricals -> object array of str (missing None);
+    nullable-integer -> float64, NaN where masked; other nullables -> object, None where masked; 0-d -> str / number."""
     enc = _attr(obj, "encoding-type", "")
     if isinstance(obj, h5py.Dataset):
         if obj.shape == ():
@@ -1142,10 +1165,10 @@ def _read_array(obj):
             return _strings(obj[...])
         ref = obj.attrs.get("categories")  # anndata 0.7: reference to __categories/<col>
         if isinstance(ref, h5py.Reference):
-            return _categorical(obj[...], obj.file[ref][...])
+            return _categorical(obj[...], obj.file[ref][...], obj.name)
         return obj[...]
     if enc == "categorical":
-        return _categorical(obj["codes"][...], obj["categories"][...])
+        return _categorical(obj["codes"][...], obj["categories"][...], obj.name)
     if enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
         v, mask = _read_array(obj["values"]), obj["mask"][...].astype(bool)
         if mask.any():
@@ -1157,22 +1180,76 @@ def _read_array(obj):
 
 
 def _read_X(x):
-    """Dense dataset -> ndarray; csr/csc group (current or legacy h5sparse) -> scipy sparse, never dense."""
+    """Dense dataset -> ndarray; csr/csc group (or h5sparse) -> scipy sparse, its pointers and indices checked."""
     if isinstance(x, h5py.Dataset):
-        if _attr(x, "encoding-type") not in (None, "array"):
-            raise UserError(f"{x.name}: unsupported encoding-type {_attr(x, 'encoding-type')!r}; this reader takes "
-                            "dense arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
         return _f32(x[...])
-    enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
-    fmt = {"csr_matrix": sp.csr_matrix, "csr": sp.csr_matrix, "csc_matrix": sp.csc_matrix, "csc": sp.csc_matrix}
-    if enc not in fmt:
-        raise UserError(f"{x.name}: unsupported matrix encoding-type {enc!r}; this reader takes dense "
-                        "arrays and csr_matrix/csc_matrix: convert it in anndata and write again")
-    return fmt[enc]((_f32(x["data"][...]), x["indices"][...], x["indptr"][...]), shape=_shape(x))
+    (enc, shape), ptr, idx = _sparse(x), x["indptr"][...], x["indices"][...]
+    shape = tuple(int(n) for n in shape)
+    _check_sparse(x.name, ptr, len(idx), True), _check_sparse(x.name, idx, shape["csr" in enc] - 1)
+    return (sp.csr_matrix if "csr" in enc else sp.csc_matrix)((_f32(x["data"][...]), idx, ptr), shape=shape)
 
 
-def _shape(x):                                         # a sparse group's shape, current or legacy attribute
-    return tuple(int(n) for n in x.attrs.get("shape", x.attrs.get("h5sparse_shape")))
+def _check_sparse(name, a, hi, ptr=False):             # before scipy trusts them (it reads memory it does not own):
+    for s in range(0, len(a), 2 ** 20):                 # pointers rise within [0, hi], indices lie in it; 2^20 a time
+        if (b := a[s:s + 2 ** 20 + ptr].astype(np.int64)).min() < 0 or b.max() > hi or ptr and (np.diff(b) < 0).any():
+            raise UserError(f"{name}/{'indptr' if ptr else 'indices'} holds {b.min()} to {b.max()}" + " or falls" * ptr
+                            + f", not {'pointers rising' if ptr else 'indices'} within [0, {hi}]; rewrite it (anndata)")
+    return a
+
+
+def _check_file(f, layer, lazy) -> None:
+    """Before anything is read, one line for a link or virtual dataset where the reader reads (named, never opened: a
+    pipe would hang), sizes beyond memory (gzip bombs), an X not numbers nor obs x var, a sparse X's parts at odds."""
+    key, sizes = f"layers/{layer}" if layer is not None else "X", []
+
+    def walk(name, deep):                               # X or the layer, obs, var, uns: what the reader reads
+        link = f.get(name, getlink=True)
+        obj = f[name] if deep and isinstance(link, h5py.HardLink) else None
+        if not isinstance(link, h5py.HardLink) or getattr(obj, "is_virtual", False):
+            to = ", ".join(f"{v.file_name}:{v.dset_name}" for v in obj.virtual_sources()) if obj else \
+                f"{getattr(link, 'filename', '')}:{link.path}".lstrip(":")
+            raise UserError(f"{name} is a {'virtual dataset' if obj else 'link'} reading {to}; neither is followed: "
+                            "write the data into the file")
+        for k in obj if isinstance(obj, h5py.Group) else ():
+            walk(f"{name}/{k}", True)
+        if isinstance(obj, h5py.Dataset):               # --lazy reads X in blocks of rows
+            n = min(obj.size, BLOCK * int(np.prod(obj.shape[1:]))) if lazy and name.startswith(key) else obj.size
+            sizes.append((n * obj.dtype.itemsize, name))
+    for name in [n for n in dict.fromkeys(("layers", "X", "obs", "var", "uns", key)) if n in f]:
+        walk(name, name in ("obs", "var", "uns", key))
+    if (total := sum(n for n, _ in sizes)) > memory():
+        big, where = max(sizes)
+        raise UserError(f"X, obs, var and uns declare {total / 2 ** 30:,.1f} GiB ({where} {big / 2 ** 30:,.1f}), more "
+                        f"than this machine's {memory() / 2 ** 30:,.1f} GiB (a read allocates a declared shape, "
+                        "however small the file): " + "use --lazy or " * (where == key and not lazy) + "subset it")
+    if key not in f:
+        layers = sorted(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
+        raise UserError((f"no layer {layer!r}" if layer else "no X matrix; pass a layer") + f" (layers: {layers})")
+    x, n = f[key], tuple(len(g) if isinstance(g, h5py.Dataset) else len(g.get(_attr(g, "_index", "_index"), ()))
+                         for g in (f["obs"], f["var"]))    # their index's length
+    enc, shape = (_attr(x, "encoding-type") or "", x.shape) if (dense := isinstance(x, h5py.Dataset)) else _sparse(x)
+    if enc not in (("", "array") if dense else ("csr_matrix", "csr", "csc_matrix", "csc")):
+        raise UserError(f"{x.name}: unsupported encoding-type {enc!r}; this reader takes dense arrays and "
+                        "csr_matrix/csc_matrix: convert it in anndata and write again")
+    for k, d in ({"": x} if dense else {k: x.get(k) for k in ("data", "indices", "indptr")}).items():
+        if not isinstance(d, h5py.Dataset) or d.ndim != 1 + dense or d.dtype.kind not in "iu" + "bf" * (k[:3] != "ind"):
+            raise UserError(f"{x.name}/{k}".rstrip("/") + f" is {getattr(d, 'dtype', 'missing')} " + str(getattr(
+                d, "shape", "")) + ": X holds numbers (sparse: 1-D data, integer indices and pointers); try --layer")
+    if np.shape(shape) != (2,) or (shape := tuple(int(v) for v in shape)) != n:
+        raise UserError(f"{x.name} has shape {shape}, which does not match {n[0]} obs x {n[1]} var: rewrite the file")
+    if not dense and ((p := x["indptr"]).shape != (n["csc" in enc] + 1,) or p[0] != 0 or not p[-1] == len(x["data"])
+                      == len(x["indices"])):            # one pointer per row (CSC: column) and one more
+        raise UserError(f"{x.name} is a {enc} with {len(p)} pointers for {n['csc' in enc]} rows (CSC: columns), from "
+                        f"{p[:1]} to {p[-1:]}, and {len(x['indices'])} indices for {len(x['data'])} values; it has one "
+                        "pointer more, from 0 to the number of values: rewrite it with anndata")
+
+
+def memory() -> float:                                  # physical memory in bytes (inf without sysconf: Windows)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else float("inf")
+
+
+def _sparse(x):                                         # a sparse group's (format, shape), current or legacy attributes
+    return _attr(x, "encoding-type", _attr(x, "h5sparse_format", "")), x.attrs.get("shape", _attr(x, "h5sparse_shape"))
 
 
 def _f32(a):                                           # float16 -> float32 (scipy's sparse products lack float16)
@@ -1180,30 +1257,27 @@ def _f32(a):                                           # float16 -> float32 (sci
 
 
 class DiskX:
-    """X (or a layer) left on disk (--lazy). X[a:b] reads those cells (CSR or dense rows), checks them (check_values)
-    and log-normalises raw counts, detected once on a strided sample of the stored values. gene_stats and
-    read_expression read it block by block, never the whole matrix. CSC cannot be read by cells."""
+    """X (or a layer) left on disk (--lazy): X[a:b] reads those cells (CSR or dense rows; CSC cannot be read by cells),
+    checks them and log-normalises raw counts (detected once, on a strided sample). Read block by block, never whole."""
 
     def __init__(self, path, layer=None):
         self.path, self.key = path, f"layers/{layer}" if layer is not None else "X"
         with h5py.File(path, "r") as f:
             x = f[self.key]
-            enc = _attr(x, "encoding-type") or _attr(x, "h5sparse_format", "")
-            if isinstance(x, h5py.Group) and "csr" not in enc:
-                raise UserError(f"--lazy reads X by cells, which needs a dense or CSR matrix; {x.name} is {enc}: "
-                                "drop --lazy or rewrite it as CSR")
-            self.sparse = isinstance(x, h5py.Group)
-            self.shape = _shape(x) if self.sparse else x.shape
+            enc, shape = _sparse(x) if isinstance(x, h5py.Group) else ("dense", x.shape)
+            if "csc" in enc:
+                raise UserError(f"--lazy reads X by cells; {x.name} is {enc}: drop --lazy or rewrite it as CSR")
+            self.sparse, self.shape, self.dtype = enc != "dense", tuple(int(n) for n in shape), np.dtype(np.float32)
             v, per = (x["data"], 1) if self.sparse else (x, self.shape[1])
-            self.counts = is_counts(v[:: max(1, len(v) * per // 200_000)])  # a strided read of <= ~200k values
-        self.dtype = np.dtype(np.float32)
+            self.nnz, self.counts = len(v), is_counts(v[:: max(1, len(v) * per // 200_000)])  # a strided read, <= ~200k
 
     def __getitem__(self, rows: slice):
         a, b = rows.start or 0, min(rows.stop, self.shape[0])
         with h5py.File(self.path, "r") as f:
-            x, p = f[self.key], f[self.key]["indptr"][a:b + 1] if self.sparse else None
-            B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), x["indices"][p[0]:p[-1]], p - p[0]),
-                              shape=(b - a, self.shape[1])) if self.sparse else _f32(x[a:b])
+            x, at = f[self.key], f"{self.path}: /{self.key}"               # checked as read
+            p = _check_sparse(at, x["indptr"][a:b + 1], self.nnz, True) if self.sparse else None
+            B = sp.csr_matrix((_f32(x["data"][p[0]:p[-1]]), _check_sparse(at, x["indices"][p[0]:p[-1]], self.shape[
+                1] - 1), p - p[0]), shape=(b - a, self.shape[1])) if self.sparse else _f32(x[a:b])
         check_values(B, a)
         return log_normalise(B) if self.counts else B
 
@@ -1215,13 +1289,18 @@ def _read_frame(g, uns=None):
         idx, cols = "index" if "index" in rec.dtype.names else rec.dtype.names[0], {}
         for c in (c for c in rec.dtype.names if c != idx):
             a, cat = np.ascontiguousarray(rec[c]), f"{c}_categories"
-            cols[c] = (_categorical(a, uns[cat][...]) if uns is not None and cat in uns
+            cols[c] = (_categorical(a, uns[cat][...], f"{g.name}/{c}") if uns is not None and cat in uns
                        else _strings(a) if a.dtype.kind == "S" else a)
         return _strings(rec[idx]), cols
     idx, order = _attr(g, "_index", "_index"), g.attrs.get("column-order")
     keys = [k for k in g if k not in (idx, "__categories")] if order is None else \
         [k.decode() if isinstance(k, bytes) else str(k) for k in np.atleast_1d(order)]
-    return _strings(g[idx][...]), {k: _read_array(g[k]) for k in keys}
+    if absent := [k for k in keys if k not in g]:
+        raise UserError(f"{g.name}: its column-order names {absent}, which it does not hold; rewrite it with anndata")
+    names, cols = _strings(g[idx][...]), {k: _read_array(g[k]) for k in keys}
+    if bad := next((k for k, v in cols.items() if np.shape(v) != names.shape), None):   # a short column shifts rows
+        raise UserError(f"{g.name} column {bad!r} has shape {np.shape(cols[bad])}, not one value a row ({len(names)})")
+    return names, cols
 
 
 def _read_dict(g):
@@ -1240,8 +1319,7 @@ def _read_dict(g):
 
 def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     """An .h5ad file of any anndata version; `layer`: layers/<layer> as X; lazy: X stays on disk (a DiskX)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := os.fspath(path)):
         raise UserError(f"{path} is a folder; give the .h5ad file in it" if os.path.isdir(path) else
                         f"{path}: file not found; check the path to the .h5ad file")
     try:
@@ -1251,22 +1329,14 @@ def read_h5ad(path, layer=None, lazy=False) -> H5AD:
     try:
         with f:
             if "obs" not in f or "var" not in f:
-                raise UserError(f"HDF5 but not an h5ad (no obs/var; top-level keys {sorted(f)}); "
-                                "write it with anndata's write_h5ad")
-            layers = sorted(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
-            if layer is not None and layer not in layers:
-                raise UserError(f"no layer {layer!r}; available layers: {layers or 'none'}")
-            if layer is None and "X" not in f:
-                raise UserError(f"no X matrix; pass a layer instead (available layers: {layers or 'none'})")
+                raise UserError(f"HDF5 but not an h5ad (no obs/var; keys {sorted(f)}); write it with anndata")
+            _check_file(f, layer, lazy)                       # before anything is read
             X = DiskX(path, layer) if lazy else _read_X(f["layers"][layer] if layer is not None else f["X"])
             uns_g = f["uns"] if isinstance(f.get("uns"), h5py.Group) else None
             (obs_names, obs), (var_names, var) = _read_frame(f["obs"], uns_g), _read_frame(f["var"], uns_g)
             uns = _read_dict(uns_g) if uns_g is not None else {}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    if X.shape != (len(obs_names), len(var_names)):
-        raise UserError(f"{path}: matrix shape {X.shape} does not match {len(obs_names)} obs x "
-                        f"{len(var_names)} var; the file is inconsistent, rewrite it with anndata")
     return H5AD(X, obs, var, obs_names, var_names, uns)
 
 
@@ -1276,13 +1346,11 @@ def _enc(obj, kind, version):                          # set the anndata encodin
 
 
 def _write_array(g, key, a, compression):
-    """ndarray -> dataset: 'array' (numeric/bool) or 'string-array' (vlen UTF-8)."""
+    """ndarray -> dataset: 'array' (numeric/bool) or 'string-array' (vlen UTF-8); HDF5 cannot chunk an empty one."""
     a = np.asarray(a)
-    comp = compression if a.size else None   # HDF5 cannot chunk empty datasets
-    if a.dtype.kind in "OUS":
-        return _enc(g.create_dataset(key, data=_strings(a), dtype=h5py.string_dtype(), compression=comp),
-                    "string-array", "0.2.0")
-    return _enc(g.create_dataset(key, data=a, compression=comp), "array", "0.2.0")
+    text = a.dtype.kind in "OUS"
+    return _enc(g.create_dataset(key, data=_strings(a) if text else a, dtype=h5py.string_dtype() if text else None,
+                                 compression=compression if a.size else None), "string-" * text + "array", "0.2.0")
 
 
 def _write_sparse(g, key, X, compression):
@@ -1302,8 +1370,7 @@ def _write_column(g, key, c, compression):
     cats, inv = np.unique(_strings(c[~miss]).astype(str), return_inverse=True)
     codes = np.full(len(c), -1, dtype=np.min_scalar_type(-max(len(cats), 1)))
     codes[~miss] = inv.ravel()
-    h = _enc(g.create_group(key), "categorical", "0.2.0")
-    h.attrs["ordered"] = False
+    (h := _enc(g.create_group(key), "categorical", "0.2.0")).attrs["ordered"] = False
     _write_array(h, "codes", codes, compression)
     _write_array(h, "categories", cats, compression)
 
@@ -1314,8 +1381,7 @@ def _write_frame(g, names, cols, n, compression):
     _write_array(g, "_index", _strings(names), compression)
     for k, c in ((k, np.asarray(c)) for k, c in cols.items()):
         if k == "_index" or "/" in k or c.shape != (n,):
-            raise UserError(f"{g.name} column {k!r} (shape {c.shape}) is not a 1-D column of {n} values "
-                            "with a name free of '/' and '_index'; fix that column")
+            raise UserError(f"{g.name} column {k!r} (shape {c.shape}) is not {n} values named without '/' and '_index'")
         _write_column(g, k, c, compression)
 
 
@@ -1325,14 +1391,12 @@ def _write_dict(g, d, compression):
     for k, v in ((str(k), v) for k, v in d.items()):
         if isinstance(v, dict):
             _write_dict(g.create_group(k), v, compression)
-        elif isinstance(v, str):
-            _enc(g.create_dataset(k, data=v, dtype=h5py.string_dtype()), "string", "0.2.0")
-        elif isinstance(v, (bool, int, float, complex, np.number, np.bool_)):
-            _enc(g.create_dataset(k, data=v), "numeric-scalar", "0.2.0")
-        elif sp.issparse(v):
-            _write_sparse(g, k, v, compression)
-        elif isinstance(v, (np.ndarray, list, tuple)):
-            _write_array(g, k, v, compression)
+        elif isinstance(v, (str, bool, int, float, complex, np.number, np.bool_)):
+            text = isinstance(v, str)
+            _enc(g.create_dataset(k, data=v, dtype=h5py.string_dtype() if text else None),
+                 "string" if text else "numeric-scalar", "0.2.0")
+        elif sp.issparse(v) or isinstance(v, (np.ndarray, list, tuple)):
+            (_write_sparse if sp.issparse(v) else _write_array)(g, k, v, compression)
         else:
             raise UserError(f"uns entry {g.name}/{k} has type {type(v).__name__}, which h5ad cannot "
                             "store; convert it to a str, number, array or dict")
@@ -1342,8 +1406,7 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
     """Write `h` in the current anndata layout, atomically (atomic_write); compression: None or "gzip"."""
     n_obs, n_vars = h.X.shape
     if (len(h.obs_names), len(h.var_names)) != (n_obs, n_vars):
-        raise UserError(f"X is {n_obs} x {n_vars} but there are {len(h.obs_names)} obs_names and "
-                        f"{len(h.var_names)} var_names; give one name per row and per column")
+        raise UserError(f"X is {n_obs} x {n_vars}, for {len(h.obs_names)} obs_names, {len(h.var_names)} var_names")
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         _enc(f, "anndata", "0.1.0")
         (_write_sparse if sp.issparse(h.X) else _write_array)(f, "X", h.X, compression)
@@ -1356,8 +1419,7 @@ def write_h5ad(path, h: H5AD, compression=None) -> None:
 
 # ---------------------------------------- devices and torchrun
 def pick_device(name: str = "auto") -> torch.device:
-    """The one place that picks a device: auto is cuda, then mps, then cpu; a named device must exist here, else
-    one line (an unknown name, mps without MPS, cuda:N beyond the GPUs visible)."""
+    """The one place that picks a device: auto is cuda, then mps, then cpu; one line for a device not here."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -1377,15 +1439,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device):
-    """bf16 autocast on CUDA (matrix products in bf16; the caller's float32 tensors and reductions stay float32);
-    nothing on other devices (bf16 matmuls are slow on most CPUs)."""
+    """bf16 autocast on CUDA (reductions stay float32); nothing elsewhere (bf16 matmuls are slow on most CPUs)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def distributed(device: str = "cpu", timeout: float = 1800):
-    """(device, rank, world size). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): one process per device, the
-    process group started once (NCCL on CUDA, gloo on CPU), a collective that waits over `timeout` s for a dead or
-    stuck peer raises instead of hanging, ranks > 0 print nothing. Else (pick_device(device), 0, 1)."""
+    """(device, rank, world size). Under torchrun: one process per device, the process group started once (NCCL on
+    CUDA, gloo on CPU; a peer dead for `timeout` s raises), ranks > 0 silent. Else (pick_device(device), 0, 1)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     dev = pick_device(device)
     if world == 1:
@@ -1412,9 +1472,8 @@ def distributed(device: str = "cpu", timeout: float = 1800):
 
 
 def noise_source(generator, device, part=None):
-    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator`, on its device, moved to `device`;
-    the one callable the math takes. part = (rows, n) (torchrun): draw what one process would for the global batch
-    of n rows and keep `rows`, so N processes together draw exactly one process's numbers."""
+    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator` moved to `device`, the one callable the
+    math takes. part = (rows, n) (torchrun): draw one process's global batch of n rows and keep `rows`."""
     gdev = generator.device if generator is not None else device
 
     def draw(shape, uniform=False, dtype=torch.float32):
@@ -1424,10 +1483,8 @@ def noise_source(generator, device, part=None):
     return draw
 
 
-# ---------------------------------------- checkpoints
-# Checkpoints are written atomically and read with one clear line for whatever makes one unusable; flow.pt and rl.pt
-# share the format.
-FORMAT = 2  # checkpoint format version: 2 adds the "format" entry to the dict of 1 (unversioned)
+# ---------------------------------------- checkpoints (flow.pt and rl.pt: written atomically, read with one clear line)
+FORMAT = 3  # checkpoint format version: 3 holds the residual trust in VelocityField.lam (2 folded it in)
 NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each use reads; "a.b" is ckpt["a"]["b"]
          "flow": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.loss_avg"],
          "rl": ["model", "opt", "step", "rng.torch", "rng.numpy", "extra.history", "extra.best"]}
@@ -1435,7 +1492,8 @@ NEEDS = {None: ["ema", "config", "config.model", "genes", "split"],  # what each
 
 def dataset_meta(ds) -> dict:
     return {"genes": list(ds.genes), "components": list(ds.components), "covariates": list(ds.covariates),
-            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range")}
+            "split": {k: [[l, c] for l, c in v] for k, v in ds.split.items()}, "dose_range": ds.meta.get("dose_range"),
+            "data_id": ds.meta.get("data_id")}                  # the data file it was trained on (file_identity)
 
 
 def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
@@ -1444,7 +1502,8 @@ def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict
     model's constructor arguments, the scaler is in the state dicts (model.mean / std)."""
     return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
-            "config": {**cfg, "model": dict(model.hparams)}, **ds_meta, "rng": rng or {}, "extra": extra or {}}
+            "config": {**cfg, "data": cfg.get("data") and os.path.abspath(cfg["data"]), "model": dict(model.hparams)},
+            **ds_meta, "rng": rng or {}, "extra": extra or {}}
 
 
 def save_checkpoint(path, model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> None:
@@ -1462,10 +1521,9 @@ os.umask(UMASK)
 
 @contextmanager
 def atomic_write(path):
-    """The one way every stage writes a file (checkpoints, h5ad, JSON): yields a new temporary path in path's folder
-    (tempfile.mkstemp: it can never be an input or another run's file) for the caller to write and close; then
-    renames it to `path`, the only step that touches `path`. Any failure or signal removes it; a failed write (a
-    full disk: torch.save's "unexpected pos", OSError ENOSPC) is one line, and `path` stays as it was."""
+    """The one way every stage writes a file: yields a new temporary path beside it (mkstemp: never an input or another
+    run's file) to write and close, then renames it to `path`, the only step that touches `path`. Any failure or
+    signal removes it; a failed write (a full disk: "unexpected pos", ENOSPC) is one line, `path` left as it was."""
     path, tmp, folder = os.fspath(path), None, os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -1484,8 +1542,7 @@ def atomic_write(path):
 
 
 def file_identity(path) -> str | None:
-    """What tells a cached result that its input file changed: size, modification time (ns) and a SHA-1 of the first
-    MiB; None for a path that is not a file (the load that follows says why)."""
+    """A file's size, modification time (ns) and SHA-1 of its first MiB: what says it changed (None: not a file)."""
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as f:
@@ -1493,9 +1550,8 @@ def file_identity(path) -> str | None:
 
 
 def read_checkpoint(path, resume=None, genes=None) -> dict:
-    """The checkpoint dict, checked for what its use reads (resume: None to sample, "flow" or "rl" to continue that
-    stage): one line naming what a missing, truncated, foreign, newer, older or other-stage checkpoint lacks, or
-    where its genes differ from `genes` (the genes of the data loaded for it)."""
+    """The checkpoint dict, checked for what its use reads (resume: None, "flow" or "rl"): one line for a missing,
+    truncated, foreign, damaged, newer, older or other-stage checkpoint, or genes other than `genes` (the data's)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} is a folder; give the checkpoint file in it" if os.path.isdir(path) else
                         f"checkpoint not found: {path}; train one with `python flow.py --data X.h5ad --out {path}`")
@@ -1509,8 +1565,12 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     if not isinstance(ckpt, dict) or not {"ema", "config"} <= set(ckpt):
         raise UserError(f"{path} is not a PerturbCellRL checkpoint (no ema/config entries)")
     fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
-    if fmt > FORMAT:
-        raise UserError(f"{path} has checkpoint format {fmt}, newer than this code's {FORMAT}; update PerturbCellRL")
+    if not isinstance(fmt, int):
+        raise UserError(f"{path} has the format entry {fmt!r}, not a version number: damaged, or not a checkpoint")
+    if fmt != FORMAT:
+        raise UserError(f"{path} has checkpoint format {fmt}, this code reads {FORMAT}: " + (
+            "update PerturbCellRL" if fmt > FORMAT else "an earlier version wrote it (its residual trust was folded "
+            "into the weights); retrain it with flow.py (and rl.py)"))
     if resume == "flow" and "base" in extra:
         raise UserError(f"{path} is an RL checkpoint (rl.py); resume it with `python rl.py --resume --out "
                         f"{extra.get('rl_config', {}).get('out', path)}`")
@@ -1523,24 +1583,16 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
         raise UserError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "
                         "an older version wrote it; " + ("it cannot be resumed, run without --resume" if resume else
                                                          "retrain it with flow.py (and rl.py)"))
-    for part in ("model", "ema"):  # before paired generation: zero thresholds (not used), no residual trust (1)
-        if isinstance(ckpt.get(part), dict) and "mean" in ckpt[part]:
-            ckpt[part].pop("zero_below", None)
-            ckpt[part].setdefault("trust", torch.ones(2))
-            if "prior_feat" in ckpt[part]:                             # renamed: the genes' correlation features
-                ckpt[part]["gene_feat"] = ckpt[part].pop("prior_feat")
     if genes is not None and list(genes) != (ref := list(ckpt["genes"])):  # e.g. ds.genes: the data loaded for it
         diff = [(a, b) for a, b in zip(ref, genes) if a != b]
-        raise UserError(f"genes of the data differ from the checkpoint {path}: {len(ref)} genes in the checkpoint, "
-                        f"{len(genes)} given, {len(diff) + abs(len(ref) - len(genes))} positions differ "
-                        f"(checkpoint vs data, e.g. {diff[:3]}); load the data with the checkpoint's genes "
-                        "(data.load_dataset(cfg, genes=ckpt['genes']))")
+        raise UserError(f"genes of the data differ from the checkpoint {path}: {len(ref)} there, {len(genes)} given, "
+                        f"{len(diff) + abs(len(ref) - len(genes))} positions differ (checkpoint, data: e.g. {diff[:3]})"
+                        "; load the data with them (data.load_dataset(cfg, genes=ckpt['genes']))")
     return ckpt
 
 
 def restore_run(ckpt, opt, gen, rng, seed) -> None:
-    """Continue a run from its checkpoint: the optimiser and both random states. A torch.Generator state saved on
-    another kind of device (CUDA run resumed on CPU or the reverse) cannot be loaded: reseed, with a warning."""
+    """Continue a run from its checkpoint: the optimiser and both random states (reseeded from another device)."""
     opt.load_state_dict(ckpt["opt"])
     rng.bit_generator.state = ckpt["rng"]["numpy"]
     try:
@@ -1567,38 +1619,29 @@ def field_help(cls) -> dict:
     return out
 
 
-# options renamed so that one name has one meaning; the old spelling still works, hidden from --help, for one release
-OLD_NAMES = {"sde_noise": "noise", "gene_feat_dim": "prior_dim", "use_start": "shift", "ode_steps": "steps",
-             "check_cells": "cells"}
-
-
 def add_args(p: argparse.ArgumentParser, cls=DataConfig) -> None:
-    """One flag per dataclass field (--n-genes ...), its help the field's comment with the default shown, grouped as
-    the dataclass groups them; other stages call this with their config. A renamed option (OLD_NAMES) also answers
-    to its old flag, unless that is another option of the stage."""
-    docs, groups, names = field_help(cls), {}, {f.name for f in fields(cls)}
+    """One flag per field of a stage's config dataclass, its help the field's comment (default shown), grouped alike."""
+    docs, groups = field_help(cls), {}
     for f in fields(cls):
         group, text = docs.get(f.name, ("other", ""))
         if group == "set from the data":                    # e.g. the model's sizes: not options
             continue
         g = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
-        old = OLD_NAMES.get(f.name) if OLD_NAMES.get(f.name) not in names else None
-        for flag, help in [("--" + f.name.replace("_", "-"), text)] + ([("--" + old.replace("_", "-"),
-                                                                          argparse.SUPPRESS)] if old else []):
-            typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
-            kw = (dict(action=argparse.BooleanOptionalAction, default=f.default) if f.type in ("bool",) or
-                  isinstance(f.default, bool) else dict(nargs="+", default=[]) if f.type == "list"  # --ckpt a.pt b.pt
-                  else dict(type=typ, default=f.default))
-            act = g.add_argument(flag, help=help, dest=f.name, **kw)
-            if help is not argparse.SUPPRESS and "%(default)" not in act.help:  # some Pythons' Boolean... add it
-                act.help += " (default: %(default)s)"
+        typ = {"int": int, "float": float, "bool": None}.get(str(f.type).split(" ")[0], str)
+        kw = (dict(action=argparse.BooleanOptionalAction, default=f.default) if f.type in ("bool",) or
+              isinstance(f.default, bool) else dict(nargs="+", default=[]) if f.type == "list"  # --ckpt a.pt b.pt
+              else dict(type=typ, default=f.default))
+        act = g.add_argument("--" + f.name.replace("_", "-"), help=text, dest=f.name, **kw)
+        if "%(default)" not in act.help:                    # some Pythons' BooleanOptionalAction add it
+            act.help += " (default: %(default)s)"
 
 
 # parse-time limits of every stage's numeric options, by name: name -> (test, what it must be); see check_args
 LIMITS = {name: (test, what) for names, test, what in [
-    ("steps batch_size save_every eval_every eval_cells eval_steps log_every conds T epochs topk width depth d_pert "
-     "n_de pretrain_steps n_cells sim_cells sim_genes sim_covariates check_cells ode_steps timeout", lambda v: v >= 1,
-     "an integer >= 1"),
+    ("steps save_every eval_every eval_steps log_every T epochs topk width depth d_pert n_de pretrain_steps "
+     "sim_covariates ode_steps timeout", lambda v: v >= 1, "an integer >= 1"),
+    ("batch_size eval_cells conds n_cells sim_cells sim_genes check_cells", lambda v: 1 <= v <= 2 ** 24, "an integer "
+     "in [1, 2^24] (memory)"),
     ("n_genes min_cells gene_feat_dim warmup stop_at ref_cells", lambda v: v >= 0, "an integer >= 0"),
     ("lr clip adv_clip grad_clip std_floor sigma", lambda v: v > 0, "a finite number > 0"),
     ("beta weight_decay sde_noise trust", lambda v: v >= 0, "a finite number >= 0"),
@@ -1606,27 +1649,28 @@ LIMITS = {name: (test, what) for names, test, what in [
      lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("t_frac", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("seed split_seed", lambda v: 0 <= v <= 2 ** 32 - 1, "an integer in [0, 2^32 - 1]"),
-    ("group", lambda v: v >= 2, "an integer >= 2 (GRPO compares the cells of a group)")] for name in names.split()}
+    ("group", lambda v: 2 <= v <= 2 ** 24, "an integer in [2, 2^24] (GRPO compares a group's cells)")] for name in
+    names.split()}
 
 
 CHOICES = {"t_dist": ("uniform", "logit_normal"), "source": ("noise", "ctrl"), "kind": ("genetic", "chemical")}
 
 
 def check_args(args) -> None:
-    """Every numeric option of a config or argparse namespace finite and within its LIMITS, and every option with
-    CHOICES one of them, else one line."""
+    """Every numeric option finite and within its LIMITS, every option with CHOICES one of them, else one line."""
     for name, v in vars(args).items():
         if (rule := LIMITS.get(name)) and isinstance(v, (int, float)) and not (
                 (isinstance(v, int) or np.isfinite(v)) and rule[0](v)):
             raise UserError(f"--{name.replace('_', '-')} {v}: must be {rule[1]}")
         if name in CHOICES and v not in CHOICES[name]:
             raise UserError(f"--{name.replace('_', '-')} {v!r}: use {' or '.join(CHOICES[name])}")
+    if getattr(args, "conds", 1) * getattr(args, "group", 2) > 2 ** 24:    # rollouts held at once (rl.py)
+        raise UserError(f"--conds {args.conds} x --group {args.group}: more than 2^24 rollouts at once; lower one")
 
 
 def check_fixed(cfg, stored: dict, names, source: str, fix: str) -> None:
-    """A checkpoint fixes the options it was trained with: one line for an option in `names` given on the command
-    line (not its default) whose value differs from the stored config's: "--NAME value: {source} name = stored;
-    {fix}"."""
+    """A checkpoint fixes the options it was trained with: one line, "--NAME value: {source} name = stored; {fix}", for
+    an option in `names` given (not its default) with another value than the stored config's."""
     defaults = {f.name: f.default for f in fields(cfg)}
     if bad := [n for n in names if n in stored and getattr(cfg, n) != defaults[n] and getattr(cfg, n) != stored[n]]:
         raise UserError(f"--{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}: {source} {bad[0]} = "
@@ -1649,9 +1693,8 @@ def check_output(what, path) -> None:
 
 
 def check_outputs(outputs: dict, inputs: dict) -> None:
-    """Before any work: refuse an output that cannot be a file (check_output), is the same file as an input or another
-    output, or exists write-protected (a rename would replace it all the same); create its folder, and fail now if
-    that folder cannot be written. {what: path, list of paths or None} each."""
+    """Before any work: refuse an output that cannot be a file (check_output), is an input or another output, or is
+    write-protected (a rename would replace it); create its folder, and fail now if it cannot be written."""
     ins = [(k, os.fspath(p)) for k, v in inputs.items() for p in (v if isinstance(v, (list, tuple)) else [v]) if p]
     for what, path in ((w, p) for w, p in outputs.items() if p is not None):
         check_output(what, path)
@@ -1667,8 +1710,8 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
             os.makedirs(folder, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()                # a read-only folder fails here, not at the end
         except OSError as e:
-            raise UserError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}); choose a writable "
-                            "location") from None
+            raise UserError(f"{what} {path}: cannot write into {folder} ({e.strerror or e}" + ": a file is in the way"
+                            * os.path.isfile(folder) + "); choose a writable location") from None
         ins.append((what, path))
 
 
@@ -1683,10 +1726,8 @@ def progress(enabled: bool, **kw) -> tqdm:
 
 @contextmanager
 def sigterm_as_interrupt():
-    """Within it SIGTERM raises KeyboardInterrupt: batch schedulers send SIGTERM before they kill a job, and a stage
-    then stops exactly as on Ctrl-C (rl.py saves the state after the last completed step, flow.py keeps its last
-    checkpoint, a write in progress removes its temporary file). Main thread only (a rule of signal); cli uses it in
-    every process, so under torchrun in every rank."""
+    """Within it SIGTERM (what batch schedulers send before they kill a job) raises KeyboardInterrupt: a stage stops as
+    on Ctrl-C (rl.py saves its state, a write in progress removes its temporary file). Main thread only (cli)."""
     def stop(signum, frame):
         raise KeyboardInterrupt("terminated (SIGTERM)")
     old = signal.signal(signal.SIGTERM, stop)
@@ -1697,9 +1738,8 @@ def sigterm_as_interrupt():
 
 
 def cli(main) -> None:
-    """Run a stage's main(): an expected problem with the input ends with one `error:` line on stderr, exit code 2;
-    Ctrl-C or SIGTERM (sigterm_as_interrupt) with the stage's resume hint (the KeyboardInterrupt's message), exit
-    code 130. Under torchrun only rank 0 prints them, and the process group is closed on the way out."""
+    """Run a stage's main(): an expected problem is one `error:` line on stderr, exit code 2; Ctrl-C or SIGTERM its
+    resume hint, exit code 130 (under torchrun rank 0 prints them; the process group is closed on the way out)."""
     rank0 = int(os.environ.get("RANK", 0)) == 0
     warnings.filterwarnings("once", category=UserWarning)  # one `warning:` line per distinct warning per run
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
@@ -1722,8 +1762,7 @@ def cli(main) -> None:
 
 
 def describe(ds) -> str:
-    """What a stage read, for its first line about the data: the file, its size, how its expression was taken (raw
-    counts -> log1p(CP10k), or log-normalised used as is: is_counts) and what was kept."""
+    """A stage's first line about its data: the file (absolute), its size, how expression was taken, what was kept."""
     m = ds.meta
     return (f"{m['path']}: {m['n_cells_in']} cells x {m['n_genes_in']} genes "
             f"({'raw counts -> log1p(CP10k)' if m['counts'] else 'log-normalised, used as is'}); kept "
@@ -1736,11 +1775,11 @@ def main(argv=None):
     p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
     for name, default, what in [("cells", 6000, "cells"), ("genes", 1000, "genes"), ("covariates", 1, "cell lines")]:
         p.add_argument(f"--sim-{name}", type=int, default=default, help=f"with --simulate: number of {what}")
-        p.add_argument(f"--{name}", type=int, dest=f"sim_{name}", help=argparse.SUPPRESS)  # the old name (OLD_NAMES)
     args = p.parse_args(argv)
     check_args(args)
-    if args.simulate is not None and args.sim_genes < 50:
-        raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)")
+    if args.simulate is not None and (args.sim_genes < 50 or args.sim_cells * args.sim_genes > 2 ** 28):
+        raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)" if
+                        args.sim_genes < 50 else "--sim-cells x --sim-genes: over 2^28 values, beyond memory")
     check_outputs({"--simulate": args.simulate}, {"--data": args.data})
     if args.simulate:
         write_h5ad(args.simulate, (simulate if args.kind == "genetic" else simulate_chemical)(
@@ -1763,10 +1802,8 @@ def main(argv=None):
           f"dose={m['dose_key']!r} separator={m['sep']!r}")
     print(f"conditions  {len(ds.keys)} (condition, covariate) pairs: {n_single} singles, "
           f"{len(ds.keys) - n_single} combinations; {len(ds.components)} components")
-    if m["dose_key"]:
-        per = {}
-        for n, d in (c for l, _ in ds.keys for c in components_of(l)):
-            per.setdefault(n, set()).add(d)
+    if m["dose_key"]:                                   # each drug's doses
+        per = {n: {d for l, _ in ds.keys for x, d in components_of(l) if x == n} for n in ds.components}
         print(f"doses       column {m['dose_key']!r} in {m['dose_unit']} (labels in uM): " + "; ".join(
             f"{n} " + ",".join(fmt_dose(d) for d in sorted(v - {None})) for n, v in sorted(per.items())[:20])
             + (f"; ... ({len(per)} drugs)" if len(per) > 20 else ""))
@@ -1782,16 +1819,12 @@ def main(argv=None):
 ROOT = Path(__file__).resolve().parent
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl"))
-
-
 def builtin_path(kind: str = "genetic") -> str:
     """The built-in benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once, cached."""
     sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
     if kind not in sims:
         raise UserError(f"--kind {kind!r}: use genetic or chemical")
-    path = cache_dir() / sims[kind][0]
+    path = Path(os.environ.get("PERTURBCELLRL_CACHE", Path.home() / ".cache" / "perturbcellrl")) / sims[kind][0]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_h5ad(path, sims[kind][1](seed=0))
@@ -1799,9 +1832,8 @@ def builtin_path(kind: str = "genetic") -> str:
 
 
 def _footprints(n_genes):
-    """Simulated genes: real PROGENy footprint genes (about 60%, an equal share per pathway, strongest first) plus
-    background genes SIM00000... Returns genes (G,), pathways (P,), W (P, G) signed footprints scaled to max
-    |w| = 1, and {footprint gene: its pathway}."""
+    """Simulated genes: PROGENy footprint genes (about 60%, an equal share per pathway, strongest first), then SIM...
+    Returns genes (G,), pathways (P,), W (P, G) signed footprints (max |w| = 1), {footprint gene: its pathway}."""
     table = np.genfromtxt(ROOT / "pathways" / "progeny_human_top100.csv", delimiter=",", names=True,
                           dtype=None, encoding="utf-8")
     paths = sorted(set(table["pathway"]))
@@ -1811,9 +1843,7 @@ def _footprints(n_genes):
         rows = table[table["pathway"] == p]
         for g in rows["gene"][np.argsort(-np.abs(rows["weight"]))][:per]:
             fp_path.setdefault(g, p)
-    fp_genes = list(fp_path)
-    genes = np.array(fp_genes[:n_genes] + [f"SIM{i:05d}" for i in range(max(0, n_genes - len(fp_genes)))],
-                     dtype=object)
+    genes = np.array(list(fp_path)[:n_genes] + [f"SIM{i:05d}" for i in range(n_genes - len(fp_path))], dtype=object)
     gidx = {g: i for i, g in enumerate(genes)}
     W = np.zeros((len(paths), len(genes)))                             # (P, G) signed footprints
     for g, p, w in zip(table["gene"], table["pathway"], table["weight"]):
@@ -1836,10 +1866,10 @@ def _interact(rng, ea, eb, interaction_frac, G, on_b=None):
     """A combination's effect e = ea + eb plus, for a fraction of pairs, an interaction: synergy (+50% of the sum),
     buffering (-50%), epistasis (B's effect masked; on_b(e) adds back B's own-gene change) or neomorphic (new genes)."""
     e = ea + eb
-    kinds = ["synergy", "buffering", "epistasis", "neomorphic"]
-    kind = rng.choice(kinds) if rng.random() < interaction_frac else "none"
-    if kind in ("synergy", "buffering"):
-        e = e + 0.5 * (ea + eb) if kind == "synergy" else e - 0.5 * (ea + eb)
+    kind = rng.choice(["synergy", "buffering", "epistasis", "neomorphic"]) if rng.random() < interaction_frac else \
+        "none"
+    if kind in ("synergy", "buffering"):                              # e + (-0.5) y is exactly e - 0.5 y
+        e = e + (0.5 if kind == "synergy" else -0.5) * (ea + eb)
     elif kind == "epistasis":
         e = e - eb
         if on_b is not None:
@@ -1851,12 +1881,10 @@ def _interact(rng, ea, eb, interaction_frac, G, on_b=None):
 
 def _screen(rng, genes, effects, labels, truth, n_cells, n_covariates, ctrl_frac, responder_frac, chunk,
             lines=True) -> H5AD:
-    """The h5ad of a screen of conditions with effects E (K, G). A cell's log-rate is
-        log lam_cg = mu_g(line) + u_c . L_g + r_c * e_g(condition),
-    with latent programs u_c (a cell-cycle-like program on 50 genes and a diffuse one), r_c = 1 for responders
-    (a fraction `responder_frac`) and 0 otherwise; counts ~ NB(lib_c * lam_cg / sum lam, theta_g). Cell lines
-    shift baselines and scale effects. obs: labels {column: (value per condition, the controls' value)}, and
-    cell_type when `lines`; uns['truth'] = truth(E, line scales)."""
+    """The h5ad of a screen of conditions with effects E (K, G): log lam_cg = mu_g(line) + u_c . L_g + r_c e_g(cond.)
+    with latent programs u_c (a cell-cycle-like one on 50 genes, a diffuse one), r_c = 1 for responders (a fraction
+    `responder_frac`), else 0; counts ~ NB(lib_c lam_cg / sum lam, theta_g). Cell lines shift baselines and scale
+    effects. obs: labels {column: (value per condition, the controls')}, cell_type; uns['truth'] = truth(E, scales)."""
     E, G = np.stack(effects), len(genes)                               # (K, G)
     mu = rng.normal(0.0, 1.0, G)
     L = np.zeros((2, G))
@@ -1888,13 +1916,11 @@ def _screen(rng, genes, effects, labels, truth, n_cells, n_covariates, ctrl_frac
 
 def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
              mode="a", ctrl_frac=0.15, responder_frac=0.8, interaction_frac=0.5, chunk=5000) -> H5AD:
-    """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels).
-
-    Genes: real PROGENy footprint genes (about 60%) plus background genes (_footprints); cells and counts as in
-    _screen. A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
-    (CRISPRi, 'i'), the footprint of P moves by strength * sign * PROGENy weight / max|weight|, and about
-    15 random genes move a little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs
-    (_interact). Cell lines shift baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
+    """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels; genes: _footprints, cells and
+    counts: _screen). A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
+    (CRISPRi, 'i'), the footprint of P by strength * sign * PROGENy weight / max|weight|, about 15 random genes a
+    little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs (_interact). Cell lines shift
+    baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, fp_path = _footprints(n_genes)
     G, gidx = len(genes), {g: i for i, g in enumerate(genes)}
@@ -1931,15 +1957,13 @@ def hill(d, ec50, h):
 def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_covariates=1, seed=0,
                       ctrl_frac=0.1, responder_frac=0.9, interaction_frac=0.5, chunk=5000) -> H5AD:
     """A sci-Plex-like drug screen with known dose-responses (raw counts; obs product_name, dose in uM as text,
-    cell_type; vehicle controls 'Vehicle' at dose 0). Genes, cells and counts as in simulate.
-
-    Drug D acts on one PROGENy pathway P (strength s in [1, 2], a sign) and on 20 off-target genes o_D at a 3x
-    weaker potency, so the shape of the response, not only its size, changes with dose:
+    cell_type; vehicle controls 'Vehicle' at dose 0). Genes, cells and counts as in simulate. Drug D acts on one
+    PROGENy pathway P (strength s in [1, 2], a sign) and on 20 off-target genes o_D at a 3x weaker potency, so the
+    shape of the response, not only its size, changes with dose:
         e_D(d) = H(d; EC50, h) s sign W_P + H(d; 3 EC50, h) o_D,     H(d; c, h) = d^h / (c^h + d^h),
-    Hill slope h in [0.8, 3]. Each drug is measured at 4-6 consecutive doses of DOSE_GRID, its EC50 log-uniform
-    between its second-lowest and second-highest dose (a screen designed around the response). Pairs 'A+B' at
-    one seen dose of each ('dA+dB'): e_A(dA) + e_B(dB) plus, for a fraction, an interaction as in simulate
-    (epistasis: A masks B). Same seed, same data. Truth is in uns['truth']."""
+    Hill slope h in [0.8, 3]. Each drug at 4-6 consecutive doses of DOSE_GRID, its EC50 log-uniform between its
+    second-lowest and second-highest dose. Pairs 'A+B' at one seen dose of each ('dA+dB'): e_A(dA) + e_B(dB) plus,
+    for a fraction, an interaction as in simulate (epistasis: A masks B). Same seed, same data; truth in uns."""
     rng = np.random.default_rng(seed)
     genes, paths, W, _ = _footprints(n_genes)
     G, drugs = len(genes), [f"drug{i:02d}" for i in range(n_drugs)]

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads stall a shared CPU
@@ -44,10 +45,15 @@ DIAGNOSTIC = ["effect_ratio", "spread_ratio"]
 
 # ----------------------------------------------------------------------------- generation
 def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
-    """The dataset a checkpoint was trained on: its data options, genes and split."""
+    """The dataset a checkpoint was trained on: its data options, genes and split (a warning when the data file is not
+    the one it recorded)."""
     cfg = data.DataConfig(**{f.name: ckpt["config"][f.name] for f in fields(data.DataConfig) if f.name in ckpt["config"]})
     if data_path is not None:
         cfg.data = data_path
+    path = os.path.abspath(cfg.data) if cfg.data else data.builtin_path(cfg.kind)
+    if ckpt.get("data_id") not in (None, now := data.file_identity(path)):     # size, time, first MiB
+        warnings.warn(f"{path} is not the data file the checkpoint was trained on (size:time:SHA-1 {ckpt['data_id']}, "
+                      f"now {now}); using its genes and split on it")
     ds = data.load_dataset(cfg, genes=ckpt["genes"], split=ckpt["split"])
     if ckpt.get("dose_range"):                      # the log-dose scale the generator was trained with
         ds.meta["dose_range"] = tuple(ckpt["dose_range"])
@@ -108,13 +114,14 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
 def baselines(ds, keys, n_cells=None, seed=0) -> dict:
     """{name: {key: cells or None}}: control cells of the covariate; control + the mean delta of the covariate's
     training perturbations (Dataset.mean_delta); control + additive prior (None where a component has no training
-    single)."""
+    single); control + the start predictor (Dataset.start: where the generator starts, what it is with no trust)."""
     g = torch.Generator().manual_seed(seed)
     n = [n_cells or len(ds.cell_idx[k]) for k in keys]
     ctrl = [torch.from_numpy(ds.X[r]) for r in data.control_rows(ds, keys, n, g)]  # as predict's, same seed
-    out = {"control": {}, "train_mean": {}, "additive": {}}
+    out = {"control": {}, "train_mean": {}, "additive": {}, "start": {}}
     for k, x in zip(keys, ctrl):
         out["control"][k] = x
+        out["start"][k] = (x + torch.from_numpy(ds.start(k))).clamp(min=0)              # the generator with lam 0
         out["train_mean"][k] = (x + torch.from_numpy(ds.mean_delta(k))).clamp(min=0)   # the key itself left out
         ok = all(d is not None for d in ds.component_deltas(k))   # every drug has a training single (any dose)
         out["additive"][k] = (x + torch.from_numpy(ds.additive_delta(k))).clamp(min=0) if ok else None
@@ -196,33 +203,6 @@ def interaction(pred_delta, real_delta, singles) -> float:
     if e_pred.norm() <= 1e-9 * pred_delta.double().norm():                     # additive up to rounding
         return 0.0
     return pearson(e_pred, e(real_delta))
-
-
-def selection_score(x, ref: data.Reference) -> dict:
-    """The score that selects checkpoints (rl.py), higher is better; not a reward, and debiased for the number
-    of generated cells. With n cells the squared norm of a sample-mean delta is inflated by tr(S) / n (S the
-    cells' covariance), which made a perfect generator's effect ratio 1.5 on the simulator and let a collapsed
-    generator (all cells equal, no inflation) win. So, with d = mean delta and |d|^2_u = |d|^2 - tr(S) / n:
-        r      = <d_x, d_y>_c / sqrt(|d_x|^2_u |d_y|^2_u)      (Pearson of the deltas, centred over genes)
-        ratio  = sqrt(|d_x|^2_u / |d_y|^2_u)                  (effect-size ratio)
-        e_rel  = energy(x, y) / E|y - y'|                     (distribution: collapse and caricature pay)
-        score  = r - |log ratio| - e_rel"""
-    x = x.float()
-    y = ref.cells
-
-    def centred_sq(cells):                                   # (|d|_c^2 raw, its debiased value), d centred over genes
-        d = cells.mean(0) - ref.ctrl_mean
-        d = d - d.mean()
-        noise = cells.var(0).sum() / len(cells) if len(cells) > 1 else torch.tensor(0.0)
-        return d, float((d @ d - noise).clamp(min=1e-8))
-
-    dx, nx = centred_sq(x)
-    dy, ny = centred_sq(y)
-    r = float(np.clip(float(dx @ dy) / np.sqrt(nx * ny), -1, 1))
-    ratio = float(np.sqrt(nx / ny))
-    dyy = cdist(y, y)
-    e_rel = energy_distance(x, y) / float(dyy.sum() / max(len(y) * (len(y) - 1), 1)) if len(y) > 1 else 0.0
-    return {"score": r - abs(np.log(ratio)) - e_rel, "pearson_delta_u": r, "effect_ratio_u": ratio, "energy_rel": e_rel}
 
 
 def discrimination(pred_delta, real_delta, exclude) -> torch.Tensor:
@@ -336,13 +316,32 @@ def parse_best_of(spec) -> list:
     return ns
 
 
+def check_checkpoint(path, ckpt, allow=False) -> None:
+    """One line for a checkpoint that cannot be sampled as it is: NaN/Inf weights, a dose range that is not two doses
+    0 < lo <= hi (key_table's log-dose scale), or a pretraining that stopped before its --steps (Ctrl-C, --stop-at:
+    never calibrated, flow.calibrate) unless allowed (--allow-unfinished; RL checkpoints stop at their best step)."""
+    nan = [f"{p}.{k}" for p in ("ema", "model") for k, v in (ckpt.get(p) or {}).items() if torch.is_tensor(v) and
+           v.is_floating_point() and not torch.isfinite(v).all()]
+    dr = ckpt.get("dose_range")
+    if why := (f"NaN/Inf weights ({', '.join(nan[:3])})" if nan else f"the dose range {dr!r}, not two doses 0 < lo <= hi"
+               if dr is not None and not (np.shape(dr) == (2,) and 0 < float(dr[0]) <= float(dr[1]) < np.inf) else ""):
+        raise UserError(f"{path} has {why}: damaged, or saved after training diverged; retrain it")
+    if not allow and "base" not in (ckpt.get("extra") or {}) and ckpt.get("step", 0) < ckpt["config"].get("steps", 0):
+        raise UserError(f"{path} is an unfinished pretraining (step {ckpt['step']} of {ckpt['config']['steps']}, never "
+                        f"calibrated): finish it with `python flow.py --out {path} --resume`, or --allow-unfinished")
+
+
+def check_memory(what: str, n: int, fix: str) -> None:
+    """One line when n float32 values at once need more than half of this machine's memory (data.memory)."""
+    if n * 4 > data.memory() / 2:
+        raise UserError(f"{what}: {n:,} values at once need {n * 4 / 2 ** 30:,.1f} GiB, more than half of this "
+                        f"machine's {data.memory() / 2 ** 30:,.1f} GiB; {fix}")
+
+
 def check_best_of(best_of, n_cells: int, n_genes: int) -> None:
     """best_of_n holds N candidates of every cell to predict at once, n_cells x N x n_genes float32 values: refuse,
     with the numbers, an N whose candidates need more than half of this machine's memory."""
-    try:
-        mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):                     # no sysconf (Windows): no bound
-        return
+    mem = data.memory()                                               # inf without sysconf (Windows): no bound
     per = n_cells * n_genes * 4                                       # bytes per candidate of every cell
     for N in best_of:
         if N * per > mem / 2:
@@ -364,6 +363,7 @@ class EvalConfig(verifiers.RewardConfig):  # + --rewards, --gene-sets, --topk
     n_cells: int | None = None      # cells per condition (None: as many as the real one)
     best_of: str | None = None      # also report best-of-N selection (best_of_n) for these N, e.g. 1,4,16
     seed: int = 0                   # seed of the control cells drawn and of sampling
+    allow_unfinished: bool = False  # evaluate a pretraining that stopped before its --steps (never calibrated)
     out: str | None = None          # write per-condition rows and the summary as JSON
     write_pred: str | None = None   # write the first checkpoint's ODE predictions as h5ad
     # hardware
@@ -387,6 +387,8 @@ def main(argv=None):
         verifiers.load_gene_sets(gene_sets)                           # a file that cannot be read: before any work
     dev = data.pick_device(a.device)
     models = [flow.load_checkpoint(c, dev) for c in a.ckpt]
+    for c, (_, ck) in zip(a.ckpt, models):
+        check_checkpoint(c, ck, a.allow_unfinished)
     data.check_outputs({"--out": a.out, "--write-pred": a.write_pred},
                        {"--data": a.data, "the checkpoint's data": models[0][1]["config"].get("data"),
                         "--ckpt": a.ckpt, "--gene-sets": gene_sets,
@@ -400,6 +402,7 @@ def main(argv=None):
     if not keys:
         raise UserError(f"the {a.split} split is empty; choose another --split")
     check_best_of(best_of, sum(a.n_cells or len(ds.cell_idx[k]) for k in keys), len(ds.genes))
+    check_memory(f"--n-cells {a.n_cells}", len(keys) * (a.n_cells or 0) * len(ds.genes), "lower it")
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):

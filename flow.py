@@ -117,10 +117,9 @@ class Block(nn.Module):
 
 class VelocityField(nn.Module):
     """vt = v(xt, t, cond) in model space; cond (make_cond): ctrl (B, G), comps (B, C), dose (B, C), cov (B,),
-    prior (B, G), mu0 (B, G) the source mean, unvalidated (B,). The condition vector c (B, W) sums the time, perturbation,
-    covariate, control-cell and prior embeddings; the trunk sees the displacement from the source mean,
-    in_proj(xt - mu0) + prior_in(prior). The output layer starts at zero, so a fresh model leaves every source draw
-    where it is, and paired generation (sample) then gives control cell + start, the start predictor."""
+    prior (B, G), mu0 (B, G) the source mean, evidence (B,). c (B, W) sums the time, perturbation, covariate,
+    control-cell and prior embeddings; the trunk sees in_proj(xt - mu0) + prior_in(prior). The output, times lam of
+    the key's evidence class (the residual trust), starts at zero: paired generation then gives the start predictor."""
 
     def __init__(self, cfg: ModelConfig, gene_feat=None):
         super().__init__()
@@ -151,17 +150,17 @@ class VelocityField(nn.Module):
         self.out = nn.Linear(W, G)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        # scaler: z = (x - mean) / std, fitted on training cells by train(); the output's scale for keys with a
-        # trained component (1: calibrate folds their residual trust into `out`) and for unvalidated keys
+        # scaler: z = (x - mean) / std, fitted on training cells by train(); lam: the residual trust, how far the
+        # output is used for a key of each evidence class (Dataset.key_table: trained, validated, unvalidated; calibrate)
         self.register_buffer("mean", torch.zeros(G))
         self.register_buffer("std", torch.ones(G))
-        self.register_buffer("trust", torch.ones(2))
+        self.register_buffer("lam", torch.ones(3))
 
     def encode(self, x):
         return (x - self.mean) / self.std
 
     def decode(self, z):
-        """x = max(z std + mean, 0); paired, z = encode(control cell) + change (README, "Zeros")."""
+        """x = max(z std + mean, 0); paired generation: z = encode(control cell) + change."""
         return (z * self.std + self.mean).clamp(min=0)
 
     def embed_perturbation(self, comps, dose, unseen=None):
@@ -169,9 +168,8 @@ class VelocityField(nn.Module):
         log-dose feature of data.Dataset.key_table (1 without a dose):
             data with doses:  MLP(sum_j m_j phi([e_j, u_j])),  m_j = 1 for a component, 0 for padding
             without:          MLP(sum_j u_j e_j)              (u_j = 1; genetic screens)
-        phi is an MLP, so the response is a learned, smooth function of log-dose per drug: an unseen dose of a seen
-        drug falls between its seen neighbours. A sum is order-invariant (A+B == B+A, their doses swapped along)
-        and padding adds nothing. unseen (B,) bool: hide the learned embeddings of those rows (cfm_loss)."""
+        phi is an MLP: a smooth response in log-dose per drug. A sum is order-invariant (A+B == B+A) and padding adds
+        nothing. unseen (B,) bool: hide the learned embeddings of those rows (cfm_loss)."""
         e = self.comp_emb(comps) if unseen is None else self.comp_emb(comps) * ~unseen[:, None, None]  # (B, C, D)
         if self.gene_feat is not None:
             e = e + self.feat_proj(self.gene_feat[comps])  # (B, C, p) -> (B, C, D)
@@ -181,7 +179,7 @@ class VelocityField(nn.Module):
         return self.pert_mlp(h.sum(1))  # (B, D) -> (B, W)
 
     def condition(self, cond):
-        """The time-independent part, computed once per sample() call: (c0, p0), both (B, W)."""
+        """The time-independent part, once per sample() call: (c0, p0), both (B, W)."""
         prior = cond["prior"] if self.cfg.use_prior else torch.zeros_like(cond["ctrl"])
         ctrl = cond["ctrl"] if self.cfg.use_ctrl else torch.zeros_like(cond["ctrl"])
         c0 = (self.embed_perturbation(cond["comps"], cond["dose"], cond.get("unseen")) + self.cov_emb(cond["cov"])
@@ -196,7 +194,7 @@ class VelocityField(nn.Module):
         for block in self.blocks:
             h = block(h, c)
         v = self.out(self.norm_out(h))  # (B, G)
-        return v * self.trust[cond["unvalidated"].long()][:, None] if "unvalidated" in cond else v
+        return v * self.lam[cond["evidence"]][:, None] if "evidence" in cond else v
 
 
 def make_cond(model, table, key_ids, ctrl_x):
@@ -211,14 +209,15 @@ def make_cond(model, table, key_ids, ctrl_x):
     mu0 = ctrl + start if model.cfg.source == "ctrl" else start  # (B, G)
     return {"ctrl": ctrl, "comps": table["comps"][key_ids].to(dev), "dose": table["dose"][key_ids].to(dev),
             "cov": table["cov"][key_ids].to(dev), "prior": table["prior"][key_ids].to(dev) / model.std,
-            "start": start, "mu0": mu0, "sigma": model.sigma, "unvalidated": table["unvalidated"][key_ids].to(dev)}
+            "start": start, "mu0": mu0, "sigma": model.sigma, "evidence": table["evidence"][key_ids].to(dev)}
 
 
-def control_twin(cond):
-    """cond for the same rows and control cells with the empty perturbation (comps, dose, prior, start zero): the
-    control condition training anchors with --ctrl-frac."""
-    zero = {k: torch.zeros_like(cond[k]) for k in ("comps", "dose", "prior", "start")}
-    return {**cond, **zero, "mu0": cond["mu0"] - cond["start"]}
+def with_twins(cond):
+    """cond's rows followed by their control twins (2B rows), what paired generation integrates in one batch: the same
+    rows and control cells with the empty perturbation (comps, dose, prior, start zero), the control condition."""
+    twin = {**cond, **{k: torch.zeros_like(cond[k]) for k in ("comps", "dose", "prior", "start")},
+            "mu0": cond["mu0"] - cond["start"]}
+    return {k: torch.cat([v, twin[k]]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in cond.items()}
 
 
 # ----------------------------------------------------------------------------- loss and samplers
@@ -233,8 +232,8 @@ def cfm_loss(model, x1, cond, draw, t_dist="uniform", p_drop=0.0, p_unseen=0.0):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
     x0 ~ N(mu0, sigma^2 I) (make_cond; N(0, I) without mu0), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1),
     Esser et al. 2024); draw: noise_source. In train mode the prior (input and start) is dropped per sample with
-    probability p_drop, and the learned component embeddings are hidden with probability p_unseen (a component never
-    trained looks like that at test); here, not in forward, so rl.py's log-probabilities never see random inputs."""
+    probability p_drop, the learned component embeddings hidden with probability p_unseen (as an untrained component);
+    here, not in forward, so rl.py's log-probabilities never see random inputs."""
     B = x1.shape[0]
     t = torch.sigmoid(draw((B,))) if t_dist == "logit_normal" else draw((B,), uniform=True)
     keep = draw((B, 1), uniform=True) >= p_drop  # (B, 1)
@@ -263,32 +262,31 @@ def sample(model, cond, steps=20, method="midpoint", draw=None, eps=None, noise_
     or the given `eps`), to t = 1 over time_grid(steps), in model space:
         euler:    x <- x + h v(x, t)                                  (global error O(h))
         midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))
-        sde:      x <- sde_step(x, t, h), noise level a = noise_level (Flow-GRPO; a = 0 is euler)
-    paired=True (how cells are generated): the same draws also drive the rows' control condition (control_twin) in
-    one batch, and the result is the CHANGE z = z_key - z_control; decode(cond["ctrl"] + z) is the cell. The
-    generator's own error at reproducing control cells cancels; a zero network gives control cell + start exactly.
-    Returns z (B, G); record=True (rl.rollout, sde): also the key rows' states (steps + 1, B, G) and log-densities
-    log p(x_{i+1} | x_i) (steps, B)."""
+        sde:      x <- mean + std N(0, I) (sde_mean_std), noise level a = noise_level (Flow-GRPO; a = 0: euler)
+    paired=True (how cells are generated): the same draws also drive the rows' control twins (with_twins) in one batch,
+    and the result is the CHANGE z = z_key - z_control (the generator's error on control cells cancels; a zero network
+    gives the start predictor); decode(cond["ctrl"] + z) is the cell. Returns z (B, G); record=True (sde): also the
+    states (steps + 1, B or 2B, G) and the rows' log p(x_{i+1} | x_i) (steps, B)."""
     if method not in ("euler", "midpoint", "sde") or record and method != "sde":
-        raise UserError(f"sampler {method!r}" + (" with record" if record else "") + ": use euler, midpoint or sde "
-                        "(record=True: sde)")
+        raise UserError(f"sampler {method!r}{' with record' * record}: use euler, midpoint or sde (record: sde)")
     e = draw(cond["ctrl"].shape) if eps is None else eps.to(cond["ctrl"].device if "ctrl" in cond else eps.device)
     B = e.shape[0]
-    if paired:  # rows 0..B-1 the keys, B..2B-1 their control twins; one draw serves both halves
-        twin = control_twin(cond)
-        cond = {k: torch.cat([v, twin[k]]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in cond.items()}
+    cond = with_twins(cond) if paired else cond  # rows 0..B-1 the keys, B..2B-1 their twins; one draw serves both
     both = (lambda n: torch.cat([n, n])) if paired else (lambda n: n)  # noqa: E731
     x = cond.get("mu0", 0.0) + cond.get("sigma", 1.0) * both(e)  # (B or 2B, G)
     amp = data.autocast(x.device)
     if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
-    ts, h = time_grid(steps)
-    xs, log_probs = [x[:B]], []
+    (ts, h), xs, log_probs = time_grid(steps), [x], []
+    level = torch.cat([torch.full((B, 1), float(noise_level)), torch.zeros(B, 1)]).to(x.device) if paired \
+        else noise_level  # paired SDE: only the condition's path is noisy; its control twin takes the noiseless step
     for ti in ts:
         if method == "sde":
-            x, lp, _, _ = sde_step(model, x, ti, h, cond, noise_level, noise=both(draw(e.shape)))
-            log_probs.append(lp[:B])
+            mean, std = sde_mean_std(model, x, ti, h, cond, level)
+            x = mean + std * both(draw(e.shape))  # (B, G) noise for the condition's rows; a twin's std is 0
+            if record:
+                log_probs.append(gauss_log_prob(x[:B], mean[:B], std[:B]))
         else:
             t = torch.full((x.shape[0],), ti, device=x.device, dtype=x.dtype)  # (B or 2B,)
             with amp:
@@ -297,7 +295,7 @@ def sample(model, cond, steps=20, method="midpoint", draw=None, eps=None, noise_
                     vt = model(x + 0.5 * h * vt, t + 0.5 * h, cond).to(x.dtype)
             x = x + h * vt
         if record:
-            xs.append(x[:B])
+            xs.append(x)
     z = x[:B] - x[B:] if paired else x
     return (z, torch.stack(xs), torch.stack(log_probs)) if record else z
 
@@ -321,26 +319,16 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     return mean, std
 
 
-def sde_step(model, x, t, h, cond, noise_level, noise=None, x_next=None):
-    """One SDE transition x -> x_next = mean + std * noise (a standard normal draw `noise`, or the recorded `x_next`
-    given) and its exact log density log N(x_next; mean, std^2 I), summed over genes (averaged over genes, the PPO
-    ratio would move 1/G as much, clipping would never bind and the KL/clip scales change). Returns (x_next,
-    log_prob (B,), mean, std); noise_level 0 is exactly the Euler step (std 0, log_prob zeros)."""
-    mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
-    if noise_level == 0:
-        return mean, torch.zeros(x.shape[0], device=x.device), mean, std
-    if x_next is None:
-        x_next = mean + std * noise.to(x.dtype)
+def gauss_log_prob(x_next, mean, std):
+    """log N(x_next; mean, std^2 I) (B,), summed over genes (rl.py's docstring: why not averaged); std (B, 1) > 0."""
     s = std.reshape(-1)  # (B, 1) -> (B,)
-    G = x.shape[-1]
-    log_prob = -(x_next - mean).pow(2).sum(-1) / (2 * s ** 2) - G * (torch.log(s) + 0.5 * math.log(2 * math.pi))
-    return x_next, log_prob, mean, std
+    return -(x_next - mean).pow(2).sum(-1) / (2 * s ** 2) - x_next.shape[-1] * (torch.log(s) + 0.5 * math.log(2 * math.pi))
 
 
 def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
-    """(log p(x_next | x) (B,), mean, std) of a recorded transition under the current weights, with gradients:
-    the numerator of the GRPO ratio (rl.py)."""
-    return sde_step(model, x, t, h, cond, noise_level, x_next=x_next)[1:]
+    """(log p(x_next | x) (B,), mean, std) of a recorded SDE transition, with gradients: GRPO's ratio (rl.py)."""
+    mean, std = sde_mean_std(model, x, t, h, cond, noise_level)
+    return gauss_log_prob(x_next, mean, std), mean, std
 
 
 # ----------------------------------------------------------------------------- generation and checkpoints
@@ -348,10 +336,9 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
 def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
              repeat=1) -> dict:
     """{key: (n * repeat, G) generated cells in expression space}: each a control cell of the key's covariate plus
-    the generator's change (sample, paired). n_cells: an int, a list with one per key, or None (as many as the real
-    condition has); repeat: candidates per cell, on consecutive rows, each from its own control cell (under paired
-    generation the noise alone moves a cell little) (evaluate.best_of_n); noise_level > 0: the RL SDE instead of
-    the ODE `method`. All keys together, in chunks of cells."""
+    the generator's change (sample, paired). n_cells: an int, one per key, or None (as many as the real condition has);
+    repeat: candidates per cell on consecutive rows, each from its own control cell (evaluate.best_of_n); noise_level
+    > 0: the RL SDE instead of the ODE `method`. All keys together, in chunks of cells."""
     g, g_dev = torch.Generator().manual_seed(seed), torch.Generator(device=model.mean.device).manual_seed(seed)
     n = list(n_cells) if isinstance(n_cells, (list, tuple)) else [n_cells or len(ds.cell_idx[k]) for k in keys]
     table, draw = ds.key_table(keys), data.noise_source(g_dev, model.mean.device)
@@ -366,13 +353,8 @@ def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_l
     return dict(zip(keys, torch.cat(out).split([m * repeat for m in n])))
 
 
-RENAMED = {"prior_dim": "gene_feat_dim", "shift": "use_start", "n_genes": "G", "n_components": "n_comp",
-           "n_covariates": "n_cov"}  # hyper-parameters of earlier checkpoints
-
-
 def build_model(hp: dict) -> VelocityField:
-    """A VelocityField from its stored hyper-parameters (gene features: in the state dict), older names RENAMED."""
-    hp = {RENAMED.get(k, k): v for k, v in hp.items()}
+    """A VelocityField from its stored hyper-parameters (gene features: in the state dict)."""
     cfg = ModelConfig(**{f.name: hp[f.name] for f in fields(ModelConfig) if f.name in hp})
     p = cfg.gene_feat_dim
     return VelocityField(cfg, gene_feat=torch.zeros(cfg.n_comp, p) if p else None)
@@ -393,8 +375,7 @@ def load_checkpoint(path, device="cpu", genes=None, resume=None):
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
-    """For the EMA in eval mode: the validation loss (CFM on up to n_cells real cells per key) and Pearson of
-    generated vs real mean deltas per key (ODE midpoint), averaged."""
+    """Validation loss (CFM, <= n_cells real cells per key) and Pearson of generated vs real mean deltas (ODE)."""
     rng = np.random.default_rng(seed)
     real = [rng.choice(ds.cell_idx[k], min(n_cells, len(ds.cell_idx[k])), replace=False) for k in keys]
     ctrl = np.concatenate([rng.choice(ds.ctrl_idx[k[1]], len(r)) for k, r in zip(keys, real)])  # (sum n,)
@@ -409,27 +390,44 @@ def val_check(model, ds, keys, n_cells=64, seed=0, steps=10):
 
 
 @torch.no_grad()
-def trust_residual(model, ds, keys, n_cells=256, seed=0) -> float:
-    """How far the network's change beyond the start predictor is trusted, lam in [0, 1], fitted on held-out
-    (validation) keys as prior_trust is fitted on training ones: with r_k = generated mean delta - start_k (what the
-    network adds) and d_k - start_k what it should add, pooled over keys and genes,
-        lam = clip(sum <r_k, d_k - start_k> / sum |r_k|^2, 0, 1),
-    the least-squares slope: 0 when what it learned does not carry over to conditions it never saw (cell-line
-    transfer on mcfaline23), about 0.5 on the simulator's combinations. calibrate fits one for validated keys and one
-    for unvalidated ones (Dataset.unvalidated; VelocityField.trust scales the network's output)."""
+def fit_residual_trust(model, ds, keys, n_cells=256, seed=0, n_boot=200, q=0.2) -> dict:
+    """How far the network's change beyond the start predictor carries to held-out keys like `keys` (validation keys),
+    lam in [0, 1], with the evidence behind it. Per key, r_k = generated mean delta - start_k (what the network adds,
+    at lam = 1) and e_k = real mean delta - start_k (what it should add); the least-squares slope, pooled over keys
+    and genes, with |r_k|^2 less its sampling noise tr(S_k) / n (else noise in r_k shrinks it):
+        slope = sum_k <r_k, e_k> / sum_k |r_k|^2
+    lam = its q-quantile (a lower bound) over n_boot resamples of the keys and of each key's generated and real cells
+    (a residual that is noise gets ~0), at most k / (k + 1) for k keys (one key never gives full trust), in [0, 1].
+    Returns {lam, slope (the point estimate), lo, hi (its 80% interval), keys}."""
+    if not keys:
+        return {"lam": 0.0, "slope": None, "lo": None, "hi": None, "keys": 0}
+    lam0, rng, K = model.lam.clone(), np.random.default_rng(seed), len(keys)
+    model.lam.fill_(1.0)                                        # the network's own change
     cells = generate(model, ds, keys, n_cells, seed=seed)
-    start = ds.key_table(keys)["start"]  # (K, G)
-    r = torch.stack([cells[k].mean(0) - ds.refs[k].ctrl_mean for k in keys]) - start  # (K, G)
-    d = torch.stack([ds.refs[k].delta for k in keys]) - start  # (K, G)
-    return float(((r * d).sum() / (r * r).sum().clamp_min(1e-12)).clamp(0, 1))
+    model.lam.copy_(lam0)
+    start = ds.key_table(keys)["start"].double()                # (K, G)
+    P, Q = np.zeros((K, n_boot + 1)), np.zeros((K, n_boot + 1))  # <r, e> and |r|^2 per key; column 0: the sample
+    for j, k in enumerate(keys):                                 # a loop over keys; cells resampled in one product
+        x, y = cells[k].double(), ds.refs[k].cells.double()    # (n, G), (N, G)
+        wx, wy = (torch.from_numpy(rng.multinomial(len(a), np.full(len(a), 1 / len(a)), n_boot) / len(a))
+                  for a in (x, y))                               # (n_boot, n), (n_boot, N) resampling weights
+        base = ds.refs[k].ctrl_mean.double() + start[j]
+        r, e = torch.cat([x.mean(0, keepdim=True), wx @ x]) - base, torch.cat([y.mean(0, keepdim=True), wy @ y]) - base
+        noise = x.var(0).sum() / len(x) * torch.tensor([1.0] + [2.0] * n_boot)  # a resampled mean: twice the noise
+        P[j], Q[j] = (r * e).sum(1).numpy(), (r.pow(2).sum(1) - noise).clamp_min(1e-12).numpy()
+    pick = np.concatenate([np.arange(K)[None], rng.integers(K, size=(n_boot, K))])  # (1 + n_boot, K) keys per draw
+    draw = np.arange(n_boot + 1)[:, None]  # (1 + n_boot, 1)
+    slope = P.T[draw, pick].sum(1) / Q.T[draw, pick].sum(1)  # (1 + n_boot,)
+    lo, lam, hi = np.quantile(slope[1:], [0.1, q, 0.9])
+    return {"lam": float(np.clip(min(lam, K / (K + 1)), 0, 1)), "slope": float(slope[0]), "lo": float(lo),
+            "hi": float(hi), "keys": K}
 
 
 @torch.no_grad()
 def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
-    """How well the generator itself (not paired) reproduces each covariate's control condition, against the control
-    cells pretraining left out (Dataset.held_out_controls), averaged over covariates: bias = |mean generated - mean
-    real| (minus the sampling noise tr(S_x)/n + tr(S_y)/m under the root), bias_ratio = bias / the mean |delta| of
-    the covariate's keys, energy distance. Paired generation cancels the bias; unpaired, every delta carries it."""
+    """How well the generator alone (unpaired) reproduces each covariate's control cells that pretraining left out
+    (Dataset.held_out_controls), averaged over covariates: bias = |mean generated - mean real| (less the sampling noise
+    tr(S_x)/n + tr(S_y)/m under the root), bias_ratio = bias / the mean |delta| of its keys, energy distance."""
     g, out = torch.Generator().manual_seed(seed), []
     for ci, c in enumerate(ds.covariates):
         held = ds.held_out_controls(c)
@@ -446,25 +444,29 @@ def control_check(model, ds, n_cells=256, steps=20, seed=0) -> dict:
     return dict(zip(("bias", "bias_ratio", "energy"), np.mean(out, axis=0).tolist()))
 
 
-def calibrate(ema, ds, val_keys, cfg, log) -> dict:
-    """The end of pretraining: control_check, then the residual trust of validated keys (folded into the output
-    layer, so RL trains the scaled layer) and of unvalidated ones (Dataset.unvalidated; VelocityField.trust[1],
-    relative to it), fitted on the novel validation keys: with none, 0 (nothing shows their change carries over).
-    No validation keys at all: the network as trained."""
-    ctl = control_check(ema, ds, seed=cfg.seed + 3)
+def fit_lam(model, ds, val_keys, n_cells=256, seed=0, log=None) -> dict:
+    """VelocityField.lam per evidence class of held-out key (Dataset.key_table), fitted (fit_residual_trust) on the
+    validation keys of the class: validated from those with a trained component, unvalidated from the novel ones; a
+    class with no validation key gets 0, the start predictor. Training keys keep 1. Returns the fits; log: prints."""
+    fits = {}
+    for cls, name in ((1, "validated"), (2, "unvalidated")):
+        f = fits[name] = fit_residual_trust(model, ds, [k for k in val_keys if ds.novel(k) == (cls == 2)], n_cells, seed)
+        model.lam[cls] = f["lam"]
+        if log:
+            log(f"residual trust lam of {name} held-out keys (how far the network's change beyond the start is used): "
+                f"{f['lam']:.2f}" + (f" from {f['keys']} validation keys (slope {f['slope']:.2f}, 80% interval "
+                f"{f['lo']:.2f}-{f['hi']:.2f}; lam = its 20% quantile, at most {f['keys']}/{f['keys'] + 1})"
+                if f["keys"] else ": no validation key of the kind, the start predictor"))
+    return fits
+
+
+def calibrate(model, ds, val_keys, cfg, log) -> dict:
+    """The end of pretraining: control_check, then the residual trust (fit_lam; --no-fit-trust: 1)."""
+    ctl = control_check(model, ds, seed=cfg.seed + 3)
     log(f"control condition vs held-out control cells (the generator alone; paired generation cancels it): bias "
         f"{ctl['bias']:.2f} ({ctl['bias_ratio']:.2f} x the mean real effect), energy {ctl['energy']:.3f}")
-    lam = [1.0, 1.0]
-    for flag in (0, 1) if cfg.fit_trust else ():  # validated keys, then unvalidated ones (novel validation keys)
-        mine = [k for k in val_keys if ds.novel(k) == flag]
-        lam[flag] = trust_residual(ema, ds, mine, cfg.eval_cells, cfg.seed + 2) if mine else \
-            float(not val_keys and not flag)
-        log(f"residual trust of {'unvalidated' if flag else 'validated'} keys (how far the network's change beyond the "
-            f"start is used): {lam[flag]:.2f}, " + (f"fitted on {len(mine)} validation keys" if mine else "no "
-            "validation key of the kind: " + ("the start predictor alone" if flag else "not fitted")))
-    ema.out.weight.mul_(lam[0]), ema.out.bias.mul_(lam[0])
-    ema.trust[1] = lam[1] / lam[0] if lam[0] > 0 else 0.0
-    return {"residual_trust": lam, **{f"control/{k}": v for k, v in ctl.items()}}
+    fits = fit_lam(model, ds, val_keys, cfg.eval_cells, cfg.seed + 2, log) if cfg.fit_trust else {}
+    return {"residual_trust": model.lam.tolist(), "trust_fit": fits, **{f"control/{k}": v for k, v in ctl.items()}}
 
 
 # ----------------------------------------------------------------------------- training
@@ -477,15 +479,14 @@ def lr_at(cfg, step: int) -> float:
 
 
 def prepare(cfg: FlowConfig, device, rank):
-    """Before the first step: the data, what to draw from, the model (fresh, or --resume's), its EMA, the optimiser
-    and the run's state (step, history, random generators)."""
+    """Before the first step: the data, the rows to draw, the model (fresh or --resume's), its EMA, optimiser, state."""
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
     if cfg.resume and old is None and rank == 0:
         data.say(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0")
     data.check_fixed(cfg, old["config"] if old else {}, [n for n, (g, _) in data.field_help(FlowConfig).items() if g in
                      ("data", "model") and n not in ("data", "lazy")], f"--resume: {cfg.out} continues a run with",
                      "drop the option, or start a new run (another --out)")
-    ds = data.load_dataset(cfg, genes=old["genes"] if old else None, split=old["split"] if old else None)
+    ds = data.load_dataset(cfg, genes=old and old["genes"], split=old and old["split"], resume=old)  # its data file
     print(f"data {data.describe(ds)}")  # ranks > 0 print nothing (data.distributed)
     if not ds.split["train"]:
         raise UserError("the split left no training conditions; use --split random or fewer --test conditions")
@@ -519,9 +520,8 @@ def prepare(cfg: FlowConfig, device, rank):
 
 
 def train(cfg: FlowConfig) -> str:
-    """Pretrain the generator with cfm_loss on data.draw_batch's cells; returns the checkpoint path (cfg.out).
-    torchrun: every process draws the same global batch (N x --batch-size) and keeps its rows rank::N; DDP averages
-    the gradients, so a step equals one process with the global batch. Rank 0 validates and saves."""
+    """Pretrain with cfm_loss on data.draw_batch's cells; returns cfg.out. torchrun: every process draws the same global
+    batch (N x --batch-size), keeps its rows rank::N, DDP averages the gradients; rank 0 validates and saves."""
     data.check_args(cfg)  # and the choices of --t-dist, --source (data.CHOICES)
     data.check_outputs({"--out": cfg.out}, {"--data": cfg.data})
     torch.manual_seed(cfg.seed)  # weight init only; every other draw uses `gen` / `rng` (saved for resume)

@@ -5,17 +5,22 @@
     python rl.py --out rl.pt --resume                            # continue an interrupted run
 
 One step (Flow-GRPO, Liu et al. 2025, adapted to cells):
-  1. rollout: for a batch of training (condition, covariate) pairs, a group of n cells each (n control
-     contexts of that covariate, independent noise), T steps of flow.sde_step, recording states x_t and
-     log-probabilities log p_old(x_{t+1} | x_t), no gradients;
-  2. reward: score the decoded cells with verifiers.Verifier; each component is normalised within its
-     group, A = sum_k w_k (r_k - mean_group r_k) / (std_group r_k + eps), clipped to +/- adv_clip;
+  1. rollout: --conds training (condition, covariate) pairs, a group of n = --group cells each; a group holds
+     --contexts contexts (a control cell and a source draw eps), and a context's rollouts differ only by the SDE
+     noise, the randomness whose log-density GRPO uses. T SDE steps (flow.sample, paired: the control twin takes the
+     noiseless step), recording states x_t and log p_old(x_{t+1} | x_t), no gradients;
+  2. reward: score the decoded cells with verifiers.Verifier; each component is centred on its context's mean and
+     scaled by the group's pooled within-context std, A = sum_k w_k (r_k - mean_context r_k) / (std r_k + eps),
+     clipped to +/- adv_clip (group_advantages);
   3. update: ratio = p_theta / p_old of each recorded transition (the exact Gaussian density, summed over
      genes), PPO-clipped surrogate  -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)  plus
      beta * KL(p_theta || p_ref) = beta ||mean_theta - mean_ref||^2 / (2 std^2), the closed form for two
-     Gaussians with one std, against the frozen pretrained model; AdamW with gradient clipping.
-Every eval_every steps the ODE sampler generates cells for validation conditions (never rolled out); the
-checkpoint with the best validation score, which contains a metric that is not a reward, is the result.
+     Gaussians with one std, against the frozen pretrained model, over the paths and their control twins (the twin's
+     noiseless step is anchored to the pretrained one); AdamW with gradient clipping.
+Every eval_every steps (validate): the residual trust is refitted on the validation keys as pretraining did, the ODE
+sampler generates cells for the validation conditions (--val-draws repeat draws), and a step is kept when its reward
+gain over step 0 exceeds the draws' noise with no guard (pΔ, energy, effect ratio) worse by more (judge); the fixed
+training groups' rewards (learning_curve) show the objective climbing.
 
 Scales: the log-density is summed over G genes, so a small change of the mean moves log-ratios by O(G)
 more than a per-gene average would; clip = 0.2 (standard PPO) then binds, and beta multiplies a KL that is
@@ -68,14 +73,16 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
     out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
     resume: bool = False           # continue from <out>_last.pt exactly where it stopped
+    allow_unfinished: bool = False  # post-train a pretraining that stopped before its --steps (never calibrated)
     # RL
-    steps: int = 100               # GRPO steps
+    steps: int = 150               # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (the group size n)
+    contexts: int = 2              # contexts (control cell + source draw) per group; a context's rollouts differ by SDE noise
     T: int = 10                    # SDE steps per rollout
-    sde_noise: float = 0.7         # SDE noise level a (of the rollouts)
+    sde_noise: float = 0.3         # SDE noise level a of the rollouts (KL scales as 1 / a^2)
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
-    beta: float = 2.0              # KL weight (KL summed over genes); holds the effect-size ratio near 1
+    beta: float = 0.5              # KL weight (KL summed over genes, over the paths and their control twins)
     # optimisation
     lr: float = 6e-4               # AdamW learning rate
     epochs: int = 2                # optimiser passes over each batch of rollouts (ratio = 1 on the first)
@@ -86,6 +93,7 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
     log_every: int = 5             # one log line every this many steps
     eval_every: int = 10           # validate every this many steps (and at 0 and the end)
     eval_cells: int = 64           # generated cells per validation condition
+    val_draws: int = 4             # repeat draws of the validation cells (>= 2): the noise a kept step's gain must beat
     eval_steps: int = 20           # ODE midpoint steps for validation and the final table
     pretrain_steps: int = 1000     # with no --ckpt: steps of the generator pretrained first
     # hardware
@@ -95,44 +103,64 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
 
 
 # ----------------------------------------------------------------------------- the pieces
-def rollout(model, cond, T, noise_level, draw):
-    """T SDE steps (flow.sde_step) from x0 ~ N(mu0, sigma^2 I) (flow.make_cond), no gradients, paired like every
-    generated cell (flow.sample): the cells (B, G) (control cell + the change), the states x_t (T+1, B, G) and
-    log p(x_{t+1} | x_t) (T, B) of the condition's path. The control path the same draws drive is part of the
-    environment: GRPO's ratio and KL are those of the condition's path. draw: flow.noise_source."""
-    z, xs, logp = flow.sample(model, cond, T, "sde", draw, noise_level=noise_level, record=True, paired=True)
+def rollout(model, cond, T, noise_level, draw, eps):
+    """T SDE steps (flow.sample) from x0 = mu0 + sigma eps, no gradients, paired like every generated cell: the cells
+    (B, G) (control cell + the change), the states x_t (T+1, 2B, G) of the condition's paths and then of their control
+    twins (flow.with_twins), and log p(x_{t+1} | x_t) (T, B) of the condition's paths. Only the condition's path is noisy
+    (its twin takes the noiseless step from the same draw), so the cells of a context (rows that share a control cell
+    and eps) differ by exactly the noise whose log-densities GRPO uses."""
+    z, xs, logp = flow.sample(model, cond, T, "sde", draw, eps=eps, noise_level=noise_level, record=True, paired=True)
     return model.decode(cond["ctrl"] + z), xs, logp
 
 
-def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0):
-    """comps {name: (n_groups, n)} -> advantages (n_groups, n): A = sum_k w_k (r_k - mean) / (std + eps),
-    mean and (population) std within each group; a group with no spread in r_k gets 0 from it."""
+def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0, contexts=1):
+    """comps {name: (n_groups, n)} -> advantages (n_groups, n). A group's n cells are `contexts` contexts of
+    m = n / contexts cells on consecutive columns; each reward is centred on its context's mean and scaled by the
+    group's pooled within-context std: A = sum_k w_k (r_k - mean_context) / (std_pooled + eps). contexts = 1 is
+    GRPO's normalisation within the group; a reward with no spread gets 0."""
     A = 0
     for name, w in weights.items():
-        r = comps[name]
-        A = A + w * (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + eps)
-    return A.clamp(-clip, clip)
+        r = comps[name].reshape(comps[name].shape[0], contexts, -1)  # (g, C, m)
+        dev = r - r.mean(-1, keepdim=True)
+        A = A + w * dev / (dev.pow(2).mean((1, 2), keepdim=True).sqrt() + eps)
+    return A.reshape(A.shape[0], -1).clamp(-clip, clip)
 
 
 def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
-    """PPO-clipped surrogate + beta KL for one timestep. logp, logp_old, adv (B,); mean, mean_ref (B, G);
-    std (B, 1). Returns (loss, stats)."""
+    """PPO-clipped surrogate + beta KL for one timestep. logp, logp_old, adv (B,); mean, mean_ref (R, G) and std
+    (R, 1) of the R = B rows or 2B (the rows and their control twins: each row's KL is its path's plus its twin's).
+    Returns (loss, stats)."""
     ratio = torch.exp(logp - logp_old)
     surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
-    kl = ((mean - mean_ref) ** 2).sum(-1) / (2 * std.reshape(-1) ** 2)  # (B,)
-    loss = surrogate + beta * kl.mean()
-    return loss, {"kl": kl.mean().detach(), "clipfrac": ((ratio - 1).abs() > clip).float().mean(),  # 0-d tensors:
-                  "ratio_dev": (ratio - 1).abs().mean().detach()}                              # no sync per call
+    kl = ((mean - mean_ref) ** 2).sum(-1) / (2 * std.reshape(-1) ** 2)  # (R,)
+    loss = surrogate + beta * kl.sum() / len(logp)
+    return loss, {"kl": kl.sum().detach() / len(logp), "clipfrac": ((ratio - 1).abs() > clip).float().mean(),
+                  "ratio_dev": (ratio - 1).abs().mean().detach()}  # 0-d tensors: no sync per call
 
 
-def val_metrics(model, ds, keys, verifier, cfg) -> dict:
-    """ODE cells for validation conditions (fixed seed: the same noise and contexts at every call) and their
-    metrics averaged over conditions, with the checkpoint score of evaluate.selection_score (not a reward:
-    debiased Pearson of mean deltas - |log effect ratio| - relative energy distance)."""
-    preds = evaluate.predict(model, ds, keys, cfg.eval_cells, cfg.eval_steps, "midpoint", seed=cfg.seed + 7)
-    ms = [{**evaluate.metrics(preds[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier),
-           **evaluate.selection_score(preds[k], ds.refs[k])} for k in keys]
-    return {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+def val_metrics(model, ds, keys, verifier, cfg, draw=0) -> dict:
+    """ODE cells for the validation conditions (repeat draw `draw`: its own seed, the same control cells and noise at
+    every call) and their metrics averaged over conditions, with log_effect = mean |log effect ratio|."""
+    preds = flow.generate(model, ds, keys, cfg.eval_cells, cfg.eval_steps, seed=cfg.seed + 7 + 1000 * draw)
+    ms = [evaluate.metrics(preds[k], ds.refs[k], len(ds.ctrl_idx[k[1]]), verifier) for k in keys]
+    return {k: float(np.mean([x[k] for x in ms])) for k in ms[0]} | {
+        "log_effect": float(np.mean([abs(np.log(max(x["effect_ratio"], 1e-12))) for x in ms]))}
+
+
+GUARDS = {"pearson_delta": 1, "energy": -1, "log_effect": -1}  # what RL may not buy rewards with: +1 higher is better
+
+
+def judge(draws, draws0, noise, weights, t_min=2.0) -> tuple:
+    """(gain, t, kept) of a step's validation draws against step 0's (the same D >= 2 draws: paired). Per draw d, the
+    reward change in units of each reward's noise (the sd of step 0's mean over the draws, noise_k), weighted:
+        s_d = sum_k w_k (m_kd - m0_kd) / noise_k / sum_k |w_k|,    gain = mean(s),    t = gain / (sd(s) / sqrt(D))
+    (a paired t statistic). Kept only when t > t_min and no guard (GUARDS) is worse on the mean by more than its
+    noise (a change within the draws' own spread is allowed); validate keeps the kept step with the largest gain."""
+    diff = {k: np.array([a[k] - b[k] for a, b in zip(draws, draws0)]) for k in draws[0]}  # (D,) per metric
+    s = sum(w * diff[f"reward/{n}"] / max(noise[f"reward/{n}"], 1e-9) for n, w in weights.items()) / sum(
+        abs(w) for w in weights.values())                                                  # (D,)
+    t = float(s.mean() / max(s.std(ddof=1) / np.sqrt(len(s)), 1e-9))
+    return float(s.mean()), t, t > t_min and all(sign * diff[k].mean() >= -noise[k] for k, sign in GUARDS.items())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -150,16 +178,13 @@ def pretrained(cfg: RLConfig) -> str:
     tag = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(cfg.data).stem if cfg.data else {"chemical": "chemical"}.get(cfg.kind, "simulated")
     fcfg.out = str(Path("runs") / f"flow_{name}_{tag}.pt")
-    if Path(fcfg.out).exists():
-        if data.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
-            print(f"using the pretrained generator {fcfg.out} (same data file, data options, seeds and steps)")
-            return fcfg.out
-        fcfg.resume = True                                     # an interrupted pretraining: finish it
-        print(f"resuming the interrupted pretraining {fcfg.out}")
-        return flow.train(fcfg)
-    Path(fcfg.out).parent.mkdir(exist_ok=True)
-    print(f"no --ckpt and no cached generator with these data options and seeds: pretraining "
-          f"{cfg.pretrain_steps} steps -> {fcfg.out}")
+    if Path(fcfg.out).exists() and data.read_checkpoint(fcfg.out)["step"] >= fcfg.steps:
+        print(f"using the pretrained generator {fcfg.out} (same data file, data options, seeds and steps)")
+        return fcfg.out
+    data.check_outputs({"the pretraining cache (rl.py without --ckpt; or give --ckpt)": fcfg.out}, {})  # runs/: a folder
+    fcfg.resume = Path(fcfg.out).exists()                      # an interrupted pretraining: finish it
+    print(f"resuming the interrupted pretraining {fcfg.out}" if fcfg.resume else f"no --ckpt and no cached generator "
+          f"with these data options and seeds: pretraining {cfg.pretrain_steps} steps -> {fcfg.out}")
     return flow.train(fcfg)
 
 
@@ -181,6 +206,10 @@ def resume_state(cfg: RLConfig, world: int = 1) -> tuple:
         raise UserError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor and "
                         f"'pretrained' row), is gone; put it back at that path to continue the run, or start a new "
                         f"one without --resume")
+    if base and state["extra"].get("base_id") not in (None, now := data.file_identity(base)):
+        raise UserError(f"--resume: {base}, the pretrained generator this run post-trains (its KL anchor), was "
+                        f"rewritten since the run began (size:time:SHA-1 {state['extra']['base_id']}, now {now}); the "
+                        "run cannot continue on it: put the original back, or start a new run without --resume")
     data.check_outputs({"--out": cfg.out, "--out (latest state)": last},
                        {"--data": cfg.data, "--ckpt": cfg.ckpt, "--gene-sets": gene_sets, "the base checkpoint": base})
     return state, last
@@ -215,11 +244,14 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     data.check_args(cfg)
     if cfg.sde_noise <= 0:
         raise UserError(f"--sde-noise {cfg.sde_noise}: GRPO needs a stochastic sampler, a noise level > 0 (0.7)")
+    if cfg.val_draws < 2:
+        raise UserError(f"--val-draws {cfg.val_draws}: the noise of the validation score needs at least 2 draws")
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
     ref, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
+    evaluate.check_checkpoint(base, ck, cfg.allow_unfinished)
     data.check_fixed(cfg, ck["config"], [f.name for f in fields(data.DataConfig) if f.name not in ("data", "seed")],
                      f"the checkpoint {base} fixes the data options it was trained with:", "drop the option, or "
                      "pretrain again with it")
@@ -227,7 +259,14 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     print(f"data {data.describe(ds)}")                              # ranks > 0 print nothing (data.distributed)
     keys = ds.split["train"]
     n_pick = min(cfg.conds, len(keys))                              # conditions per step, over all processes
+    evaluate.check_memory(f"--conds {n_pick} x --group {cfg.group} x (--T {cfg.T} + 1) rollout states", n_pick *
+                          cfg.group * (cfg.T + 1) * len(ds.genes), "lower them")
+    evaluate.check_memory(f"--eval-cells {cfg.eval_cells}", cfg.eval_cells * len(ds.split["val"]) * len(ds.genes),
+                          "lower it")
     check_world(n_pick, world, f"--conds {cfg.conds}, {len(keys)} training conditions")
+    if cfg.group % cfg.contexts:
+        raise UserError(f"--group {cfg.group} is not a multiple of --contexts {cfg.contexts}: each context has as many "
+                        "rollouts; change one of them")
     for c in sorted({k[1] for k in keys}):
         if len(ds.ctrl_idx[c]) < cfg.group:
             raise UserError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
@@ -237,13 +276,15 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     run = SimpleNamespace(
         cfg=cfg, device=device, rank=rank, world=world, last=last, base=base, ck=ck, ds=ds, keys=keys, n_pick=n_pick,
         ref=ref.requires_grad_(False), policy=policy, opt=opt,
-        ddp=DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy,
+        field=DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy,
         verifier=verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk),
         all_rewards=verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk),  # for reporting
         gen=torch.Generator(device=device).manual_seed(cfg.seed), rng=np.random.default_rng(cfg.seed),  # shared
         table={k: v.to(device) for k, v in ds.key_table(keys).items()},  # on the device once, as the references:
         refs={k: ds.refs[k].to(device) for k in keys},                    # sparse cells, densified there per group
-        step=0, history=[], best=None, meta=data.dataset_meta(ds))
+        step=0, history=[], best=None, meta=data.dataset_meta(ds),
+        base_id=state["extra"].get("base_id") if state else data.file_identity(base))  # --resume: the same base
+    run.accumulate = lambda last: run.field.no_sync() if world > 1 and not last else nullcontext()  # DDP: reduce once
     if state:
         policy.load_state_dict(state["model"])
         data.restore_run(state, opt, run.gen, run.rng, cfg.seed)
@@ -251,8 +292,28 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     return run
 
 
+def draw_groups(run, rng, gen, n_groups, split=True) -> SimpleNamespace:
+    """n_groups training conditions, and per group --contexts contexts (a control cell of its covariate and a source
+    draw eps), each repeated for its group // contexts rollouts; with the noise source of their SDE steps. Under
+    torchrun every process draws them all from the shared generators and keeps its groups rank::N (split), weighted
+    by its share of them (1 on one process) so that DDP's mean of the gradients is one process's."""
+    cfg, C = run.cfg, run.cfg.contexts
+    pick = rng.choice(len(run.keys), size=n_groups, replace=False)
+    rows = np.stack([rng.choice(run.ds.ctrl_idx[run.keys[i][1]], C, replace=False) for i in pick])  # (n_groups, C)
+    rank, world = (run.rank, run.world) if split else (0, 1)
+    mine = np.arange(rank, n_groups, world)                                        # this process's groups
+    own = lambda n: (torch.from_numpy(mine[:, None] * n + np.arange(n)).reshape(-1).to(run.device),  # noqa: E731
+                     n_groups * n) if world > 1 else None                          # its rows of the step's draws
+    kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(run.device)        # (B,)
+    cond = flow.make_cond(run.policy, run.table, kid, run.ds.X[np.repeat(rows[mine].ravel(), cfg.group // C)])
+    eps = data.noise_source(gen, run.device, own(C))((len(mine) * C, len(run.ds.genes)))  # (groups * C, G)
+    return SimpleNamespace(pick=pick[mine], cond=cond, eps=eps.repeat_interleave(cfg.group // C, 0),  # (B, G)
+                           draw=data.noise_source(gen, run.device, own(cfg.group)), weight=len(mine) * world / n_groups)
+
+
 def rewards(run, pick, cells) -> dict:
-    """{reward: (n_groups, n)} of each group's cells against its condition's reference; one line for NaN/Inf."""
+    """{reward: (n_groups, n)} of each group's cells (n_groups, n, G) against its condition's reference; one line for
+    NaN/Inf."""
     comps = {n: [] for n in run.verifier.weights}
     for i, x in zip(pick, cells):                                  # a loop over groups, batched cells
         for n, r in run.verifier(x, run.refs[run.keys[i]])[1].items():
@@ -267,39 +328,34 @@ def rewards(run, pick, cells) -> dict:
 
 
 def grpo_step(run) -> dict:
-    """One GRPO step: rollout -> rewards -> advantages -> update. Every process draws the whole step (conditions,
-    control cells, noise) and handles its groups rank::world; DDP averages the gradients, so each process's loss is
-    weighted by its share of the groups. Returns the step's record (rewards, losses, phase times)."""
-    cfg, world, t0 = run.cfg, run.world, now(run.device)
-    # 1. rollouts: conds x group cells, each group one condition with n control cells of its covariate
-    pick = run.rng.choice(len(run.keys), size=run.n_pick, replace=False)
-    rows = np.stack([run.rng.choice(run.ds.ctrl_idx[run.keys[i][1]], cfg.group, replace=False) for i in pick])
-    mine = np.arange(run.rank, run.n_pick, world)                                  # this process's groups
-    kid = torch.from_numpy(np.repeat(pick[mine], cfg.group)).to(run.device)        # (B,)
-    cond = flow.make_cond(run.policy, run.table, kid, run.ds.X[rows[mine].ravel()])
-    part = (torch.from_numpy(mine[:, None] * cfg.group + np.arange(cfg.group)).reshape(-1).to(run.device),
-            run.n_pick * cfg.group) if world > 1 else None                         # its rows of the noise
-    cells, xs, logp_old = rollout(run.policy.eval(), cond, cfg.T, cfg.sde_noise,
-                                  data.noise_source(run.gen, run.device, part))     # (B, G), (T+1, B, G), (T, B)
+    """One GRPO step: rollout -> rewards -> advantages -> update. Returns the step's record (rewards, losses, times)."""
+    cfg, t0 = run.cfg, now(run.device)
+    # 1. rollouts: --conds groups of --group cells, each one training condition in --contexts contexts
+    g = draw_groups(run, run.rng, run.gen, run.n_pick)
+    cells, xs, logp_old = rollout(run.policy.eval(), g.cond, cfg.T, cfg.sde_noise, g.draw, g.eps)  # (B, G), (T+1, B, G), (T, B)
     t1 = now(run.device)
-    # 2. rewards, normalised per component within each group
-    comps = rewards(run, pick[mine], rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
-    adv = rearrange(group_advantages(comps, run.verifier.weights, clip=cfg.adv_clip), "g n -> (g n)")  # (B,)
+    # 2. rewards, each normalised within its group (centred per context) and weighted
+    comps = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
+    adv = rearrange(group_advantages(comps, run.verifier.weights, clip=cfg.adv_clip, contexts=cfg.contexts),
+                    "g n -> (g n)")                                                # (B,)
     t2 = now(run.device)
     # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL to the reference
     run.policy.train()
     stats = {"loss": 0.0, "kl": 0.0, "clipfrac": 0.0, "ratio_dev": 0.0}
-    n_t, share = max(1, int(round(cfg.t_frac * cfg.T))), len(mine) * world / run.n_pick
+    n_t = max(1, int(round(cfg.t_frac * cfg.T)))
     times, h = flow.time_grid(cfg.T)                                               # the rollout's grid
+    both, B = flow.with_twins(g.cond), len(adv)                                        # the rows, then their twins
     for _ in range(cfg.epochs):
         run.opt.zero_grad(set_to_none=True)
         for j, i in enumerate(run.rng.permutation(cfg.T)[:n_t]):
-            with run.ddp.no_sync() if world > 1 and j < n_t - 1 else nullcontext():  # reduce on the last one
-                logp, mean, std = flow.sde_log_prob(run.ddp, xs[i], times[i], h, cond, cfg.sde_noise, xs[i + 1])
+            with run.accumulate(last=j == n_t - 1):                                # gradients summed over timesteps
+                logp, mean, std = flow.sde_log_prob(run.field, xs[i], times[i], h, both, cfg.sde_noise, xs[i + 1])
                 with torch.no_grad():
-                    mean_ref, _ = flow.sde_mean_std(run.ref, xs[i], times[i], h, cond, cfg.sde_noise)
-                loss, s = grpo_loss(logp, logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
-                (loss * share / n_t).backward()
+                    mean_ref, _ = flow.sde_mean_std(run.ref, xs[i], times[i], h, both, cfg.sde_noise)
+                # the ratio of the condition's paths; the KL over both: the control twin, which every cell's change
+                # is measured against, stays the pretrained generator's
+                loss, s = grpo_loss(logp[:B], logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
+                (loss * g.weight / n_t).backward()
             s["loss"] = loss.detach()
             for k in stats:
                 stats[k] += s[k] / (n_t * cfg.epochs)
@@ -313,20 +369,45 @@ def grpo_step(run) -> dict:
             "train/grad_norm": float(gnorm), "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
 
 
+def learning_curve(run, n_groups=16) -> dict:
+    """The mean rewards of a fixed set of training groups (conditions, contexts and SDE noise from their own seed:
+    the same at every call), so that the objective GRPO climbs shows, not the rollouts' whose conditions change."""
+    seed = run.cfg.seed + 11
+    g = draw_groups(run, np.random.default_rng(seed), torch.Generator(run.device).manual_seed(seed),
+                    min(n_groups, len(run.keys)), split=False)
+    cells, _, _ = rollout(run.policy.eval(), g.cond, run.cfg.T, run.cfg.sde_noise, g.draw, g.eps)
+    comps = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=run.cfg.group))
+    return {f"fixed/{n}": float(v.mean()) for n, v in comps.items()}
+
+
 def validate(run, step) -> None:
-    """Rank 0 scores the validation conditions (val_metrics) and saves the policy to --out when the score is the best
-    so far; under torchrun its decision (and the record) is broadcast, so every process holds the same state."""
+    """Rank 0 refits the residual trust on the validation keys (flow.fit_lam, as pretraining did), scores the
+    validation conditions (val_metrics, the mean of --val-draws repeat draws; at step 0 their spread is the noise) and
+    the fixed training groups (learning_curve), and saves the policy to --out when judge keeps it with the best gain;
+    under torchrun the record and the decision are broadcast, so every process holds the same state."""
     if run.rank == 0:
-        m = val_metrics(run.policy.eval(), run.ds, run.ds.split["val"], run.all_rewards, run.cfg)
+        cfg, model, val = run.cfg, run.policy.eval(), run.ds.split["val"]
+        fits = flow.fit_lam(model, run.ds, val, run.ck["config"].get("eval_cells", 256), run.ck["config"]["seed"] + 2
+                            ) if run.ck["config"].get("fit_trust", True) else {}
+        lam = {name: f["lam"] for name, f in fits.items()}             # validated, unvalidated held-out keys
+        draws = [val_metrics(model, run.ds, val, run.all_rewards, cfg, d) for d in range(cfg.val_draws)]
+        m = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}  # the same draws at every step: paired
+        if step == 0:                                  # the noise: the sd of step 0's mean over the draws
+            run.best = {"step": 0, "gain": 0.0, "draws0": draws, "noise": {
+                k: float(np.std([d[k] for d in draws], ddof=1) / np.sqrt(len(draws))) for k in m}}
+        gain, t, kept = judge(draws, run.best["draws0"], run.best["noise"], run.verifier.weights) if step else (0, 0, 0)
+        run.history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}, "val/gain": gain, "val/t": t,
+                            **learning_curve(run), "lam": lam})
         run.policy.train()
-        run.history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}})
-        line = (f"val {step:4d} | score {m['score']:.3f} | pearson_delta {m['pearson_delta']:.3f} | energy "
-                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | spread {m['spread_ratio']:.2f} | rewards " +
-                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights))
-        if run.best is None or m["score"] > run.best["score"]:
-            run.best = {"step": step, "score": m["score"]}
-            data.write_checkpoint(run.cfg.out, state_at(run, step))
-            line += "  * best, saved"
+        line = (f"val {step:4d} | gain {gain:+.2f} noise sd, t {t:+.1f} | pearson_delta {m['pearson_delta']:.3f} | energy "
+                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | lam " + " ".join(f"{v:.2f}" for v in lam.values()) +
+                " | rewards " +
+                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights) + " | fixed training groups " +
+                " ".join(f"{n}={run.history[-1]['fixed/' + n]:.3f}" for n in run.verifier.weights))
+        if step == 0 or kept and gain > run.best["gain"]:
+            run.best.update(step=step, gain=gain)
+            data.write_checkpoint(cfg.out, state_at(run, step))
+            line += "  * kept, saved"
         data.say(line)
     if run.world > 1:
         sync = [run.history[-1] if run.rank == 0 else None, run.best]
@@ -339,8 +420,8 @@ def validate(run, step) -> None:
 def state_at(run, step) -> dict:
     """The checkpoint dict of the run's current state (its tensors are the live ones)."""
     return data.make_checkpoint(run.policy, None, run.opt, step, run.ck["config"], run.meta,
-                                {"base": run.base, "rl_config": asdict(run.cfg), "history": run.history,
-                                 "best": run.best}, {"torch": run.gen.get_state(), "numpy": run.rng.bit_generator.state})
+                                {"base": run.base, "base_id": run.base_id, "rl_config": asdict(run.cfg),
+                                 "history": run.history, "best": run.best}, {"torch": run.gen.get_state(), "numpy": run.rng.bit_generator.state})
 
 
 def train(cfg: RLConfig) -> str:

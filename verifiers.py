@@ -459,9 +459,12 @@ def load_progeny(path=None, top: int = 100) -> dict[str, dict[str, float]]:
         if not any(c.strip() for c in row):
             continue
         try:
-            _add(sets, seen, row[ip].strip(), row[ig].strip(), float(row[iw]))
+            if not np.isfinite(w := float(row[iw])):                # a NaN weight makes every pathway reward NaN
+                raise ValueError
+            _add(sets, seen, row[ip].strip(), row[ig].strip(), w)
         except (IndexError, ValueError):
-            raise UserError(f"{path} line {n}: expected gene,pathway,weight with a numeric weight, got {row}") from None
+            raise UserError(f"{path} line {n}: expected gene,pathway,weight with a finite numeric weight, got {row}"
+                            ) from None
     if not sets:
         raise UserError(f"gene-set table {path} has a header but no rows")
     return sets

@@ -75,7 +75,7 @@ MUTATIONS = [
     M("flow.py", "z = x[:B] - x[B:] if paired else x", "z = x[B:] - x[:B] if paired else x",
       "paired generation: the change's sign flipped", ("tests/test_flow.py", "tests/test_evaluate.py")),
     M("flow.py", "\"mu0\": cond[\"mu0\"] - cond[\"start\"]}", "\"mu0\": cond[\"mu0\"]}",
-      "control_twin: the control path keeps the key's shift", ("tests/test_flow.py", "tests/test_evaluate.py")),
+      "with_twins: the control path keeps the key's shift", ("tests/test_flow.py", "tests/test_evaluate.py")),
     M("flow.py", ".clamp_min(1e-12)).clamp(0, 1))", ".clamp_min(1e-12)).clamp(-1, 1))",
       "trust_residual: a negative trust is not clipped to 0", ("tests/test_flow.py",)),
     M("flow.py", "a[rank::world] for a in data.draw_batch(", "a[0::world] for a in data.draw_batch(",

@@ -13,6 +13,7 @@ its spread over conditions averaged over seeds). bench/suite.py runs this on eve
 import argparse
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +44,22 @@ def parse_kv(spec):
     return out
 
 
-def run_seeds(dopts: dict, seeds, stem: str, flow_kv=None, rl_kv=None, reuse=False, out=Path("runs/seeds")):
+def run_seeds(dopts: dict, seeds, stem: str, flow_kv=None, rl_kv=None, reuse=False, out=Path("runs/seeds"),
+              oracle=False):
     """Pretrain + GRPO per seed on one split (dopts: data options), evaluate the test keys beside the baselines.
-    Returns ([{method: {metric: mean over conditions}} per seed], the dataset of the last seed, [RL step kept])."""
+    Returns ([{method: {metric: mean over conditions}} per seed], the dataset of the last seed, [{kept: the RL step
+    kept, lam: its residual trust of validated and unvalidated keys, evidence: the validation keys behind them}]).
+    oracle: also GRPO on the test keys' own cells (oracle_train), rows 'oracle start' and 'oracle'."""
     out.mkdir(parents=True, exist_ok=True)
-    per_seed, kept = [], []
+    per_seed, info = [], []
     for seed in seeds:
-        fck, rck = str(out / f"{stem}_flow_s{seed}.pt"), str(out / f"{stem}_rl_s{seed}.pt")
+        fck, rck, ock = (str(out / f"{stem}_{m}_s{seed}.pt") for m in ("flow", "rl", "oracle"))
+        rcfg = rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=rck, progress=False, **(rl_kv or {}))
         if not reuse:
             flow.train(flow.FlowConfig(**dopts, seed=seed, out=fck, progress=False, **(flow_kv or {})))
-            rl.train(rl.RLConfig(**dopts, seed=seed, ckpt=fck, out=rck, progress=False, **(rl_kv or {})))
+            rl.train(rcfg)
+        if oracle and not (reuse and Path(ock).exists()):
+            oracle_train(replace(rcfg, out=ock))
         base, ck = flow.load_checkpoint(fck)
         model, rk = flow.load_checkpoint(rck)
         ds = evaluate.dataset_for(ck, dopts.get("data"))
@@ -60,13 +67,41 @@ def run_seeds(dopts: dict, seeds, stem: str, flow_kv=None, rl_kv=None, reuse=Fal
         preds = evaluate.baselines(ds, keys, seed=seed)
         preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
         preds["rl"] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
+        if oracle:                                   # both at lam 1: what GRPO can do on these very conditions
+            orc, _ = flow.load_checkpoint(ock.replace(".pt", "_last.pt"))
+            for name, m in (("oracle start", base), ("oracle", orc)):
+                m.lam.fill_(1.0)
+                preds[name] = evaluate.predict(m, ds, keys, steps=20, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ver = verifiers.Verifier(ds.genes, None)
         per_seed.append(evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver)))
-        kept.append(rk["step"])
-        print(f"seed {seed}: RL checkpoint from step {rk['step']}", flush=True)
-    return per_seed, ds, kept
+        fits = next(h for h in ck["extra"]["history"] if "trust_fit" in h)["trust_fit"]
+        info.append({"kept": rk["step"], "lam": model.lam[1:].tolist(),
+                     "evidence": ", ".join(f"{v['keys']}" for v in fits.values()) or "not fitted"})
+        print(f"seed {seed}: RL checkpoint from step {rk['step']}, lam {info[-1]['lam']}", flush=True)
+    return per_seed, ds, info
+
+
+def oracle_train(cfg):
+    """GRPO whose rollouts and rewards are the test conditions' (their own real cells), at residual trust 1 on them,
+    from the same pretrained generator: a diagnostic of whether GRPO can optimise these rewards there at all, never a
+    result (its last step, no selection)."""
+    real = rl.setup
+
+    def setup(c):
+        run = real(c)
+        run.keys = run.ds.split["test"]
+        run.n_pick = min(c.conds, len(run.keys))
+        run.table = {k: v.to(run.device) for k, v in run.ds.key_table(run.keys).items()}
+        run.table["evidence"].zero_()                   # as if trained on: lam 1
+        run.refs = {k: run.ds.refs[k].to(run.device) for k in run.keys}
+        return run
+    rl.setup = setup
+    try:
+        rl.train(cfg)
+    finally:
+        rl.setup = real
 
 
 def mean_sd(per_seed, method, col):

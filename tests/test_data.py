@@ -768,9 +768,10 @@ def test_held_out_keys_the_validation_keys_say_nothing_about_are_unvalidated(sim
     assert {only_singles.prior_kind(k) for k in only_singles.split["val"]} == {"none"}
     assert combos and all(only_singles.unvalidated(k) for k in combos)
     assert not any(only_singles.unvalidated(k) for k in only_singles.split["train"])
-    assert only_singles.key_table(combos)["unvalidated"].all()
+    assert (only_singles.key_table(combos)["evidence"] == 2).all()                  # their residual trust: lam[2]
+    assert (only_singles.key_table(only_singles.split["train"])["evidence"] == 0).all()  # trained on: 1
     with_combos = dataclasses.replace(sim_ds, split={"train": rest, "val": val, "test": combos})
-    assert not any(with_combos.unvalidated(k) for k in combos)
+    assert not any(with_combos.unvalidated(k) for k in combos) and (with_combos.key_table(combos)["evidence"] == 1).all()
     novel = ("NOTAGENE", combos[0][1])
     assert with_combos.unvalidated(novel) and with_combos.novel(novel)
 

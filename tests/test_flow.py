@@ -125,17 +125,19 @@ def test_sde_noise_zero_is_euler_step():
     m, G = small_model(), 6
     cond = rand_cond(3, G, [[1, 2]] * 3, [[1.0, 1.0]] * 3)
     x, t, h = torch.randn(3, G), torch.tensor([0.0, 0.3, 0.95]), 0.05
-    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, 0.0)
     with torch.no_grad():
-        assert torch.allclose(x_next, x + h * m(x, t, cond), atol=1e-6)
-    assert torch.equal(lp, torch.zeros(3)) and torch.equal(std, torch.zeros(3, 1))
+        mean, std = flow.sde_mean_std(m, x, t, h, cond, 0.0)
+        assert torch.allclose(mean, x + h * m(x, t, cond), atol=1e-6)
+    assert torch.equal(std, torch.zeros(3, 1))
 
 
 def test_sde_log_prob_matches_torch_normal():
     m, G, a, h = small_model(), 6, 0.7, 0.05
     cond = rand_cond(4, G, [[1, 2]] * 4, [[1.0, 1.0]] * 4)
     x, t = torch.randn(4, G), torch.tensor([0.0, 0.2, 0.5, 0.9])
-    x_next, lp, mean, std = flow.sde_step(m, x, t, h, cond, a, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    mean, std = flow.sde_mean_std(m, x, t, h, cond, a)
+    x_next = mean + std * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    lp = flow.gauss_log_prob(x_next, mean, std)
     t_eff = t.clamp(min=h)[:, None]
     assert torch.allclose(std, a * torch.sqrt((1 - t[:, None]) / t_eff) * math.sqrt(h))  # (B, 1)
     ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x_next).sum(-1)
@@ -208,7 +210,8 @@ def test_sde_with_a_shifted_narrow_source_preserves_the_marginal():
         g = torch.Generator().manual_seed(seed)
         x, h = m0 + s0 * torch.randn(n, 1, generator=g, dtype=torch.float64), 1.0 / 400
         for i in range(400):
-            x, *_ = flow.sde_step(field, x, i * h, h, cond, a, torch.randn(x.shape, generator=g, dtype=x.dtype))
+            mean, std = flow.sde_mean_std(field, x, i * h, h, cond, a)
+            x = mean + std * torch.randn(x.shape, generator=g, dtype=x.dtype)
         return x
 
     x = run(cond)
@@ -230,24 +233,33 @@ def test_fresh_model_outputs_zero():
 
 
 def test_a_zero_network_generates_the_start_predictor_exactly():
-    """Paired generation: with the output layer at zero, every generated cell is its control cell plus the shift
-    (the start predictor, Dataset.shift), whatever the source, sigma, sampler or noise, so training can only add
-    to it; unpaired, the noise source gives shift + eps, not a cell. Shift off: the control cell itself."""
+    """Paired generation: with the output layer at zero, every cell the ODE generates is its control cell plus the
+    start (the start predictor, Dataset.start), whatever the source, sigma or sampler, so training can only add to
+    it; unpaired, the noise source gives start + eps, not a cell. Start off: the control cell itself. The RL SDE moves
+    only the condition's path: its cell is control cell + start + exactly the noise an unpaired SDE adds to eps."""
     torch.manual_seed(0)
     G = 6
     table = {"comps": torch.tensor([[1, 2]]), "dose": torch.ones(1, 2), "cov": torch.zeros(1, dtype=torch.long),
-             "prior": torch.randn(1, G), "unvalidated": torch.tensor([False])}
+             "prior": torch.randn(1, G), "evidence": torch.tensor([0])}
     table["start"] = 0.6 * table["prior"]                                  # c = 0.6
     ctrl_x = torch.rand(4, G) * 3 + 1                                       # expression space, all > 0
-    for source, sigma, shift, method in [("noise", 1.0, True, "midpoint"), ("ctrl", 0.5, True, "sde"),
-                                         ("noise", 1.0, True, "sde"), ("ctrl", 0.2, False, "euler")]:
+    for source, sigma, shift, method in [("noise", 1.0, True, "midpoint"), ("ctrl", 0.5, True, "euler"),
+                                         ("noise", 1.0, True, "sde"), ("ctrl", 0.2, False, "sde")]:
         m = flow.VelocityField(flow.ModelConfig(G=G, n_comp=4, n_cov=1, width=16, depth=1, d_pert=8, source=source, sigma=sigma, use_start=shift))
         m.mean, m.std = torch.rand(G), torch.rand(G) + 0.5
         cond = flow.make_cond(m, table, torch.zeros(4, dtype=torch.long), ctrl_x)
-        z = flow.sample(m, cond, 5, method, data.noise_source(torch.Generator().manual_seed(1), "cpu"), noise_level=0.7,
-                        paired=True)
-        want = (ctrl_x + (table["start"] if shift else 0)).clamp(min=0)
-        torch.testing.assert_close(m.decode(cond["ctrl"] + z), want, atol=1e-4, rtol=0)
+        draw = lambda: data.noise_source(torch.Generator().manual_seed(1), "cpu")  # noqa: E731
+        z = flow.sample(m, cond, 5, method, draw(), noise_level=0.7, paired=True)
+        start = table["start"] / m.std if shift else 0
+        if method == "sde":                                                # the same draws, unpaired: x1 - x0
+            eps = draw()((4, G))
+            x1 = flow.sample(m, cond, 5, "sde", draw(), noise_level=0.7)
+            z_noise = x1 - (cond["mu0"] + cond["sigma"] * eps)
+            assert z_noise.abs().max() > 0.1                                  # the SDE does move the condition's path
+            torch.testing.assert_close(z, start + z_noise, atol=1e-5, rtol=0)
+        else:
+            want = (ctrl_x + (table["start"] if shift else 0)).clamp(min=0)
+            torch.testing.assert_close(m.decode(cond["ctrl"] + z), want, atol=1e-4, rtol=0)
     eps = torch.randn(4, G)
     raw = flow.sample(m, cond, 5, "midpoint", eps=eps)                      # unpaired: the source draw itself
     torch.testing.assert_close(raw, m.encode(ctrl_x) + 0.2 * eps, atol=1e-5, rtol=0)
@@ -262,7 +274,7 @@ def test_paired_generation_cancels_the_generators_own_control_error():
     cond = {"ctrl": torch.randn(B, G), "comps": torch.ones(B, 1, dtype=torch.long), "dose": torch.ones(B, 1),
             "prior": torch.randn(B, G), "start": torch.randn(B, G), "cov": torch.zeros(B, dtype=torch.long)}
     cond.update(mu0=cond["start"], sigma=1.0)
-    for method in ("euler", "midpoint", "sde"):
+    for method in ("euler", "midpoint"):                             # the ODE (the SDE: the test above)
         g = data.noise_source(torch.Generator().manual_seed(0), "cpu")
         z = flow.sample(field, cond, 4, method, g, noise_level=0.5, paired=True)
         torch.testing.assert_close(z, cond["start"], atol=1e-5, rtol=0)
@@ -299,7 +311,7 @@ def test_encode_decode_and_make_cond():
     assert torch.allclose(m.decode(z), torch.tensor([[0.0, 0.0, 0.1, 0.41, 1.0, 2.0]]), atol=1e-5)
     table = {"comps": torch.tensor([[1, 2], [3, 0]]), "dose": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
              "cov": torch.tensor([0, 1]), "prior": torch.randn(2, 6), "start": torch.randn(2, 6),
-             "unvalidated": torch.tensor([False, True])}
+             "evidence": torch.tensor([0, 2])}
     cond = flow.make_cond(m, table, torch.tensor([1, 0, 1, 1]), x)
     assert torch.equal(cond["comps"][0], table["comps"][1]) and torch.equal(cond["cov"], torch.tensor([1, 0, 1, 1]))
     assert torch.allclose(cond["prior"][1], table["prior"][0] / m.std)  # a delta: no mean shift
@@ -428,16 +440,41 @@ def test_fit_scaler_against_numpy():
 
 
 def test_residual_trust_is_the_least_squares_slope(trained, sim_path, monkeypatch):
-    """A network that adds alpha times what each validation key needs beyond its shift gets lam = clip(1 / alpha,
-    0, 1): twice too much -> 0.5, half -> 1, the opposite direction -> 0 (never negative)."""
+    """A network that adds alpha times what each validation key needs beyond its start gets the slope 1 / alpha (twice
+    too much -> 0.5, half -> 2, the opposite direction -> -1); lam is the slope's lower confidence bound over resampled
+    keys and cells, clipped to [0, k / (k + 1)]: below the slope by no more than the resampling spread, never negative."""
     model, ckpt = flow.load_checkpoint(trained)
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
     keys = ds.split["train"][:5]
-    shift = ds.key_table(keys)["start"]
-    for alpha, want in [(2.0, 0.5), (0.5, 1.0), (-1.0, 0.0), (1.25, 0.8)]:
-        mean = {k: ds.refs[k].ctrl_mean + shift[i] + alpha * (ds.refs[k].delta - shift[i]) for i, k in enumerate(keys)}
+    start = ds.key_table(keys)["start"]
+    for alpha in (2.0, 0.5, -1.0, 1.25):
+        mean = {k: ds.refs[k].ctrl_mean + start[i] + alpha * (ds.refs[k].delta - start[i]) for i, k in enumerate(keys)}
         monkeypatch.setattr(flow, "generate", lambda *a, **kw: {k: m.expand(3, -1) for k, m in mean.items()})
-        assert flow.trust_residual(model, ds, keys) == pytest.approx(want, abs=1e-5)
+        f = flow.fit_residual_trust(model, ds, keys)
+        assert f["slope"] == pytest.approx(1 / alpha, rel=1e-5) and f["keys"] == 5 and f["lo"] <= f["hi"]
+        top = min(max(1 / alpha, 0.0), 5 / 6)
+        assert top - 0.15 <= f["lam"] <= top + 1e-9, (alpha, f)
+
+
+def test_one_validation_key_never_gives_full_trust(trained, sim_path, monkeypatch):
+    """One validation key whose real residual is pure noise (its cells are control cells moved by exactly the start:
+    what is left of its mean is sampling noise). A network whose residual is exactly that noise has the least-squares
+    slope 1, full trust under the old rule: one key gives at most 1/2. One whose residual is noise of its own (what a
+    network that never saw these cells adds) gets about none."""
+    model, ckpt = flow.load_checkpoint(trained)
+    ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=200), genes=ckpt["genes"], split=ckpt["split"])
+    key = ds.split["train"][0]
+    start = torch.from_numpy(ds.key_table([key])["start"][0].numpy())
+    ctrl = ds.X[ds.ctrl_idx[key[1]]]
+    cells = np.maximum(ctrl[np.random.default_rng(0).choice(len(ctrl), 60)] + start.numpy(), 0).astype(np.float32)
+    ds.refs[key] = data.reference(cells, ds.ctrl_idx[key[1]], ctrl.mean(0), ctrl.std(0, ddof=1), 50, 0.1)
+    noise = ds.refs[key].delta - start                                  # the sample's residual: pure noise
+    other = noise[torch.randperm(len(noise), generator=torch.Generator().manual_seed(0))]  # noise of the same size
+    for r, most in [(noise, 0.5), (other, 0.15)]:
+        monkeypatch.setattr(flow, "generate", lambda *a, **kw: {key: (ds.refs[key].ctrl_mean + start + r).expand(3, -1)})
+        f = flow.fit_residual_trust(model, ds, [key])
+        assert f["keys"] == 1 and f["lam"] <= most, f
+    assert flow.fit_residual_trust(model, ds, [])["lam"] == 0.0            # no validation key: no trust
 
 
 def test_control_check_measures_the_generators_control_bias(sim_path):

@@ -131,9 +131,9 @@ def test_grpo_and_evaluation_on_real_cells(pretrained, tmp_path, capsys):
     hist = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
     assert [h["step"] for h in hist if "reward/total" in h] == [1, 2]
     assert all(np.isfinite(v) for h in hist for v in h.values() if isinstance(v, float))
-    evaluate.main(["--ckpt", str(pretrained), out, "--steps", "4", "--sde-noise", "0", "--out", str(tmp_path / "r.json")])
+    evaluate.main(["--ckpt", str(pretrained), out, "--ode-steps", "4", "--sde-noise", "0", "--out", str(tmp_path / "r.json")])
     summary = json.loads((tmp_path / "r.json").read_text())["summary"]
-    assert set(summary) == {"control", "train_mean", str(pretrained), out}
+    assert set(summary) == {"control", "train_mean", "start", str(pretrained), out}
     for m, row in summary.items():
         for metric in ("pearson_delta", "energy", "mmd", "de_direction", "effect_ratio", "reward/pearson"):
             assert row[metric] is not None and np.isfinite(row[metric]), (m, metric)

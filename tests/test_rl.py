@@ -63,6 +63,20 @@ def test_group_advantages_hand_computed():
     torch.testing.assert_close(A2[0], 2 * torch.tensor([-1.5, -0.5, 0.5, 1.5]) / s, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("contexts", [1, 2, 4])
+def test_group_advantages_centre_per_context_and_pool_the_spread(contexts):
+    """Against the loop written out in numpy (numpy_advantages): a reward that only differs between contexts (the
+    control cell, not the noise) gets advantage 0 with contexts > 1."""
+    rng = np.random.default_rng(contexts)
+    comps = {"a": rng.normal(size=(3, 8)), "b": rng.exponential(size=(3, 8))}
+    weights = {"a": 1.0, "b": 2.0}
+    got = rl.group_advantages({k: torch.from_numpy(v) for k, v in comps.items()}, weights, clip=5.0, contexts=contexts)
+    np.testing.assert_allclose(got.numpy(), numpy_advantages(comps, weights, 5.0, contexts), rtol=1e-9, atol=1e-9)
+    between = {"a": np.repeat(rng.normal(size=(3, contexts)), 8 // contexts, axis=1)}        # constant per context
+    A = rl.group_advantages({"a": torch.from_numpy(between["a"])}, {"a": 1.0}, contexts=contexts)
+    assert A.abs().max() < 1e-9                                    # (centred on the group, it would not be)
+
+
 def test_group_advantages_clipping():
     """One outlier among 16: z = (15/16) / (sqrt(15)/16) = sqrt(15) = 3.873, the others -1/sqrt(15)."""
     r = torch.zeros(1, 16)
@@ -78,6 +92,31 @@ def test_group_advantages_clipping():
 
 
 # ----------------------------------------------------------------------------- the clipped surrogate
+def test_judge_is_a_paired_t_test_of_the_weighted_reward_change_with_guards():
+    """judge's gain is the mean per-draw weighted reward change in noise units and t its one-sample t statistic
+    (scipy); a step is kept only beyond t_min and with no guard worse on the mean than its noise."""
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    names = ["reward/a", "reward/b", "pearson_delta", "energy", "log_effect"]
+    draws0 = [{k: float(rng.normal()) for k in names} for _ in range(5)]
+    noise = {k: float(rng.uniform(0.5, 2)) for k in names}
+    weights = {"a": 1.0, "b": 3.0}
+    up = [{**d, "reward/a": d["reward/a"] + 0.4 + 0.1 * rng.normal(), "reward/b": d["reward/b"] + 0.1 * rng.normal()}
+          for d in draws0]
+    gain, t, kept = rl.judge(up, draws0, noise, weights)
+    s = np.array([(1 * (u["reward/a"] - d["reward/a"]) / noise["reward/a"] + 3 * (u["reward/b"] - d["reward/b"]) /
+                   noise["reward/b"]) / 4 for u, d in zip(up, draws0)])
+    assert gain == pytest.approx(s.mean()) and t == pytest.approx(stats.ttest_1samp(s, 0).statistic, rel=1e-9)
+    assert t > 2 and kept
+    worse = [{**u, "energy": u["energy"] + 1.5 * noise["energy"]} for u in up]           # a guard beyond its noise
+    assert rl.judge(worse, draws0, noise, weights) == (gain, t, False)
+    within = [{**u, "energy": u["energy"] + 0.5 * noise["energy"]} for u in up]          # within it: allowed
+    assert rl.judge(within, draws0, noise, weights)[2]
+    assert not rl.judge(draws0, draws0, noise, weights)[2]                               # no change: not kept
+    down = [{**d, "reward/a": d["reward/a"] - 0.4 + 0.1 * rng.normal()} for d in draws0]
+    assert rl.judge(down, draws0, noise, weights)[1] < -2
+
+
 def test_grpo_loss_and_gradient_by_hand():
     """ratio r = exp(logp - logp_old); per sample the loss is -min(r A, clip(r) A) / B, whose derivative in logp
     is -r A / B where the unclipped term is the minimum and 0 where clipping binds (r > 1 + eps with A > 0,
@@ -127,15 +166,18 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
     rows = np.concatenate([ds.ctrl_idx[k[1]][:4] for k in keys])
     cond = flow.make_cond(policy, table, kid, ds.X[rows])
     T, a = 4, 0.7
-    cells, xs, logp_old = rl.rollout(policy, cond, T, a, data.noise_source(torch.Generator().manual_seed(0), "cpu"))
-    assert xs.shape == (T + 1, 8, len(ds.genes)) and logp_old.shape == (T, 8) and cells.shape == (8, len(ds.genes))
+    draw = data.noise_source(torch.Generator().manual_seed(0), "cpu")
+    cells, xs, logp_old = rl.rollout(policy, cond, T, a, draw, draw((8, len(ds.genes))))
+    assert xs.shape == (T + 1, 16, len(ds.genes)) and logp_old.shape == (T, 8) and cells.shape == (8, len(ds.genes))
     assert torch.isfinite(logp_old).all()
     adv = torch.tensor([1.0, -1, 0.5, -0.5, 2, -2, 0, 0])
+    both = flow.with_twins(cond)                                                            # the rows, then their twins
     for i in range(T):
-        logp, mean, std = flow.sde_log_prob(policy, xs[i], i / T, 1 / T, cond, a, xs[i + 1])
+        logp, mean, std = flow.sde_log_prob(policy, xs[i], i / T, 1 / T, both, a, xs[i + 1])
+        logp = logp[:8]
         torch.testing.assert_close(logp.detach(), logp_old[i], atol=1e-3, rtol=1e-6)
         with torch.no_grad():
-            mean_ref, _ = flow.sde_mean_std(ref, xs[i], i / T, 1 / T, cond, a)
+            mean_ref, _ = flow.sde_mean_std(ref, xs[i], i / T, 1 / T, both, a)
         logp_leaf = logp.detach().requires_grad_(True)
         loss, stats = rl.grpo_loss(logp_leaf, logp_old[i], adv, mean, mean_ref, std, 0.2, 0.5)
         assert stats["ratio_dev"] < 1e-3 and stats["kl"] == 0.0 and stats["clipfrac"] == 0.0
@@ -145,22 +187,32 @@ def test_first_update_ratio_is_one_and_kl_zero(sim):
 
 
 def test_rollout_cells_are_their_control_cells_plus_the_change(sim):
-    """A rollout's cells are generated like every cell (paired): with a zero output layer, each is its own control cell
-    plus its own key's shift, whatever the SDE noise; the states and log-probabilities are the key path's."""
+    """A rollout's cells are generated paired: with a zero output layer the control twin stays at its source draw, so
+    each cell is its own control cell plus its own key's start plus exactly what the SDE adds to the condition's path
+    (an unpaired SDE from the same draws); the states and log-probabilities are the condition path's. Rows that share
+    a context (control cell, source draw) differ only by that noise: the same noise gives the same cell."""
     ds = sim["ds"]
     model = copy.deepcopy(sim["model"])
     torch.nn.init.zeros_(model.out.weight)
     torch.nn.init.zeros_(model.out.bias)
     keys = ds.split["test"] + ds.split["val"]
     kid = torch.arange(len(keys)).repeat_interleave(4)                                 # (12,)
-    rows = np.random.default_rng(0).choice(ds.ctrl_idx["all"], len(kid))
+    rows = np.random.default_rng(0).choice(ds.ctrl_idx["all"], len(kid) // 2).repeat(2)  # contexts of 2 rows
     cond = flow.make_cond(model, ds.key_table(keys), kid, ds.X[rows])
-    T = 3
-    cells, xs, logp = rl.rollout(model, cond, T, 0.7, data.noise_source(torch.Generator().manual_seed(0), "cpu"))
-    want = np.maximum(ds.X[rows] + np.stack([ds.start(keys[i]) for i in kid.tolist()]), 0)
-    np.testing.assert_allclose(cells.numpy(), want, atol=1e-4, rtol=0)
-    assert xs.shape == (T + 1, len(kid), len(ds.genes)) and logp.shape == (T, len(kid)) and torch.isfinite(logp).all()
-    assert float((xs[-1] - xs[0]).abs().mean()) > 0.1                                # the noise moves the state
+    T, G = 3, len(ds.genes)
+    draw = lambda: data.noise_source(torch.Generator().manual_seed(0), "cpu")  # noqa: E731
+    eps = draw()((len(kid) // 2, G)).repeat_interleave(2, 0)                    # a source draw per context
+    cells, xs, logp = rl.rollout(model, cond, T, 0.7, draw(), eps)
+    x1 = flow.sample(model, cond, T, "sde", draw(), eps=eps, noise_level=0.7)   # unpaired, the same draws
+    start = torch.from_numpy(np.stack([ds.start(keys[i]) for i in kid.tolist()]))
+    want = model.decode(cond["ctrl"] + start / model.std + x1 - (cond["mu0"] + eps))
+    torch.testing.assert_close(cells, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(xs[-1, :len(kid)], x1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(xs[:, len(kid):], (cond["mu0"] - cond["start"] + eps).expand(T + 1, -1, -1))  # twins
+    assert xs.shape == (T + 1, 2 * len(kid), G) and logp.shape == (T, len(kid)) and torch.isfinite(logp).all()
+    assert float((cells[0::2] - cells[1::2]).abs().mean()) > 0.05                # a context's rows: their noise
+    same, _, _ = rl.rollout(model, cond, T, 0.7, draw(), eps)
+    assert torch.equal(same, cells)
 
 
 # ----------------------------------------------------------------------------- learning on a toy
@@ -223,11 +275,16 @@ def test_grpo_moves_a_toy_generator_towards_the_rewarded_target():
 
 
 # ----------------------------------------------------------------------------- the loop judged by what it does
-def numpy_advantages(comps: dict, weights: dict, clip: float) -> np.ndarray:
-    """GRPO's advantages written out again: A = sum_k w_k (r_k - mean) / (std + 1e-6) within each group (population
-    std), clipped to +/- clip. comps {name: (n_groups, n)}."""
-    A = sum(w * (comps[n] - comps[n].mean(1, keepdims=True)) / (comps[n].std(1, keepdims=True) + 1e-6)
-            for n, w in weights.items())
+def numpy_advantages(comps: dict, weights: dict, clip: float, contexts: int = 1) -> np.ndarray:
+    """GRPO's advantages written out again, a loop over groups and contexts: each reward centred on its context's mean
+    (a group's n cells are `contexts` runs of consecutive cells), divided by the group's pooled within-context std
+    (population) + 1e-6, weighted and summed, clipped to +/- clip. comps {name: (n_groups, n)}."""
+    A = np.zeros_like(next(iter(comps.values())))
+    for n, w in weights.items():
+        for g, r in enumerate(comps[n]):
+            parts = np.split(r, contexts)
+            dev = np.concatenate([p - p.mean() for p in parts])
+            A[g] += w * dev / (np.sqrt(np.mean(dev ** 2)) + 1e-6)
     return np.clip(A, -clip, clip)
 
 
@@ -274,7 +331,7 @@ def steps_of(events):
             out[-1][1].append(e[1:])
         elif out and e[0] == "loss":
             out[-1][2].append(e[1:])
-    return out
+    return [st for st in out if st[2]]                                     # the learning curve's rollouts: no update
 
 
 def test_the_loss_gets_the_advantages_of_those_very_cells_and_the_kl_to_the_frozen_model(sim, tmp_path, monkeypatch):
@@ -300,7 +357,7 @@ def test_the_loss_gets_the_advantages_of_those_very_cells_and_the_kl_to_the_froz
         assert torch.equal(torch.cat([x for _, x, _ in rewards]), cells)     # the rollout's cells, group by group
         assert all(len(x) == cfg.group for _, x, _ in rewards)
         comps = {n: np.stack([c[n].double().numpy() for _, _, c in rewards]) for n in weights}   # (groups, n)
-        want = torch.from_numpy(numpy_advantages(comps, weights, cfg.adv_clip).reshape(-1)).float()
+        want = torch.from_numpy(numpy_advantages(comps, weights, cfg.adv_clip, cfg.contexts).reshape(-1)).float()
         assert float(want.abs().max()) > 0.5                                  # rewards that differ within groups
         assert len(losses) == cfg.epochs * cfg.T
         for _, a in losses:
@@ -321,38 +378,29 @@ def test_the_loss_gets_the_advantages_of_those_very_cells_and_the_kl_to_the_froz
 
 
 def test_grpo_climbs_a_reward_with_a_known_optimum(sim, tmp_path, monkeypatch):
-    """rl.train with one reward, -|mean of 20 genes - target| (optimum: the genes' mean at the target, 2 above the
-    control cells' level), for 8 steps: the policy's cells get nearer the target (measured on fixed noise and
-    control cells, before and after); with the advantages' sign flipped they get farther (checked by hand).
-    The rollout is made unpaired (each cell is the condition's own path, decode(x_T)): under paired generation
-    the noise that GRPO's log-probabilities see barely moves a cell (the key path and its control twin share it),
-    so rewards within a group differ by their control cells and a few steps show nothing."""
+    """rl.train as shipped (paired rollouts, groups that share their contexts) with one reward, -|mean of 20 genes -
+    target| (optimum: the genes' mean at the target, 2 above the control cells' level), for 8 steps: the fixed
+    training groups of its learning curve (the same conditions, contexts and noise before and after) get nearer the
+    target, and with the advantages' sign flipped farther. (Paired, only a change specific to the perturbed conditions
+    moves a cell: the twins' KL holds the control condition, so this tiny generator climbs slower than unpaired.)"""
     ds = sim["ds"]
     ctrl = ds.X[ds.ctrl_idx["all"]]
     genes = torch.from_numpy(np.argsort(-ctrl.mean(0))[:20].copy())            # expressed: no clamping at 0
     target = float(ctrl[:, genes].mean()) + 2.0
-    reward = lambda x: -(x[:, genes].mean(1) - target).abs()  # noqa: E731
-    monkeypatch.setitem(verifiers.REWARDS, "target", lambda x, ref, v: reward(x))
-    real = rl.rollout
-
-    def unpaired(model, cond, *a, **kw):
-        _, xs, logp = real(model, cond, *a, **kw)
-        return model.decode(xs[-1]), xs, logp
-    monkeypatch.setattr(rl, "rollout", unpaired)
-    rl.train(tiny(sim, tmp_path / "rl.pt", rewards="target=1", steps=8, conds=4, group=8, T=4, lr=3e-3, beta=0.1,
-                  eval_every=100))
-    policy, _ = flow.load_checkpoint(str(tmp_path / "rl_last.pt"))
-    keys = ds.split["train"]
-    kid = torch.arange(len(keys)).repeat_interleave(32)
-    rows = np.random.default_rng(5).choice(ds.ctrl_idx["all"], len(kid))
-    score = {}
-    for name, m in (("before", sim["model"]), ("after", policy)):
-        cond = flow.make_cond(m, ds.key_table(keys), kid, ds.X[rows])
-        cells, _, _ = unpaired(m, cond, 4, 0.7, data.noise_source(torch.Generator().manual_seed(3), "cpu"))
-        score[name] = float(reward(cells).mean())
-    assert score["after"] > score["before"] + 0.03, score                    # 0.06-0.10 over seeds 0-3
-    hist = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
-    assert all(math.isfinite(h["reward/target/mean"]) for h in hist if "reward/target/mean" in h)
+    monkeypatch.setitem(verifiers.REWARDS, "target", lambda x, ref, v: -(x[:, genes].mean(1) - target).abs())
+    curve = {}
+    for sign in (1, -1):
+        real = rl.group_advantages
+        monkeypatch.setattr(rl, "group_advantages", lambda *a, **kw: sign * real(*a, **kw))
+        rl.train(tiny(sim, tmp_path / f"rl{sign}.pt", rewards="target=1", steps=8, conds=4, group=8, contexts=2, T=4,
+                      sde_noise=0.3, lr=1e-2, beta=0.1, eval_every=8))
+        monkeypatch.setattr(rl, "group_advantages", real)
+        hist = torch.load(tmp_path / f"rl{sign}_last.pt", weights_only=True)["extra"]["history"]
+        curve[sign] = [h["fixed/target"] for h in hist if "fixed/target" in h]
+        assert len(curve[sign]) == 2 and all(math.isfinite(h["reward/target/mean"]) for h in hist
+                                              if "reward/target/mean" in h)
+    (before, up), (_, down) = curve[1], curve[-1]                          # +0.006 to +0.029, -0.012 to -0.052 (seeds 0-3)
+    assert up > before + 0.005 and down < before - 0.005 and up - down > 0.02, curve
 
 
 # ----------------------------------------------------------------------------- the loop end to end
@@ -369,32 +417,31 @@ def test_train_end_to_end_checkpoint_history_and_evaluate(sim, tmp_path, capsys)
     assert any(not torch.equal(p, base[n]) for n, p in last.named_parameters())
     # the full history is in the last state: validations at 0, 2 and 3, training steps 1..3
     full = torch.load(tmp_path / "rl_last.pt", weights_only=True)["extra"]["history"]
-    assert [h["step"] for h in full if "val/score" in h] == [0, 2, 3]
+    assert [h["step"] for h in full if "val/gain" in h] == [0, 2, 3]
     assert [h["step"] for h in full if "reward/total" in h] == [1, 2, 3]
-    # the result is the state with the best validation score (its history ends there)
-    best = max((h for h in full if "val/score" in h), key=lambda h: h["val/score"])
-    assert ck["step"] == best["step"] and ck["extra"]["best"]["score"] == best["val/score"]
-    assert ck["extra"]["history"] == [h for h in full if h["step"] <= best["step"]]
+    # the result is the kept state (step 0 unless a step beat it by more than the noise; its history ends there)
+    assert ck["step"] == ck["extra"]["best"]["step"] and ck["extra"]["history"][-1]["step"] == ck["step"]
+    assert ck["extra"]["history"] == [h for h in full if h["step"] <= ck["step"]]
     rec = next(h for h in full if "reward/total" in h)
-    val_recs = [h for h in full if "val/score" in h]
+    val_recs = [h for h in full if "val/gain" in h]
     for n in verifiers.parse_weights(verifiers.DEFAULT_REWARDS):
         assert f"reward/{n}/mean" in rec and math.isfinite(rec[f"reward/{n}/mean"])
     for k in ("train/kl", "train/clipfrac", "train/loss", "train/grad_norm", "train/zero_spread", "time/rollout",
               "time/reward", "time/update"):
         assert k in rec and math.isfinite(rec[k]), k
     assert val_recs[0]["step"] == 0
-    for k in ("val/pearson_delta", "val/energy", "val/effect_ratio", "val/spread_ratio", "val/score",
-              "val/reward/pearson"):
+    for k in ("val/pearson_delta", "val/energy", "val/effect_ratio", "val/spread_ratio", "val/gain",
+              "val/reward/pearson", "fixed/pearson", "lam"):
         assert k in val_recs[0], k
     # evaluate.py loads and evaluates it
     capsys.readouterr()
-    evaluate.main(["--ckpt", out, "--steps", "4", "--sde-noise", "0", "--out", str(tmp_path / "r.json")])
+    evaluate.main(["--ckpt", out, "--ode-steps", "4", "--sde-noise", "0", "--out", str(tmp_path / "r.json")])
     text = capsys.readouterr().out
     assert f"| {out} |" in text and "| control |" in text
     # the before/after table of `python rl.py`
     table = rl.before_after(tiny(sim, out), out)
     names = [ln.split("|")[1].strip() for ln in table.splitlines() if ln.startswith("|")][2:]
-    assert names == ["control", "train_mean", "additive", "pretrained", "rl"]
+    assert names == ["control", "train_mean", "additive", "start", "pretrained", "rl"]
 
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(sim, tmp_path):
@@ -427,7 +474,7 @@ def interrupt_rollout_at(monkeypatch, call):
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(sim, tmp_path, monkeypatch):
-    interrupt_rollout_at(monkeypatch, 2)
+    interrupt_rollout_at(monkeypatch, 3)                                 # 1: the learning curve at step 0
     with pytest.raises(KeyboardInterrupt, match="resume"):
         rl.train(tiny(sim, tmp_path / "c.pt", steps=4, eval_every=10))
     monkeypatch.undo()
@@ -438,7 +485,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(sim, tmp_path, monkeypatch):
 
 
 def test_resume_after_ctrl_c_is_exact(sim, tmp_path, monkeypatch):
-    interrupt_rollout_at(monkeypatch, 3)                  # after two complete steps, during the third
+    interrupt_rollout_at(monkeypatch, 5)                  # after two steps and a validation (2 rollouts), in the third
     with pytest.raises(KeyboardInterrupt):
         rl.train(tiny(sim, tmp_path / "c.pt", steps=4))
     monkeypatch.undo()

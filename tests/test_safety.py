@@ -195,9 +195,6 @@ def test_rl_bad_option(sim, tmp_path, monkeypatch, flag, value):
 def test_evaluate_bad_option(sim, flag, value):
     with pytest.raises(UserError, match=f"^{flag} {value}: must be"):
         evaluate.main(["--ckpt", sim["ckpt"], flag, value])
-    if flag == "--ode-steps":                                             # its old name (data.OLD_NAMES) still works
-        with pytest.raises(UserError, match="^--ode-steps 0: must be"):
-            evaluate.main(["--ckpt", sim["ckpt"], "--steps", "0"])
 
 
 def test_cli_steps_zero_exit_2_no_saved_line(tmp_path):
@@ -234,10 +231,11 @@ def fail_on_call(monkeypatch, owner, name, n, saving=None):
 
 
 # phase -> (owner, function, the call that raises, which files count (torch.save), the step whose state is kept).
-# Per GRPO step here: 1 rollout, 1 group_advantages, 2 passes x 2 timesteps of sde_log_prob; validation at 0, 2, 4
-PHASES = {"rollout": (rl, "rollout", 3, None, 2), "rewards": (rl, "group_advantages", 2, None, 1),
+# Per GRPO step here: 1 rollout, 1 group_advantages, 2 passes x 2 timesteps of sde_log_prob; validation at 0, 2, 4,
+# each with 1 rollout (the fixed training groups) and 4 val_metrics (--val-draws)
+PHASES = {"rollout": (rl, "rollout", 5, None, 2), "rewards": (rl, "group_advantages", 2, None, 1),
           "first pass": (flow, "sde_log_prob", 6, None, 1), "second pass": (flow, "sde_log_prob", 7, None, 1),
-          "validation at step 0": (rl, "val_metrics", 1, None, 0), "validation": (rl, "val_metrics", 2, None, 1),
+          "validation at step 0": (rl, "val_metrics", 1, None, 0), "validation": (rl, "val_metrics", 6, None, 1),
           "saving the best": (torch, "save", 1, "/.c.pt.", 0),
           "saving the latest": (torch, "save", 1, "/.c_last.pt.", 1)}
 
@@ -305,30 +303,17 @@ def edited(sim, tmp_path, name, edit):
 
 
 def test_checkpoints_carry_the_format_version(sim):
-    assert torch.load(sim["ckpt"], weights_only=True)["format"] == data.FORMAT == 2
+    assert torch.load(sim["ckpt"], weights_only=True)["format"] == data.FORMAT == 3
 
 
-def test_checkpoint_with_zero_thresholds_still_loads(sim, tmp_path):
-    """Checkpoints written before paired generation carry a per-gene zero-threshold buffer (zero_below), no
-    residual trust, a shift_mean option and the earlier names (prior_feat, prior_dim, shift, n_genes, ...): they
-    load as the same model (the thresholds dropped, decoding max(x, 0)), and a flow run resumes from one."""
-    old_names = {"gene_feat_dim": "prior_dim", "use_start": "shift", "G": "n_genes", "n_comp": "n_components",
-                 "n_cov": "n_covariates"}
-
-    def add(ck):
-        for part in ("model", "ema"):
-            ck[part]["zero_below"] = torch.full_like(ck[part]["mean"], 0.3)
-            ck[part]["prior_feat"] = ck[part].pop("gene_feat")
-            del ck[part]["trust"]
-        ck["config"]["model"] = {old_names.get(k, k): v for k, v in ck["config"]["model"].items()}
-        ck["config"]["model"]["shift_mean"] = False
-    path = edited(sim, tmp_path, "old.pt", add)
-    model, _ = flow.load_checkpoint(path)
-    new, _ = flow.load_checkpoint(sim["ckpt"])
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), new.state_dict().values()))
-    z = torch.randn(50, model.mean.shape[0])
-    assert torch.equal(model.decode(z), (z * model.std + model.mean).clamp(min=0))
-    flow.train(tiny_flow(sim["path"], path, steps=61, resume=True, width=64, gene_feat_dim=32, batch_size=64))
+@pytest.mark.parametrize("fmt, want", [(2, "an earlier version wrote it .* retrain it"), (1, "an earlier version wrote it .* retrain it"),
+                                       (4, "update PerturbCellRL")])
+def test_a_checkpoint_of_another_format_is_one_line(sim, tmp_path, fmt, want):
+    """Format 2 folded the residual trust into the weights (format 3 holds it in VelocityField.lam): loading one as
+    format 3 would use a scaled network at full trust, so it is refused, as a newer one is."""
+    path = edited(sim, tmp_path, "old.pt", lambda ck: ck.update(format=fmt) if fmt > 1 else ck.pop("format"))
+    with pytest.raises(UserError, match=f"format {fmt}, this code reads 3: {want}"):
+        flow.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("key, use, want", [
@@ -354,8 +339,8 @@ def test_truncated_newer_and_foreign_checkpoints(sim, tmp_path):
     for f in ("cut.pt", "empty.pt"):
         with pytest.raises(UserError, match="truncated or corrupt"):
             flow.load_checkpoint(str(tmp_path / f))
-    with pytest.raises(UserError, match="format 3, newer"):
-        flow.load_checkpoint(edited(sim, tmp_path, "new.pt", lambda ck: ck.update(format=3)))
+    with pytest.raises(UserError, match="format 4, this code reads 3: .*update PerturbCellRL"):
+        flow.load_checkpoint(edited(sim, tmp_path, "new.pt", lambda ck: ck.update(format=4)))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a PerturbCellRL checkpoint"):
         flow.load_checkpoint(str(tmp_path / "other.pt"))
@@ -451,7 +436,7 @@ def test_pathway_reward_with_few_genes_says_raise_n_genes(sim):
 def test_results_json_is_strict(sim, tmp_path):
     """One generated cell per condition: its spread ratio is NaN, written as null (the folder is created)."""
     out = tmp_path / "nodir" / "r.json"
-    evaluate.main(["--ckpt", sim["ckpt"], "--steps", "2", "--sde-noise", "0", "--n-cells", "1", "--out", str(out)])
+    evaluate.main(["--ckpt", sim["ckpt"], "--ode-steps", "2", "--sde-noise", "0", "--n-cells", "1", "--out", str(out)])
     bad = lambda c: (_ for _ in ()).throw(ValueError(f"non-standard JSON constant {c}"))  # noqa: E731
     res = json.loads(out.read_text(), parse_constant=bad)
     assert all(r["spread_ratio"] is None for r in res["rows"] if r["method"] == sim["ckpt"])
@@ -480,7 +465,7 @@ def test_an_input_named_like_the_old_temp_file_survives_a_save(sim, tmp_path):
     flow.train(tiny_flow(d, tmp_path / "model.pt", steps=2))
     for name in ("p.h5ad.tmp", "r.json.tmp"):
         (tmp_path / name).write_bytes(d.read_bytes())
-    evaluate.main(["--ckpt", str(tmp_path / "model.pt"), "--data", str(tmp_path / "p.h5ad.tmp"), "--steps", "2",
+    evaluate.main(["--ckpt", str(tmp_path / "model.pt"), "--data", str(tmp_path / "p.h5ad.tmp"), "--ode-steps", "2",
                    "--sde-noise", "0", "--write-pred", str(tmp_path / "p.h5ad"), "--out", str(tmp_path / "r.json")])
     assert all(digest(tmp_path / f) == before for f in ("model.pt.tmp", "p.h5ad.tmp", "r.json.tmp"))
     assert sorted(f.name for f in tmp_path.iterdir()) == ["model.pt", "model.pt.tmp", "p.h5ad", "p.h5ad.tmp",
@@ -521,7 +506,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_survives(sim, tmp_path,
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 4352 vs 4240")
     monkeypatch.setattr(torch, "save", full)
     err = one_error_line(capsys, lambda: flow.main(["--data", str(sim["path"]), "--n-genes", "0", "--width", "32",
-                                                    "--depth", "1", "--prior-dim", "4", "--batch-size", "32",
+                                                    "--depth", "1", "--gene-feat-dim", "4", "--batch-size", "32",
                                                     "--steps", "40", "--save-every", "20", "--warmup", "5",
                                                     "--eval-every", "1000", "--out", str(tmp_path / "f.pt"),
                                                     "--resume", "--no-progress"]))
@@ -545,7 +530,7 @@ def stage_runs(sim):
             "rl --out": lambda p: rl.main(["--ckpt", ck, "--steps", "1", "--out", p, "--no-progress"]),
             "evaluate --out": lambda p: evaluate.main(["--ckpt", ck, "--out", p]),
             "evaluate --write-pred": lambda p: evaluate.main(["--ckpt", ck, "--write-pred", p]),
-            "data --simulate": lambda p: data.main(["--simulate", p, "--cells", "200", "--genes", "60"])}
+            "data --simulate": lambda p: data.main(["--simulate", p, "--sim-cells", "200", "--sim-genes", "60"])}
 
 
 @pytest.mark.parametrize("stage", ["flow --out", "rl --out", "evaluate --out", "evaluate --write-pred",
@@ -689,8 +674,8 @@ def test_best_of_is_bounded_by_the_memory_it_would_need(sim, monkeypatch, capsys
 
 
 def test_simulating_too_few_genes_is_one_line(tmp_path, capsys):
-    err = one_error_line(capsys, lambda: data.main(["--simulate", str(tmp_path / "s.h5ad"), "--genes", "1"]))
-    assert err == "error: --sim-genes 1: the simulator needs at least 50 genes (its programs use 50)"  # old name too
+    err = one_error_line(capsys, lambda: data.main(["--simulate", str(tmp_path / "s.h5ad"), "--sim-genes", "1"]))
+    assert err == "error: --sim-genes 1: the simulator needs at least 50 genes (its programs use 50)"
     assert not os.listdir(tmp_path)
 
 
@@ -804,7 +789,7 @@ def test_every_stage_says_what_it_detected_on_its_first_line_about_the_data(sim,
                    "--width", "16", "--depth", "1", "--out", str(tmp_path / "f.pt"), "--no-progress"])
         out = capsys.readouterr().out.splitlines()
         assert out[0].startswith(f"data {want}"), out
-        evaluate.main(["--ckpt", str(tmp_path / "f.pt"), "--split", "train", "--steps", "2", "--sde-noise", "0"])
+        evaluate.main(["--ckpt", str(tmp_path / "f.pt"), "--split", "train", "--ode-steps", "2", "--sde-noise", "0"])
         assert capsys.readouterr().out.splitlines()[0].startswith(f"data {want}")
         rl.main(["--ckpt", str(tmp_path / "f.pt"), "--out", str(tmp_path / "r.pt"), "--steps", "1", "--conds", "1",
                  "--group", "4", "--T", "2", "--eval-cells", "4", "--eval-steps", "2", "--no-progress"])

@@ -203,19 +203,19 @@ def rl_runs(tiny_screen, tmp_path_factory):
 
 
 def assert_same_rl_state(a, b, grads_a, grads_b):
-    """Two GRPO states that should be one: every optimiser step applied the same gradients (to 1e-4 of each tensor's
-    largest) and Adam's moments agree likewise; the weights agree to 1e-5 plus what Adam's normalisation makes of the
+    """Two GRPO states that should be one: every optimiser step applied the same gradients (to 3e-4 of each tensor's
+    largest: the KL sums the paths and their twins, in another order on 2 processes) and Adam's moments agree likewise; the weights agree to 1e-5 plus what Adam's normalisation makes of the
     gradients' float-order differences dg: its update lr g / (|g| + eps) moves by lr eps |dg| / (|g| + eps)^2, which is
     large where g is about 0 (up to 2 lr when its sign flips: 1e-9 gradients differed so). Allowed: 10 times that, at
     most 2 lr per step; only a few elements get more than 2e-5."""
     assert len(grads_a) == len(grads_b) > 0
     for ga, gb in zip(grads_a, grads_b):
         for x, y in zip(ga, gb):
-            torch.testing.assert_close(y, x, atol=1e-4 * float(x.abs().max()) + 1e-12, rtol=0)
+            torch.testing.assert_close(y, x, atol=3e-4 * float(x.abs().max()) + 1e-12, rtol=0)
     for i, s in a["opt"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             x, y = s[k], b["opt"]["state"][i][k]
-            torch.testing.assert_close(y, x, atol=1e-4 * float(x.abs().max()) + 1e-20, rtol=0, msg=f"opt {i} {k}")
+            torch.testing.assert_close(y, x, atol=3e-4 * float(x.abs().max()) + 1e-20, rtol=0, msg=f"opt {i} {k}")
     names = [n for n, _ in flow.build_model(a["config"]["model"]).named_parameters()]
     lr, eps = a["opt"]["param_groups"][0]["lr"], a["opt"]["param_groups"][0]["eps"]
     loose = total = 0
@@ -241,7 +241,7 @@ def test_rl_two_processes_equal_one(rl_runs, tiny_screen):
     assert moved(a, {"model": load(tiny_screen["ckpt"])["ema"]}) > 1e-4
     assert_same_rl_state(a, b, probe_grads(tmp, "one"), probe_grads(tmp, "two", 2))
     assert a["extra"]["best"]["step"] == b["extra"]["best"]["step"]
-    assert a["extra"]["best"]["score"] == pytest.approx(b["extra"]["best"]["score"], abs=1e-5)
+    assert a["extra"]["best"]["gain"] == pytest.approx(b["extra"]["best"]["gain"], abs=1e-5)
     assert [h["step"] for h in a["extra"]["history"]] == [h["step"] for h in b["extra"]["history"]]
     assert flow.load_checkpoint(tmp / "two.pt")[1]["extra"]["base"] == str(tiny_screen["ckpt"])
 

@@ -376,7 +376,7 @@ def test_check_ranks_real_cells_first_and_catches_a_flipped_reward(sim, monkeypa
     assert res["pearson"]["wins"] >= 0.8 and res["spearman"]["wins"] >= 0.8, res
     assert res["flipped"]["wins"] <= 0.2 and res["flipped"]["real"] == pytest.approx(-res["pearson"]["real"])
     assert res["pearson"]["real"] > max(res["pearson"]["other"], res["pearson"]["control"])
-    V.main(["--data", ds.meta["path"], "--n-genes", "0", "--rewards", "pearson,flipped=0.5", "--cells", "16"])
+    V.main(["--data", ds.meta["path"], "--n-genes", "0", "--rewards", "pearson,flipped=0.5", "--check-cells", "16"])
     out = capsys.readouterr().out.splitlines()
     assert out[-4].split()[:2] == ["pearson", "1"] and out[-3].split()[:2] == ["flipped", "0.5"]
     assert out[-2].split()[0] == "sum" and out[-1].startswith("sum:")
@@ -432,6 +432,6 @@ def test_check_runs_with_one_condition_per_covariate(tmp_path, capsys):
         assert r["n"] == 3 and r["n_other"] == 0 and np.isnan(r["other"]), name
     assert res["sum"]["wins"] == 1 and res["sum"]["vs_exaggerated"] == 1 and res["sum"]["vs_collapsed"] == 1
     assert res["pathway"]["real"] > res["pathway"]["control"]
-    V.main(["--data", str(path), "--n-genes", "0", "--rewards", "rmse", "--cells", "16"])
+    V.main(["--data", str(path), "--n-genes", "0", "--rewards", "rmse", "--check-cells", "16"])
     out = capsys.readouterr().out.splitlines()
     assert "0 with other conditions" in out[-5] and out[-3].split()[:4] == ["rmse", "1", out[-3].split()[2], "-"]
