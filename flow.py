@@ -45,7 +45,7 @@ class ModelConfig:
     depth: int = 3                  # residual blocks
     d_pert: int = 64                # per-component perturbation embedding size
     gene_feat_dim: int = 32         # PCA dims of a gene's control-cell correlation profile (0 = off)
-    use_prior: bool = True          # feed the additive prior (False = ablation, zeros)
+    use_prior: bool = True          # use the prior (False = ablation: no prior input and no start, control cell)
     use_ctrl: bool = True           # feed the control cell (False = ablation, zeros)
     source: str = "noise"           # x0 ~ N(mu0, sigma^2): noise = start + N(0, 1); ctrl = control cell + start
     sigma: float = 0.5              # source std sigma with --source ctrl (model space); noise uses 1
@@ -231,7 +231,7 @@ def interpolant(x0, x1, t):
 def cfm_loss(model, x1, cond, draw, t_dist="uniform", p_drop=0.0, p_unseen=0.0):
     """L = E_{t, x0, x1} || v(xt, t, cond) - ut ||^2, mean over genes and cells (Lipman et al. 2023, eq. 9).
     x0 ~ N(mu0, sigma^2 I) (make_cond; N(0, I) without mu0), t ~ U(0, 1) or logit-normal (sigmoid of N(0, 1),
-    Esser et al. 2024); draw: noise_source. In train mode the prior (input and start) is dropped per sample with
+    Esser et al. 2024); draw: data.noise_source. In train mode the prior (input and start) is dropped per sample with
     probability p_drop, the learned component embeddings hidden with probability p_unseen (as an untrained component);
     here, not in forward, so rl.py's log-probabilities never see random inputs."""
     B = x1.shape[0]
@@ -258,7 +258,7 @@ def time_grid(steps: int):
 @torch.no_grad()
 def sample(model, cond, steps=20, method="midpoint", draw=None, eps=None, noise_level=0.0, record=False,
            paired=False):
-    """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from draw = noise_source,
+    """Integrate from t = 0, x0 = mu0 + sigma eps (the source of make_cond; eps ~ N(0, I) from draw = data.noise_source,
     or the given `eps`), to t = 1 over time_grid(steps), in model space:
         euler:    x <- x + h v(x, t)                                  (global error O(h))
         midpoint: x <- x + h v(x + h/2 v(x, t), t + h/2)              (global error O(h^2))

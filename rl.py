@@ -71,14 +71,14 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
     pretraining (with --ckpt the checkpoint fixes them)."""
     # checkpoints
     ckpt: str | None = None        # pretrained generator (flow.pt); None -> pretrain one (cached in runs/)
-    out: str = "rl.pt"             # best checkpoint by validation; the latest state goes to <out>_last.pt
+    out: str = "rl.pt"             # the step validation keeps (judge; 0: pretrained); the latest: <out>_last.pt
     resume: bool = False           # continue from <out>_last.pt exactly where it stopped
     allow_unfinished: bool = False  # post-train a pretraining that stopped before its --steps (never calibrated)
     # RL
     steps: int = 150               # GRPO steps
     conds: int = 8                 # training (condition, covariate) pairs per step
     group: int = 16                # rollouts per condition (the group size n)
-    contexts: int = 2              # contexts (control cell + source draw) per group; a context's rollouts differ by SDE noise
+    contexts: int = 2              # contexts (control cell + source draw) per group; within one only the SDE noise differs
     T: int = 10                    # SDE steps per rollout
     sde_noise: float = 0.3         # SDE noise level a of the rollouts (KL scales as 1 / a^2)
     clip: float = 0.2              # PPO clip range on the ratio (exact log-density, summed over genes)
@@ -105,22 +105,25 @@ class RLConfig(verifiers.RewardConfig, data.DataConfig):
 # ----------------------------------------------------------------------------- the pieces
 def rollout(model, cond, T, noise_level, draw, eps):
     """T SDE steps (flow.sample) from x0 = mu0 + sigma eps, no gradients, paired like every generated cell: the cells
-    (B, G) (control cell + the change), the states x_t (T+1, 2B, G) of the condition's paths and then of their control
-    twins (flow.with_twins), and log p(x_{t+1} | x_t) (T, B) of the condition's paths. Only the condition's path is noisy
-    (its twin takes the noiseless step from the same draw), so the cells of a context (rows that share a control cell
-    and eps) differ by exactly the noise whose log-densities GRPO uses."""
+    (B, G) (control cell + the change), the states x_t (T+1, 2B, G) of the condition's paths, then of their control
+    twins (flow.with_twins), and log p(x_{t+1} | x_t) (T, B) of the condition's paths.
+    What varies within a group (draw_groups): one condition; --contexts contexts, each one control cell and one eps;
+    within a context, only the SDE noise of the condition's path (its twin takes the noiseless step). Why: GRPO's
+    advantage must compare cells that differ by the randomness whose log-density it uses. Were the control cell to
+    vary too, the rewards would rank control cells, which the policy does not choose, and paired, the noise moves a
+    cell too little to be seen beside them (group_advantages centres each context on its own mean)."""
     z, xs, logp = flow.sample(model, cond, T, "sde", draw, eps=eps, noise_level=noise_level, record=True, paired=True)
     return model.decode(cond["ctrl"] + z), xs, logp
 
 
-def group_advantages(comps: dict, weights: dict, eps=1e-6, clip=5.0, contexts=1):
-    """comps {name: (n_groups, n)} -> advantages (n_groups, n). A group's n cells are `contexts` contexts of
+def group_advantages(scores: dict, weights: dict, eps=1e-6, clip=5.0, contexts=1):
+    """scores {name: (n_groups, n)} -> advantages (n_groups, n). A group's n cells are `contexts` contexts of
     m = n / contexts cells on consecutive columns; each reward is centred on its context's mean and scaled by the
     group's pooled within-context std: A = sum_k w_k (r_k - mean_context) / (std_pooled + eps). contexts = 1 is
     GRPO's normalisation within the group; a reward with no spread gets 0."""
     A = 0
     for name, w in weights.items():
-        r = comps[name].reshape(comps[name].shape[0], contexts, -1)  # (g, C, m)
+        r = scores[name].reshape(scores[name].shape[0], contexts, -1)  # (g, C, m)
         dev = r - r.mean(-1, keepdim=True)
         A = A + w * dev / (dev.pow(2).mean((1, 2), keepdim=True).sqrt() + eps)
     return A.reshape(A.shape[0], -1).clamp(-clip, clip)
@@ -249,7 +252,7 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     device, rank, world = data.distributed(cfg.device, cfg.timeout)  # torchrun: this process's device; else (dev, 0, 1)
     state, last = resume_state(cfg, world)
     base = state["extra"]["base"] if state else pretrained(cfg)
-    ref, ck = flow.load_checkpoint(base, device)
+    frozen, ck = flow.load_checkpoint(base, device)
     check_base(base, ck, {"--out": cfg.out, "--out (latest state)": last})
     evaluate.check_checkpoint(base, ck, cfg.allow_unfinished)
     data.check_fixed(cfg, ck["config"], [f.name for f in fields(data.DataConfig) if f.name not in ("data", "seed")],
@@ -271,11 +274,11 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
         if len(ds.ctrl_idx[c]) < cfg.group:
             raise UserError(f"covariate {c!r} has {len(ds.ctrl_idx[c])} control cells, fewer than a group of "
                             f"{cfg.group} rollouts needs; lower --group")
-    policy = copy.deepcopy(ref).train().requires_grad_(True)
+    policy = copy.deepcopy(frozen).train().requires_grad_(True)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     run = SimpleNamespace(
         cfg=cfg, device=device, rank=rank, world=world, last=last, base=base, ck=ck, ds=ds, keys=keys, n_pick=n_pick,
-        ref=ref.requires_grad_(False), policy=policy, opt=opt,
+        frozen=frozen.requires_grad_(False), policy=policy, opt=opt,
         field=DDP(policy, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else policy,
         verifier=verifiers.Verifier(ds.genes, verifiers.parse_weights(cfg.rewards), cfg.gene_sets, cfg.topk),
         all_rewards=verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk),  # for reporting
@@ -314,17 +317,17 @@ def draw_groups(run, rng, gen, n_groups, split=True) -> SimpleNamespace:
 def rewards(run, pick, cells) -> dict:
     """{reward: (n_groups, n)} of each group's cells (n_groups, n, G) against its condition's reference; one line for
     NaN/Inf."""
-    comps = {n: [] for n in run.verifier.weights}
+    scores = {n: [] for n in run.verifier.weights}
     for i, x in zip(pick, cells):                                  # a loop over groups, batched cells
         for n, r in run.verifier(x, run.refs[run.keys[i]])[1].items():
-            comps[n].append(r)
-    comps = {n: torch.stack(v) for n, v in comps.items()}          # (n_groups, n)
-    finite = torch.stack([torch.isfinite(v).all(1) for v in comps.values()])  # (n_rewards, n_groups)
+            scores[n].append(r)
+    scores = {n: torch.stack(v) for n, v in scores.items()}          # (n_groups, n)
+    finite = torch.stack([torch.isfinite(v).all(1) for v in scores.values()])  # (n_rewards, n_groups)
     if not finite.all():                                           # one sync per step
         n, g = map(int, torch.nonzero(~finite)[0])
-        raise UserError(f"verifier {list(comps)[n]!r} returned NaN/Inf for condition {run.keys[pick[g]]}; check its "
+        raise UserError(f"verifier {list(scores)[n]!r} returned NaN/Inf for condition {run.keys[pick[g]]}; check its "
                         "reference cells (constant genes?) or drop it from --rewards")
-    return comps
+    return scores
 
 
 def grpo_step(run) -> dict:
@@ -332,11 +335,11 @@ def grpo_step(run) -> dict:
     cfg, t0 = run.cfg, now(run.device)
     # 1. rollouts: --conds groups of --group cells, each one training condition in --contexts contexts
     g = draw_groups(run, run.rng, run.gen, run.n_pick)
-    cells, xs, logp_old = rollout(run.policy.eval(), g.cond, cfg.T, cfg.sde_noise, g.draw, g.eps)  # (B, G), (T+1, B, G), (T, B)
+    cells, xs, logp_old = rollout(run.policy.eval(), g.cond, cfg.T, cfg.sde_noise, g.draw, g.eps)  # (B,G) (T+1,2B,G) (T,B)
     t1 = now(run.device)
     # 2. rewards, each normalised within its group (centred per context) and weighted
-    comps = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
-    adv = rearrange(group_advantages(comps, run.verifier.weights, clip=cfg.adv_clip, contexts=cfg.contexts),
+    scores = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
+    adv = rearrange(group_advantages(scores, run.verifier.weights, clip=cfg.adv_clip, contexts=cfg.contexts),
                     "g n -> (g n)")                                                # (B,)
     t2 = now(run.device)
     # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL to the reference
@@ -351,7 +354,7 @@ def grpo_step(run) -> dict:
             with run.accumulate(last=j == n_t - 1):                                # gradients summed over timesteps
                 logp, mean, std = flow.sde_log_prob(run.field, xs[i], times[i], h, both, cfg.sde_noise, xs[i + 1])
                 with torch.no_grad():
-                    mean_ref, _ = flow.sde_mean_std(run.ref, xs[i], times[i], h, both, cfg.sde_noise)
+                    mean_ref, _ = flow.sde_mean_std(run.frozen, xs[i], times[i], h, both, cfg.sde_noise)
                 # the ratio of the condition's paths; the KL over both: the control twin, which every cell's change
                 # is measured against, stays the pretrained generator's
                 loss, s = grpo_loss(logp[:B], logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
@@ -362,9 +365,9 @@ def grpo_step(run) -> dict:
         gnorm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), cfg.grad_clip)
         run.opt.step()
     t3 = now(run.device)
-    zero = float((torch.stack([v.std(1) for v in comps.values()]).amax(0) < 1e-8).float().mean())  # flat groups
-    return {"step": run.step + 1, **{f"reward/{n}/mean": float(v.mean()) for n, v in comps.items()},
-            "reward/total": float(sum(run.verifier.weights[n] * v.mean() for n, v in comps.items())),
+    zero = float((torch.stack([v.std(1) for v in scores.values()]).amax(0) < 1e-8).float().mean())  # flat groups
+    return {"step": run.step + 1, **{f"reward/{n}/mean": float(v.mean()) for n, v in scores.items()},
+            "reward/total": float(sum(run.verifier.weights[n] * v.mean() for n, v in scores.items())),
             **{f"train/{k}": float(v) for k, v in stats.items()}, "train/zero_spread": zero,
             "train/grad_norm": float(gnorm), "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2}
 
@@ -376,8 +379,8 @@ def learning_curve(run, n_groups=16) -> dict:
     g = draw_groups(run, np.random.default_rng(seed), torch.Generator(run.device).manual_seed(seed),
                     min(n_groups, len(run.keys)), split=False)
     cells, _, _ = rollout(run.policy.eval(), g.cond, run.cfg.T, run.cfg.sde_noise, g.draw, g.eps)
-    comps = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=run.cfg.group))
-    return {f"fixed/{n}": float(v.mean()) for n, v in comps.items()}
+    scores = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=run.cfg.group))
+    return {f"fixed/{n}": float(v.mean()) for n, v in scores.items()}
 
 
 def validate(run, step) -> None:
@@ -481,7 +484,8 @@ def before_after(cfg: RLConfig, out: str) -> str:
     summary = evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver))
     cols = [f"reward/{n}" for n in verifiers.REWARDS] + evaluate.HELD_OUT + \
         ["pearson_delta", "energy", "effect_ratio", "spread_ratio"]
-    return (f"{len(keys)} held-out test conditions; RL checkpoint from step {ck['step']} (best validation score)\n\n"
+    return (f"{len(keys)} held-out test conditions; RL checkpoint from step {ck['step']} (kept by "
+            f"validation, rl.judge; 0: the pretrained weights)\n\n"
             + evaluate.report(summary, cols))
 
 

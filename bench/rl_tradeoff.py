@@ -6,7 +6,7 @@ simple baselines marked.
     python bench/rl_tradeoff.py --kind chemical --seeds 0 --png /tmp/t.png
 
 Every setting starts from the same pretrained generator per seed (runs/seeds/sim_suite_flow_s<seed>.pt, the one
-bench/suite.py trains, pretrained here when missing) and is judged at its LAST step (the policy the setting makes,
+bench/suite.py trains, pretrained here when missing; the default setting reuses suite's RL run) and is judged at its LAST step (the policy the setting makes,
 not the step validation keeps). Held-out test conditions, ODE sampler. The gain is the mean over the five rewards
 of (RL - pretrained) / (the pretrained reward's sd over test conditions): a scale-free effect size. Prints a table
 and writes the picture (matplotlib, a test/bench tool) to --png.
@@ -64,9 +64,11 @@ def main():
         preds = evaluate.baselines(ds, keys, seed=seed)
         preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
         for label, kw in SETTINGS.items():
-            rck = out / f"{stem}_tradeoff_{label.split(' (')[0].replace(' ', '')}_s{seed}.pt"
-            rl.train(rl.RLConfig(kind=a.kind, seed=seed, ckpt=str(fck), out=str(rck), progress=False, log_every=50,
-                                 **kw))
+            rck = out / (f"{stem}_suite_rl_s{seed}.pt" if not kw else  # the default: bench/suite.py's run, if made
+                         f"{stem}_tradeoff_{label.replace(' ', '')}_s{seed}.pt")
+            if kw or not Path(str(rck).replace(".pt", "_last.pt")).exists():
+                rl.train(rl.RLConfig(kind=a.kind, seed=seed, ckpt=str(fck), out=str(rck), progress=False,
+                                     log_every=50, **kw))
             model, _ = flow.load_checkpoint(str(rck).replace(".pt", "_last.pt"))
             preds[label] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
         with warnings.catch_warnings():
