@@ -88,15 +88,14 @@ class Reference:
     de_idx: torch.Tensor     # (n_de,) long, top genes by |t|, descending
     X: torch.Tensor          # (N, G) the real perturbed cells: dense, or sparse CSR (load_dataset: a view of ds.X)
 
-    @property
-    def cells(self) -> torch.Tensor:
-        """(N, G) the real cells, dense, on X's device; a sparse X is densified at every access (see dense)."""
+    def dense_cells(self) -> torch.Tensor:             # (N, G) X itself, or a dense copy of a sparse X at every call
         return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
+    cells = property(dense_cells)  # the old name, while flow.fit_residual_trust reads it: delete with that line
 
     def dense(self) -> "Reference":                    # its cells densified once, for code that reads them often
-        return replace(self, X=self.cells)
+        return replace(self, X=self.dense_cells())
 
-    def to(self, device) -> "Reference":               # sparse cells stay sparse (densified there on access)
+    def to(self, device) -> "Reference":               # sparse cells stay sparse (densified there when read)
         return Reference(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
@@ -145,7 +144,6 @@ class Dataset:
             seen = [d for d in _available(index, key, name, c) if (d is None) == (dose is None)]
             deltas = [self.refs[index[(name, c)][d]].delta.numpy() for d in seen]
             return None if not seen else deltas[0] if dose is None else interpolate_log_dose(seen, deltas, dose)
-
         out = []
         for name, dose in components_of(key[0]):
             own = at(name, dose, key[1])
@@ -153,11 +151,14 @@ class Dataset:
             out.append(own if own is not None else np.mean(other, axis=0) if other else None)
         return out
 
-    def single_index(self) -> dict:                    # single_index of the training keys, cached per split
-        train = tuple(map(tuple, self.split["train"]))
-        if getattr(self, "_index", (None,))[0] != train:
-            self._index = (train, single_index(train))
-        return self._index[1]
+    def _cached(self, name, make, *extra):             # make() once per split (its training, validation keys), extra
+        key = (*(tuple(map(tuple, self.split[s])) for s in ("train", "val")), *extra)  # not a field: replace() forgets
+        if (memo := self.__dict__.setdefault("_memo", {})).get(name, (None,))[0] != key:
+            memo[name] = (key, make())
+        return memo[name][1]
+
+    def single_index(self) -> dict:                    # single_index of the training keys, once per split
+        return self._cached("index", lambda: single_index(tuple(map(tuple, self.split["train"]))))
 
     def additive_delta(self, key) -> np.ndarray:       # the additive prior: the sum of component_deltas (None: 0)
         return sum((d for d in self.component_deltas(key) if d is not None),
@@ -190,32 +191,30 @@ class Dataset:
             rho = sum <d, p> / sqrt(sum |d|^2 sum |p|^2),
             c = min(1, sqrt(sum |d|^2 / sum |p|^2)) if rho >= min_corr else 0,
         i.e. a prior whose direction carries information, scaled to the size of the real deltas. A kind that no
-        training key has (untested_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
+        training key has (untrained_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
         prior (for combinations the plain sum, which no published deep model beats on Norman's doubles), never a
         silent 0."""
-        cache, kinds = (tuple(map(tuple, self.split["train"])), min_corr, self.meta.get("trust")), \
-            ("additive", "dose", "transfer", "mean")
-        if getattr(self, "_trust", (None,))[0] == cache:          # key_table asks at every call
-            return dict(self._trust[1])
-        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
-            out = {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
-        else:
-            sums, totals = {kind: np.zeros(3) for kind in kinds}, self._delta_sums()  # sum <d, p>, |d|^2, |p|^2
-            for k in self.split["train"]:
-                d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
-                for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
-                    if kd != "none":
-                        p = p.astype(np.float64)
-                        sums[kd] += [p @ d, d @ d, p @ p]
-            out = {"none": 0.0}
-            for kind, (pd, dd, pp) in sums.items():
-                ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
-                out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
-            out.update({kind: 1.0 for kind in self.untested_kinds()})   # no evidence: the plain prior
-        self._trust = (cache, out)
-        return dict(out)
+        return dict(self._cached("trust", lambda: self._fit_trust(min_corr), min_corr, self.meta.get("trust")))
 
-    def untested_kinds(self) -> set:
+    def _fit_trust(self, min_corr) -> dict:            # prior_trust, computed
+        kinds = ("additive", "dose", "transfer", "mean")
+        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
+            return {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
+        sums, totals = {kind: np.zeros(3) for kind in kinds}, self._delta_sums()  # sum <d, p>, |d|^2, |p|^2
+        for k in self.split["train"]:
+            d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
+            for kd, p in [(kind, self.additive_delta(k)), ("mean", self.mean_delta(k, totals))]:
+                if kd != "none":
+                    p = p.astype(np.float64)
+                    sums[kd] += [p @ d, d @ d, p @ p]
+        out = {"none": 0.0}
+        for kind, (pd, dd, pp) in sums.items():
+            ok = pp > 0 and dd > 0 and pd / np.sqrt(dd * pp) >= min_corr
+            out[kind] = float(min(1.0, np.sqrt(dd / pp))) if ok else 0.0
+        out.update({kind: 1.0 for kind in self.untrained_kinds()})   # no evidence: the plain prior
+        return out
+
+    def untrained_kinds(self) -> set:
         """Prior kinds of held-out (validation or test) keys that no training key has, so prior_trust cannot fit
         them and the generator never saw one in training (flow.train then makes training examples of them)."""
         return ({self.prior_kind(k) for k in self.split["val"] + self.split["test"]}
@@ -223,21 +222,16 @@ class Dataset:
 
     def novel(self, key) -> bool:
         """No component of `key` is in any training key: the generator knows it only by its gene features."""
-        seen = getattr(self, "_seen", (None,))
-        if seen[0] != tuple(map(tuple, self.split["train"])):
-            self._seen = seen = (tuple(map(tuple, self.split["train"])),
-                                 {n for k in self.split["train"] for n, _ in components_of(k[0])})
-        return not any(n in seen[1] for n, _ in components_of(key[0]))
+        seen = self._cached("seen", lambda: {n for k in self.split["train"] for n, _ in components_of(k[0])})
+        return not any(n in seen for n, _ in components_of(key[0]))
 
     def unvalidated(self, key) -> bool:
         """A held-out key the validation keys say nothing about: none of its components is in a training key (novel),
         or its prior kind is one no validation key has (--test doubles with seen singles when no validation double
         has its singles). Training keys never are. The network's change is trusted for these only as far as the
         novel validation keys show (flow.calibrate): none without such keys, leaving the start predictor."""
-        split = (tuple(map(tuple, self.split["train"])), tuple(map(tuple, self.split["val"])))
-        if getattr(self, "_val_kinds", (None,))[0] != split:             # once per split: key_table asks per key
-            self._val_kinds = (split, set(split[0]), {self.prior_kind(k) for k in split[1]})
-        _, train, kinds = self._val_kinds
+        train, kinds = self._cached("val_kinds", lambda: (set(map(tuple, self.split["train"])),  # key_table: per key
+                                                          {self.prior_kind(k) for k in self.split["val"]}))
         return tuple(key) not in train and (self.novel(key) or self.prior_kind(key) not in kinds)
 
     def unseen_components(self) -> set:
@@ -345,14 +339,14 @@ def interpolate_log_dose(doses, deltas, d) -> np.ndarray:
 def training_rows(ds, keys, self_prior: float = 0.5, seed: int = 0):
     """What flow.train draws from: (table, cells). The key table holds the training keys, one empty-perturbation row
     per covariate (its control cells as targets: "no perturbation -> control") and, when held-out keys have a prior
-    kind no training key has (Dataset.untested_kinds, e.g. every combination held out), two rows per training single
+    kind no training key has (Dataset.untrained_kinds, e.g. every combination held out), two rows per training single
     with its cross-fitted own prior as that kind (Dataset.fold_deltas: the prior of fold f serves the cells of fold
     1 - f), so the network learns what to add when a prior is present. cells: arrays over every usable cell (not the
     control_check ones): row (of ds.X), kid (its table row), own (its cross-fitted prior's table row, -1 if none)."""
     n_cov, table = len(ds.covariates), ds.key_table(keys)
     own_rows, extra, c = {}, [], 0.0
-    if ds.untested_kinds() and self_prior > 0:
-        c = max(ds.prior_trust()[k] for k in ds.untested_kinds())
+    if ds.untrained_kinds() and self_prior > 0:
+        c = max(ds.prior_trust()[k] for k in ds.untrained_kinds())
         for k in keys:
             if len(components_of(k[0])) == 1:
                 fold, deltas = ds.fold_deltas(k, seed)
@@ -395,10 +389,10 @@ def describe_start(ds, cells) -> str:
     trust = ", ".join(f"{k} {c:.2f}" for k, c in ds.prior_trust().items() if k != "none")
     val = ds.split["val"]
     r = pearson_rows(ds.key_table(val)["start"], torch.stack([ds.refs[k].delta for k in val])).mean() if val else np.nan
-    untested = ", ".join(sorted(ds.untested_kinds()))
+    untrained = ", ".join(sorted(ds.untrained_kinds()))
     return (f"{len(ds.split['train'])} train / {len(val)} val conditions; prior trust (start = c x prior): {trust}"
-            + (f" ({untested}: no training key, the plain prior; trained on cross-fitted own priors of "
-                f"{int((cells['own'] >= 0).sum())} cells)" if untested else "")
+            + (f" ({untrained}: no training key, the plain prior; trained on cross-fitted own priors of "
+                f"{int((cells['own'] >= 0).sum())} cells)" if untrained else "")
             + (f"; {len(ds.unseen_components())} held-out components never trained: training hides learned "
                 "embeddings" if ds.unseen_components() else "")
             + f"; val Pearson(mean deltas) of the start predictor alone: {r:.3f}")
@@ -429,16 +423,20 @@ def gene_features(ds, p: int = 32) -> torch.Tensor:
 
 
 def pearson_rows(a, b):
-    """Row-wise Pearson correlation of (K, G) tensors."""
+    """Pearson correlation along the last dim of (..., G) tensors: (K, G) -> (K,), (G,) -> 0-d; a constant row -> 0."""
     a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
 
 
+def cdist(x, y):
+    """(n, m) exact ||x_i - y_j|| of (n, G), (m, G) (torch's default, a matrix product beyond 25 rows, is off ~1e-2)."""
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def energy_distance(x, y) -> float:
     """E = 2 E||X - Y|| - E||X - X'|| - E||Y - Y'|| (Szekely & Rizzo 2013) over all genes, exact pairwise distances
-    (torch's matrix-product path is off by ~1e-2 in float32), within-sample means without i = j (U-statistics)."""
-    dxy, dxx, dyy = (torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-                     for a, b in [(x, y), (x, x), (y, y)])
+    (cdist), within-sample means without i = j (U-statistics)."""
+    dxy, dxx, dyy = (cdist(a, b) for a, b in [(x, y), (x, x), (y, y)])
     u = lambda d: d.sum() / max(d.shape[0] * (d.shape[0] - 1), 1)  # noqa: E731
     return float(2 * dxy.mean() - u(dxx) - u(dyy))
 
@@ -499,14 +497,18 @@ def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Datase
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 
 
+def welch_t(delta, var, n, ctrl_std, n_ctrl):
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c + 1e-8) per gene; delta = mean_p - mean_c, any array."""
+    return delta / (torch.sqrt if torch.is_tensor(delta) else np.sqrt)(var / n + ctrl_std ** 2 / n_ctrl + 1e-8)
+
+
 def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c), the control std s_c floored (as the verifiers and
-    metrics floor it); top n_de by |t|. cells: (N, G) ndarray, or sparse CSR tensor (csr_rows) kept as it is; keep:
-    the rows kept instead (--ref-cells: rewards and metrics cost O(N^2) in real cells; the statistics use all N)."""
-    n = cells.shape[0]
+    """Welch t (welch_t) of the cells against the controls, the control std s_c floored (as the verifiers and metrics
+    floor it); top n_de by |t|. cells: (N, G) ndarray, or sparse CSR tensor (csr_rows) kept as it is; keep: the rows
+    kept instead (--ref-cells: rewards and metrics cost O(N^2) in real cells; the statistics use all N)."""
     mean, var = sample_stats(cells)
     ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = (mean - ctrl_mean) / np.sqrt(var / n + ctrl_std ** 2 / len(ctrl) + 1e-8)
+    t = welch_t(mean - ctrl_mean, var, cells.shape[0], ctrl_std, len(ctrl))
     de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     if isinstance(cells, np.ndarray):
@@ -903,7 +905,6 @@ def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed
         n = int(round(frac * len(pool)))
         n = max(n, 1) if len(pool) >= least and frac > 0 else n
         return pool[:n], pool[n:]
-
     if mode == "additive":
         if not additive_cand:
             raise UserError("split 'additive' needs combinations (A+B) whose singles are in the data; "
@@ -1577,7 +1578,6 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     if resume == "rl" and "base" not in extra:
         raise UserError(f"{path} is not an RL run's state (it has no base checkpoint); start RL from it with "
                         f"`python rl.py --ckpt {path}` (no --resume)")
-
     has = lambda a, _, b: a in ckpt and (not b or isinstance(ckpt[a], dict) and b in ckpt[a])  # noqa: E731
     if missing := [k for k in NEEDS[None] + (NEEDS[resume] if resume else []) if not has(*k.partition("."))]:
         raise UserError(f"{path} (checkpoint format {fmt}, this code writes {FORMAT}) has no {', '.join(missing)}: "

@@ -1,6 +1,6 @@
 """Evaluation stage: generate cells for held-out conditions and score them beside simple baselines.
 
-    python evaluate.py --data X.h5ad --ckpt flow.pt rl.pt [--split test|val] [--sampler midpoint --steps 20]
+    python evaluate.py --data X.h5ad --ckpt flow.pt rl.pt [--split test|val] [--sampler midpoint --ode-steps 20]
                        [--n-cells N] [--best-of 1,4,16] [--out results.json] [--write-pred pred.h5ad]
 
 For every held-out (condition, covariate) it generates as many cells as the real condition has, each from
@@ -60,12 +60,9 @@ def dataset_for(ckpt: dict, data_path=None) -> data.Dataset:
     return ds
 
 
-predict = flow.generate  # the generator's predictions: {key: cells}, ODE or RL SDE (flow.generate; tests patch this name)
-
-
 def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000):
     """A stand-in for the real cells of a held-out (condition, covariate), from training data only: the control
-    cells of its covariate shifted by Dataset.shift(key), i.e. by the part of the additive prior the training
+    cells of its covariate shifted by Dataset.start(key), i.e. by the part of the additive prior the training
     data trust (prior_trust). For a combination that is the sum of its singles' deltas; for an unseen dose of a
     seen drug, the log-dose interpolation between that drug's neighbouring seen doses; for a key whose prior is
     not trusted, the trusted training-mean delta (mcfaline23's cell-line transfer). Its DE genes (top |Welch t|
@@ -89,14 +86,14 @@ def pseudo_reference(ds, key, trust=None, n_de=50, std_floor=0.1, max_cells=1000
 def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midpoint", seed=0, n_de=50,
               std_floor=0.1) -> dict:
     """Best-of-N at test time: for each cell to predict, N candidates, each from its own control cell of the
-    covariate and noise (the ODE sampler of `predict`: a control cell plus the generator's change); keep the one
+    covariate and noise (the ODE sampler of flow.generate: a control cell plus the generator's change); keep the one
     that scores highest under `verifier` against pseudo_reference(key), never against the key's real cells.
-    Score: each reward z-scored over all n N candidates of the condition, weighted by verifier.weights and summed
-    (GRPO's normalisation within a group: the raw rewards differ ~10x in scale). N = 1 is `predict`; no
-    pseudo-reference: the first candidate.
+    Score: sum_r w_r (s_r - mean s_r) / (std s_r + 1e-8), each reward's scores s_r standardised over all n N
+    candidates of the condition (unbiased std; the raw rewards differ ~10x in scale), weighted by verifier.weights.
+    N = 1 is flow.generate; no pseudo-reference: the first candidate.
     Selection pulls cells towards the pseudo-reference, so it can shrink their spread: read spread_ratio.
-    n_cells: as in predict (None reads only how many real cells each key has). Returns {key: (n, G)}."""
-    cand = predict(model, ds, keys, n_cells, steps, method, 0.0, seed, repeat=N)
+    n_cells: as in flow.generate (None reads only how many real cells each key has). Returns {key: (n, G)}."""
+    cand = flow.generate(model, ds, keys, n_cells, steps, method, 0.0, seed, repeat=N)
     trust = ds.prior_trust() if N > 1 else None
     out = {}
     for k in keys:
@@ -105,8 +102,8 @@ def best_of_n(model, ds, keys, N, verifier, n_cells=None, steps=20, method="midp
         if ref is None:
             out[k] = x[:, 0]
             continue
-        _, comps = verifier(cand[k], ref)
-        score = sum(w * (comps[r] - comps[r].mean()) / (comps[r].std() + 1e-8) for r, w in verifier.weights.items())
+        _, scores = verifier(cand[k], ref)
+        score = sum(w * (scores[r] - scores[r].mean()) / (scores[r].std() + 1e-8) for r, w in verifier.weights.items())
         out[k] = x[torch.arange(len(x)), score.reshape(-1, N).argmax(1)]                       # (n * N,) -> (n, N)
     return out
 
@@ -117,7 +114,7 @@ def baselines(ds, keys, n_cells=None, seed=0) -> dict:
     single); control + the start predictor (Dataset.start: where the generator starts, what it is with no trust)."""
     g = torch.Generator().manual_seed(seed)
     n = [n_cells or len(ds.cell_idx[k]) for k in keys]
-    ctrl = [torch.from_numpy(ds.X[r]) for r in data.control_rows(ds, keys, n, g)]  # as predict's, same seed
+    ctrl = [torch.from_numpy(ds.X[r]) for r in data.control_rows(ds, keys, n, g)]  # as flow.generate's, same seed
     out = {"control": {}, "train_mean": {}, "additive": {}, "start": {}}
     for k, x in zip(keys, ctrl):
         out["control"][k] = x
@@ -129,29 +126,16 @@ def baselines(ds, keys, n_cells=None, seed=0) -> dict:
 
 
 # ----------------------------------------------------------------------------- metrics
-def cdist(x, y):
-    """Exact pairwise Euclidean distances (torch's default matrix-product path is off by ~1e-2 in float32)."""
-    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
-
-
-energy_distance = data.energy_distance  # E = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics)
-
-
 def mmd_rbf(x, y, scales=(0.5, 1.0, 2.0)):
     """Unbiased MMD^2 (Gretton et al. 2012) with k(a, b) = sum_s exp(-||a - b||^2 / (2 (s m)^2)), where m is
     the median pairwise distance between the real cells and s in `scales` (bandwidths m/2, m, 2m)."""
-    dyy = cdist(y, y)
+    dyy = data.cdist(y, y)
     m = dyy[~torch.eye(len(y), dtype=torch.bool)].median().clamp(min=1e-6) if len(y) > 1 else torch.tensor(1.0)
     k = lambda d: sum(torch.exp(-d ** 2 / (2 * (s * m) ** 2)) for s in scales)  # noqa: E731
-    kxx, kyy, kxy = k(cdist(x, x)), k(dyy), k(cdist(x, y))
+    kxx, kyy, kxy = k(data.cdist(x, x)), k(dyy), k(data.cdist(x, y))
     n, p = len(x), len(y)
     off = lambda a, q: (a.sum() - a.diagonal().sum()) / max(q * (q - 1), 1)  # noqa: E731
     return float(off(kxx, n) + off(kyy, p) - 2 * kxy.mean())
-
-
-def pearson(a, b) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
 
 
 def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
@@ -166,19 +150,19 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
       real cells' (caricatures push the first above 1, collapse pushes the second below 1)."""
     x = x.float()
     ref = ref.dense()                                         # sparse reference cells densified once
-    y = ref.cells
+    y = ref.X
     pm, pd = x.mean(0), x.mean(0) - ref.ctrl_mean
     de, de20 = ref.de_idx, ref.de_idx[:20]
     pv = x.var(0) if len(x) > 1 else torch.zeros_like(pm)
-    t_pred = pd / torch.sqrt(pv / len(x) + ref.ctrl_std ** 2 / n_ctrl + 1e-8)
+    t_pred = data.welch_t(pd, pv, len(x), ref.ctrl_std, n_ctrl)
     top_pred = torch.topk(t_pred.abs(), len(de)).indices
     m = {
-        "pearson_delta": pearson(pd, ref.delta),
-        "pearson_delta_de20": pearson(pd[de20], ref.delta[de20]),
+        "pearson_delta": float(data.pearson_rows(pd, ref.delta)),
+        "pearson_delta_de20": float(data.pearson_rows(pd[de20], ref.delta[de20])),
         "mse": float((pm - ref.mean).pow(2).mean()),
         "mae": float((pm - ref.mean).abs().mean()),
         "r2": float(1 - (pd - ref.delta).pow(2).sum() / (ref.delta - ref.delta.mean()).pow(2).sum().clamp(min=1e-12)),
-        "energy": energy_distance(x, y),
+        "energy": data.energy_distance(x, y),
         "mmd": mmd_rbf(x, y),
         "de_direction": float((torch.sign(pd[de]) == torch.sign(ref.delta[de])).float().mean()),
         "de_overlap": len(set(top_pred.tolist()) & set(de.tolist())) / len(de),
@@ -186,8 +170,8 @@ def metrics(x, ref: data.Reference, n_ctrl: int, verifier=None) -> dict:
         "spread_ratio": float(x.std(0).mean() / y.std(0).mean().clamp(min=1e-12)) if len(x) > 1 else float("nan"),
     }
     if verifier is not None:
-        _, comps = verifier(x, ref)
-        m.update({f"reward/{name}": float(r.mean()) for name, r in comps.items()})
+        _, scores = verifier(x, ref)
+        m.update({f"reward/{name}": float(r.mean()) for name, r in scores.items()})
     return m
 
 
@@ -202,7 +186,7 @@ def interaction(pred_delta, real_delta, singles) -> float:
     e_pred = e(pred_delta)
     if e_pred.norm() <= 1e-9 * pred_delta.double().norm():                     # additive up to rounding
         return 0.0
-    return pearson(e_pred, e(real_delta))
+    return float(data.pearson_rows(e_pred, e(real_delta)))
 
 
 def discrimination(pred_delta, real_delta, exclude) -> torch.Tensor:
@@ -406,11 +390,11 @@ def main(argv=None):
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):
-        preds[c] = predict(model, ds, keys, a.n_cells, a.ode_steps, a.sampler, 0.0, a.seed)
+        preds[c] = flow.generate(model, ds, keys, a.n_cells, a.ode_steps, a.sampler, 0.0, a.seed)
         if a.sde_noise > 0:
             T = a.sde_steps or ck["extra"].get("rl_config", {}).get("T", 10)
-            preds[f"{c} (SDE a={a.sde_noise:g}, T={T})"] = predict(model, ds, keys, a.n_cells, T, a.sampler,
-                                                                   a.sde_noise, a.seed)
+            preds[f"{c} (SDE a={a.sde_noise:g}, T={T})"] = flow.generate(model, ds, keys, a.n_cells, T, a.sampler,
+                                                                         a.sde_noise, a.seed)
         for N in best_of:
             preds[f"{c} best-of-{N}"] = best_of_n(model, ds, keys, N, ver, a.n_cells, a.ode_steps, a.sampler, a.seed,
                                                   ck["config"].get("n_de", 50), ck["config"].get("std_floor", 0.1))

@@ -478,8 +478,8 @@ def before_after(cfg: RLConfig, out: str) -> str:
     if not keys:                                        # e.g. a random split of two conditions
         return "no held-out test conditions in this split: no before/after table"
     preds = evaluate.baselines(ds, keys, seed=cfg.seed)
-    preds["pretrained"] = evaluate.predict(base, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
-    preds["rl"] = evaluate.predict(model, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
+    preds["pretrained"] = flow.generate(base, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
+    preds["rl"] = flow.generate(model, ds, keys, steps=cfg.eval_steps, seed=cfg.seed)
     ver = verifiers.Verifier(ds.genes, None, cfg.gene_sets, cfg.topk)
     summary = evaluate.summarize(evaluate.evaluate_methods(ds, preds, keys, ver))
     cols = [f"reward/{n}" for n in verifiers.REWARDS] + evaluate.HELD_OUT + \

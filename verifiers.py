@@ -19,10 +19,10 @@ the energy witness guards the group (spread, collapse, exaggeration). README, "T
 How it is used.
 
     v = Verifier(ds.genes, parse_weights(DEFAULT_REWARDS))   # pearson=1,rmse=1,spearman=1,pathway=1,energy=2
-    total, comps = v(x, ds.refs[key])      # (B,), {name: (B,)}
+    total, scores = v(x, ds.refs[key])     # (B,), {name: (B,)}
 
-`total` is the raw weighted sum of the components. GRPO (rl.py) normalises each component within
-its group itself before weighting, so it reads `comps`, not `total`. Pathway weights come from the
+`total` is the raw weighted sum of the rewards' scores. GRPO (rl.group_advantages) normalises each reward
+within its group before weighting, so it reads `scores`, not `total`. Pathway weights come from the
 bundled PROGENy tables (pathways/, default), the bundled MSigDB Hallmark sets (`gene_sets="hallmark"`)
 or any GMT / CSV given as `gene_sets`.
 
@@ -34,7 +34,7 @@ Before training with a new reward, check that it ranks real cells first (`check`
 
 prints, per reward, its mean on a condition's held-out real cells, on another condition's cells, on control
 cells, on the real cells exaggerated and collapsed, and how often the real cells win (training and validation
-conditions only), and the same for the weighted sum at GRPO's scale.
+conditions only), and the same for the weighted sum, each reward divided by about GRPO's scale.
 
 Left out: learned verifiers, gene-set enrichment statistics (GSEA-style), per-cell DE tests, and
 weighting rewards by their own reliability. The functions are batched torch code without Python
@@ -62,7 +62,7 @@ def _de_deltas(x, ref: Reference):
     """Change from the control mean over the reference's DE genes, generated and real."""
     c = ref.ctrl_mean[ref.de_idx].to(x.dtype)
     xd = x[:, ref.de_idx] - c  # (B, D)
-    yd = ref.cells[:, ref.de_idx].to(x.dtype) - c  # (N, D)
+    yd = ref.dense_cells()[:, ref.de_idx].to(x.dtype) - c  # (N, D)
     return xd, yd
 
 
@@ -109,7 +109,7 @@ def pearson_topk(x, ref: Reference, k: int = 5):
     change is unrelated to the response (a control cell) scores about 0, however tight or spread its cloud; one that
     shares it scores > 0. Top-k asks each cell to resemble SOME real cells (diversity). Scale-blind: u -> c u, c > 0,
     leaves r and r0 unchanged, so an exaggerated effect is paid as much as the real one, not more.
-    Zero-variance rows -> r = 0. Was: mean top-k_j r_ij alone, which paid control cells about as much (README).
+    Zero-variance rows -> r = 0.
     """
     xd, yd = _de_deltas(x, ref)
     ux = _unit_rows(xd)  # (B, D)
@@ -126,11 +126,10 @@ def rmse_topk(x, ref: Reference, k: int = 5):
     Y - d and Y + d have the real cells' spread around no change and around twice the change, so a cell is paid for
     being nearer the real cells than both: a tight control cloud is near Y - d (no reward for typicality), an
     exaggerated cell near Y + d. |reward_i| <= ||d|| / sqrt(D) (triangle inequality).
-    Was: -d_k(x_i, Y) alone, which paid control cells as much as real ones on weak responses (README).
     """
     xd, yd = _de_deltas(x, ref)
     d = ref.delta[ref.de_idx].to(x.dtype)  # (D,)
-    dk = lambda y: _mean_topk(torch.cdist(xd, y) / xd.shape[1] ** 0.5, k, largest=False)  # noqa: E731  (B,)
+    dk = lambda y: _mean_topk(data.cdist(xd, y) / xd.shape[1] ** 0.5, k, largest=False)  # noqa: E731  (B,)
     return torch.minimum(dk(yd - d), dk(yd + d)) - dk(yd)
 
 
@@ -157,10 +156,9 @@ def pathway_activity(x, ref: Reference, W, q: float = 0.9):
         reward = min(l, 2 l_q - l),   l_q = the q-quantile (0.9) of l over the real cells
     l rises as the activities move from the control's towards the condition's, in expectation >= 0 for real cells
     and <= 0 for control cells whatever their spread; beyond what 90% of the real cells reach it falls again, so an
-    exaggerated effect loses. Was: minus the mean distance to the k nearest real cells' activities, which paid
-    control cells (tighter in pathway space) above the condition's own cells (README).
+    exaggerated effect loses.
     """
-    ax, ay = pathway_scores(x, ref, W), pathway_scores(ref.cells.to(x.dtype), ref, W)  # (B, P), (N, P)
+    ax, ay = pathway_scores(x, ref, W), pathway_scores(ref.dense_cells().to(x.dtype), ref, W)  # (B, P), (N, P)
     m = ay.mean(0)  # (P,)
     s2 = (ay.var(0).mean() if len(ay) > 1 else ay.new_ones(())).clamp_min(1e-8)
     ll, ll_real = (ax - m / 2) @ m / s2, (ay - m / 2) @ m / s2  # (B,), (N,)
@@ -195,12 +193,12 @@ def energy_witness(x, ref: Reference):
     B = 1: r = -mean_j ||x - y_j||. Cost O(B^2 G) for the within-group distances: cheap for GRPO
     groups (B ~ 8-64), the dominant cost for one group of 1,024 cells (bench/bench_verifiers.py).
     """
-    y = ref.cells.to(x.dtype)
-    m_xy = torch.cdist(x, y).mean(1)  # (B,)
+    y = ref.dense_cells().to(x.dtype)
+    m_xy = data.cdist(x, y).mean(1)  # (B,)
     B = x.shape[0]
     if B == 1:
         return -m_xy
-    dxx = torch.cdist(x, x)  # (B, B)
+    dxx = data.cdist(x, x)  # (B, B)
     m_xx = (dxx * (1 - torch.eye(B, dtype=x.dtype, device=x.device))).sum(1) / (B - 1)  # (B,) exact zero diagonal
     return -(m_xy - m_xx) - m_xx.mean() / 2
 
@@ -283,13 +281,13 @@ class Verifier:
 
     @torch.no_grad()
     def __call__(self, x, ref: Reference):
-        """x (B, G) cells of one condition -> (total (B,), {name: (B,)}); total = sum_name w_name * comp_name."""
+        """x (B, G) cells of one condition -> (total (B,), scores {name: (B,)}); total = sum_n w_n scores[n]."""
         if x.ndim != 2 or x.shape[1] != len(self.genes):
             raise UserError(f"cells have shape {tuple(x.shape)}, expected (B, {len(self.genes)}) for this Verifier's genes")
         ref = ref.dense()  # sparse reference cells (data.load_dataset) densified once, on their device
-        comps = {name: REWARDS[name](x, ref, self) for name in self.weights}
-        total = sum(w * comps[name] for name, w in self.weights.items())
-        return total, comps
+        scores = {name: REWARDS[name](x, ref, self) for name in self.weights}
+        total = sum(w * scores[name] for name, w in self.weights.items())
+        return total, scores
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -298,7 +296,7 @@ class RewardConfig:
     # rewards
     rewards: str = DEFAULT_REWARDS  # reward weights name=w,...: pearson, rmse, spearman, pathway, energy, or one you add
     gene_sets: str = "progeny"      # pathway reward gene sets: progeny or hallmark (bundled), or a .gmt/.csv/.tsv path
-    topk: int = 5                   # k of the top-k rewards (pearson, rmse, pathway)
+    topk: int = 5                   # k of the top-k rewards (pearson, rmse)
 
 
 @dataclass
@@ -321,27 +319,27 @@ def check(ds, verifier: Verifier, keys, n_cells: int = 64, seed: int = 0, std_fl
     replacement from the other conditions of `keys` in its covariate, pooled ('other'; a covariate with one condition
     has none: real is then compared with control only), the real cells with their change from the control mean
     doubled ('exaggerated': max(c + 2 (x - c), 0)) and n copies of the real cells' mean ('collapsed').
-    'sum' is the weighted sum of the rewards, each divided by s + 1e-6, s^2 the mean variance of the reward within
-    groups of `group` real cells (rl.py's --group): the scale GRPO divides by (rl.group_advantages) when generated
-    cells look like real ones (the energy witness is noisier in small groups), so 'sum' ranks the groups as the
-    advantage GRPO climbs does. The Reference is smaller than the one rl.py uses, so values are not those RL
-    logs. Returns {reward | 'sum': {group: mean over keys of the group's mean score (nan: no key had it), 'wins':
-    share of keys where real beats other and control, 'vs_exaggerated', 'vs_collapsed': shares where real beats
-    them, 'n': keys scored, 'n_other': keys with other conditions}}."""
+    'sum' is the weighted sum of the rewards, each divided by s + 1e-6, s^2 the mean (population) variance of the reward
+    within groups of `group` real cells (rl.py's --group): an estimate of the std + 1e-6 a group's rewards are divided
+    by in rl.group_advantages when generated cells look like real ones (the energy witness is noisier in small groups),
+    so 'sum' ranks the groups about as the advantage GRPO climbs does. The Reference is smaller than the one rl.py uses,
+    so values are not those RL logs. Returns {reward | 'sum': {group: mean over keys of the group's mean score (nan: no
+    key had it), 'wins': share of keys where real beats other and control, 'vs_exaggerated', 'vs_collapsed': shares
+    where real beats them, 'n': keys scored, 'n_other': keys with other conditions}}."""
     rng = np.random.default_rng(seed)
     names = [*verifier.weights, "sum"]
-    scores = {name: {g: [] for g in GROUPS} for name in names}
+    means = {name: {g: [] for g in GROUPS} for name in names}          # {reward | 'sum': {group: per-key means}}
     for key in keys:                                                   # a loop over conditions, batched cells
-        comps = check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group)
-        for g in GROUPS if comps is not None else ():
+        scores = check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group)
+        for g in GROUPS if scores is not None else ():
             for name in names:
-                scores[name][g].append(float(comps[g][name].mean()) if g in comps else np.nan)
-    n_scored = len(scores["sum"]["real"])
+                means[name][g].append(float(scores[g][name].mean()) if g in scores else np.nan)
+    n_scored = len(means["sum"]["real"])
     if not n_scored:
         raise UserError(f"no condition could be checked: each needs >= 4 cells and >= 4 control cells in its "
                         f"covariate, among the {len(keys)} given")
     out = {}
-    for name, s in scores.items():
+    for name, s in means.items():
         a = {g: np.array(v) for g, v in s.items()}
         beats = {g: a["real"] > a[g] for g in GROUPS[1:]}
         with warnings.catch_warnings():                               # no 'other' anywhere: mean of nothing
@@ -372,14 +370,14 @@ def check_key(ds, verifier, key, keys, rng, n_cells, std_floor, group):
     c = ref.ctrl_mean.numpy()
     x["exaggerated"] = np.maximum(c + 2 * (x["real"] - c), 0)
     x["collapsed"] = np.repeat(x["real"].mean(0, keepdims=True), n, axis=0)  # (n, G)
-    comps = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
+    scores = {g: verifier(torch.from_numpy(np.ascontiguousarray(v)), ref)[1] for g, v in x.items()}
     real = torch.from_numpy(x["real"])
-    parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [comps["real"]]
+    parts = [verifier(real[i:i + group], ref)[1] for i in range(0, n - group + 1, group)] or [scores["real"]]
     scale = {name: float(torch.stack([p[name].var(unbiased=False) for p in parts]).mean().sqrt()) + 1e-6
-             for name in verifier.weights}                            # pooled within-group std, as GRPO sees it
-    for g in comps:
-        comps[g]["sum"] = sum(w * comps[g][name] / scale[name] for name, w in verifier.weights.items())
-    return comps
+             for name in verifier.weights}                            # pooled within-group std (population)
+    for g in scores:
+        scores[g]["sum"] = sum(w * scores[g][name] / scale[name] for name, w in verifier.weights.items())
+    return scores
 
 
 def main(argv=None):
@@ -404,7 +402,7 @@ def main(argv=None):
         weight = f"{ver.weights[name]:g}" if name in ver.weights else ""
         print(f"{name:<10}{weight:>7}{vals}{r['wins']:>11.0%}{r['vs_exaggerated']:>10.0%}{r['vs_collapsed']:>12.0%}")
     print(f"sum: the weighted sum of the rewards, each divided by its std within groups of {cfg.group} real cells "
-          "(GRPO's scale)")
+          "(about what GRPO divides by)")
 
 
 # ---------------------------------------------------------------------------------------------- gene sets
@@ -502,15 +500,23 @@ def gene_set_path(spec):
     return Path(spec)
 
 
+GENE_SET_FILES: dict = {}  # what load_gene_sets read: (resolved path, size, mtime, inode) -> {set: {gene: weight}}
+
+
 def load_gene_sets(path) -> dict[str, dict[str, float]]:
-    """Load gene sets by extension: .gmt -> load_gmt; .csv / .tsv / .txt -> load_progeny (long table)."""
+    """Load gene sets by extension: .gmt -> load_gmt; .csv / .tsv / .txt -> load_progeny (long table). A file is
+    parsed once while unchanged (same size, modification time and inode; GENE_SET_FILES): rl.py and evaluate.py
+    load --gene-sets early to fail fast, then Verifier loads it again. Returns a copy."""
     ext = Path(path).suffix.lower()
-    if ext == ".gmt":
-        return load_gmt(path)
-    if ext in (".csv", ".tsv", ".txt"):
-        return load_progeny(path)
-    raise UserError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
-                    ".csv/.tsv table with columns gene,pathway,weight")
+    if ext not in (".gmt", ".csv", ".tsv", ".txt"):
+        raise UserError(f"unknown gene-set file type '{ext}' for {path}: use a .gmt file or a "
+                        ".csv/.tsv table with columns gene,pathway,weight")
+    if not (file := Path(path).resolve()).is_file():
+        raise UserError(f"gene-set file {path} not found")
+    key = (file, (st := file.stat()).st_size, st.st_mtime_ns, st.st_ino)
+    if key not in GENE_SET_FILES:
+        GENE_SET_FILES[key] = load_gmt(path) if ext == ".gmt" else load_progeny(path)
+    return {name: dict(genes) for name, genes in GENE_SET_FILES[key].items()}
 
 
 def align_gene_sets(sets: dict, genes, min_genes: int = 5):

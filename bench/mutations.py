@@ -97,10 +97,10 @@ MUTATIONS = [
       "Dataset.unvalidated: a prior kind no validation key has is treated as validated", ("tests/test_data.py",)),
     M("data.py", "skip = own[0][1] if len(own) == 1 and own[0][0] == name and cov == key[1] else \"-\"", "skip = \"-\"",
       "component_deltas: a training single's prior contains itself", ("tests/test_data.py",)),
-    M("data.py", "out.update({kind: 1.0 for kind in self.untested_kinds()})", "out.update({kind: 0.0 for kind in self.untested_kinds()})",
+    M("data.py", "out.update({kind: 1.0 for kind in self.untrained_kinds()})", "out.update({kind: 0.0 for kind in self.untrained_kinds()})",
       "prior_trust: a prior kind with no evidence gets 0, not the plain prior", ("tests/test_data.py",)),
     M("data.py", "else trust[\"mean\"] * self.mean_delta(key)).astype", "else 0 * self.mean_delta(key)).astype",
-      "Dataset.shift: no fallback to the trusted training-mean delta", ("tests/test_data.py", "tests/test_bestofn.py")),
+      "Dataset.start: no fallback to the trusted training-mean delta", ("tests/test_data.py", "tests/test_bestofn.py")),
     M("data.py", "return out[0] if isinstance(idx, (int, np.integer)) else out", "return out[0] if isinstance(idx, (int, np.integer)) else out[::-1]",
       "SparseRows: rows read from the CSR matrix in the wrong order", ("tests/test_scale.py", "tests/test_data.py")),
     # rewards and evaluation

@@ -62,7 +62,7 @@ def main():
         ds = evaluate.dataset_for(ck)
         keys = ds.split["test"]
         preds = evaluate.baselines(ds, keys, seed=seed)
-        preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
+        preds["pretrained"] = flow.generate(base, ds, keys, steps=20, seed=seed)
         for label, kw in SETTINGS.items():
             rck = out / (f"{stem}_suite_rl_s{seed}.pt" if not kw else  # the default: bench/suite.py's run, if made
                          f"{stem}_tradeoff_{label.replace(' ', '')}_s{seed}.pt")
@@ -70,7 +70,7 @@ def main():
                 rl.train(rl.RLConfig(kind=a.kind, seed=seed, ckpt=str(fck), out=str(rck), progress=False,
                                      log_every=50, **kw))
             model, _ = flow.load_checkpoint(str(rck).replace(".pt", "_last.pt"))
-            preds[label] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
+            preds[label] = flow.generate(model, ds, keys, steps=20, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows = evaluate.evaluate_methods(ds, preds, keys, verifiers.Verifier(ds.genes, None))

@@ -65,13 +65,13 @@ def run_seeds(dopts: dict, seeds, stem: str, flow_kv=None, rl_kv=None, reuse=Fal
         ds = evaluate.dataset_for(ck, dopts.get("data"))
         keys = ds.split["test"]
         preds = evaluate.baselines(ds, keys, seed=seed)
-        preds["pretrained"] = evaluate.predict(base, ds, keys, steps=20, seed=seed)
-        preds["rl"] = evaluate.predict(model, ds, keys, steps=20, seed=seed)
+        preds["pretrained"] = flow.generate(base, ds, keys, steps=20, seed=seed)
+        preds["rl"] = flow.generate(model, ds, keys, steps=20, seed=seed)
         if oracle:                                   # both at lam 1: what GRPO can do on these very conditions
             orc, _ = flow.load_checkpoint(ock.replace(".pt", "_last.pt"))
             for name, m in (("oracle start", base), ("oracle", orc)):
                 m.lam.fill_(1.0)
-                preds[name] = evaluate.predict(m, ds, keys, steps=20, seed=seed)
+                preds[name] = flow.generate(m, ds, keys, steps=20, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ver = verifiers.Verifier(ds.genes, None)

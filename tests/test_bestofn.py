@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import flow  # noqa: E402
 import rl  # noqa: E402
 import verifiers as V  # noqa: E402
 from data import UserError  # noqa: E402
@@ -63,7 +64,7 @@ def test_pseudo_reference_is_control_plus_trusted_shift(tiny_screen):
     ref = evaluate.pseudo_reference(guarded(ds), key, ds.prior_trust(), n_de=20)
     ctrl = ds.X[ds.ctrl_idx[key[1]]].astype(np.float64)
     want = np.maximum(ctrl + additive_shift(ds, key), 0)
-    np.testing.assert_allclose(ref.cells.numpy(), want, atol=1e-5)
+    np.testing.assert_allclose(ref.dense_cells().numpy(), want, atol=1e-5)
     np.testing.assert_allclose(ref.ctrl_mean.numpy(), ctrl.mean(0), atol=1e-5)
     np.testing.assert_allclose(ref.delta.numpy(), want.mean(0) - ctrl.mean(0), atol=1e-5)
     t = (want.mean(0) - ctrl.mean(0)) / np.sqrt(want.var(0, ddof=1) / len(want)
@@ -90,12 +91,12 @@ def test_best_of_n_raises_the_selected_reward_without_reading_held_out_cells(tin
         assert z(r16).mean() > z(r1).mean() + 0.5, k
         assert r16["pearson"].mean() > r1["pearson"].mean() and r16["rmse"].mean() > r1["rmse"].mean()
     # N = 1 is the plain sampler, cell for cell
-    plain = evaluate.predict(model, ds, keys, 32, 8, seed=3)
+    plain = flow.generate(model, ds, keys, 32, 8, seed=3)
     assert all(torch.equal(plain[k], one[k]) for k in keys)
 
 
 def test_best_of_n_keeps_the_one_candidate_that_matches_the_pseudo_reference(tiny_screen, monkeypatch):
-    """Candidates constructed here (evaluate.predict patched): of every cell's 4, exactly one is a control cell plus
+    """Candidates constructed here (flow.generate patched): of every cell's 4, exactly one is a control cell plus
     its key's shift (additive_shift), at a random place; the others are a control cell, a control cell minus the
     shift, and a control cell plus the OTHER held-out key's shift. Selection must keep the matching one, for every
     cell of both keys."""
@@ -113,10 +114,10 @@ def test_best_of_n_keeps_the_one_candidate_that_matches_the_pseudo_reference(tin
         cand[k] = torch.from_numpy(x.reshape(n * N, -1).astype(np.float32))      # consecutive rows: one cell's N
         match[k] = x[np.arange(n), np.argmax(order == 0, 1)]                      # (n, G) the matching candidates
 
-    def predict(model, ds_, keys_, n_cells, steps, method, noise, seed, repeat=1, **kw):
+    def generate(model, ds_, keys_, n_cells, steps, method, noise, seed, repeat=1, **kw):
         assert list(keys_) == keys and n_cells == n and repeat == N
         return {k: cand[k] for k in keys_}
-    monkeypatch.setattr(evaluate, "predict", predict)
+    monkeypatch.setattr(flow, "generate", generate)
     ver = V.Verifier(ds.genes, {"pearson": 1.0, "rmse": 1.0})
     got = evaluate.best_of_n(None, guarded(ds), keys, N, ver, n_cells=n)
     for k in keys:
@@ -197,7 +198,7 @@ def test_hallmark_activity_is_the_mean_z_score():
     W = v.W.numpy().astype(bool)
     act = lambda c: np.stack([((c - ref.ctrl_mean.numpy()) / ref.ctrl_std.numpy())[:, w].mean(1) for w in W], 1)  # noqa: E731
     np.testing.assert_allclose(V.pathway_scores(x, ref, v.W).numpy(), act(x.numpy()), rtol=1e-4, atol=1e-5)
-    ay = act(ref.cells.numpy())                                          # the reward on them (pathway_activity)
+    ay = act(ref.dense_cells().numpy())                                  # the reward on them (pathway_activity)
     m, s2 = ay.mean(0), ay.var(0, ddof=1).mean()
     llr = lambda a: (a - m / 2) @ m / s2  # noqa: E731
     top = np.quantile(llr(ay), 0.9)

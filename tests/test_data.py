@@ -361,9 +361,9 @@ def test_reference_statistics_numpy(sim_ds):
         de = np.argsort(-np.abs(t), kind="stable")[:50]
         assert len(r.de_idx) == 50 and set(r.de_idx.tolist()) == set(de.tolist())
         assert np.all(np.diff(np.abs(r.t.numpy()[r.de_idx.numpy()])) <= 1e-6)   # descending |t|
-        np.testing.assert_array_equal(r.cells.numpy(), ds.X[ds.cell_idx[key]])
+        np.testing.assert_array_equal(r.dense_cells().numpy(), ds.X[ds.cell_idx[key]])
         assert r.X.layout == torch.sparse_csr and np.shares_memory(r.X.values().numpy(), ds.X.csr.data)  # a view
-        assert r.cells.dtype == r.mean.dtype == r.t.dtype and r.de_idx.dtype.is_floating_point is False
+        assert r.dense_cells().dtype == r.mean.dtype == r.t.dtype and r.de_idx.dtype.is_floating_point is False
 
 
 def test_n_de_option(sim_path):
@@ -639,16 +639,16 @@ def test_prior_trust_matches_the_size_of_informative_priors(sim_ds):
 
 def test_a_prior_kind_no_training_key_has_gets_the_plain_prior(sim_path):
     """Every combination held out: no training key is 'additive', so its trust cannot be fitted; the rule gives
-    c = 1 (the plain sum), not 0, and says so through untested_kinds; fitted kinds are unchanged."""
+    c = 1 (the plain sum), not 0, and says so through untrained_kinds; fitted kinds are unchanged."""
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, split="additive", test_frac=0.85,
                                            val_frac=0.15))
-    assert not any("+" in k[0] for k in ds.split["train"]) and ds.untested_kinds() == {"additive"}
+    assert not any("+" in k[0] for k in ds.split["train"]) and ds.untrained_kinds() == {"additive"}
     trust = ds.prior_trust()
     assert trust["additive"] == 1.0 and trust["none"] == 0.0
     k = ds.split["test"][0]
     np.testing.assert_allclose(ds.start(k), sum(ds.component_deltas(k)), atol=1e-6)
     default = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))    # combinations in training: fitted
-    assert default.untested_kinds() == set() and 0 < default.prior_trust()["additive"] < 1
+    assert default.untrained_kinds() == set() and 0 < default.prior_trust()["additive"] < 1
 
 
 def test_cross_fitted_own_priors_never_contain_the_cells_they_train(sim_path):
@@ -779,7 +779,7 @@ def test_held_out_keys_the_validation_keys_say_nothing_about_are_unvalidated(sim
 def test_a_training_step_sees_the_prior_of_the_other_fold(sim_path):
     """data.training_rows with every combination held out: a training single's cell of fold f is paired with the
     table row whose prior is the mean change of fold 1 - f only (recomputed here from the cells), never of its own
-    fold; that row's start is c x prior with c = 1 (the untested kind's plain prior) and its condition the single's."""
+    fold; that row's start is c x prior with c = 1 (the untrained kind's plain prior) and its condition the single's."""
     ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, split="additive", test_frac=0.85, val_frac=0.15))
     keys = ds.split["train"]
     table, cells = data.training_rows(ds, keys, self_prior=0.5, seed=4)

@@ -1,6 +1,6 @@
 """Tests for evaluate.py: every metric against a direct numpy / scipy computation, the perfect value of
 every metric for identical prediction and truth, the discrimination score on constructed cases with a
-known rank, the baselines (the additive one is exact without interactions), predict(), the table, the CLI
+known rank, the baselines (the additive one is exact without interactions), flow.generate, the table, the CLI
 and its --write-pred h5ad (read back with anndata), and a cross-check of pearson_delta / mae with cell-eval."""
 import copy
 import json
@@ -68,10 +68,10 @@ def mmd_numpy(x, y, scales=(0.5, 1.0, 2.0), median_of=None):
 def test_energy_distance_matches_double_loop():
     rng = np.random.default_rng(0)
     x, y = rng.normal(0, 1, (7, 5)), rng.normal(0.5, 1.5, (9, 5))
-    got = evaluate.energy_distance(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
+    got = data.energy_distance(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
     assert got == pytest.approx(energy_loop(x, y), rel=1e-10, abs=1e-12)
     # symmetric in its arguments
-    assert evaluate.energy_distance(torch.tensor(y), torch.tensor(x)) == pytest.approx(got, rel=1e-10)
+    assert data.energy_distance(torch.tensor(y), torch.tensor(x)) == pytest.approx(got, rel=1e-10)
 
 
 def test_energy_distance_of_a_sample_with_itself_and_with_a_shift():
@@ -81,9 +81,9 @@ def test_energy_distance_of_a_sample_with_itself_and_with_a_shift():
     y = torch.tensor(rng.normal(0, 1, (12, 6)))
     d = torch.cdist(y, y)
     mean_off = float(d.sum() / (12 * 11))
-    assert evaluate.energy_distance(y, y) == pytest.approx(-2 / 12 * mean_off, rel=1e-10)
+    assert data.energy_distance(y, y) == pytest.approx(-2 / 12 * mean_off, rel=1e-10)
     u = torch.tensor(rng.normal(0, 1, 6))
-    es = [evaluate.energy_distance(y + c * u, y) for c in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    es = [data.energy_distance(y + c * u, y) for c in (0.0, 0.5, 1.0, 2.0, 4.0)]
     assert all(a < b for a, b in zip(es, es[1:])), es
 
 
@@ -91,7 +91,7 @@ def test_energy_distance_float32_is_accurate():
     rng = np.random.default_rng(4)
     x, y = rng.normal(2.3, 1, (30, 40)), rng.normal(2, 1, (30, 40))
     want = energy_loop(x, y)
-    got = evaluate.energy_distance(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+    got = data.energy_distance(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
     assert got == pytest.approx(want, rel=1e-4)
 
 
@@ -127,8 +127,8 @@ def test_metrics_identical_prediction_and_truth_are_perfect(sim):
     ds = sim["ds"]
     for k in ds.split["test"] + ds.split["val"]:
         ref = ds.refs[k]
-        n = len(ref.cells)
-        m = evaluate.metrics(ref.cells.clone(), ref, len(ds.ctrl_idx[k[1]]))
+        n = len(ref.dense_cells())
+        m = evaluate.metrics(ref.dense_cells().clone(), ref, len(ds.ctrl_idx[k[1]]))
         assert m["pearson_delta"] == pytest.approx(1, abs=1e-5)
         assert m["pearson_delta_de20"] == pytest.approx(1, abs=1e-5)
         assert m["mse"] == pytest.approx(0, abs=1e-10)
@@ -139,7 +139,7 @@ def test_metrics_identical_prediction_and_truth_are_perfect(sim):
         assert m["effect_ratio"] == pytest.approx(1, abs=1e-5)
         assert m["spread_ratio"] == pytest.approx(1, abs=1e-6)
         # the U-statistic of a sample against itself: E = -(2/n) mean_{i!=j} d_ij, MMD = (2/n)(mean k_ij - 3)
-        d = torch.cdist(ref.cells.double(), ref.cells.double())
+        d = torch.cdist(ref.dense_cells().double(), ref.dense_cells().double())
         mean_off = float(d.sum() / (n * (n - 1)))
         assert m["energy"] == pytest.approx(-2 / n * mean_off, rel=1e-3)
         assert abs(m["energy"]) < 0.05 * mean_off
@@ -159,7 +159,7 @@ def test_metrics_identical_perfect_de_overlap_when_the_std_floor_binds():
     cells[:, 1:11] += 2.0                                        # ten clearly DE genes
     ref = data.reference(cells, np.arange(M), ctrl.mean(0), ctrl.std(0, ddof=1), 5, 0.1)
     assert int(ref.de_idx[0]) != 0                               # the floor keeps gene 0 from dominating
-    m = evaluate.metrics(ref.cells.clone(), ref, M)
+    m = evaluate.metrics(ref.dense_cells().clone(), ref, M)
     assert m["pearson_delta"] == pytest.approx(1, abs=1e-5)
     assert m["de_overlap"] == 1.0
 
@@ -195,7 +195,7 @@ def test_metrics_against_numpy_and_scipy():
 def test_metrics_diagnostics_see_caricatures_and_collapse():
     ref, ctrl, cells = random_reference(seed=6)
     c = torch.from_numpy(ctrl.mean(0))
-    caricature = c + 2 * (ref.cells - c)                       # every cell's delta doubled
+    caricature = c + 2 * (ref.dense_cells() - c)               # every cell's delta doubled
     m = evaluate.metrics(caricature, ref, len(ctrl))
     assert m["effect_ratio"] == pytest.approx(2, rel=1e-5)
     assert m["pearson_delta"] == pytest.approx(1, abs=1e-5)    # Pearson is blind to the scale
@@ -210,11 +210,11 @@ def test_metrics_adds_the_verifier_rewards(sim):
     ds = sim["ds"]
     k = ds.split["test"][0]
     v = verifiers.Verifier(ds.genes, {"pearson": 1.0, "rmse": 1.0})
-    x = ds.refs[k].cells[:16]
+    x = ds.refs[k].dense_cells()[:16]
     m = evaluate.metrics(x, ds.refs[k], len(ds.ctrl_idx[k[1]]), v)
-    _, comps = v(x, ds.refs[k])
+    _, scores = v(x, ds.refs[k])
     assert set(m) >= {"reward/pearson", "reward/rmse"} and "reward/energy" not in m
-    assert m["reward/rmse"] == pytest.approx(float(comps["rmse"].mean()))
+    assert m["reward/rmse"] == pytest.approx(float(scores["rmse"].mean()))
 
 
 # ----------------------------------------------------------------------------- discrimination
@@ -342,23 +342,23 @@ def test_control_and_train_mean_baselines_use_the_right_covariate(tmp_path):
     assert not all(torch.equal(other_seed["control"][k], base["control"][k]) for k in keys)
 
 
-# ----------------------------------------------------------------------------- predict
+# ----------------------------------------------------------------------------- flow.generate
 def test_predict_counts_determinism_and_sde(sim):
     ds, model = sim["ds"], sim["model"]
     keys = ds.split["test"]
-    p = evaluate.predict(model, ds, keys, steps=4, seed=0)
+    p = flow.generate(model, ds, keys, steps=4, seed=0)
     assert list(p) == keys
     for k in keys:
         assert p[k].shape == (len(ds.cell_idx[k]), len(ds.genes))
         assert torch.isfinite(p[k]).all() and (p[k] >= 0).all()
-    q = evaluate.predict(model, ds, keys, steps=4, seed=0)
+    q = flow.generate(model, ds, keys, steps=4, seed=0)
     assert all(torch.equal(p[k], q[k]) for k in keys)
-    r = evaluate.predict(model, ds, keys, steps=4, seed=1)
+    r = flow.generate(model, ds, keys, steps=4, seed=1)
     assert not torch.equal(p[keys[0]], r[keys[0]])
-    s = evaluate.predict(model, ds, keys, n_cells=5, steps=4, noise_level=0.7, seed=0)
+    s = flow.generate(model, ds, keys, n_cells=5, steps=4, noise_level=0.7, seed=0)
     assert all(s[k].shape == (5, len(ds.genes)) and torch.isfinite(s[k]).all() and (s[k] >= 0).all() for k in keys)
     # chunks: each draws its own noise, so the cells differ from one batch, but each key keeps its count
-    c = evaluate.predict(model, ds, keys, steps=4, seed=0, chunk=17)
+    c = flow.generate(model, ds, keys, steps=4, seed=0, chunk=17)
     assert all(c[k].shape == p[k].shape and (c[k] >= 0).all() for k in keys)
 
 
@@ -371,7 +371,7 @@ def zero_network(model):
 
 
 def keys_with_distinct_shifts(ds, n=4):
-    """n keys whose start predictors (Dataset.shift) all differ, so cells given another key's shift are seen."""
+    """n keys whose start predictors (Dataset.start) all differ, so cells given another key's shift are seen."""
     keys = [k for k in ds.split["test"] + ds.split["val"] + ds.split["train"] if np.abs(ds.start(k)).max() > 0.1]
     keys = keys[:n]
     S = np.stack([ds.start(k) for k in keys])
@@ -396,13 +396,13 @@ def test_predict_keeps_each_key_with_its_own_condition(sim, method, noise):
     model = zero_network(sim["model"])
     keys = keys_with_distinct_shifts(ds)
     n = [5, 7, 3, 6]
-    got = evaluate.predict(model, ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
+    got = flow.generate(model, ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
     assert list(got) == keys
     for k, rows in zip(keys, drawn_control_rows(ds, keys, n, seed=4)):
         want = np.maximum(ds.X[rows] + ds.start(k), 0)
         np.testing.assert_allclose(got[k].numpy(), want, atol=1e-4, rtol=0, err_msg=str(k))
     # the trained network adds its own change on top, per key (not zero, not the same for every key)
-    real = evaluate.predict(sim["model"], ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
+    real = flow.generate(sim["model"], ds, keys, n, steps=3, method=method, noise_level=noise, seed=4, chunk=4)
     moved = [float((real[k] - got[k]).abs().mean()) for k in keys]
     assert min(moved) > 1e-3
 
@@ -470,7 +470,7 @@ def test_cli_table_json_and_write_pred_roundtrip(sim):
     n_ctrl = len(ds.ctrl_idx["all"])
     assert (col == ds.meta["control"]).sum() == n_ctrl
     np.testing.assert_array_equal(np.asarray(a.X[:n_ctrl]), ds.X[ds.ctrl_idx["all"]])
-    want = evaluate.predict(sim["model"], ds, keys, steps=4, seed=0)
+    want = flow.generate(sim["model"], ds, keys, steps=4, seed=0)
     for k in keys:
         label = ds.meta["labels"][k[0]]
         sel = np.asarray(col == label)
@@ -533,8 +533,8 @@ def test_pearson_delta_and_mae_agree_with_cell_eval(sim):
         pytest.skip("cell-eval not importable and CELL_EVAL_PYTHON not set")
     tmp, ds = sim["tmp"], sim["ds"]
     keys = ds.split["test"] + ds.split["val"]
-    preds = evaluate.predict(sim["model"], ds, keys, n_cells=40, steps=4, seed=0)
-    real = {k: ds.refs[k].cells for k in keys}
+    preds = flow.generate(sim["model"], ds, keys, n_cells=40, steps=4, seed=0)
+    real = {k: ds.refs[k].dense_cells() for k in keys}
     evaluate.write_pred(tmp / "ce_real.h5ad", ds, real)
     evaluate.write_pred(tmp / "ce_pred.h5ad", ds, preds)
     res = subprocess.run([py, "-c", CELL_EVAL_SCRIPT, str(tmp / "ce_real.h5ad"), str(tmp / "ce_pred.h5ad"),

@@ -360,7 +360,7 @@ def test_data_paths_are_stored_absolute_and_other_data_is_said(tiny_screen, tmp_
     ck = torch.load(tmp_path / "a" / "f.pt", weights_only=True)
     assert ck["config"]["data"] == str(d) and ck["data_id"] == data.file_identity(d)
     monkeypatch.chdir(tmp_path)                                          # another folder
-    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(flow, "generate", boom)
     with pytest.raises(AssertionError, match="work started"):
         evaluate.main(["--ckpt", "a/f.pt", "--sde-noise", "0"])
     assert capsys.readouterr().out.startswith(f"data {d}: ")
@@ -442,7 +442,7 @@ def test_checkpoints_with_a_string_format_nan_weights_or_a_zero_dose_range_are_o
 def test_counts_beyond_memory_are_one_line_before_any_work(tiny_screen, tmp_path, monkeypatch, capsys, stage, args,
                                                            want):
     monkeypatch.chdir(tmp_path)
-    for owner, name in [(data, "training_rows"), (evaluate, "predict"), (rl, "grpo_step"), (data, "simulate"),
+    for owner, name in [(data, "training_rows"), (flow, "generate"), (rl, "grpo_step"), (data, "simulate"),
                         (verifiers, "Verifier")]:
         monkeypatch.setattr(owner, name, boom)
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": 2 ** 20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB

@@ -98,7 +98,7 @@ def pretrained(tmp_path_factory):
 def test_pretraining_on_real_cells_starts_from_the_start_predictor(pretrained):
     """The generator's diagnostics are finite (control reproduction, residual trust, validation); with its output
     layer at zero, paired generation gives each key's drawn control cells plus its own start predictor (here the
-    trusted training-mean delta: Dataset.shift), and the trained layer adds a finite change on top."""
+    trusted training-mean delta: Dataset.start), and the trained layer adds a finite change on top."""
     model, ck = flow.load_checkpoint(pretrained)
     ds = evaluate.dataset_for(ck)
     hist = ck["extra"]["history"]
@@ -114,12 +114,12 @@ def test_pretraining_on_real_cells_starts_from_the_start_predictor(pretrained):
     torch.nn.init.zeros_(zero.out.weight)
     torch.nn.init.zeros_(zero.out.bias)
     n = [6, 4, 5, 7]
-    got = evaluate.predict(zero, ds, keys, n, steps=4, seed=1)
+    got = flow.generate(zero, ds, keys, n, steps=4, seed=1)
     g = torch.Generator().manual_seed(1)
     for k, m in zip(keys, n):
         rows = ds.ctrl_idx[k[1]][torch.randint(len(ds.ctrl_idx[k[1]]), (m,), generator=g).numpy()]
         np.testing.assert_allclose(got[k].numpy(), np.maximum(ds.X[rows] + ds.start(k), 0), atol=1e-4, rtol=0)
-    trained = evaluate.predict(model, ds, keys, n, steps=4, seed=1)
+    trained = flow.generate(model, ds, keys, n, steps=4, seed=1)
     assert all(torch.isfinite(trained[k]).all() and (trained[k] >= 0).all() for k in keys)
 
 

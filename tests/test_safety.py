@@ -84,7 +84,7 @@ def test_evaluate_write_pred_over_its_data_is_refused_and_the_data_kept(sim, tmp
     d.write_bytes(Path(sim["path"]).read_bytes())
     before = digest(d)
     os.symlink(d, tmp_path / "link.h5ad")
-    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(flow, "generate", boom)
     for pred in (str(d), str(tmp_path / "link.h5ad"), str(tmp_path / "sub" / ".." / "d.h5ad")):
         with pytest.raises(UserError, match="same file as --data"):
             evaluate.main(["--data", str(d), "--ckpt", sim["ckpt"], "--write-pred", pred])
@@ -141,7 +141,7 @@ def test_unwritable_outputs_fail_before_any_work(sim, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     bad = str(tmp_path / "afile" / "sub" / "out.pt")
     monkeypatch.setattr(data, "load_dataset", boom)
-    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(flow, "generate", boom)
     monkeypatch.setattr(rl, "pretrained", boom)
     with pytest.raises(UserError, match="--out .*cannot write"):
         flow.train(tiny_flow(sim["path"], bad))
@@ -606,7 +606,7 @@ def test_a_gene_set_file_that_is_not_utf8_is_one_line_before_any_work(sim, tmp_p
     gs = tmp_path / f"sets{ext}"
     gs.write_bytes("gene,pathway,weight\nMYC,Zelle,1\n".encode("latin-1").replace(b"Zelle", b"Z\xe9lle"))
     monkeypatch.setattr(rl, "pretrained", boom)
-    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(flow, "generate", boom)
     for run in (lambda: rl.main(["--ckpt", sim["ckpt"], "--gene-sets", str(gs), "--out", str(tmp_path / "r.pt")]),
                 lambda: evaluate.main(["--ckpt", sim["ckpt"], "--gene-sets", str(gs)])):
         err = one_error_line(capsys, run)
@@ -661,7 +661,7 @@ def test_devices_that_do_not_exist_here_are_one_line(sim, tmp_path, monkeypatch,
 
 def test_best_of_is_bounded_by_the_memory_it_would_need(sim, monkeypatch, capsys):
     """--best-of 100000 tried to allocate ~1 TB; now refused with the numbers before any generation."""
-    monkeypatch.setattr(evaluate, "predict", boom)
+    monkeypatch.setattr(flow, "generate", boom)
     monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PHYS_PAGES": 2 ** 20, "SC_PAGE_SIZE": 4096}[name])  # 4 GiB
     err = one_error_line(capsys, lambda: evaluate.main(["--ckpt", sim["ckpt"], "--best-of", "1,100000",
                                                         "--n-cells", "50"]))

@@ -380,9 +380,9 @@ def test_dataset_is_sparse_and_references_are_views(tiny_screen):
     for k in ds.keys:
         r = ds.refs[k]
         assert r.X.layout == torch.sparse_csr and np.shares_memory(r.X.values().numpy(), ds.X.csr.data)
-        np.testing.assert_array_equal(r.cells.numpy(), ds.X[ds.cell_idx[k]])
+        np.testing.assert_array_equal(r.dense_cells().numpy(), ds.X[ds.cell_idx[k]])
         m = r.to("meta")
-        assert m.X.layout == torch.sparse_csr and m.cells.shape == (len(ds.cell_idx[k]), G)
+        assert m.X.layout == torch.sparse_csr and m.dense_cells().shape == (len(ds.cell_idx[k]), G)
     rows = np.array([5, 0, 5, n - 1])
     np.testing.assert_array_equal(ds.X[rows], ds.X.csr.toarray()[rows])
     np.testing.assert_array_equal(ds.X[3], ds.X.csr.toarray()[3])
@@ -435,6 +435,6 @@ def test_ref_cells_caps_the_real_cells_not_the_statistics(tiny_screen):
         for f in ("ctrl_mean", "ctrl_std", "mean", "delta", "t", "de_idx"):
             assert torch.equal(getattr(a, f), getattr(b, f))
         n = len(full.cell_idx[k])
-        assert n > 20 and b.cells.shape[0] == 20 and torch.equal(b.cells, again.refs[k].cells)
-        real = {tuple(r) for r in a.cells.numpy().round(5)}
-        assert all(tuple(r) in real for r in b.cells.numpy().round(5))             # its own cells
+        assert n > 20 and b.dense_cells().shape[0] == 20 and torch.equal(b.dense_cells(), again.refs[k].dense_cells())
+        real = {tuple(r) for r in a.dense_cells().numpy().round(5)}
+        assert all(tuple(r) in real for r in b.dense_cells().numpy().round(5))     # its own cells

@@ -47,7 +47,7 @@ def int_ref(seed=0, G=40, N=30, n_de=12):
 
 def np_deltas(x, ref):
     de, c = ref.de_idx.numpy(), ref.ctrl_mean.numpy().astype(np.float64)
-    return x.numpy().astype(np.float64)[:, de] - c[de], ref.cells.numpy().astype(np.float64)[:, de] - c[de]
+    return x.numpy().astype(np.float64)[:, de] - c[de], ref.dense_cells().numpy().astype(np.float64)[:, de] - c[de]
 
 
 # ------------------------------------------------------------------ each verifier vs numpy / scipy
@@ -110,7 +110,7 @@ def test_pathway_activity_matches_numpy():
     mu, sdf = ref.ctrl_mean.numpy(), np.maximum(sd, 1e-2)
     Wn = W / np.linalg.norm(W, axis=1, keepdims=True)
     ax = ((x.numpy() - mu) / sdf) @ Wn.T
-    ay = ((ref.cells.numpy() - mu) / sdf) @ Wn.T
+    ay = ((ref.dense_cells().numpy() - mu) / sdf) @ Wn.T
     m, s2 = ay.mean(0), ay.var(0, ddof=1).mean()
     # isotropic Gaussian log-likelihood ratio, condition N(m, s2 I) against control N(0, s2 I), by scipy
     llr = lambda a: (scipy.stats.multivariate_normal(m, s2).logpdf(a)  # noqa: E731
@@ -120,7 +120,7 @@ def test_pathway_activity_matches_numpy():
     got = V.pathway_activity(x, ref, torch.as_tensor(W, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # reflected beyond the real cells: moving further along the effect than 90% of them lowers the reward
-    y = ref.cells[:1] + torch.linspace(0, 20, 9)[:, None] * ref.delta
+    y = ref.dense_cells()[:1] + torch.linspace(0, 20, 9)[:, None] * ref.delta
     r = V.pathway_activity(y, ref, torch.as_tensor(W, dtype=torch.float32))  # a tent along the change
     top = int(r.argmax())
     assert 0 < top < 8 and (r[1:top + 1] > r[:top]).all() and (r[top + 1:] < r[top:-1]).all()
@@ -128,7 +128,7 @@ def test_pathway_activity_matches_numpy():
 
 def test_energy_witness_matches_loop_and_group_identity():
     ref, x = int_ref(4)
-    X, Y = x.numpy().astype(np.float64), ref.cells.numpy().astype(np.float64)
+    X, Y = x.numpy().astype(np.float64), ref.dense_cells().numpy().astype(np.float64)
     B, N = len(X), len(Y)
     D = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
     m_xx = D(X, X).sum() / (B * (B - 1))
@@ -177,7 +177,7 @@ def test_rewards_pay_the_response_not_typicality():
         assert f(real, ref).mean() > f(ctrl, ref).mean(), name
     # a reward best at the mode fails this test: minus the mean distance to the 5 nearest real cells (DE genes)
     de = ref.de_idx
-    old = lambda x: -torch.cdist(x[:, de], ref.cells[:, de]).topk(5, largest=False).values.mean(1)  # noqa: E731
+    old = lambda x: -torch.cdist(x[:, de], ref.dense_cells()[:, de]).topk(5, largest=False).values.mean(1)  # noqa: E731
     assert old(real).mean() < old(ctrl).mean()
 
 
@@ -265,6 +265,19 @@ def test_gmt_loader_and_errors(tmp_path):
         V.load_gene_sets(nonnum)
 
 
+def test_a_gene_set_file_is_parsed_once_while_unchanged(tmp_path, monkeypatch):
+    """rl.py and evaluate.py load --gene-sets early to fail fast and Verifier loads it again: the second load parses
+    nothing; a changed file is parsed anew; each caller gets its own copy."""
+    p, calls, real = tmp_path / "sets.gmt", [], V.load_gmt
+    p.write_text("S\td\tA\tB\tC\n")
+    monkeypatch.setattr(V, "load_gmt", lambda path: calls.append(path) or real(path))
+    first = V.load_gene_sets(p)
+    first["S"]["A"] = 5.0                                               # the caller's copy, not the one kept
+    assert V.load_gene_sets(str(p)) == {"S": {"A": 1.0, "B": 1.0, "C": 1.0}} and len(calls) == 1
+    p.write_text("S\td\tA\tB\tC\tD\n")                                  # another size: parsed again
+    assert V.load_gene_sets(p) == {"S": {"A": 1.0, "B": 1.0, "C": 1.0, "D": 1.0}} and len(calls) == 2
+
+
 def test_hallmark_gmt():
     sets = V.load_gmt(HALLMARK)
     assert len(sets) == 50 and all(n.startswith("HALLMARK_") for n in sets)
@@ -298,13 +311,13 @@ def test_permutation_and_independence(tmp_path):
 def test_finite_on_constant_cells_and_zero_control_std(tmp_path):
     ref, x = int_ref(7)
     ref.ctrl_std = torch.zeros_like(ref.ctrl_std)
-    ref.cells[:, :5] = 1.0
+    ref.X[:, :5] = 1.0
     x[:] = 1.0  # every generated cell identical and constant
     weights = {"pearson": 1, "rmse": 0.5, "spearman": 1, "pathway": 2, "energy": 3}
     v = V.Verifier([f"g{i}" for i in range(x.shape[1])], weights, small_gmt(tmp_path, x.shape[1]))
-    total, comps = v(x, ref)
-    assert torch.isfinite(total).all() and all(torch.isfinite(c).all() for c in comps.values())
-    torch.testing.assert_close(total, sum(w * comps[n] for n, w in v.weights.items()))
+    total, scores = v(x, ref)
+    assert torch.isfinite(total).all() and all(torch.isfinite(s).all() for s in scores.values())
+    torch.testing.assert_close(total, sum(w * scores[n] for n, w in v.weights.items()))
     assert set(v._W) == {"cpu"}
 
 
