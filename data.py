@@ -10,8 +10,9 @@ Conditions are canonical labels: 'A', 'A+B' (components sorted), and for drug sc
 read_conditions). h5ad is read and written with h5py alone (no anndata at run time). Memory grows with the
 non-zeros: a `Reference`'s cells are a view of the CSR matrix, and `--lazy` reads the file in blocks of cells.
 
-Sections: the method first (config, Reference, Dataset and its priors, what flow.train draws, load_dataset, labels,
-splits, preprocessing), then a fence and what no reader comes for (h5ad I/O, torchrun, checkpoints, CLI, simulators).
+Sections: the method first (config, Reference, Dataset and its priors, what flow.train draws, the comparisons and
+noise every stage uses, splits), then a fence and what no reader comes for (loading: labels, doses, preprocessing and
+h5ad I/O; torchrun, checkpoints, the CLI; simulators).
 
 Left out: obsm/varm/obsp (never read), reading cells from disk per batch, MuData, zarr, multi-modal data,
 gene-name harmonisation across species, dose units other than molar (uM, nM, mM).
@@ -90,7 +91,6 @@ class Reference:
 
     def dense_cells(self) -> torch.Tensor:             # (N, G) X itself, or a dense copy of a sparse X at every call
         return self.X.to_dense() if self.X.layout == torch.sparse_csr else self.X
-    cells = property(dense_cells)  # the old name, while flow.fit_residual_trust reads it: delete with that line
 
     def dense(self) -> "Reference":                    # its cells densified once, for code that reads them often
         return replace(self, X=self.dense_cells())
@@ -229,7 +229,7 @@ class Dataset:
         """A held-out key the validation keys say nothing about: none of its components is in a training key (novel),
         or its prior kind is one no validation key has (--test doubles with seen singles when no validation double
         has its singles). Training keys never are. The network's change is trusted for these only as far as the
-        novel validation keys show (flow.calibrate): none without such keys, leaving the start predictor."""
+        novel validation keys show (flow.fit_lam): none without such keys, leaving the start predictor."""
         train, kinds = self._cached("val_kinds", lambda: (set(map(tuple, self.split["train"])),  # key_table: per key
                                                           {self.prior_kind(k) for k in self.split["val"]}))
         return tuple(key) not in train and (self.novel(key) or self.prior_kind(key) not in kinds)
@@ -441,6 +441,145 @@ def energy_distance(x, y) -> float:
     return float(2 * dxy.mean() - u(dxx) - u(dyy))
 
 
+def welch_t(delta, var, n, ctrl_std, n_ctrl):
+    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c + 1e-8) per gene; delta = mean_p - mean_c, any array."""
+    return delta / (torch.sqrt if torch.is_tensor(delta) else np.sqrt)(var / n + ctrl_std ** 2 / n_ctrl + 1e-8)
+
+
+def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
+    """Welch t (welch_t) of the cells against the controls, the control std s_c floored (as the verifiers and metrics
+    floor it); top n_de by |t|. cells: (N, G) ndarray, or sparse CSR tensor (csr_rows) kept as it is; keep: the rows
+    kept instead (--ref-cells: rewards and metrics cost O(N^2) in real cells; the statistics use all N)."""
+    mean, var = sample_stats(cells)
+    ctrl_std = np.maximum(ctrl_std, std_floor)
+    t = welch_t(mean - ctrl_mean, var, cells.shape[0], ctrl_std, len(ctrl))
+    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if isinstance(cells, np.ndarray):
+        cells = torch.from_numpy(cells if keep is None else cells[keep])
+    elif keep is not None:                                             # a copy of the kept rows
+        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
+                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
+    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
+                     torch.from_numpy(de.astype(np.int64)), cells)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (reductions stay float32); nothing elsewhere (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
+
+
+def noise_source(generator, device, part=None):
+    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator` moved to `device`, the one callable the
+    math takes. part = (rows, n) (torchrun): draw one process's global batch of n rows and keep `rows`."""
+    gdev = generator.device if generator is not None else device
+
+    def draw(shape, uniform=False, dtype=torch.float32):
+        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
+                                                     generator=generator, device=gdev, dtype=dtype)
+        return (x if part is None else x[part[0]]).to(device)
+    return draw
+
+
+# ---------------------------------------- splits
+def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
+    """Split (condition, covariate) keys by condition. additive: every single in training; combinations whose
+    components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates. random: a
+    fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its lowest or
+    highest (the prior interpolates). drug: a fraction of the drugs held out with every condition containing them.
+    explicit: `test` lists conditions ('A+B', 'A+B:COV', 'D@0.1', 'A@0.1+B@1'; a drug without dose: every dose)."""
+    keys, rng, mode = sorted(keys), np.random.default_rng(seed), "explicit" if test else mode  # a list wins
+    index = single_index(keys)
+    additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
+    if mode == "auto":
+        mode = "additive" if additive_cand else "random"
+        if not additive_cand and any("+" in l for l, _ in keys):
+            warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
+                          "using a random split")
+
+    def take(pool, frac, least=3):                   # a random fraction of pool (>= 1 when it has >= least entries)
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        n = int(round(frac * len(pool)))
+        n = max(n, 1) if len(pool) >= least and frac > 0 else n
+        return pool[:n], pool[n:]
+    if mode == "additive":
+        if not additive_cand:
+            raise UserError("split 'additive' needs combinations (A+B) whose singles are in the data; "
+                            "this data has none: use --split random or --test")
+        test_keys, rest = take(additive_cand, test_frac, least=1)
+        val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))   # combinations like the test's
+        if not val_keys:
+            warnings.warn("split additive: no combination left for validation; there is no validation set "
+                          "(the last checkpoint is the result): lower --test-frac or add combinations")
+    elif mode == "random":
+        test_keys, val_keys = _random_split(keys, take, test_frac, val_frac)
+    elif mode == "dose":
+        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}  # (drug, cov): [(d, key)]
+        test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
+        if not test_keys:
+            raise UserError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
+                            "this data has none: use --split random, drug or --test D@dose")
+        rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
+        val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
+    elif mode == "drug":
+        drugs = sorted({n for l, _ in keys for n, _ in components_of(l)})
+        test_d, rest = take(drugs, test_frac)
+        val_d, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
+        has = lambda k, ds: any(n in ds for n, _ in components_of(k[0]))  # noqa: E731
+        test_keys = [k for k in keys if has(k, test_d)]
+        val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
+    elif mode == "explicit":
+        test_keys, val_keys = _explicit_split(keys, test, take, val_frac)
+    else:
+        raise UserError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
+    held = set(test_keys) | set(val_keys)
+    return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
+
+
+def _random_split(keys, take, test_frac, val_frac):
+    """A fraction of the conditions of each covariate; a condition is held out in one covariate at most."""
+    test_keys, val_keys, used = [], [], set()
+    for cov in sorted({c for _, c in keys}):
+        mine = [k for k in keys if k[1] == cov]
+        fresh = [k for k in mine if k[0] not in used]
+        t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
+        rest = [k for k in mine if k not in t]
+        fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
+        v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
+        test_keys, val_keys, used = test_keys + t, val_keys + v, used | {k[0] for k in t + v}
+    return test_keys, val_keys
+
+
+def _explicit_split(keys, test, take, val_frac):
+    """The --test conditions held out; validation: keys whose prior is of the test's kind once they are out."""
+    if not test:
+        raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
+    test_keys = []
+    for w in [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]:
+        lab, _, cov = w.partition(":")
+        lab = "+".join(sorted(lab.split("+")))
+        hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab)
+               and (not cov or k[1] == cov)]
+        if not hit:
+            raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
+        test_keys += hit
+    rest = [k for k in keys if k not in test_keys]
+    idx = single_index(rest)
+    kinds, n_comp = {prior_kind(k, rest, idx) for k in test_keys}, {len(k[0].split("+")) for k in test_keys}
+    pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
+    if not pool:
+        pool = [k for k in rest if len(k[0].split("+")) in n_comp]
+        warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
+                      f"on {len(pool)} other conditions with as many components instead")
+    return test_keys, take(pool, val_frac)[0]
+
+
+# =====================================================================================================================
+# Below this line is what no reader comes for: loading a file (labels, doses, preprocessing, h5ad), the plumbing every
+# stage shares (devices and torchrun, checkpoints, the CLI) and the simulators. A first reading stops here.
+# =====================================================================================================================
+
+
 # ---------------------------------------- loading: from a file to the Dataset and its reference statistics
 def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Dataset:
     """Read, parse labels, split, select genes, compute references. `genes` and `split` (a checkpoint's) override
@@ -495,29 +634,6 @@ def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Datase
                 labels=lab["labels"], data_id=file_identity(path))
     return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], label, covs, is_ctrl, keys, split,
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
-
-
-def welch_t(delta, var, n, ctrl_std, n_ctrl):
-    """Welch t = (mean_p - mean_c) / sqrt(var_p/n_p + s_c^2/n_c + 1e-8) per gene; delta = mean_p - mean_c, any array."""
-    return delta / (torch.sqrt if torch.is_tensor(delta) else np.sqrt)(var / n + ctrl_std ** 2 / n_ctrl + 1e-8)
-
-
-def reference(cells, ctrl, ctrl_mean, ctrl_std, n_de, std_floor, keep=None) -> Reference:
-    """Welch t (welch_t) of the cells against the controls, the control std s_c floored (as the verifiers and metrics
-    floor it); top n_de by |t|. cells: (N, G) ndarray, or sparse CSR tensor (csr_rows) kept as it is; keep: the rows
-    kept instead (--ref-cells: rewards and metrics cost O(N^2) in real cells; the statistics use all N)."""
-    mean, var = sample_stats(cells)
-    ctrl_std = np.maximum(ctrl_std, std_floor)
-    t = welch_t(mean - ctrl_mean, var, cells.shape[0], ctrl_std, len(ctrl))
-    de = np.argsort(-np.abs(t), kind="stable")[: min(n_de, len(t))]
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if isinstance(cells, np.ndarray):
-        cells = torch.from_numpy(cells if keep is None else cells[keep])
-    elif keep is not None:                                             # a copy of the kept rows
-        cells = csr_rows(sp.csr_matrix((cells.values().numpy(), cells.col_indices().numpy(),
-                                        cells.crow_indices().numpy()), shape=tuple(cells.shape))[keep], 0, len(keep))
-    return Reference(f(ctrl_mean), f(ctrl_std), f(mean), f(mean - ctrl_mean), f(t),
-                     torch.from_numpy(de.astype(np.int64)), cells)
 
 
 BLOCK = 4096  # cells per block wherever a matrix is processed in blocks (statistics, --lazy reads)
@@ -884,99 +1000,6 @@ def dose_values(text: str, label: str, n_parts: int, combo: bool, where: str):
     return vals if combo else vals[0]
 
 
-# ---------------------------------------- splits
-def make_split(keys, mode="auto", test=None, test_frac=0.25, val_frac=0.15, seed=0):
-    """Split (condition, covariate) keys by condition. additive: every single in training; combinations whose
-    components all have singles (in that covariate, any dose: prior_kind 'additive') are test candidates. random: a
-    fraction of conditions per covariate. dose: one dose of each (drug, covariate) held out, never its lowest or
-    highest (the prior interpolates). drug: a fraction of the drugs held out with every condition containing them.
-    explicit: `test` lists conditions ('A+B', 'A+B:COV', 'D@0.1', 'A@0.1+B@1'; a drug without dose: every dose)."""
-    keys, rng, mode = sorted(keys), np.random.default_rng(seed), "explicit" if test else mode  # a list wins
-    index = single_index(keys)
-    additive_cand = [k for k in keys if "+" in k[0] and prior_kind(k, keys, index) == "additive"]
-    if mode == "auto":
-        mode = "additive" if additive_cand else "random"
-        if not additive_cand and any("+" in l for l, _ in keys):
-            warnings.warn("split auto: no combination has all its singles in the data, so no additive split; "
-                          "using a random split")
-
-    def take(pool, frac, least=3):                   # a random fraction of pool (>= 1 when it has >= least entries)
-        pool = [pool[i] for i in rng.permutation(len(pool))]
-        n = int(round(frac * len(pool)))
-        n = max(n, 1) if len(pool) >= least and frac > 0 else n
-        return pool[:n], pool[n:]
-    if mode == "additive":
-        if not additive_cand:
-            raise UserError("split 'additive' needs combinations (A+B) whose singles are in the data; "
-                            "this data has none: use --split random or --test")
-        test_keys, rest = take(additive_cand, test_frac, least=1)
-        val_keys, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))   # combinations like the test's
-        if not val_keys:
-            warnings.warn("split additive: no combination left for validation; there is no validation set "
-                          "(the last checkpoint is the result): lower --test-frac or add combinations")
-    elif mode == "random":
-        test_keys, val_keys = _random_split(keys, take, test_frac, val_frac)
-    elif mode == "dose":
-        doses = {dc: sorted(v.items()) for dc, v in sorted(index.items()) if None not in v}  # (drug, cov): [(d, key)]
-        test_keys = [v[1:-1][rng.integers(len(v) - 2)][1] for v in doses.values() if len(v) >= 3]
-        if not test_keys:
-            raise UserError("split 'dose' needs a drug with >= 3 doses (one is held out between two seen ones); "
-                            "this data has none: use --split random, drug or --test D@dose")
-        rest = [[x for x in v if x[1] not in test_keys] for v in doses.values()]
-        val_keys, _ = take([k for v in rest for _, k in v[1:-1]], val_frac)   # doses with seen doses on both sides
-    elif mode == "drug":
-        drugs = sorted({n for l, _ in keys for n, _ in components_of(l)})
-        test_d, rest = take(drugs, test_frac)
-        val_d, _ = take(rest, val_frac / max(1 - test_frac, 1e-9))
-        has = lambda k, ds: any(n in ds for n, _ in components_of(k[0]))  # noqa: E731
-        test_keys = [k for k in keys if has(k, test_d)]
-        val_keys = [k for k in keys if has(k, val_d) and not has(k, test_d)]
-    elif mode == "explicit":
-        test_keys, val_keys = _explicit_split(keys, test, take, val_frac)
-    else:
-        raise UserError(f"unknown split {mode!r}; use additive, random, dose, drug or explicit (--test A+B,C+D)")
-    held = set(test_keys) | set(val_keys)
-    return {"train": [k for k in keys if k not in held], "val": sorted(val_keys), "test": sorted(test_keys)}
-
-
-def _random_split(keys, take, test_frac, val_frac):
-    """A fraction of the conditions of each covariate; a condition is held out in one covariate at most."""
-    test_keys, val_keys, used = [], [], set()
-    for cov in sorted({c for _, c in keys}):
-        mine = [k for k in keys if k[1] == cov]
-        fresh = [k for k in mine if k[0] not in used]
-        t, _ = take(fresh if len(fresh) >= 3 else mine, test_frac)
-        rest = [k for k in mine if k not in t]
-        fresh = [k for k in rest if k[0] not in used | {x[0] for x in t}]
-        v, _ = take(fresh if len(fresh) >= 3 else rest, val_frac)
-        test_keys, val_keys, used = test_keys + t, val_keys + v, used | {k[0] for k in t + v}
-    return test_keys, val_keys
-
-
-def _explicit_split(keys, test, take, val_frac):
-    """The --test conditions held out; validation: keys whose prior is of the test's kind once they are out."""
-    if not test:
-        raise UserError("split 'explicit' needs --test A+B,C+D (conditions to hold out)")
-    test_keys = []
-    for w in [w.strip() for w in (test.split(",") if isinstance(test, str) else test) if w.strip()]:
-        lab, _, cov = w.partition(":")
-        lab = "+".join(sorted(lab.split("+")))
-        hit = [k for k in keys if (k[0] == lab or "@" not in lab and names_of(k[0]) == lab)
-               and (not cov or k[1] == cov)]
-        if not hit:
-            raise UserError(f"--test condition {w!r} not found; examples: {[k[0] for k in keys[:8]]}")
-        test_keys += hit
-    rest = [k for k in keys if k not in test_keys]
-    idx = single_index(rest)
-    kinds, n_comp = {prior_kind(k, rest, idx) for k in test_keys}, {len(k[0].split("+")) for k in test_keys}
-    pool = [k for k in rest if len(k[0].split("+")) in n_comp and prior_kind(k, rest, idx) in kinds]
-    if not pool:
-        pool = [k for k in rest if len(k[0].split("+")) in n_comp]
-        warnings.warn(f"no validation condition has a prior like the test's ({sorted(kinds)}); validating "
-                      f"on {len(pool)} other conditions with as many components instead")
-    return test_keys, take(pool, val_frac)[0]
-
-
 # ---------------------------------------- preprocessing
 def read_expression(h: H5AD, cfg: DataConfig, symbols, genes, train_rows, targets, rows):
     """The expression side: check the values, log-normalise raw counts (a DiskX per block), select genes on the training
@@ -1105,12 +1128,6 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
         seen[n] = seen[n] + 1 if n in seen else 0
         names[i] = f"{n}-{seen[n]}" if seen[n] else n
     return names
-
-
-# =====================================================================================================================
-# Below this line is what no reader comes for: file formats (h5ad), the plumbing every stage shares (devices and
-# torchrun, checkpoints, the CLI) and the simulators. A first reading stops here.
-# =====================================================================================================================
 
 
 # ---------------------------------------- h5ad I/O
@@ -1439,11 +1456,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (reductions stay float32); nothing elsewhere (bf16 matmuls are slow on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
-
-
 def distributed(device: str = "cpu", timeout: float = 1800):
     """(device, rank, world size). Under torchrun: one process per device, the process group started once (NCCL on
     CUDA, gloo on CPU; a peer dead for `timeout` s raises), ranks > 0 silent. Else (pick_device(device), 0, 1)."""
@@ -1470,18 +1482,6 @@ def distributed(device: str = "cpu", timeout: float = 1800):
     if rank > 0:
         sys.stdout = open(os.devnull, "w")
     return dev, rank, world
-
-
-def noise_source(generator, device, part=None):
-    """draw(shape, uniform=False): N(0, 1) (or U(0, 1)) draws from `generator` moved to `device`, the one callable the
-    math takes. part = (rows, n) (torchrun): draw one process's global batch of n rows and keep `rows`."""
-    gdev = generator.device if generator is not None else device
-
-    def draw(shape, uniform=False, dtype=torch.float32):
-        x = (torch.rand if uniform else torch.randn)(shape if part is None else (part[1], *shape[1:]),
-                                                     generator=generator, device=gdev, dtype=dtype)
-        return (x if part is None else x[part[0]]).to(device)
-    return draw
 
 
 # ---------------------------------------- checkpoints (flow.pt and rl.pt: written atomically, read with one clear line)

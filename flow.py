@@ -408,7 +408,7 @@ def fit_residual_trust(model, ds, keys, n_cells=256, seed=0, n_boot=200, q=0.2) 
     start = ds.key_table(keys)["start"].double()                # (K, G)
     P, Q = np.zeros((K, n_boot + 1)), np.zeros((K, n_boot + 1))  # <r, e> and |r|^2 per key; column 0: the sample
     for j, k in enumerate(keys):                                 # a loop over keys; cells resampled in one product
-        x, y = cells[k].double(), ds.refs[k].cells.double()    # (n, G), (N, G)
+        x, y = cells[k].double(), ds.refs[k].dense_cells().double()    # (n, G), (N, G)
         wx, wy = (torch.from_numpy(rng.multinomial(len(a), np.full(len(a), 1 / len(a)), n_boot) / len(a))
                   for a in (x, y))                               # (n_boot, n), (n_boot, N) resampling weights
         base = ds.refs[k].ctrl_mean.double() + start[j]

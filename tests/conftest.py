@@ -30,8 +30,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer than ~10 s; skipped unless pytest --runslow")
-    import data  # tests/test_flow.py still calls Dataset.untested_kinds, now untrained_kinds: delete with that call
-    data.Dataset.untested_kinds = data.Dataset.untrained_kinds
 
 
 def pytest_collection_modifyitems(config, items):

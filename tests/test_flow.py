@@ -505,7 +505,7 @@ def test_a_training_single_is_trained_with_the_prior_of_the_other_half_of_its_ce
         ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0))
         test = ",".join(k[0] for k in ds.keys if "+" in k[0])
         ds = data.load_dataset(data.DataConfig(data=sim_path, n_genes=0, test=test))
-    assert ds.untested_kinds() == {"additive"}
+    assert ds.untrained_kinds() == {"additive"}
     seen, real = [], flow.cfm_loss
 
     def cfm_loss(model, x1, cond, *a, **kw):

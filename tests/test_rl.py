@@ -68,10 +68,10 @@ def test_group_advantages_centre_per_context_and_pool_the_spread(contexts):
     """Against the loop written out in numpy (numpy_advantages): a reward that only differs between contexts (the
     control cell, not the noise) gets advantage 0 with contexts > 1."""
     rng = np.random.default_rng(contexts)
-    comps = {"a": rng.normal(size=(3, 8)), "b": rng.exponential(size=(3, 8))}
+    scores = {"a": rng.normal(size=(3, 8)), "b": rng.exponential(size=(3, 8))}
     weights = {"a": 1.0, "b": 2.0}
-    got = rl.group_advantages({k: torch.from_numpy(v) for k, v in comps.items()}, weights, clip=5.0, contexts=contexts)
-    np.testing.assert_allclose(got.numpy(), numpy_advantages(comps, weights, 5.0, contexts), rtol=1e-9, atol=1e-9)
+    got = rl.group_advantages({k: torch.from_numpy(v) for k, v in scores.items()}, weights, clip=5.0, contexts=contexts)
+    np.testing.assert_allclose(got.numpy(), numpy_advantages(scores, weights, 5.0, contexts), rtol=1e-9, atol=1e-9)
     between = {"a": np.repeat(rng.normal(size=(3, contexts)), 8 // contexts, axis=1)}        # constant per context
     A = rl.group_advantages({"a": torch.from_numpy(between["a"])}, {"a": 1.0}, contexts=contexts)
     assert A.abs().max() < 1e-9                                    # (centred on the group, it would not be)
@@ -275,13 +275,13 @@ def test_grpo_moves_a_toy_generator_towards_the_rewarded_target():
 
 
 # ----------------------------------------------------------------------------- the loop judged by what it does
-def numpy_advantages(comps: dict, weights: dict, clip: float, contexts: int = 1) -> np.ndarray:
+def numpy_advantages(scores: dict, weights: dict, clip: float, contexts: int = 1) -> np.ndarray:
     """GRPO's advantages written out again, a loop over groups and contexts: each reward centred on its context's mean
     (a group's n cells are `contexts` runs of consecutive cells), divided by the group's pooled within-context std
-    (population) + 1e-6, weighted and summed, clipped to +/- clip. comps {name: (n_groups, n)}."""
-    A = np.zeros_like(next(iter(comps.values())))
+    (population) + 1e-6, weighted and summed, clipped to +/- clip. scores {name: (n_groups, n)}."""
+    A = np.zeros_like(next(iter(scores.values())))
     for n, w in weights.items():
-        for g, r in enumerate(comps[n]):
+        for g, r in enumerate(scores[n]):
             parts = np.split(r, contexts)
             dev = np.concatenate([p - p.mean() for p in parts])
             A[g] += w * dev / (np.sqrt(np.mean(dev ** 2)) + 1e-6)
@@ -301,9 +301,9 @@ def record_the_loop(monkeypatch):
         return out
 
     def call(self, x, ref):
-        total, comps = real_call(self, x, ref)
-        events.append(("reward", self, x.detach().clone(), {n: r.detach().clone() for n, r in comps.items()}))
-        return total, comps
+        total, scores = real_call(self, x, ref)
+        events.append(("reward", self, x.detach().clone(), {n: r.detach().clone() for n, r in scores.items()}))
+        return total, scores
 
     def loss(logp, logp_old, adv, mean, mean_ref, std, *a, **kw):
         out = real_loss(logp, logp_old, adv, mean, mean_ref, std, *a, **kw)
@@ -321,7 +321,7 @@ def record_the_loop(monkeypatch):
 
 
 def steps_of(events):
-    """The recorded events cut into GRPO steps: [(cells, [(verifier, x, comps)], [(opt_steps, loss args)])], the
+    """The recorded events cut into GRPO steps: [(cells, [(verifier, x, scores)], [(opt_steps, loss args)])], the
     reward calls being those between a rollout and its first loss (validation calls come elsewhere)."""
     out = []
     for e in events:
@@ -356,8 +356,8 @@ def test_the_loss_gets_the_advantages_of_those_very_cells_and_the_kl_to_the_froz
         assert len(rewards) == cfg.conds and all(set(c) == set(weights) for _, _, c in rewards)
         assert torch.equal(torch.cat([x for _, x, _ in rewards]), cells)     # the rollout's cells, group by group
         assert all(len(x) == cfg.group for _, x, _ in rewards)
-        comps = {n: np.stack([c[n].double().numpy() for _, _, c in rewards]) for n in weights}   # (groups, n)
-        want = torch.from_numpy(numpy_advantages(comps, weights, cfg.adv_clip, cfg.contexts).reshape(-1)).float()
+        scores = {n: np.stack([c[n].double().numpy() for _, _, c in rewards]) for n in weights}   # (groups, n)
+        want = torch.from_numpy(numpy_advantages(scores, weights, cfg.adv_clip, cfg.contexts).reshape(-1)).float()
         assert float(want.abs().max()) > 0.5                                  # rewards that differ within groups
         assert len(losses) == cfg.epochs * cfg.T
         for _, a in losses:
