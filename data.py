@@ -241,8 +241,8 @@ class Dataset:
     def start(self, key, trust=None) -> np.ndarray:
         """Where the generator starts for `key` (G,): the best trusted simple predictor. c * its additive prior when
         that kind is trusted, else c_mean * the training-mean delta (mean_delta) when that is trusted, else zero
-        (the control cell). With paired generation (flow.sample) a network that outputs zero generates exactly
-        control cell + start."""
+        (the control cell). With paired generation (flow.sample, ODE) a network that outputs zero generates exactly
+        control cell + start (before decode's clip at 0)."""
         trust = trust or self.prior_trust()
         c = trust[self.prior_kind(key)]
         return (c * self.additive_delta(key) if c > 0 else trust["mean"] * self.mean_delta(key)).astype(np.float32)

@@ -200,7 +200,7 @@ class VelocityField(nn.Module):
 def make_cond(model, table, key_ids, ctrl_x):
     """Conditioning for a batch, in model space: table = ds.key_table(keys), key_ids (B,) into it, ctrl_x (B, G) control
     cells of the same covariate in EXPRESSION space. It owns the source x0 ~ N(mu0, sigma^2 I) of the loss and every
-    sampler; start = data.Dataset.start (the start predictor, a delta: divided by std) or 0 (--no-use-start):
+    sampler; start = data.Dataset.start (the start predictor, a delta: divided by std) or 0 (--no-use-start, --no-use-prior):
       source 'noise': mu0 = start, sigma = 1 (the network sees xt - mu0, so it generates x1 - start from N(0, I));
       source 'ctrl':  mu0 = ctrl + start, sigma = model.sigma."""
     dev, key_ids = model.mean.device, torch.as_tensor(key_ids, dtype=torch.long)
@@ -305,8 +305,8 @@ def sde_mean_std(model, x, t, h, cond, noise_level):
     for t = 0 source, t = 1 data) and the source x0 ~ N(mu0, sigma^2 I): on the path, x - mu0 - t v = sigma eps, so
     eps_hat = (x - mu0 - t v) / sigma and the score is -eps_hat / ((1 - t) sigma). With s = a sigma sqrt((1 - t) / t),
         dx = [v + s^2 / 2 score] dt + s dW = [v - a^2 sigma / (2 t) eps_hat] dt + s dW.
-    t_eff = max(t, h) at the noise end (as Flow-GRPO): the drift coefficient a^2 h / (2 t_eff) <= a^2 / 2 < 1 never
-    overshoots, and the form is finite at t = 1.
+    t_eff = max(t, h) at the source end t = 0, where 1 / t diverges (Flow-GRPO's noise end): the drift coefficient
+    a^2 h / (2 t_eff) <= a^2 / 2 < 1 (a < sqrt 2) never overshoots; the grid stops at t = 1 - h.
         mean = x + v h - a^2 sigma / (2 t_eff) * eps_hat * h,   std = s sqrt(h)   (B, 1)"""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
     with data.autocast(x.device):
@@ -336,7 +336,7 @@ def sde_log_prob(model, x, t, h, cond, noise_level, x_next):
 def generate(model, ds, keys, n_cells=None, steps=20, method="midpoint", noise_level=0.0, seed=0, chunk=4096,
              repeat=1) -> dict:
     """{key: (n * repeat, G) generated cells in expression space}: each a control cell of the key's covariate plus
-    the generator's change (sample, paired). n_cells: an int, one per key, or None (as many as the real condition has);
+    the generator's change (sample, paired). n_cells: an int, a list (per key), or None (as many as the real condition has);
     repeat: candidates per cell on consecutive rows, each from its own control cell (evaluate.best_of_n); noise_level
     > 0: the RL SDE instead of the ODE `method`. All keys together, in chunks of cells."""
     g, g_dev = torch.Generator().manual_seed(seed), torch.Generator(device=model.mean.device).manual_seed(seed)

@@ -116,7 +116,7 @@ def rollout(model, cond, T, noise_level, draw, eps):
     return model.decode(cond["ctrl"] + z), xs, logp
 
 
-def group_advantages(scores: dict, weights: dict, eps=1e-6, clip=5.0, contexts=1):
+def group_advantages(scores: dict, weights: dict, eps=1e-6, adv_clip=5.0, contexts=1):
     """scores {name: (n_groups, n)} -> advantages (n_groups, n). A group's n cells are `contexts` contexts of
     m = n / contexts cells on consecutive columns; each reward is centred on its context's mean and scaled by the
     group's pooled within-context std: A = sum_k w_k (r_k - mean_context) / (std_pooled + eps). contexts = 1 is
@@ -126,7 +126,7 @@ def group_advantages(scores: dict, weights: dict, eps=1e-6, clip=5.0, contexts=1
         r = scores[name].reshape(scores[name].shape[0], contexts, -1)  # (g, C, m)
         dev = r - r.mean(-1, keepdim=True)
         A = A + w * dev / (dev.pow(2).mean((1, 2), keepdim=True).sqrt() + eps)
-    return A.reshape(A.shape[0], -1).clamp(-clip, clip)
+    return A.reshape(A.shape[0], -1).clamp(-adv_clip, adv_clip)
 
 
 def grpo_loss(logp, logp_old, adv, mean, mean_ref, std, clip, beta):
@@ -155,7 +155,7 @@ GUARDS = {"pearson_delta": 1, "energy": -1, "log_effect": -1}  # what RL may not
 
 def judge(draws, draws0, noise, weights, t_min=2.0) -> tuple:
     """(gain, t, kept) of a step's validation draws against step 0's (the same D >= 2 draws: paired). Per draw d, the
-    reward change in units of each reward's noise (the sd of step 0's mean over the draws, noise_k), weighted:
+    reward change in units of each reward's noise_k (the standard error of step 0's mean over the draws), weighted:
         s_d = sum_k w_k (m_kd - m0_kd) / noise_k / sum_k |w_k|,    gain = mean(s),    t = gain / (sd(s) / sqrt(D))
     (a paired t statistic). Kept only when t > t_min and no guard (GUARDS) is worse on the mean by more than its
     noise (a change within the draws' own spread is allowed); validate keeps the kept step with the largest gain."""
@@ -333,13 +333,13 @@ def rewards(run, pick, cells) -> dict:
 def grpo_step(run) -> dict:
     """One GRPO step: rollout -> rewards -> advantages -> update. Returns the step's record (rewards, losses, times)."""
     cfg, t0 = run.cfg, now(run.device)
-    # 1. rollouts: --conds groups of --group cells, each one training condition in --contexts contexts
+    # 1. rollouts: n_pick groups (--conds, at most the training conditions) of --group cells in --contexts contexts
     g = draw_groups(run, run.rng, run.gen, run.n_pick)
     cells, xs, logp_old = rollout(run.policy.eval(), g.cond, cfg.T, cfg.sde_noise, g.draw, g.eps)  # (B,G) (T+1,2B,G) (T,B)
     t1 = now(run.device)
     # 2. rewards, each normalised within its group (centred per context) and weighted
     scores = rewards(run, g.pick, rearrange(cells, "(g n) d -> g n d", n=cfg.group))  # (n_groups, n) each
-    adv = rearrange(group_advantages(scores, run.verifier.weights, clip=cfg.adv_clip, contexts=cfg.contexts),
+    adv = rearrange(group_advantages(scores, run.verifier.weights, adv_clip=cfg.adv_clip, contexts=cfg.contexts),
                     "g n -> (g n)")                                                # (B,)
     t2 = now(run.device)
     # 3. update: ratio of recorded transitions under the current policy, clipped surrogate + KL to the reference
@@ -355,8 +355,9 @@ def grpo_step(run) -> dict:
                 logp, mean, std = flow.sde_log_prob(run.field, xs[i], times[i], h, both, cfg.sde_noise, xs[i + 1])
                 with torch.no_grad():
                     mean_ref, _ = flow.sde_mean_std(run.frozen, xs[i], times[i], h, both, cfg.sde_noise)
-                # the ratio of the condition's paths; the KL over both: the control twin, which every cell's change
-                # is measured against, stays the pretrained generator's
+                # the ratio of the condition's paths; the KL over both: the twin, which every cell's change is measured
+                # against, stays the pretrained one's (its step was noiseless: its term penalises the change of its
+                # velocity as the KL of a step at the rollout's noise level would, a surrogate)
                 loss, s = grpo_loss(logp[:B], logp_old[i], adv, mean, mean_ref, std, cfg.clip, cfg.beta)
                 (loss * g.weight / n_t).backward()
             s["loss"] = loss.detach()
@@ -395,14 +396,14 @@ def validate(run, step) -> None:
         lam = {name: f["lam"] for name, f in fits.items()}             # validated, unvalidated held-out keys
         draws = [val_metrics(model, run.ds, val, run.all_rewards, cfg, d) for d in range(cfg.val_draws)]
         m = {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}  # the same draws at every step: paired
-        if step == 0:                                  # the noise: the sd of step 0's mean over the draws
+        if step == 0:                                  # the noise: the standard error of step 0's mean over the draws
             run.best = {"step": 0, "gain": 0.0, "draws0": draws, "noise": {
                 k: float(np.std([d[k] for d in draws], ddof=1) / np.sqrt(len(draws))) for k in m}}
         gain, t, kept = judge(draws, run.best["draws0"], run.best["noise"], run.verifier.weights) if step else (0, 0, 0)
         run.history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}, "val/gain": gain, "val/t": t,
                             **learning_curve(run), "lam": lam})
         run.policy.train()
-        line = (f"val {step:4d} | gain {gain:+.2f} noise sd, t {t:+.1f} | pearson_delta {m['pearson_delta']:.3f} | energy "
+        line = (f"val {step:4d} | gain {gain:+.2f} se, t {t:+.1f} | pearson_delta {m['pearson_delta']:.3f} | energy "
                 f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | lam " + " ".join(f"{v:.2f}" for v in lam.values()) +
                 " | rewards " +
                 " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights) + " | fixed training groups " +

@@ -70,7 +70,7 @@ def test_group_advantages_centre_per_context_and_pool_the_spread(contexts):
     rng = np.random.default_rng(contexts)
     scores = {"a": rng.normal(size=(3, 8)), "b": rng.exponential(size=(3, 8))}
     weights = {"a": 1.0, "b": 2.0}
-    got = rl.group_advantages({k: torch.from_numpy(v) for k, v in scores.items()}, weights, clip=5.0, contexts=contexts)
+    got = rl.group_advantages({k: torch.from_numpy(v) for k, v in scores.items()}, weights, adv_clip=5.0, contexts=contexts)
     np.testing.assert_allclose(got.numpy(), numpy_advantages(scores, weights, 5.0, contexts), rtol=1e-9, atol=1e-9)
     between = {"a": np.repeat(rng.normal(size=(3, contexts)), 8 // contexts, axis=1)}        # constant per context
     A = rl.group_advantages({"a": torch.from_numpy(between["a"])}, {"a": 1.0}, contexts=contexts)
@@ -84,11 +84,11 @@ def test_group_advantages_clipping():
     A = rl.group_advantages({"r": r}, {"r": 2.0})                      # 2 sqrt(15) = 7.75 -> clipped to 5
     assert float(A[0, 3]) == pytest.approx(5.0)
     assert float(A[0, 0]) == pytest.approx(-2 / math.sqrt(15), rel=1e-5)
-    A = rl.group_advantages({"r": r}, {"r": 1.0}, clip=3.0)
+    A = rl.group_advantages({"r": r}, {"r": 1.0}, adv_clip=3.0)
     assert float(A[0, 3]) == pytest.approx(3.0)
-    A = rl.group_advantages({"r": -r}, {"r": 2.0}, clip=4.0)
+    A = rl.group_advantages({"r": -r}, {"r": 2.0}, adv_clip=4.0)
     assert float(A[0, 3]) == pytest.approx(-4.0)
-    assert float(rl.group_advantages({"r": r}, {"r": 1.0}, clip=10.0)[0, 3]) == pytest.approx(math.sqrt(15), rel=1e-5)
+    assert float(rl.group_advantages({"r": r}, {"r": 1.0}, adv_clip=10.0)[0, 3]) == pytest.approx(math.sqrt(15), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- the clipped surrogate
