@@ -375,7 +375,7 @@ def draw_batch(cells, rng, n, ctrl_frac, self_prior):
     i, j = pert[rng.integers(len(pert), size=n)], ctrl[rng.integers(len(ctrl), size=n)]
     pick = np.where(rng.random(n) < ctrl_frac, j, i)  # (n,) indices into cells
     kid = cells["kid"][pick]
-    if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (the same draws as before otherwise)
+    if (cells["own"] >= 0).any():  # drawn only when there are cross-fitted priors (no draw spent otherwise)
         kid = np.where((rng.random(n) < self_prior) & (cells["own"][pick] >= 0), cells["own"][pick], kid)
     cov, src = cells["cov"][kid], np.empty(n, np.int64)
     for c in np.unique(cov):  # a loop over covariates: a random control cell of the target's covariate

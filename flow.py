@@ -275,7 +275,7 @@ def sample(model, cond, steps=20, method="midpoint", draw=None, eps=None, noise_
     both = (lambda n: torch.cat([n, n])) if paired else (lambda n: n)  # noqa: E731
     x = cond.get("mu0", 0.0) + cond.get("sigma", 1.0) * both(e)  # (B or 2B, G)
     amp = data.autocast(x.device)
-    if hasattr(model, "condition"):  # 3 of the 5 (B, G) x (G, W) products depend on cond only: do them once
+    if hasattr(model, "condition"):  # the control cell's and the prior's (B, G) x (G, W) products: once, not per step
         with amp:
             cond = {**cond, "emb": model.condition(cond)}
     (ts, h), xs, log_probs = time_grid(steps), [x], []
@@ -397,8 +397,9 @@ def fit_residual_trust(model, ds, keys, n_cells=256, seed=0, n_boot=200, q=0.2) 
     and genes, with |r_k|^2 less its sampling noise tr(S_k) / n (else noise in r_k shrinks it):
         slope = sum_k <r_k, e_k> / sum_k |r_k|^2
     lam = its q-quantile (a lower bound) over n_boot resamples of the keys and of each key's generated and real cells
-    (a residual that is noise gets ~0), at most k / (k + 1) for k keys (one key never gives full trust), in [0, 1].
-    Returns {lam, slope (the point estimate), lo, hi (its 80% interval), keys}."""
+    (a residual that is noise gets ~0), at most k / (k + 1) for k keys (one key never gives full trust), in [0, 1]. The
+    slope takes the change as linear in lam (which scales the velocity: close, not exact). Returns {lam, slope (the
+    point estimate), lo, hi (its 80% interval), keys}."""
     if not keys:
         return {"lam": 0.0, "slope": None, "lo": None, "hi": None, "keys": 0}
     lam0, rng, K = model.lam.clone(), np.random.default_rng(seed), len(keys)
@@ -453,10 +454,9 @@ def fit_lam(model, ds, val_keys, n_cells=256, seed=0, log=None) -> dict:
         f = fits[name] = fit_residual_trust(model, ds, [k for k in val_keys if ds.novel(k) == (cls == 2)], n_cells, seed)
         model.lam[cls] = f["lam"]
         if log:
-            log(f"residual trust lam of {name} held-out keys (how far the network's change beyond the start is used): "
-                f"{f['lam']:.2f}" + (f" from {f['keys']} validation keys (slope {f['slope']:.2f}, 80% interval "
-                f"{f['lo']:.2f}-{f['hi']:.2f}; lam = its 20% quantile, at most {f['keys']}/{f['keys'] + 1})"
-                if f["keys"] else ": no validation key of the kind, the start predictor"))
+            log(f"residual trust lam of {name} held-out keys (how far the network's change is used): {f['lam']:.2f}" + (
+                f" from {f['keys']} validation keys (slope {f['slope']:.2f}, 80% interval {f['lo']:.2f}-{f['hi']:.2f}; "
+                f"its 20% quantile, at most {f['keys']}/{f['keys'] + 1})" if f["keys"] else ": no validation key"))
     return fits
 
 

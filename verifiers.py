@@ -189,7 +189,7 @@ def energy_witness(x, ref: Reference):
     makes the group mean minus half the energy distance (plus m_yy, a constant of the condition):
         mean_i r_i = -(m_xy - m_xx / 2) = -(E + m_yy) / 2,
     so groups of one condition compare on E (verifiers.check): real cells beat exaggerated, collapsed and control
-    ones. Without it the mean was -(E + m_yy - m_xx) / 2, which paid a dispersed group (an exaggerated one).
+    ones. Without the constant the mean is -(E + m_yy - m_xx) / 2, which pays a dispersed (exaggerated) group.
     B = 1: r = -mean_j ||x - y_j||. Cost O(B^2 G) for the within-group distances: cheap for GRPO
     groups (B ~ 8-64), the dominant cost for one group of 1,024 cells (bench/bench_verifiers.py).
     """
