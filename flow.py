@@ -415,10 +415,10 @@ def fit_residual_trust(model, ds, keys, n_cells=256, seed=0, n_boot=200, q=0.2) 
         base = ds.refs[k].ctrl_mean.double() + start[j]
         r, e = torch.cat([x.mean(0, keepdim=True), wx @ x]) - base, torch.cat([y.mean(0, keepdim=True), wy @ y]) - base
         noise = x.var(0).sum() / len(x) * torch.tensor([1.0] + [2.0] * n_boot)  # a resampled mean: twice the noise
-        P[j], Q[j] = (r * e).sum(1).numpy(), (r.pow(2).sum(1) - noise).clamp_min(1e-12).numpy()
+        P[j], Q[j] = (r * e).sum(1).numpy(), (r.pow(2).sum(1) - noise).clamp_min(0).numpy()
     pick = np.concatenate([np.arange(K)[None], rng.integers(K, size=(n_boot, K))])  # (1 + n_boot, K) keys per draw
-    draw = np.arange(n_boot + 1)[:, None]  # (1 + n_boot, 1)
-    slope = P.T[draw, pick].sum(1) / Q.T[draw, pick].sum(1)  # (1 + n_boot,)
+    Ps, Qs = (A.T[np.arange(n_boot + 1)[:, None], pick].sum(1) for A in (P, Q))  # (1 + n_boot,) each
+    slope = np.where(Qs > 0, Ps / np.maximum(Qs, 1e-300), 0.0)  # a change that is all noise (Qs = 0): slope 0
     lo, lam, hi = np.quantile(slope[1:], [0.1, q, 0.9])
     return {"lam": float(np.clip(min(lam, K / (K + 1)), 0, 1)), "slope": float(slope[0]), "lo": float(lo),
             "hi": float(hi), "keys": K}

@@ -66,10 +66,11 @@ def main():
         for label, kw in SETTINGS.items():
             rck = out / (f"{stem}_suite_rl_s{seed}.pt" if not kw else  # the default: bench/suite.py's run, if made
                          f"{stem}_tradeoff_{label.replace(' ', '')}_s{seed}.pt")
-            if kw or not Path(str(rck).replace(".pt", "_last.pt")).exists():
+            last = Path(str(rck).replace(".pt", "_last.pt"))
+            if not (last.exists() and data.read_checkpoint(str(last))["step"] >= rl.RLConfig.steps):  # else: reused
                 rl.train(rl.RLConfig(kind=a.kind, seed=seed, ckpt=str(fck), out=str(rck), progress=False,
                                      log_every=50, **kw))
-            model, _ = flow.load_checkpoint(str(rck).replace(".pt", "_last.pt"))
+            model, _ = flow.load_checkpoint(str(last))
             preds[label] = flow.generate(model, ds, keys, steps=20, seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
