@@ -104,6 +104,7 @@ def picture(pts, path):
                         fmt="o" if rl_run else "s", ms=6, capsize=2, label=("RL, " if rl_run else "baseline: ") + m)
         ax.set_xlabel(xlabel)
         ax.set_xscale("symlog", linthresh=1.0 if j == 1 else 0.01)
+        ax.set_yscale("symlog", linthresh=0.05)                # RL's gains beside the baselines' losses
     axes[0].set_ylabel("held-out reward gain (sd over conditions)")
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle("What GRPO buys (up) and what it costs (right); mean ± sd over seeds")
