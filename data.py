@@ -121,7 +121,7 @@ PRIOR_MIN_CORR = 0.2   # the prior is trusted only when it correlates at least t
 class Dataset:
     X: SparseRows                     # (n_cells, G) float32 log1p expression, CSR (X[rows] dense), rows grouped by key
     genes: list                       # (G,) gene symbols
-    label: np.ndarray                 # (n_cells,) canonical label: 'ctrl', 'A', 'A+B' (sorted), 'D@10'
+    label: np.ndarray                 # (n_cells,) canonical label: '' (control), 'A', 'A+B' (sorted), 'D@10'
     cov: np.ndarray                   # (n_cells,) covariate label; 'all' without one
     is_ctrl: np.ndarray               # (n_cells,) bool
     keys: list                        # non-control (condition, covariate) pairs
@@ -597,8 +597,7 @@ def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Datase
     keys, test = lab["keys"], cfg.test
     if split is not None:
         split = {k: [tuple(x) for x in v] for k, v in split.items()}
-        unknown = [k for v in split.values() for k in v if k not in set(keys)]
-        if unknown:
+        if unknown := [k for v in split.values() for k in v if k not in set(keys)]:
             raise UserError(f"{len(unknown)} conditions of the checkpoint's split are not in this data (e.g. "
                             f"{unknown[:3]}); use the data (and --min-cells) the checkpoint was trained with")
     else:      # --test in canonical spelling: 'B+A', 'A+ctrl', 'A_B' -> 'A+B' / 'A'; 'A+B@1+2' -> 'A@1+B@2'
@@ -730,7 +729,7 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
             raise UserError(f"covariate column {cov_key!r} has no value in any cell; name one with --covariate-key")
         warnings.warn(f"dropping {int(none.sum())} cells with no value (missing, NaN, empty) in {cov_key!r}")
         label, missing = np.where(none, "<missing>", label), missing | none
-    is_ctrl = label == "ctrl"
+    is_ctrl = label == ""                                              # read_conditions' control
     if len(rc["spellings"]) > 1:                                       # every control label found, per cell line
         warnings.warn(f"{len(rc['spellings'])} control labels in {rc['pert_key']!r}, all read as control: " + "; ".join(
             f"{cv}: " + ", ".join(f"{str(s)!r} {n}" for s, n in zip(*np.unique(rc["raw"][is_ctrl & (covs == cv)].astype(
@@ -741,12 +740,10 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
                             f"cells or choose another --covariate-key (or 'none')")
     uniq, inv, counts = np.unique((label + "\x1f" + covs).astype(str), return_inverse=True, return_counts=True)
     perturbed = [((l, c), n) for (l, c), n in zip((tuple(u.split("\x1f")) for u in uniq), counts)
-                 if l not in ("ctrl", "<missing>")]
-    small = [f"{l}|{c} ({n})" for (l, c), n in perturbed if n < cfg.min_cells]
-    if small:
+                 if l not in ("", "<missing>")]
+    if small := [f"{l}|{c} ({n})" for (l, c), n in perturbed if n < cfg.min_cells]:
         warnings.warn(f"dropping {len(small)} condition(s) with < {cfg.min_cells} cells: {small[:20]}")
-    keys = sorted(k for k, n in perturbed if n >= cfg.min_cells)
-    if not keys:
+    if not (keys := sorted(k for k, n in perturbed if n >= cfg.min_cells)):
         raise UserError(f"no perturbed condition has >= {cfg.min_cells} cells (the largest has "
                         f"{max(n for _, n in perturbed)}); lower --min-cells" if perturbed else f"there are no "
                         f"perturbed cells: every cell's {rc['pert_key']!r} is the control {control!r} or missing; "
@@ -757,13 +754,12 @@ def read_labels(h: H5AD, cfg: DataConfig, symbols) -> dict:
 
 
 def read_conditions(h: H5AD, cfg, symbols) -> dict:
-    """obs -> the canonical condition of every cell: 'ctrl', 'A', 'A+B' (components sorted), 'D@0.1', 'A@0.1+B@1'.
-    Layouts. One perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or
-    --dose-key; numbers, or strings 'dA+dB' when labels are 'A+B'; a column with one value is not a dose). Or one
-    column per combination slot (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered
-    drug columns come with numbered dose columns, or named with --pert-key Drug1,Drug2 [--dose-key Dose1,Dose2].
-    Units: labels are in uM; the input unit is --dose-unit, else read from the column name (dose_nM), else nM
-    when a dose exceeds 1000 (1 mM; sci-Plex writes 10-10000 nM), else uM. Parsed once per distinct (label, dose)."""
+    """obs -> the canonical condition of every cell: '' (control), 'A', 'A+B' (sorted), 'D@0.1', 'A@0.1+B@1'. Layouts:
+    one perturbation column (PERT_KEYS or --pert-key), with an optional dose column (DOSE_KEYS or --dose-key; numbers,
+    or strings 'dA+dB' for 'A+B'; a column with one value is not a dose); or one column per combination slot
+    (CellFlow's ComboSciPlex: Drug1, Drug2 with Dose1, Dose2), detected when numbered drug columns come with numbered
+    dose columns, or named (--pert-key Drug1,Drug2 [--dose-key Dose1,Dose2]). Labels are in uM; the input unit is
+    --dose-unit, else the column name's (dose_nM), else nM above 1000 (sci-Plex: 10-10000 nM), else uM."""
     labels, missing, control, pert_key, dk, raw, spellings = read_perturbations(h.obs, cfg)
     if missing.any():                                 # never control
         warnings.warn(f"dropping {int(missing.sum())} cells with no value (missing, NaN, empty) in {pert_key!r}")
@@ -789,8 +785,8 @@ def read_conditions(h: H5AD, cfg, symbols) -> dict:
             not 0 < float(v) * f < np.inf for v in np.atleast_1d(d) if v > 0)]:
         raise UserError(f"{where}: the dose {bad[0][1]} {unit[0]}M of {bad[0][0]!r} is inf or 0 in uM: --dose-unit?")
     scale = lambda d: None if d is None else [v * f for v in d] if isinstance(d, list) else d * f  # noqa: E731
-    canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) or "ctrl" for (l, _), d in zip(pairs, doses)]
-    if bad := [(l, c) for c, (l, _) in zip(canon, pairs) if not re.fullmatch(r"[^@+]+(@\d*\.?\d+)?(\+[^@+]+(@\d*"
+    canon = ["+".join(parse_condition(l, control, sep, scale(d), case)) for (l, _), d in zip(pairs, doses)]  # '': ctrl
+    if bad := [(l, c) for c, (l, _) in zip(canon, pairs) if c and not re.fullmatch(r"[^@+]+(@\d*\.?\d+)?(\+[^@+]+(@\d*"
                                                                              r"\.?\d+)?)*", c)]:
         raise UserError(f"{pert_key!r}: {len(bad)} label(s) like {bad[0][0]!r} hold '@', which marks doses ('D@0.1')")
     label = np.array(canon, dtype=object)[inv.ravel()]
@@ -834,7 +830,7 @@ def read_perturbations(obs, cfg):
     control = find_control(np.concatenate([c[~e] for c, e in zip(cols, empty)]), cfg.control)
     found = sorted({u for c, e in zip(cols, empty) for u in np.unique(c[~e]) if u.strip().lower() in CONTROL_LABELS})
     spellings = found if cfg.control is None else [control]
-    if like := [u for u in found if u.strip().lower() not in {"ctrl", "control", control.lower()} | set(spellings)]:
+    if like := [u for u in found if u not in spellings and u.strip().lower() != control.lower()]:
         warnings.warn(f"--control {control!r} names one label; {like[:5]}, spelled like controls, stay perturbations")
     labels = raw = None
     for c, e in zip(cols, empty):
@@ -897,14 +893,14 @@ def fmt_dose(d) -> str:
     return np.format_float_positional(float(f"{d:.6g}"), trim="-")
 
 
-def parse_condition(label: str, control: str, sep: str = "+", dose=None, rename=None) -> tuple[str, ...]:
-    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' / 'ctrl+B' -> ('A',) / ('B',); the control -> (). dose: None,
-    one number for every component, or one per part of the label (in order); a dose is attached as 'A@10'
-    (missing/NaN: none), and a component at dose 0 is no drug at all (vehicle). rename: match_case's."""
-    ctrl = {control.lower(), "ctrl", "control"}
+def parse_condition(label: str, control: str, sep="+", dose=None, rename=None, part=False) -> tuple[str, ...]:
+    """'A+B' == 'B+A' -> ('A', 'B'); GEARS 'A+ctrl' -> ('A',); the control -> () (a whole 'ctrl' or 'control' other
+    than it, --control DMSO, is a condition; part: `label` is a part of a combination). dose: None, one number, or
+    one per part, attached as 'A@10' (NaN: none); a component at dose 0 is no drug (vehicle); rename: match_case's."""
+    parts = [p.strip() for p in split_label(label, sep)]
+    ctrl = {control.lower()} | ({"ctrl", "control"} if part or len(parts) > 1 else set())
     if str(label).strip().lower() in ctrl:                             # 'non_targeting' with sep '_'
         return ()
-    parts = [p.strip() for p in split_label(label, sep)]
     doses = list(dose) if isinstance(dose, (list, tuple)) else [dose] * len(parts)
     return tuple(sorted((rename or {}).get(p, p) + ("" if d is None or not np.isfinite(d) else f"@{fmt_dose(d)}")
                         for p, d in zip(parts, doses)
@@ -919,14 +915,14 @@ def undosed(label, dose, control, sep) -> bool:
     """A perturbed part of `label` has no finite dose (dose: dose_values' None, one number or one per part)."""
     parts = split_label(label, sep)
     per = dose if isinstance(dose, list) else [dose] * len(parts)
-    return any(parse_condition(p, control, sep) and (v is None or not np.isfinite(v)) for p, v in zip(parts, per))
+    return any(parse_condition(p, control, sep, part=len(parts) > 1) and (v is None or not np.isfinite(v))
+               for p, v in zip(parts, per))
 
 
 def detect_sep(labels, control, genes=()) -> str:
-    """The characters that separate the components of a combination (parse_condition splits at each): '+' when any
-    label has it, with '|' and ';' when every part of every label holding them is a label or a gene, in any case
-    ('DUSP6|DUSP4' among 'A+B' labels is DUSP4+DUSP6); else the first of '|', ';', '_' that passes the same test
-    ('A_B': A and B, not a gene A_B), else '+'. Labels holding '|' or ';' that stay whole get a warning."""
+    """The separators of a combination's components (parse_condition splits at each): '+' when a label has it, with '|'
+    and ';' when every part of every label holding them is a label or gene, any case ('DUSP6|DUSP4' among 'A+B' is
+    DUSP4+DUSP6); else the first of '|', ';', '_' passing that test ('A_B': A and B), else '+' (warns of a '|' kept)."""
     labels = set(map(str, labels)) - {control}
     known = {x.upper() for x in (*labels, *map(str, genes), control, "ctrl", "control")}
 
@@ -937,8 +933,7 @@ def detect_sep(labels, control, genes=()) -> str:
         seps = "+" + "".join(s for s in "|;" if splits(s, "+" + s))
     else:
         seps = next((s for s in "|;_" if splits(s, s)), "+")
-    whole = sorted(l for l in labels if any(c in l and c not in seps for c in "|;"))
-    if whole:
+    if whole := sorted(l for l in labels if any(c in l and c not in seps for c in "|;")):
         warnings.warn(f"{len(whole)} label(s) hold '|' or ';' but not every part is a label or a gene, so each is "
                       f"read as one perturbation: {whole[:5]}")
     return seps
@@ -947,8 +942,7 @@ def detect_sep(labels, control, genes=()) -> str:
 def match_case(components, genes) -> dict:
     """{component: gene} for components that name a gene in another case ('tmsb4x' -> 'TMSB4X'), with a warning."""
     exact, upper = set(genes), {g.upper(): g for g in reversed(list(genes))}       # the first of a case wins
-    fix = {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}
-    if fix:
+    if fix := {c: upper[c.upper()] for c in sorted(components) if c not in exact and c.upper() in upper}:
         warnings.warn(f"{len(fix)} perturbation label(s) name a gene in another case; using the gene names: "
                       + ", ".join(f"{a} -> {b}" for a, b in list(fix.items())[:10]))
     return fix
@@ -973,8 +967,7 @@ def test_label(lab: str, control: str, sep: str = "+", rename=None) -> str:
         raise UserError(f"--test {lab!r}: doses must be numbers in uM, e.g. D@0.1 or A+B@0.1+1") from None
     if len(d) not in (1, len(split_label(names, sep))):
         raise UserError(f"--test {lab!r}: {len(split_label(names, sep))} drug(s) but {len(d)} doses; write A+B@dA+dB")
-    out = "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))
-    if not out:
+    if not (out := "+".join(parse_condition(names, control, sep, d if len(d) > 1 else d[0], rename))):
         raise UserError(f"--test {lab!r} is the control ({control!r}); --test names perturbed conditions to hold out "
                         "(A, A+B, D@0.1)")
     return out
@@ -1047,9 +1040,8 @@ LOG_MAX = 30.0  # log-normalised values stay below this: log1p(CP10k) <= 9.2, lo
 
 
 def is_counts(X, n_max=200_000) -> bool:
-    """Raw counts or log-normalised values, decided on a strided sample of (up to n_max) non-zero stored values: counts
-    when the maximum is out of reach of log values (LOG_MAX), or when at least 90% are integers and some exceed 1; a
-    warning when the two disagree (non-integer counts: pseudo-counts, ambient-RNA correction)."""
+    """Raw counts or log-normalised, from a strided sample of up to n_max non-zero values: counts when the maximum is
+    above LOG_MAX, or >= 90% are integers and some exceed 1; a warning when they disagree (pseudo-counts, ambient)."""
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     sample = data[:: max(1, data.size // n_max)]
     sample = sample[sample != 0]
@@ -1107,8 +1099,8 @@ SYMBOL_KEYS = ["gene_name", "gene_symbols", "feature_name", "gene_symbol", "gene
 
 
 def gene_symbols(h: H5AD, column=None) -> np.ndarray:
-    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given); duplicated
-    symbols get suffixes -1, -2 (as anndata's var_names_make_unique)."""
+    """The var index, or a symbol column when the index holds Ensembl IDs (or --gene-symbols is given); a repeated
+    name gets the first unused of -1, -2, ... (as anndata's var_names_make_unique), with a warning."""
     names = h.var_names
     if column is None and np.mean([bool(re.match(r"ENS[A-Z]*G\d{6,}", str(n))) for n in names[:200]]) > 0.5:
         column = next((c for c in SYMBOL_KEYS if c in h.var), None)
@@ -1121,20 +1113,25 @@ def gene_symbols(h: H5AD, column=None) -> np.ndarray:
         if (none := _blank(h.var[column])).any():                  # never genes named '', '-1', ...
             warnings.warn(f"{int(none.sum())} gene(s) have no symbol in {column!r}; using their var names")
         names = np.where(none, names, h.var[column])
-    names, seen = np.array([str(n) for n in names], dtype=object), {}
+    names, seen, renamed = np.array([str(n) for n in names], dtype=object), {}, []
     if (none := _blank(names)).any():
         raise UserError(f"{int(none.sum())} gene(s) have no name (e.g. var row {np.flatnonzero(none)[0]})")
+    used = set(names)                                                  # a suffix never makes a name that exists
     for i, n in enumerate(names):                                      # runs once per gene at load
-        seen[n] = seen[n] + 1 if n in seen else 0
-        names[i] = f"{n}-{seen[n]}" if seen[n] else n
+        if n in seen:
+            seen[n] = next(k for k in range(seen[n], seen[n] + len(names) + 1) if f"{n}-{k}" not in used)
+            names[i] = f"{n}-{seen[n]}"
+            used.add(names[i]), renamed.append(f"{n} (var row {i}) -> {names[i]}")
+        seen[n] = seen.get(n, 0) + 1
+    if renamed:
+        warnings.warn(f"{len(renamed)} duplicate gene name(s) renamed to be unique, e.g. {renamed[0]}")
     return names
 
 
 # ---------------------------------------- h5ad I/O
-# h5ad (AnnData's HDF5 file) with h5py only (anndata's "On-disk format" spec): elements carry `encoding-type`/
-# `encoding-version`; sparse = group data/indices/indptr + `shape`; dataframe = group whose `_index` attribute names
-# the index dataset, `column-order` its columns; categorical = codes (-1 = missing) + categories. anndata 0.7: codes
-# whose `categories` attribute references `__categories/<col>`; before: h5sparse_format/_shape, compound obs/var.
+# h5ad with h5py only (anndata's "On-disk format"): elements carry `encoding-type`/`-version`; sparse = group data/
+# indices/indptr + `shape`; dataframe = group, `_index` names its index, `column-order` its columns; categorical = codes
+# (-1: missing) + categories. anndata 0.7: `categories` refers to `__categories/<col>`; older: h5sparse, compound obs.
 @dataclass
 class H5AD:                                            # what read_h5ad returns and write_h5ad takes
     X: np.ndarray | sp.csr_matrix | sp.csc_matrix  # (n_obs, n_vars)
@@ -1164,7 +1161,13 @@ def _strings(a):
 
 
 def _categorical(codes, categories, name):             # -> (n,) object array of str; code -1 -> None
-    codes, cats = np.asarray(codes, dtype=np.int64), _strings(categories)
+    codes, cats = np.asarray(codes), _strings(categories)
+    if (bad := codes[~np.isfinite(codes) | (codes != np.round(codes))] if codes.dtype.kind == "f" else codes[:0] if
+            codes.dtype.kind in "iu" else codes).size:                 # a cast would read 0.5 as 0
+        raise UserError(f"{name}: categorical code {bad[0]} is {codes.dtype}, not an integer; rewrite it (anndata)")
+    if (twice := (u := np.unique(cats, return_counts=True))[0][u[1] > 1]).size:
+        raise UserError(f"{name}: category {twice[0]!r} is listed more than once, merging labels; rewrite it (anndata)")
+    codes = codes.astype(np.int64)
     if codes.size and (codes.min() < -1 or codes.max() >= len(cats)):  # -2 would be the last category, silently
         raise UserError(f"{name}: categorical code {codes.min() if codes.min() < -1 else codes.max()} is outside [-1, "
                         f"{len(cats)}) (-1 = missing); rewrite it with anndata")
@@ -1186,6 +1189,8 @@ def _read_array(obj):
             return _categorical(obj[...], obj.file[ref][...], obj.name)
         return obj[...]
     if enc == "categorical":
+        if absent := [k for k in ("codes", "categories") if not isinstance(obj.get(k), h5py.Dataset)]:
+            raise UserError(f"{obj.name} is a categorical without {' or '.join(absent)}; rewrite it with anndata")
         return _categorical(obj["codes"][...], obj["categories"][...], obj.name)
     if enc in ("nullable-integer", "nullable-boolean", "nullable-string-array"):
         v, mask = _read_array(obj["values"]), obj["mask"][...].astype(bool)
@@ -1240,6 +1245,9 @@ def _check_file(f, layer, lazy) -> None:
         raise UserError(f"X, obs, var and uns declare {total / 2 ** 30:,.1f} GiB ({where} {big / 2 ** 30:,.1f}), more "
                         f"than this machine's {memory() / 2 ** 30:,.1f} GiB (a read allocates a declared shape, "
                         "however small the file): " + "use --lazy or " * (where == key and not lazy) + "subset it")
+    if g := [g for g in (f["obs"], f["var"]) if isinstance(g, h5py.Dataset) and (g.dtype.names is None or g.ndim > 1)]:
+        raise UserError(f"{g[0].name} is a {g[0].dtype} array of shape {g[0].shape}, not a dataframe (a group of "
+                        "columns, or an old anndata's compound table): rewrite it with anndata")
     if key not in f:
         layers = sorted(f["layers"]) if isinstance(f.get("layers"), h5py.Group) else []
         raise UserError((f"no layer {layer!r}" if layer else "no X matrix; pass a layer") + f" (layers: {layers})")
@@ -1264,6 +1272,12 @@ def _check_file(f, layer, lazy) -> None:
 
 def memory() -> float:                                  # physical memory in bytes (inf without sysconf: Windows)
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else float("inf")
+
+
+def check_memory(what: str, n: int, fix: str) -> None:   # one line when n float32 values need over half of memory()
+    if n * 4 > memory() / 2:
+        raise UserError(f"{what}: {n:,} values at once need {n * 4 / 2 ** 30:,.1f} GiB, more than half of this "
+                        f"machine's {memory() / 2 ** 30:,.1f} GiB; {fix}")
 
 
 def _sparse(x):                                         # a sparse group's (format, shape), current or legacy attributes
@@ -1365,8 +1379,7 @@ def _enc(obj, kind, version):                          # set the anndata encodin
 
 def _write_array(g, key, a, compression):
     """ndarray -> dataset: 'array' (numeric/bool) or 'string-array' (vlen UTF-8); HDF5 cannot chunk an empty one."""
-    a = np.asarray(a)
-    text = a.dtype.kind in "OUS"
+    text = (a := np.asarray(a)).dtype.kind in "OUS"
     return _enc(g.create_dataset(key, data=_strings(a) if text else a, dtype=h5py.string_dtype() if text else None,
                                  compression=compression if a.size else None), "string-" * text + "array", "0.2.0")
 
@@ -1457,8 +1470,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def distributed(device: str = "cpu", timeout: float = 1800):
-    """(device, rank, world size). Under torchrun: one process per device, the process group started once (NCCL on
-    CUDA, gloo on CPU; a peer dead for `timeout` s raises), ranks > 0 silent. Else (pick_device(device), 0, 1)."""
+    """(device, rank, world); under torchrun the process group (NCCL on CUDA, else gloo), ranks > 0 silent."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in [("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)])
     dev = pick_device(device)
     if world == 1:
@@ -1497,10 +1509,8 @@ def dataset_meta(ds) -> dict:
             "data_id": ds.meta.get("data_id")}                  # the data file it was trained on (file_identity)
 
 
-def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra: dict | None = None,
-                    rng: dict | None = None) -> dict:
-    """The checkpoint dict (its tensors are the live ones: deepcopy it to keep a snapshot); cfg["model"] holds the
-    model's constructor arguments, the scaler is in the state dicts (model.mean / std)."""
+def make_checkpoint(model, ema, opt, step, cfg: dict, ds_meta: dict, extra=None, rng=None) -> dict:
+    """The checkpoint dict, its tensors live (deepcopy it to keep one); config.model: the model's arguments."""
     return {"format": FORMAT, "model": model.state_dict(), "ema": (ema if ema is not None else model).state_dict(),
             "opt": opt.state_dict() if opt is not None else None, "step": int(step),
             "config": {**cfg, "data": cfg.get("data") and os.path.abspath(cfg["data"]), "model": dict(model.hparams)},
@@ -1516,15 +1526,13 @@ def write_checkpoint(path, ckpt: dict) -> None:     # atomic: a crash, Ctrl-C or
         torch.save(ckpt, tmp)
 
 
-UMASK = os.umask(0o022)                               # read once (set back at once): the mode a new file gets
-os.umask(UMASK)
+os.umask(UMASK := os.umask(0o022))                    # read once (set back at once): the mode a new file gets
 
 
 @contextmanager
 def atomic_write(path):
-    """The one way every stage writes a file: yields a new temporary path beside it (mkstemp: never an input or another
-    run's file) to write and close, then renames it to `path`, the only step that touches `path`. Any failure or
-    signal removes it; a failed write (a full disk: "unexpected pos", ENOSPC) is one line, `path` left as it was."""
+    """The one way every stage writes a file: yields a new temporary path beside it (mkstemp) to write and close, then
+    renames it to `path`; a failure or signal removes it, a failed write (a full disk) is one line, `path` as it was."""
     path, tmp, folder = os.fspath(path), None, os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -1568,6 +1576,10 @@ def read_checkpoint(path, resume=None, genes=None) -> dict:
     fmt, extra = ckpt.get("format", 1), ckpt.get("extra") or {}
     if not isinstance(fmt, int):
         raise UserError(f"{path} has the format entry {fmt!r}, not a version number: damaged, or not a checkpoint")
+    if nan := [f"{p}.{k}" for p in ("ema", "model") for k, v in (ckpt.get(p) or {}).items() if torch.is_tensor(v)
+               and v.is_floating_point() and not torch.isfinite(v).all()]:       # every use, --resume too
+        raise UserError(f"{path} has NaN/Inf weights ({', '.join(nan[:3])}): damaged, or saved after training "
+                        "diverged; retrain it, or use an earlier copy")
     if fmt != FORMAT:
         raise UserError(f"{path} has checkpoint format {fmt}, this code reads {FORMAT}: " + (
             "update PerturbCellRL" if fmt > FORMAT else "an earlier version wrote it (its residual trust was folded "
@@ -1606,8 +1618,7 @@ def restore_run(ckpt, opt, gen, rng, seed) -> None:
 
 # ---------------------------------------- CLI
 def field_help(cls) -> dict:
-    """{field: (group, help)} from a config dataclass's source: each field's trailing `# comment` is its help,
-    and a comment line alone above fields names their group (fields before any such line: group 'data')."""
+    """{field: (group, help)}: a dataclass field's trailing comment, and the comment line above it (else 'data')."""
     out = {}
     for klass in (k for k in reversed(cls.__mro__) if "__dataclass_fields__" in vars(k)):
         group = "data"
@@ -1715,8 +1726,7 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
         ins.append((what, path))
 
 
-def say(msg: str) -> None:                             # one log line on stdout, above a progress bar if one is drawn
-    tqdm.write(msg)
+say = tqdm.write                                       # say(msg): one log line on stdout, above a progress bar if drawn
 
 
 def progress(enabled: bool, **kw) -> tqdm:
@@ -1726,8 +1736,7 @@ def progress(enabled: bool, **kw) -> tqdm:
 
 @contextmanager
 def sigterm_as_interrupt():
-    """Within it SIGTERM (what batch schedulers send before they kill a job) raises KeyboardInterrupt: a stage stops as
-    on Ctrl-C (rl.py saves its state, a write in progress removes its temporary file). Main thread only (cli)."""
+    """Within it SIGTERM (a batch scheduler's notice before a kill) raises KeyboardInterrupt, as Ctrl-C. Main thread."""
     def stop(signum, frame):
         raise KeyboardInterrupt("terminated (SIGTERM)")
     old = signal.signal(signal.SIGTERM, stop)
@@ -1775,8 +1784,7 @@ def main(argv=None):
     p.add_argument("--simulate", metavar="OUT", help="write the synthetic benchmark to OUT and exit")
     for name, default, what in [("cells", 6000, "cells"), ("genes", 1000, "genes"), ("covariates", 1, "cell lines")]:
         p.add_argument(f"--sim-{name}", type=int, default=default, help=f"with --simulate: number of {what}")
-    args = p.parse_args(argv)
-    check_args(args)
+    check_args(args := p.parse_args(argv))
     if args.simulate is not None and (args.sim_genes < 50 or args.sim_cells * args.sim_genes > 2 ** 28):
         raise UserError(f"--sim-genes {args.sim_genes}: the simulator needs at least 50 genes (its programs use 50)" if
                         args.sim_genes < 50 else "--sim-cells x --sim-genes: over 2^28 values, beyond memory")
@@ -1816,9 +1824,6 @@ def main(argv=None):
 
 
 # ---------------------------------------- simulators
-ROOT = Path(__file__).resolve().parent
-
-
 def builtin_path(kind: str = "genetic") -> str:
     """The built-in benchmark of `kind` (genetic: simulate, chemical: simulate_chemical), simulated once, cached."""
     sims = {"genetic": ("simulated_v1_seed0.h5ad", simulate), "chemical": ("chemical_v1_seed0.h5ad", simulate_chemical)}
@@ -1834,11 +1839,10 @@ def builtin_path(kind: str = "genetic") -> str:
 def _footprints(n_genes):
     """Simulated genes: PROGENy footprint genes (about 60%, an equal share per pathway, strongest first), then SIM...
     Returns genes (G,), pathways (P,), W (P, G) signed footprints (max |w| = 1), {footprint gene: its pathway}."""
-    table = np.genfromtxt(ROOT / "pathways" / "progeny_human_top100.csv", delimiter=",", names=True,
-                          dtype=None, encoding="utf-8")
+    table = np.genfromtxt(Path(__file__).resolve().parent / "pathways" / "progeny_human_top100.csv", delimiter=",",
+                          names=True, dtype=None, encoding="utf-8")
     paths = sorted(set(table["pathway"]))
-    per = max(1, int(0.6 * n_genes) // len(paths))
-    fp_path = {}
+    per, fp_path = max(1, int(0.6 * n_genes) // len(paths)), {}
     for p in paths:                                                    # 14 pathways
         rows = table[table["pathway"] == p]
         for g in rows["gene"][np.argsort(-np.abs(rows["weight"]))][:per]:
@@ -1916,20 +1920,17 @@ def _screen(rng, genes, effects, labels, truth, n_cells, n_covariates, ctrl_frac
 
 def simulate(n_cells=6000, n_genes=1000, n_singles=40, n_combos=30, n_covariates=1, seed=0,
              mode="a", ctrl_frac=0.15, responder_frac=0.8, interaction_frac=0.5, chunk=5000) -> H5AD:
-    """A Perturb-seq-like screen with known ground truth (raw counts, GEARS-style labels; genes: _footprints, cells and
-    counts: _screen). A single perturbation of gene A (of pathway P): its own gene moves +2 (CRISPRa, mode 'a') or -2
-    (CRISPRi, 'i'), the footprint of P by strength * sign * PROGENy weight / max|weight|, about 15 random genes a
-    little. A combination A+B = e_A + e_B + an interaction for a fraction of pairs (_interact). Cell lines shift
-    baselines and scale effects. Same seed, same data. Truth is in uns['truth']."""
+    """A Perturb-seq-like screen with known ground truth (raw counts, GEARS labels; genes: _footprints, cells, counts:
+    _screen). A single perturbation of gene A (of pathway P): its own gene +2 (CRISPRa, mode 'a') or -2 ('i'), P's
+    footprint by strength * sign * PROGENy weight / max|weight|, ~15 random genes a little. A+B = e_A + e_B + an
+    interaction for a fraction of pairs (_interact). Cell lines shift baselines, scale effects. Truth: uns['truth']."""
     rng = np.random.default_rng(seed)
     genes, paths, W, fp_path = _footprints(n_genes)
     G, gidx = len(genes), {g: i for i, g in enumerate(genes)}
     targets = list(rng.choice(list(fp_path), size=min(n_singles, len(fp_path)), replace=False))  # across pathways
-    effects, names, kinds, tpath, single = [], [], [], [], {}
-    own = 2.0 if mode == "a" else -2.0
+    effects, names, kinds, tpath, single, own = [], [], [], [], {}, 2.0 if mode == "a" else -2.0
     for a in targets:
-        e = np.zeros(G)
-        e += rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[paths.index(fp_path[a])]
+        e = np.zeros(G) + rng.uniform(0.5, 1.0) * rng.choice([-1, 1]) * W[paths.index(fp_path[a])]
         e[rng.choice(G, 15, replace=False)] += rng.normal(0, 0.4, 15)
         e[gidx[a]] = own
         single[a] = e
@@ -1957,9 +1958,8 @@ def hill(d, ec50, h):
 def simulate_chemical(n_cells=6000, n_genes=1000, n_drugs=12, n_pairs=20, n_covariates=1, seed=0,
                       ctrl_frac=0.1, responder_frac=0.9, interaction_frac=0.5, chunk=5000) -> H5AD:
     """A sci-Plex-like drug screen with known dose-responses (raw counts; obs product_name, dose in uM as text,
-    cell_type; vehicle controls 'Vehicle' at dose 0). Genes, cells and counts as in simulate. Drug D acts on one
-    PROGENy pathway P (strength s in [1, 2], a sign) and on 20 off-target genes o_D at a 3x weaker potency, so the
-    shape of the response, not only its size, changes with dose:
+    cell_type; controls 'Vehicle' at dose 0). Genes, cells, counts as in simulate. Drug D acts on one PROGENy pathway
+    P (strength s in [1, 2], a sign) and on 20 off-target genes o_D at a 3x weaker potency, so dose changes its shape:
         e_D(d) = H(d; EC50, h) s sign W_P + H(d; 3 EC50, h) o_D,     H(d; c, h) = d^h / (c^h + d^h),
     Hill slope h in [0.8, 3]. Each drug at 4-6 consecutive doses of DOSE_GRID, its EC50 log-uniform between its
     second-lowest and second-highest dose. Pairs 'A+B' at one seen dose of each ('dA+dB'): e_A(dA) + e_B(dB) plus,

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -301,25 +302,28 @@ def parse_best_of(spec) -> list:
 
 
 def check_checkpoint(path, ckpt, allow=False) -> None:
-    """One line for a checkpoint that cannot be sampled as it is: NaN/Inf weights, a dose range that is not two doses
-    0 < lo <= hi (key_table's log-dose scale), or a pretraining that stopped before its --steps (Ctrl-C, --stop-at:
-    never calibrated, flow.calibrate) unless allowed (--allow-unfinished; RL checkpoints stop at their best step)."""
-    nan = [f"{p}.{k}" for p in ("ema", "model") for k, v in (ckpt.get(p) or {}).items() if torch.is_tensor(v) and
-           v.is_floating_point() and not torch.isfinite(v).all()]
+    """One line for a checkpoint that cannot be sampled as it is (NaN/Inf weights: data.read_checkpoint): a dose range
+    that is not two doses 0 < lo <= hi (key_table's log-dose scale), or a pretraining that stopped before its --steps
+    (Ctrl-C, --stop-at: never calibrated, flow.calibrate) unless allowed (--allow-unfinished; RL checkpoints stop at
+    their best step): its advice is the flow.py command that finishes it (resume_command)."""
     dr = ckpt.get("dose_range")
-    if why := (f"NaN/Inf weights ({', '.join(nan[:3])})" if nan else f"the dose range {dr!r}, not two doses 0 < lo <= hi"
-               if dr is not None and not (np.shape(dr) == (2,) and 0 < float(dr[0]) <= float(dr[1]) < np.inf) else ""):
-        raise UserError(f"{path} has {why}: damaged, or saved after training diverged; retrain it")
+    if dr is not None and not (np.shape(dr) == (2,) and 0 < float(dr[0]) <= float(dr[1]) < np.inf):
+        raise UserError(f"{path} has the dose range {dr!r}, not two doses 0 < lo <= hi: damaged; retrain it")
     if not allow and "base" not in (ckpt.get("extra") or {}) and ckpt.get("step", 0) < ckpt["config"].get("steps", 0):
         raise UserError(f"{path} is an unfinished pretraining (step {ckpt['step']} of {ckpt['config']['steps']}, never "
-                        f"calibrated): finish it with `python flow.py --out {path} --resume`, or --allow-unfinished")
+                        f"calibrated): finish it with `{resume_command(path, ckpt['config'])}`, or --allow-unfinished")
 
 
-def check_memory(what: str, n: int, fix: str) -> None:
-    """One line when n float32 values at once need more than half of this machine's memory (data.memory)."""
-    if n * 4 > data.memory() / 2:
-        raise UserError(f"{what}: {n:,} values at once need {n * 4 / 2 ** 30:,.1f} GiB, more than half of this "
-                        f"machine's {data.memory() / 2 ** 30:,.1f} GiB; {fix}")
+def resume_command(path, cfg: dict) -> str:
+    """The flow.py command that finishes the pretraining `path` as it was configured (its stored config `cfg`): its
+    --data, --steps and every other option it was given (not the default), but for --stop-at and the hardware's."""
+    skip = {"data", "steps", "out", "resume", "stop_at"} | {n for n, (g, _) in data.field_help(flow.FlowConfig).items()
+                                                             if g in ("hardware", "set from the data")}
+    args = ["--data", cfg["data"]] * bool(cfg.get("data")) + ["--steps", str(cfg["steps"])]
+    for f in (f for f in fields(flow.FlowConfig) if f.name not in skip and cfg.get(f.name, f.default) != f.default):
+        flag, v = f.name.replace("_", "-"), cfg[f.name]
+        args += [f"--{'no-' * (not v)}{flag}"] if isinstance(f.default, bool) else [f"--{flag}", str(v)]
+    return shlex.join(["python", "flow.py", *args, "--out", str(path), "--resume"])
 
 
 def check_best_of(best_of, n_cells: int, n_genes: int) -> None:
@@ -386,7 +390,7 @@ def main(argv=None):
     if not keys:
         raise UserError(f"the {a.split} split is empty; choose another --split")
     check_best_of(best_of, sum(a.n_cells or len(ds.cell_idx[k]) for k in keys), len(ds.genes))
-    check_memory(f"--n-cells {a.n_cells}", len(keys) * (a.n_cells or 0) * len(ds.genes), "lower it")
+    data.check_memory(f"--n-cells {a.n_cells}", len(keys) * (a.n_cells or 0) * len(ds.genes), "lower it")
     ver = verifiers.Verifier(ds.genes, verifiers.parse_weights(a.rewards), gene_sets, a.topk)
     preds = baselines(ds, keys, a.n_cells, a.seed)
     for c, (model, ck) in zip(a.ckpt, models):

@@ -481,6 +481,7 @@ def lr_at(cfg, step: int) -> float:
 def prepare(cfg: FlowConfig, device, rank):
     """Before the first step: the data, the rows to draw, the model (fresh or --resume's), its EMA, optimiser, state."""
     ema, old = load_checkpoint(cfg.out, resume="flow") if cfg.resume and os.path.exists(cfg.out) else (None, None)
+    cfg.steps = cfg.steps or (old["config"].get("steps", FlowConfig.steps) if old else FlowConfig.steps)  # see main
     if cfg.resume and old is None and rank == 0:
         data.say(f"--resume: no checkpoint at {cfg.out} yet, starting from step 0")
     data.check_fixed(cfg, old["config"] if old else {}, [n for n, (g, _) in data.field_help(FlowConfig).items() if g in
@@ -488,6 +489,9 @@ def prepare(cfg: FlowConfig, device, rank):
                      "drop the option, or start a new run (another --out)")
     ds = data.load_dataset(cfg, genes=old and old["genes"], split=old and old["split"], resume=old)  # its data file
     print(f"data {data.describe(ds)}")  # ranks > 0 print nothing (data.distributed)
+    G, K, B, n = len(ds.genes), len(ds.split["val"]), cfg.batch_size, cfg.eval_cells  # peak values, measured: a step
+    data.check_memory(f"--batch-size {B}", 16 * B * G, "lower it")  # ~14 (B, G); val_check, fit_lam: the cells twice,
+    data.check_memory(f"--eval-cells {n}", n * (2 * K * G + 2 * G + 1200) if K else 0, "lower it")  # float64, weights
     if not ds.split["train"]:
         raise UserError("the split left no training conditions; use --split random or fewer --test conditions")
     table, cells = data.training_rows(ds, ds.split["train"], cfg.self_prior, cfg.split_seed)
@@ -503,17 +507,15 @@ def prepare(cfg: FlowConfig, device, rank):
         model.mean, model.std = data.fit_scaler(ds.X, cells["row"])
         ema = copy.deepcopy(model)
     model, ema = model.to(device).train(), ema.to(device).eval().requires_grad_(False)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight decay on matrices only
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+    mats, rest = ([p for p in model.parameters() if (p.dim() >= 2) == m] for m in (True, False))  # decay: matrices
+    opt = torch.optim.AdamW([{"params": mats, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
     # the same generators on every process (the global batch); on the device, so noise is drawn where it is used
     gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
-    state = {"step": 0, "history": [], "saved": None, "loss_avg": None}
+    state = {"step": 0, "history": [], "saved": None, "loss_avg": None} if not old else {
+        "step": old["step"], "saved": old["step"], **{k: old["extra"][k] for k in ("history", "loss_avg")}}
     if old:
         data.restore_run(old, opt, gen, rng, cfg.seed)
-        state.update(step=old["step"], history=old["extra"]["history"], saved=old["step"],
-                     loss_avg=old["extra"]["loss_avg"])
     elif rank == 0:
         data.say(data.describe_start(ds, cells))
     return ds, table, cells, model, ema, opt, gen, rng, state
@@ -538,9 +540,8 @@ def train(cfg: FlowConfig) -> str:
     diverged = lambda what: UserError(f"{what}: training diverged (lr={cfg.lr}); lower --lr or raise --warmup; " + (
         f"the last good checkpoint {cfg.out} (step {st['saved']}) is kept" if st["saved"] is not None  # noqa: E731
         else "no checkpoint was written"))  # checkpoints are written whole: the last one is good
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    end, t0 = (min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps), time.time()
     pbar = data.progress(cfg.progress and rank == 0, total=end, initial=st["step"], desc="flow")
-    t0 = time.time()
     while st["step"] < end:
         rows, kid, src = (a[rank::world] for a in data.draw_batch(cells, rng, B * world, cfg.ctrl_frac,
                                                               cfg.self_prior))  # (B,) each: this rank's rows
@@ -580,15 +581,14 @@ def train(cfg: FlowConfig) -> str:
                                  {"torch": gen.get_state(), "numpy": rng.bit_generator.state})
             st["saved"] = step
     pbar.close()
-    if world > 1:
-        dist.barrier()  # no process returns before rank 0 has written the last checkpoint
+    dist.barrier() if world > 1 else None  # no process returns before rank 0 has written the last checkpoint
     return cfg.out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data.add_args(p, FlowConfig)
-    cfg = FlowConfig(**vars(p.parse_args(argv)))
+    cfg = FlowConfig(**vars(p.parse_args(argv, argparse.Namespace(steps=None))))  # not given: --resume keeps its own
     try:
         print(f"saved {train(cfg)}")
     except KeyboardInterrupt:  # checkpoints are written whole, at step boundaries: the last one resumes exactly

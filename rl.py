@@ -262,10 +262,10 @@ def setup(cfg: RLConfig) -> SimpleNamespace:
     print(f"data {data.describe(ds)}")                              # ranks > 0 print nothing (data.distributed)
     keys = ds.split["train"]
     n_pick = min(cfg.conds, len(keys))                              # conditions per step, over all processes
-    evaluate.check_memory(f"--conds {n_pick} x --group {cfg.group} x (--T {cfg.T} + 1) rollout states", n_pick *
-                          cfg.group * (cfg.T + 1) * len(ds.genes), "lower them")
-    evaluate.check_memory(f"--eval-cells {cfg.eval_cells}", cfg.eval_cells * len(ds.split["val"]) * len(ds.genes),
-                          "lower it")
+    data.check_memory(f"--conds {n_pick} x --group {cfg.group} x (--T {cfg.T} + 1) rollout states", n_pick *
+                      cfg.group * (cfg.T + 1) * len(ds.genes), "lower them")
+    data.check_memory(f"--eval-cells {cfg.eval_cells}", cfg.eval_cells * len(ds.split["val"]) * len(ds.genes),
+                      "lower it")
     check_world(n_pick, world, f"--conds {cfg.conds}, {len(keys)} training conditions")
     if cfg.group % cfg.contexts:
         raise UserError(f"--group {cfg.group} is not a multiple of --contexts {cfg.contexts}: each context has as many "

@@ -4,6 +4,7 @@ codes, links and virtual datasets), says what it guessed (control spellings, dro
 gene symbols), refuses data that cannot train; checkpoints record their data file and say what they are; counts
 beyond memory are refused at parse time. Never a traceback, a crash, a hang or a silent misread."""
 import os
+import shlex
 import warnings
 import signal
 import sys
@@ -181,6 +182,49 @@ def test_categorical_codes_out_of_range_are_one_line(tmp_path, capsys, code):
     assert f"/obs/condition: categorical code {code} is outside [-1, 3)" in err, err
 
 
+@pytest.mark.parametrize("kind", ["categorical without categories", "obs a plain array"])
+def test_a_categorical_without_categories_or_obs_as_a_plain_array_is_one_line(tmp_path, capsys, kind):
+    """A categorical group without its categories was a KeyError; obs stored as a plain dataset a TypeError."""
+    p = h5ad(tmp_path)
+    with h5py.File(p, "r+") as f:
+        if kind == "obs a plain array":
+            del f["obs"]
+            f["obs"] = np.arange(60)
+        else:
+            del f["obs/condition/categories"]
+    err = one_error_line(capsys, lambda: data.main(["--data", p]))
+    assert ("/obs/condition is a categorical without categories; rewrite it with anndata" if kind.startswith("cat")
+            else "/obs is a int64 array of shape (60,), not a dataframe (a group of columns, or an old anndata's "
+            "compound table)") in err, err
+
+
+def test_a_category_listed_twice_is_refused_not_merged(tmp_path, capsys):
+    """Two categories with the same text made two perturbations one, without a word."""
+    p = h5ad(tmp_path)
+    with h5py.File(p, "r+") as f:
+        cats = f["obs/condition/categories"].asstr()[...]
+    assert list(cats) == ["A", "B", "ctrl"]
+    replace(p, "obs/condition/categories", data=np.array(["B", "B", "ctrl"], dtype=object), dtype=h5py.string_dtype())
+    err = one_error_line(capsys, lambda: data.main(["--data", p]))
+    assert "/obs/condition: category 'B' is listed more than once, merging labels" in err, err
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan")])
+def test_non_integer_categorical_codes_are_refused_not_truncated(tmp_path, capsys, bad):
+    """Float codes were cast to integers: a control cell of code 0.5 became category 0 ('A')."""
+    p = h5ad(tmp_path)
+    with h5py.File(p, "r+") as f:
+        codes = f["obs/condition/codes"][...].astype(np.float32)
+    codes[3] = bad
+    replace(p, "obs/condition/codes", data=codes)
+    err = one_error_line(capsys, lambda: data.main(["--data", p]))
+    assert f"/obs/condition: categorical code {bad} is float32, not an integer; rewrite it" in err, err
+    codes[3] = 2.0                                                       # whole numbers read as they are
+    replace(p, "obs/condition/codes", data=codes)
+    out, _ = summary(capsys, "--data", p)
+    assert "covariates  all (30 controls)" in out, out
+
+
 def test_an_obs_column_of_another_length_or_one_that_is_not_there_is_one_line(tmp_path, capsys):
     """A column shorter than X shifted every label; a column-order naming a column that does not exist was a
     KeyError."""
@@ -262,6 +306,24 @@ def test_two_control_spellings_are_both_control_and_the_log_says_so(tmp_path, ca
                           "controls, stay perturbations", warn
 
 
+def test_control_naming_one_spelling_leaves_control_and_ctrl_as_conditions(tmp_path, capsys):
+    """--control DMSO merged the file's 'control' and 'ctrl' cells into the controls without a word. README: every
+    control spelling is control unless --control names one; then the others are conditions, and one warning says so."""
+    labels = ["DMSO"] * 30 + ["control"] * 10 + ["ctrl"] * 10 + ["A"] * 15 + ["B"] * 15
+    p = h5ad(tmp_path, labels=labels)
+    out, warn = summary(capsys, "--data", p, "--control", "DMSO", "--split", "random")
+    assert "covariates  all (30 controls)" in out and "conditions  4 (condition, covariate) pairs" in "\n".join(out)
+    assert warn == ["warning: --control 'DMSO' names one label; ['control', 'ctrl'], spelled like controls, stay "
+                    "perturbations"], warn
+    with pytest.warns(UserWarning, match="stay perturbations"):
+        ds = data.load_dataset(data.DataConfig(data=p, control="DMSO", n_genes=0, min_cells=5, split="random",
+                                               test="ctrl"))
+    assert [k[0] for k in ds.keys] == ["A", "B", "control", "ctrl"] and ds.split["test"] == [("ctrl", "all")]
+    assert len(ds.ctrl_idx["all"]) == 30
+    out, warn = summary(capsys, "--data", p)                            # not named: every spelling is control
+    assert "covariates  all (50 controls)" in out and len(warn) == 1 and "3 control labels" in warn[0], (out, warn)
+
+
 def test_a_missing_cell_line_is_dropped_not_a_cell_line_named_none(tmp_path, capsys):
     p = h5ad(tmp_path, cell_type=["l1"] * 25 + [None] * 5 + ["l1"] * 12 + [np.nan] * 3 + ["l1"] * 15)
     out, warn = summary(capsys, "--data", p)
@@ -283,6 +345,15 @@ def test_empty_gene_symbols_fall_back_to_ids_and_empty_names_are_refused(tmp_pat
     p = h5ad(tmp_path, var_names=["G0", "", "G2", " ", "G4", "G5", "G6", "G7"], name="e.h5ad")
     err = one_error_line(capsys, lambda: data.main(["--data", p]))
     assert "2 gene(s) have no name (e.g. var row 1)" in err, err
+
+
+def test_gene_names_that_collide_with_a_suffix_are_made_unique_with_a_warning(tmp_path):
+    """var names ID1-1, ID1, ID1 became ID1-1, ID1, ID1-1: two genes of one name, silently."""
+    p = h5ad(tmp_path, var_names=["G0", "ID1-1", "ID1", "ID1", "G4", "G4", "G6", "G7"])
+    with pytest.warns(UserWarning, match=r"^2 duplicate gene name\(s\) renamed to be unique, e\.g\. ID1 \(var row "
+                                         r"3\) -> ID1-2$"):
+        ds = data.load_dataset(data.DataConfig(data=p, n_genes=0, min_cells=5, split="random"))
+    assert ds.genes == ["G0", "ID1-1", "ID1", "ID1-2", "G4", "G4-1", "G6", "G7"]
 
 
 @pytest.mark.parametrize("label", ["A@x", "A@", "A\x1fB", "A\tB"])
@@ -403,11 +474,41 @@ def test_an_unfinished_pretraining_is_refused_unless_allowed(tiny_screen, tmp_pa
     run = {"rl": lambda *a: rl.main(["--ckpt", ck, "--out", str(tmp_path / "r.pt"), "--no-progress", *a]),
            "evaluate": lambda *a: evaluate.main(["--ckpt", ck, *a])}[stage]
     err = one_error_line(capsys, run)
+    cmd = f"python flow.py --data {tiny_screen['path']} --steps 60 --n-genes 0 --width 64 --depth 1 --no-fit-trust " \
+          f"--batch-size 64 --eval-every 1000 --save-every 1000 --out {ck} --resume"
     assert err == f"error: {ck} is an unfinished pretraining (step 30 of 60, never calibrated): finish it with " \
-                  f"`python flow.py --out {ck} --resume`, or --allow-unfinished", err
+                  f"`{cmd}`, or --allow-unfinished", err
+    if stage == "evaluate":          # the advice, run as given, finishes the run (it said `--out X --resume`: that
+        argv = shlex.split(err.split("`")[1])               # refused its data file, then trained to 1000 steps)
+        assert argv[:2] == ["python", "flow.py"]
+        flow.main(argv[2:] + ["--no-progress"])
+        assert torch.load(ck, weights_only=True)["step"] == 60
+        evaluate.check_checkpoint(ck, torch.load(ck, weights_only=True))          # finished: no longer refused
     monkeypatch.setattr(evaluate, "dataset_for", boom)                   # allowed: past the check
     with pytest.raises(AssertionError, match="work started"):
         run("--allow-unfinished")
+
+
+def test_flow_resume_without_steps_keeps_the_runs_steps(tiny_screen, tmp_path):
+    """`flow.py --resume` without --steps trained on to the default 1000 steps, not the run's own."""
+    flow.train(small_flow(str(tiny_screen["path"]), tmp_path / "f.pt", steps=6, stop_at=2))
+    flow.main(["--data", str(tiny_screen["path"]), "--out", str(tmp_path / "f.pt"), "--resume", "--no-progress"])
+    ck = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert ck["step"] == 6 and ck["config"]["steps"] == 6, (ck["step"], ck["config"]["steps"])
+
+
+def test_flow_resume_of_a_checkpoint_with_nan_weights_says_so(tiny_screen, tmp_path, capsys):
+    """It said 'training diverged ... lower --lr ...; the last good checkpoint ... is kept': the damaged one."""
+    out = tmp_path / "f.pt"
+    flow.train(small_flow(str(tiny_screen["path"]), out, stop_at=2))
+    ck = torch.load(out, weights_only=True)
+    ck["model"]["out.weight"][0, 0] = float("nan")                      # the training weights; the EMA is fine
+    torch.save(ck, out)
+    err = one_error_line(capsys, lambda: flow.main(["--data", str(tiny_screen["path"]), "--n-genes", "0", "--out",
+                                                    str(out), "--resume", "--steps", "4", "--no-progress"]))
+    assert err == f"error: {out} has NaN/Inf weights (model.out.weight): damaged, or saved after training diverged; " \
+                  "retrain it, or use an earlier copy", err
+    assert torch.load(out, weights_only=True)["step"] == 2
 
 
 def test_a_checkpoint_whose_genes_are_permuted_against_the_data_is_refused(tiny_screen, tmp_path, capsys):
@@ -456,6 +557,22 @@ def test_counts_beyond_memory_are_one_line_before_any_work(tiny_screen, tmp_path
     err = one_error_line(capsys, run)
     assert want in err, err
     assert not [f for f in os.listdir(tmp_path) if f != "stderr.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-cells"])
+def test_flow_batch_and_eval_cells_beyond_memory_are_one_line_before_any_work(tiny_screen, tmp_path, monkeypatch,
+                                                                                 capsys, flag):
+    """flow.py checked neither against memory: --batch-size 16000000 (within [1, 2^24]) was OOM-killed, --eval-cells
+    16000000 ran for minutes. Now one line, as evaluate.py and rl.py (data.check_memory), before any work."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "training_rows", boom)
+    monkeypatch.setattr(data, "memory", lambda: 2.0 ** 30)                       # a 1 GiB machine
+    err = one_error_line(capsys, lambda: flow.main(["--data", str(tiny_screen["path"]), "--out", "f.pt",
+                                                    "--no-progress", flag, "16000000"]))
+    n = 16 * 16_000_000 * 200 if flag == "--batch-size" else 16_000_000 * (2 * 200 + 2 * 200 + 1200)  # 200 genes
+    assert err == f"error: {flag} 16000000: {n:,} values at once need {n * 4 / 2 ** 30:,.1f} GiB, more than half of " \
+                  "this machine's 1.0 GiB; lower it", err
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("problem", ["runs is a file", "read-only folder"])
