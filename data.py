@@ -71,7 +71,7 @@ class DataConfig:
     val_frac: float = 0.15          # fraction held out for validation
     seed: int = 0                   # seed of weights and sampling (the split has its own)
     split_seed: int = 0             # seed of the split: which conditions are held out
-    trust: float | None = None      # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
+    prior_trust: float | None = None  # fix the prior trust c of every prior kind (None: fitted, Dataset.prior_trust)
     n_de: int = 50                  # top DE genes per condition (by |Welch t|)
     std_floor: float = 0.1          # floor on control std (z-scores, Welch t)
     lazy: bool = False              # leave X on disk: read it in blocks of cells (twice), never the whole matrix
@@ -194,12 +194,12 @@ class Dataset:
         training key has (untrained_kinds: e.g. every combination held out) cannot be fitted: it gets c = 1, the plain
         prior (for combinations the plain sum, which no published deep model beats on Norman's doubles), never a
         silent 0."""
-        return dict(self._cached("trust", lambda: self._fit_trust(min_corr), min_corr, self.meta.get("trust")))
+        return dict(self._cached("trust", lambda: self._fit_trust(min_corr), min_corr, self.meta.get("prior_trust")))
 
     def _fit_trust(self, min_corr) -> dict:            # prior_trust, computed
         kinds = ("additive", "dose", "transfer", "mean")
-        if self.meta.get("trust") is not None:                    # --trust: fixed, for ablations
-            return {**{k: float(self.meta["trust"]) for k in kinds}, "none": 0.0}
+        if self.meta.get("prior_trust") is not None:              # --prior-trust: fixed, for ablations
+            return {**{k: float(self.meta["prior_trust"]) for k in kinds}, "none": 0.0}
         sums, totals = {kind: np.zeros(3) for kind in kinds}, self._delta_sums()  # sum <d, p>, |d|^2, |p|^2
         for k in self.split["train"]:
             d, kind = self.refs[k].delta.numpy().astype(np.float64), self.prior_kind(k)
@@ -629,8 +629,8 @@ def load_dataset(cfg: DataConfig, genes=None, split=None, resume=None) -> Datase
     meta = dict(pert_key=lab["pert_key"], control=lab["control"], cov_key=lab["cov_key"], dose_key=lab["dose_key"],
                 counts=counts_in, dose_unit=lab["dose_unit"], dose_factor=lab["dose_factor"], sep=lab["sep"],
                 n_cells_in=len(lab["label"]), dose_range=(min(dosed), max(dosed)) if dosed else None,
-                n_genes_in=len(symbols), path=path if cfg.data else f"built-in {cfg.kind} simulator", trust=cfg.trust,
-                labels=lab["labels"], data_id=file_identity(path))
+                n_genes_in=len(symbols), path=path if cfg.data else f"built-in {cfg.kind} simulator",
+                prior_trust=cfg.prior_trust, labels=lab["labels"], data_id=file_identity(path))
     return Dataset(SparseRows(X), [str(g) for g in symbols[cols]], label, covs, is_ctrl, keys, split,
                    sorted(targets), covariates, refs, ctrl_idx, cell_idx, meta)
 

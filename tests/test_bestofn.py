@@ -34,8 +34,8 @@ def guarded(ds):
 
 
 def trusted(ds, c=1.0):
-    """ds with every prior kind trusted by a fixed c (the --trust option), so the shift has a closed form."""
-    return dataclasses.replace(ds, meta={**ds.meta, "trust": c})
+    """ds with every prior kind trusted by a fixed c (the --prior-trust option), so the shift has a closed form."""
+    return dataclasses.replace(ds, meta={**ds.meta, "prior_trust": c})
 
 
 def additive_shift(ds, key, c=1.0):
