@@ -454,6 +454,14 @@ def test_residual_trust_is_the_least_squares_slope(trained, sim_path, monkeypatc
         assert f["slope"] == pytest.approx(1 / alpha, rel=1e-5) and f["keys"] == 5 and f["lo"] <= f["hi"]
         top = min(max(1 / alpha, 0.0), 5 / 6)
         assert top - 0.15 <= f["lam"] <= top + 1e-9, (alpha, f)
+    # the same network's cells with sampling noise (10 cells, sd 1 per gene): |r|^2 carries tr(S)/n = G/10 more than
+    # alpha^2 |e|^2; without taking it out the slope would shrink to about a third of 1/alpha, with it it stays
+    g = torch.Generator().manual_seed(0)
+    noisy = {k: m + torch.randn(10, len(m), generator=g) for k, m in mean.items()}  # mean: alpha = 1.25 from the loop
+    monkeypatch.setattr(flow, "generate", lambda *a, **kw: noisy)
+    plain = sum(float((noisy[k].mean(0) - ds.refs[k].ctrl_mean - start[i]).pow(2).sum()) for i, k in enumerate(keys))
+    assert plain > 2 * sum(float((mean[k] - ds.refs[k].ctrl_mean - start[i]).pow(2).sum()) for i, k in enumerate(keys))
+    assert flow.fit_residual_trust(model, ds, keys)["slope"] == pytest.approx(1 / 1.25, rel=0.15)
 
 
 def test_one_validation_key_never_gives_full_trust(trained, sim_path, monkeypatch):
