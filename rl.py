@@ -399,15 +399,14 @@ def validate(run, step) -> None:
         if step == 0:                                  # the noise: the standard error of step 0's mean over the draws
             run.best = {"step": 0, "gain": 0.0, "draws0": draws, "noise": {
                 k: float(np.std([d[k] for d in draws], ddof=1) / np.sqrt(len(draws))) for k in m}}
-        gain, t, kept = judge(draws, run.best["draws0"], run.best["noise"], run.verifier.weights) if step else (0, 0, 0)
+        gain, t, kept = judge(draws, run.best["draws0"], run.best["noise"], run.verifier.weights)  # step 0: 0, 0, no
         run.history.append({"step": step, **{f"val/{k}": v for k, v in m.items()}, "val/gain": gain, "val/t": t,
                             **learning_curve(run), "lam": lam})
         run.policy.train()
         line = (f"val {step:4d} | gain {gain:+.2f} se, t {t:+.1f} | pearson_delta {m['pearson_delta']:.3f} | energy "
-                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | lam " + " ".join(f"{v:.2f}" for v in lam.values()) +
-                " | rewards " +
-                " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights) + " | fixed training groups " +
-                " ".join(f"{n}={run.history[-1]['fixed/' + n]:.3f}" for n in run.verifier.weights))
+                f"{m['energy']:.3f} | effect {m['effect_ratio']:.2f} | lam " + " ".join(f"{v:.2f}" for v in lam.values())
+                + " | rewards " + " ".join(f"{n}={m['reward/' + n]:.3f}" for n in run.verifier.weights)
+                + " | fixed training groups " + " ".join(f"{n}={run.history[-1]['fixed/' + n]:.3f}" for n in run.verifier.weights))
         if step == 0 or kept and gain > run.best["gain"]:
             run.best.update(step=step, gain=gain)
             data.write_checkpoint(cfg.out, state_at(run, step))
